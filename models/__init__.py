@@ -1,0 +1,1 @@
+"""tristage models package."""

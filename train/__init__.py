@@ -1,0 +1,1 @@
+"""tristage train package."""
