@@ -1,0 +1,125 @@
+"""The one configuration schema of a Qwen3 model (dense or MoE).
+
+Field names follow HF transformers' `Qwen3Config` / `Qwen3MoeConfig`, so importing and exporting a model is a
+key map, not a translation. Only OmegaConf-compatible types are used: train/ registers this dataclass in
+Hydra's ConfigStore as the schema of the `model` config group, and the numbers live in `conf/model/*.yaml`.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, Optional
+
+BALANCE_GRANULARITIES = ("micro", "global")
+MOE_IMPLEMENTATIONS = ("auto", "grouped_mm", "loop")
+
+
+@dataclass
+class Qwen3Config:
+    """Shape and training options of a Qwen3 model; `num_experts == 0` means dense."""
+
+    name: str
+    """Preset name, e.g. `qwen3_0_6b`; informational."""
+    vocab_size: int
+    """Rows of the embedding and of the output head (151,936 for the released tokenizer)."""
+    hidden_size: int
+    """Width d of the residual stream."""
+    intermediate_size: int
+    """Hidden width of the dense SwiGLU MLP (unused when every layer is MoE)."""
+    num_hidden_layers: int
+    """Number of decoder blocks L."""
+    num_attention_heads: int
+    """Query heads H."""
+    num_key_value_heads: int
+    """Key/value heads (grouped-query attention); must divide `num_attention_heads`."""
+    head_dim: int = 128
+    """Width of one attention head; Qwen3 decouples it from hidden_size / heads."""
+    rms_norm_eps: float = 1e-6
+    """Epsilon of every RMSNorm (blocks, QK-Norm, final norm)."""
+    rope_theta: float = 10000.0
+    """RoPE base; 10,000 in the General stage, raised to 1,000,000 for Long Context (ABF)."""
+    rope_scaling: Optional[Dict[str, Any]] = None
+    """HF-style RoPE scaling, e.g. {rope_type: yarn, factor: 4.0, original_max_position_embeddings: 32768}."""
+    max_position_embeddings: int = 40960
+    """Length of the RoPE tables; positions must stay below it (YaRN extends it by its factor)."""
+    tie_word_embeddings: bool = False
+    """Share the embedding matrix with the output head."""
+    num_experts: int = 0
+    """Routed experts per MoE layer; 0 builds a dense model."""
+    num_experts_per_tok: int = 0
+    """Experts each token is routed to (top-k)."""
+    moe_intermediate_size: int = 0
+    """Hidden width of one expert's SwiGLU MLP."""
+    norm_topk_prob: bool = True
+    """Renormalise the top-k router probabilities to sum to 1 (Qwen3-MoE does)."""
+    router_aux_loss_coef: float = 0.001
+    """Weight of the load-balancing loss in the training loss."""
+    router_z_loss_coef: float = 0.0
+    """Weight of the router z-loss (mean squared logsumexp of router logits); 0 turns it off."""
+    balance_loss_granularity: str = "global"
+    """'global': expert counts summed over data-parallel ranks and micro-batches of a step; 'micro': per micro-batch."""
+    moe_implementation: str = "auto"
+    """Expert matmuls: 'grouped_mm' (CUDA bf16), 'loop' (per-expert matmuls, any device), 'auto' picks."""
+    initializer_range: float = 0.02
+    """Std of the normal init of embeddings and linear layers (see `Qwen3ForCausalLM.init_weights`)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder block in the backward pass instead of storing its activations."""
+    loss_chunk_size: int = 2048
+    """Tokens per chunk of the fused output-head + cross-entropy; bounds the logits held at once."""
+    bos_token_id: Optional[int] = None
+    """Beginning-of-sequence token id, written to the HF config when set."""
+    eos_token_id: Optional[int] = None
+    """End-of-sequence token id, written to the HF config when set."""
+
+    @property
+    def is_moe(self) -> bool:
+        """True when the MLP of every block is a mixture of experts."""
+        return self.num_experts > 0
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain dict of all fields (YAML / JSON friendly)."""
+        return asdict(self)
+
+    def validate(self) -> "Qwen3Config":
+        """Raise ValueError naming the first inconsistent field; return self."""
+        positive = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "head_dim", "max_position_embeddings", "loss_chunk_size"]
+        for f in positive:
+            if int(getattr(self, f)) <= 0:
+                raise ValueError(f"{f} must be positive, got {getattr(self, f)}")
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.rope_theta <= 1.0:
+            raise ValueError(f"rope_theta must be > 1, got {self.rope_theta}")
+        if self.rms_norm_eps <= 0:
+            raise ValueError(f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
+        if self.initializer_range <= 0:
+            raise ValueError(f"initializer_range must be positive, got {self.initializer_range}")
+        if self.num_experts < 0:
+            raise ValueError(f"num_experts must be >= 0, got {self.num_experts}")
+        if self.is_moe:
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                raise ValueError(
+                    f"num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, num_experts={self.num_experts}]")
+            if self.moe_intermediate_size <= 0:
+                raise ValueError(f"moe_intermediate_size must be positive for MoE, got {self.moe_intermediate_size}")
+        elif self.intermediate_size <= 0:
+            raise ValueError(f"intermediate_size must be positive, got {self.intermediate_size}")
+        if self.router_aux_loss_coef < 0 or self.router_z_loss_coef < 0:
+            raise ValueError("router_aux_loss_coef and router_z_loss_coef must be >= 0")
+        if self.balance_loss_granularity not in BALANCE_GRANULARITIES:
+            raise ValueError(
+                f"balance_loss_granularity must be one of {BALANCE_GRANULARITIES}, got {self.balance_loss_granularity!r}")
+        if self.moe_implementation not in MOE_IMPLEMENTATIONS:
+            raise ValueError(
+                f"moe_implementation must be one of {MOE_IMPLEMENTATIONS}, got {self.moe_implementation!r}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind not in ("yarn", "default"):
+                raise ValueError(f"rope_scaling: only rope_type 'yarn' is supported, got {kind!r}")
+            if kind == "yarn" and float(self.rope_scaling.get("factor", 0)) < 1.0:
+                raise ValueError(f"rope_scaling: yarn factor must be >= 1, got {self.rope_scaling.get('factor')}")
+        return self

@@ -1,0 +1,94 @@
+"""Output head + cross-entropy fused and chunked over tokens, so the (tokens x vocab) logits never exist at once.
+
+With Qwen3's 151,936-row vocabulary, fp32 logits for 32K tokens take 18.5 GiB per copy, and a plain
+`F.cross_entropy(hidden @ W.T, labels)` holds several copies (logits, fp32 upcast, softmax for backward).
+Here the tokens are processed `chunk_size` at a time: the chunk's logits are computed in the input dtype,
+upcast to fp32 for the logsumexp, and turned straight into the gradients w.r.t. the hidden states and the
+head weight, which are kept for the backward pass (as Liger's fused linear cross-entropy does). Peak extra
+memory is one chunk of logits plus a gradient buffer of the head weight's size, whatever the sequence length,
+and the head matmul runs three times in total (forward, dL/dh, dL/dW), as in the unfused path.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def _chunked_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int,
+                with_grads: bool) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Mean loss, per-token losses (N,) fp32 and, if asked, gradients of the mean loss w.r.t. hidden and weight."""
+    n_tokens = hidden.shape[0]
+    w = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)  # (V, d) in the compute dtype
+    valid = labels != IGNORE_INDEX  # (N,)
+    # Mean over the non-ignored tokens; an all-ignored batch gives loss 0 (not NaN) so a step never poisons.
+    inv_count = 1.0 / valid.sum().clamp(min=1).to(torch.float32)
+    safe_labels = labels.masked_fill(~valid, 0)
+    token_losses = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden) if with_grads else None
+    # The weight gradient is accumulated over chunks in fp32, whatever the weight's dtype.
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grads else None
+
+    for start in range(0, n_tokens, chunk_size):
+        end = min(start + chunk_size, n_tokens)
+        h = hidden[start:end]  # (C, d)
+        logits = (h @ w.T).float()  # (C, V): matmul in the input dtype, softmax statistics in fp32
+        target = logits.gather(1, safe_labels[start:end, None])  # (C, 1)
+        # logsumexp by hand, in place on the one fp32 buffer, so its exp pass is reused by the softmax below.
+        row_max = logits.amax(dim=-1, keepdim=True)  # (C, 1)
+        exp = logits.sub_(row_max).exp_()  # (C, V), same storage as logits
+        sum_exp = exp.sum(dim=-1, keepdim=True)  # (C, 1)
+        lse = row_max + sum_exp.log()  # (C, 1)
+        token_losses[start:end] = (lse - target).squeeze(1).masked_fill(~valid[start:end], 0.0)
+        if with_grads:
+            # d(mean loss)/d(logits) = (softmax - onehot(label)) / n_valid on valid rows, 0 on ignored ones.
+            probs = exp.div_(sum_exp)  # (C, V), still the same buffer
+            rows = torch.arange(end - start, device=hidden.device)
+            probs[rows, safe_labels[start:end]] -= 1.0
+            probs.mul_((valid[start:end].to(torch.float32) * inv_count)[:, None])
+            g = probs.to(hidden.dtype)  # (C, V) back in the input dtype for the two matmuls
+            grad_hidden[start:end] = g @ w  # (C, d)
+            if g.dtype == grad_weight.dtype:
+                grad_weight.addmm_(g.T, h)  # (V, d), no temporary
+            else:
+                grad_weight.add_(g.T @ h)  # (V, d) low-precision product, accumulated in fp32
+            del probs, g
+        del logits, exp  # free the chunk (all names of its buffer) before the next one is allocated
+
+    loss = token_losses.sum() * inv_count
+    return loss, token_losses, grad_hidden, grad_weight
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Autograd wrapper: gradients are computed in the forward chunks, the backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                chunk_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        loss, token_losses, grad_hidden, grad_weight = _chunked_ce(hidden, weight, labels, chunk_size, True)
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        ctx.mark_non_differentiable(token_losses)
+        return loss, token_losses
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, _grad_token_losses: Optional[torch.Tensor]):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        # grad_loss is a scalar (1 in plain training, the loss scale under fp16, a factor under accumulation).
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype), None, None
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                               chunk_size: int = 2048) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mean CE of softmax(hidden @ weight.T) against labels (-100 ignored) and detached per-token losses (N,) fp32.
+
+    hidden (N, d), weight (V, d), labels (N,). Equal to `F.cross_entropy(hidden @ weight.T, labels)` in value and
+    gradients within fp32 rounding, while holding at most `chunk_size` rows of logits at a time.
+    """
+    if hidden.dim() != 2 or labels.shape != hidden.shape[:1]:
+        raise ValueError(f"hidden must be (N, d) and labels (N,), got {tuple(hidden.shape)} and {tuple(labels.shape)}")
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _FusedLinearCrossEntropy.apply(hidden, weight, labels, chunk_size)
+    loss, token_losses, _, _ = _chunked_ce(hidden, weight, labels, chunk_size, with_grads=False)
+    return loss, token_losses

@@ -1,0 +1,344 @@
+"""Qwen3 decoder-only language model (dense and MoE), read top to bottom: norm, attention, MLP, block, model.
+
+Module names are HF transformers' (`model.layers.{i}.self_attn.q_proj`, ...), so a state_dict maps 1:1 onto
+HF's in-memory layout. Pure PyTorch: the MoE MLP is in models/moe.py, the fused output-head + cross-entropy
+in models/loss.py, RoPE / YaRN tables in models/rope.py, HF import/export in models/hf.py, decoding in
+models/generate.py.
+
+Every parameter is used inside the forward of the module that owns it (the router and the output head are
+modules for that reason), so ZeRO-3's per-module parameter gathering sees each use.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from models.config import Qwen3Config
+from models.loss import fused_linear_cross_entropy
+from models.moe import ExpertBalance, Qwen3SparseMoeBlock
+from models.rope import apply_rope, rope_table_length, rope_tables
+
+if TYPE_CHECKING:
+    from models.generate import KVCache
+
+RouterStats = Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class ModelOutput:
+    """What `Qwen3ForCausalLM.forward` returns; loss fields are None without labels."""
+
+    loss: Optional[torch.Tensor] = None
+    """lm_loss + aux_loss: the scalar training backpropagates."""
+    lm_loss: Optional[torch.Tensor] = None
+    """Mean cross-entropy over the non-ignored labels."""
+    aux_loss: Optional[torch.Tensor] = None
+    """router_aux_loss_coef * balance_loss + router_z_loss_coef * z_loss; 0 for dense models."""
+    balance_loss: Optional[torch.Tensor] = None
+    """Unweighted load-balancing loss averaged over MoE layers (1 = perfectly uniform); detached."""
+    z_loss: Optional[torch.Tensor] = None
+    """Unweighted router z-loss averaged over MoE layers; detached."""
+    logits: Optional[torch.Tensor] = None
+    """(B, T, V) in the model dtype, only when no labels are given."""
+    token_losses: Optional[torch.Tensor] = None
+    """(B, T) fp32 detached per-token losses (0 where the label is -100), when asked."""
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32, cast back, then scaled (HF's order of operations)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise over the last dimension."""
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+def position_ids_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Positions that restart at 0 where the document id changes: (B, T) int -> (B, T) int64."""
+    b, t = doc_ids.shape
+    idx = torch.arange(t, device=doc_ids.device).expand(b, t)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    # Index of the latest document start at or before each position.
+    last_start = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - last_start
+
+
+class Qwen3Attention(nn.Module):
+    """Grouped-query attention with QK-Norm (RMSNorm per head, before RoPE) and no biases."""
+
+    def __init__(self, cfg: Qwen3Config, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
+        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor],
+                kv_cache: Optional["KVCache"] = None) -> torch.Tensor:
+        """x (B, T, d); cos/sin (B or 1, 1, T, D/2); mask (B, 1, T, S) bool or None for plain causal."""
+        b, t, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, t, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_norm(self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D) with S = cached + T
+        gqa = self.n_heads != self.n_kv_heads
+        if mask is not None and gqa:
+            # Flash kernels take GQA natively but no arbitrary mask; the masked (memory-efficient) kernels
+            # want equal head counts, so expand k/v only on this path.
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, S, D)
+            gqa = False
+        # is_causal only when queries and keys are the same positions (training, prefill of an empty cache);
+        # a single decoding query attends to the whole cache.
+        is_causal = mask is None and q.shape[2] == k.shape[2]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))  # (B, T, d)
+
+
+class Qwen3MLP(nn.Module):
+    """SwiGLU MLP: down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, cfg: Qwen3Config) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, d) -> (B, T, d)."""
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen3DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x)); the MLP is dense or MoE."""
+
+    def __init__(self, cfg: Qwen3Config, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = Qwen3Attention(cfg, layer_idx)
+        self.mlp = Qwen3SparseMoeBlock(cfg) if cfg.is_moe else Qwen3MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor],
+                kv_cache: Optional["KVCache"] = None) -> Tuple[torch.Tensor, RouterStats]:
+        """x (B, T, d) -> (B, T, d) and the MoE router statistics (None for a dense block)."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
+        h = self.mlp(self.post_attention_layernorm(x))
+        if isinstance(h, tuple):  # MoE: (output, router stats)
+            return x + h[0], h[1]
+        return x + h, None
+
+
+class Qwen3Model(nn.Module):
+    """Embedding, decoder blocks and final norm (HF's `model.` prefix)."""
+
+    def __init__(self, cfg: Qwen3Config) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Qwen3LMHead(nn.Linear):
+    """Output head d -> V; given labels it returns the fused chunked cross-entropy instead of the logits."""
+
+    def __init__(self, cfg: Qwen3Config) -> None:
+        super().__init__(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.chunk_size = cfg.loss_chunk_size
+
+    def forward(self, h: torch.Tensor, labels: Optional[torch.Tensor] = None):  # type: ignore[override]
+        """h (N, d) -> logits (N, V), or with labels (N,) -> (mean loss, per-token losses (N,) fp32)."""
+        if labels is None:
+            return F.linear(h, self.weight)
+        return fused_linear_cross_entropy(h, self.weight, labels, self.chunk_size)
+
+
+class Qwen3ForCausalLM(nn.Module):
+    """Qwen3 causal LM; `__init__` works under `with torch.device("meta"):`, then `to_empty` + `init_weights`."""
+
+    def __init__(self, cfg: Qwen3Config) -> None:
+        super().__init__()
+        self.config = cfg.validate()
+        self.model = Qwen3Model(cfg)
+        self.lm_head = Qwen3LMHead(cfg)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.balance = ExpertBalance(cfg) if cfg.is_moe else None
+        # RoPE tables: non-persistent (never in the state_dict), recomputed from the config on every
+        # device move, so this __init__ running on the meta device (!!) is harmless.
+        length = rope_table_length(cfg.max_position_embeddings, cfg.rope_scaling)
+        self.register_buffer("rope_cos", torch.empty(length, cfg.head_dim // 2), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(length, cfg.head_dim // 2), persistent=False)
+        if self.rope_cos.device.type != "meta":
+            self._reset_rope()
+
+    # ----------------------------------------------------------------------------------------------------
+    # Derived state: RoPE tables and weight tying survive `to_empty` / `.to()`.
+
+    def _reset_rope(self) -> None:
+        """Recompute the RoPE tables (fp32) from the config on the tables' current device."""
+        cfg = self.config
+        length = rope_table_length(cfg.max_position_embeddings, cfg.rope_scaling)
+        cos, sin = rope_tables(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, length, self.rope_cos.device)
+        self.rope_cos, self.rope_sin = cos, sin
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        # `to_empty` re-creates parameters one by one, which unties shared weights and leaves the RoPE
+        # tables uninitialised; `.half()` would round the tables. Restore both after any conversion.
+        super()._apply(fn, recurse)
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        if self.rope_cos.device.type != "meta":
+            self._reset_rope()
+        return self
+
+    def set_rope_theta(self, theta: float) -> None:
+        """Change the RoPE base (the Long Context stage raises it to 1e6) and recompute the tables."""
+        self.config.rope_theta = float(theta)
+        self._reset_rope()
+
+    def set_rope_scaling(self, scaling: Optional[Dict[str, Any]]) -> None:
+        """Set (e.g. YaRN for evaluation beyond the trained length) or clear RoPE scaling; recompute the tables."""
+        self.config.rope_scaling = None if scaling is None else dict(scaling)
+        self.config.validate()
+        self._reset_rope()
+
+    # ----------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self, seed: Optional[int] = None) -> None:
+        """Initialise every parameter; deterministic for a given seed and device (works after `to_empty`).
+
+        Scheme (std = cfg.initializer_range = sigma, L = num_hidden_layers):
+        - embed_tokens, untied lm_head, q/k/v_proj, gate_proj/up_proj, expert gate_up_proj, router: N(0, sigma)
+        - o_proj, down_proj, expert down_proj (the projections writing into the residual stream):
+          N(0, sigma / sqrt(2 L)), so the residual stream's variance does not grow with depth (GPT-2 / Megatron)
+        - every RMSNorm weight (blocks, q_norm / k_norm, final norm): 1
+        """
+        cfg = self.config
+        device = self.model.embed_tokens.weight.device
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(seed)
+        residual_std = cfg.initializer_range / math.sqrt(2 * cfg.num_hidden_layers)
+        for name, p in self.named_parameters():  # fixed order, shared (tied) weights once
+            if isinstance(self.get_submodule(name.rsplit(".", 1)[0]), RMSNorm):
+                p.fill_(1.0)
+            elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
+                p.normal_(0.0, residual_std, generator=gen)
+            else:
+                p.normal_(0.0, cfg.initializer_range, generator=gen)
+        self._reset_rope()
+        if self.balance is not None:
+            self.balance.start_step()
+
+    # ----------------------------------------------------------------------------------------------------
+    # MoE balance API used by the trainer.
+
+    def set_balance_group(self, group: Optional[dist.ProcessGroup]) -> None:
+        """Process group over which expert counts are summed for the global-batch balance loss (None: local)."""
+        if self.balance is not None:
+            self.balance.group = group
+
+    def start_step(self) -> None:
+        """Call at the start of each optimizer step: empties the per-step expert count buffer."""
+        if self.balance is not None:
+            self.balance.start_step()
+
+    def expert_load(self) -> Optional[torch.Tensor]:
+        """(layers, experts) fraction of routed assignments per expert this step (None for dense / no step yet)."""
+        return None if self.balance is None else self.balance.expert_load()
+
+    # ----------------------------------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None, doc_ids: Optional[torch.Tensor] = None,
+                return_token_losses: bool = False, kv_cache: Optional["KVCache"] = None) -> ModelOutput:
+        """Run the model on input_ids (B, T).
+
+        labels (B, T): already shifted (labels[t] is the target at position t), -100 = ignore; the loss is the
+        mean over the non-ignored tokens. doc_ids (B, T): when given, attention stays inside each document
+        (block-diagonal causal) and, unless position_ids are given, positions restart at each document.
+        Without doc_ids, packed documents attend across boundaries (plain packing). kv_cache: decoding only.
+        """
+        b, t = input_ids.shape
+        if position_ids is None:
+            if doc_ids is not None:
+                position_ids = position_ids_from_doc_ids(doc_ids)
+            elif kv_cache is not None:
+                position_ids = torch.arange(kv_cache.length, kv_cache.length + t, device=input_ids.device)[None]
+        if position_ids is None:
+            if t > self.rope_cos.shape[0]:
+                raise ValueError(f"sequence length {t} exceeds the RoPE tables ({self.rope_cos.shape[0]} positions); "
+                                 "raise max_position_embeddings or set YaRN rope_scaling")
+            cos, sin = self.rope_cos[:t][None, None], self.rope_sin[:t][None, None]  # (1, 1, T, D/2)
+        else:
+            cos, sin = self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None]  # (B, 1, T, D/2)
+        dtype = self.model.embed_tokens.weight.dtype
+        cos, sin = cos.to(dtype), sin.to(dtype)
+
+        mask = None
+        if doc_ids is not None:
+            if kv_cache is not None:
+                raise ValueError("doc_ids and kv_cache cannot be combined")
+            causal = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()
+            mask = ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
+        elif kv_cache is not None and kv_cache.length > 0 and t > 1:
+            # Extending a non-empty cache by several tokens: causal with the queries at the end.
+            s = kv_cache.length + t
+            mask = torch.ones(t, s, dtype=torch.bool, device=input_ids.device).tril(diagonal=s - t)[None, None]
+
+        x = self.model.embed_tokens(input_ids)  # (B, T, d)
+        stats: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        checkpointing = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.model.layers:
+            if checkpointing:
+                x, s = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x, s = layer(x, cos, sin, mask, kv_cache)
+            if s is not None:
+                stats.append(s)
+        if kv_cache is not None:
+            kv_cache.advance(t)
+        h = self.model.norm(x)  # (B, T, d)
+
+        out = ModelOutput()
+        zero = h.new_zeros((), dtype=torch.float32)
+        aux, balance, z = zero, zero, zero
+        if stats:
+            probs_mean, counts, zs = (torch.stack(v) for v in zip(*stats))  # (L, E), (L, E), (L,)
+            balance, z = self.balance.losses(probs_mean, counts, zs, training=self.training)
+            aux = self.config.router_aux_loss_coef * balance
+            if self.config.router_z_loss_coef > 0:
+                aux = aux + self.config.router_z_loss_coef * z
+        out.aux_loss, out.balance_loss, out.z_loss = aux, balance.detach(), z.detach()
+
+        if labels is None:
+            out.logits = self.lm_head(h)  # (B, T, V)
+            return out
+        lm_loss, token_losses = self.lm_head(h.reshape(b * t, -1), labels.reshape(b * t))
+        out.lm_loss = lm_loss
+        out.loss = lm_loss + aux
+        if return_token_losses:
+            out.token_losses = token_losses.view(b, t)
+        return out
