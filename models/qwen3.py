@@ -273,13 +273,15 @@ class Qwen3ForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, doc_ids: Optional[torch.Tensor] = None,
-                return_token_losses: bool = False, kv_cache: Optional["KVCache"] = None) -> ModelOutput:
+                return_token_losses: bool = False, kv_cache: Optional["KVCache"] = None,
+                logits_to_keep: Optional[int] = None) -> ModelOutput:
         """Run the model on input_ids (B, T).
 
         labels (B, T): already shifted (labels[t] is the target at position t), -100 = ignore; the loss is the
         mean over the non-ignored tokens. doc_ids (B, T): when given, attention stays inside each document
         (block-diagonal causal) and, unless position_ids are given, positions restart at each document.
         Without doc_ids, packed documents attend across boundaries (plain packing). kv_cache: decoding only.
+        logits_to_keep: without labels, compute logits for the last n positions only (decoding needs one).
         """
         b, t = input_ids.shape
         if position_ids is None:
@@ -334,7 +336,9 @@ class Qwen3ForCausalLM(nn.Module):
         out.aux_loss, out.balance_loss, out.z_loss = aux, balance.detach(), z.detach()
 
         if labels is None:
-            out.logits = self.lm_head(h)  # (B, T, V)
+            if logits_to_keep is not None:
+                h = h[:, -logits_to_keep:]
+            out.logits = self.lm_head(h)  # (B, T or logits_to_keep, V)
             return out
         lm_loss, token_losses = self.lm_head(h.reshape(b * t, -1), labels.reshape(b * t))
         out.lm_loss = lm_loss

@@ -1,0 +1,285 @@
+"""Read and write HF transformers Qwen3 / Qwen3-MoE checkpoint directories (config.json + safetensors).
+
+Parameter names are HF's already; the only layout change is MoE experts: this model (like transformers 5 in
+memory) stacks them as `mlp.experts.gate_up_proj` (E, 2F, d) and `mlp.experts.down_proj` (E, d, F), while
+the released checkpoints store `mlp.experts.{e}.{gate,up,down}_proj.weight` per expert, which is what
+`save_hf` writes. transformers itself is not needed here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from models.config import Qwen3Config
+from models.qwen3 import Qwen3ForCausalLM
+
+PathLike = Union[str, os.PathLike]
+_EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+# --------------------------------------------------------------------------------------------------------
+# config.json
+
+def config_from_hf(d: Dict[str, Any], name: Optional[str] = None) -> Qwen3Config:
+    """Qwen3Config from an HF config.json dict (transformers 4.x `rope_theta`/`rope_scaling` or 5.x `rope_parameters`)."""
+    model_type = d.get("model_type")
+    if model_type not in ("qwen3", "qwen3_moe"):
+        raise ValueError(f"model_type must be qwen3 or qwen3_moe, got {model_type!r}")
+    if d.get("use_sliding_window"):
+        raise ValueError("use_sliding_window: sliding-window attention is not supported")
+    if d.get("attention_bias"):
+        raise ValueError("attention_bias: Qwen3 has no attention biases")
+    if d.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act must be silu, got {d.get('hidden_act')!r}")
+    moe = model_type == "qwen3_moe"
+    if moe and (d.get("mlp_only_layers") or d.get("decoder_sparse_step", 1) != 1):
+        raise ValueError("mlp_only_layers / decoder_sparse_step: only all-MoE layer stacks are supported")
+
+    rope = dict(d.get("rope_parameters") or {})
+    legacy = d.get("rope_scaling")
+    theta = rope.pop("rope_theta", None) or d.get("rope_theta") or 10000.0
+    if rope.get("rope_type", rope.get("type", "default")) == "default" and legacy:
+        rope = dict(legacy)  # 4.x layout: scaling in rope_scaling, theta at the top level
+        rope.pop("rope_theta", None)
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    scaling = None if kind == "default" else {k: v for k, v in rope.items() if k != "type"} | {"rope_type": kind}
+
+    def token_id(v: Any) -> Optional[int]:
+        return v[0] if isinstance(v, list) and v else (v if isinstance(v, int) else None)
+
+    heads = d["num_attention_heads"]
+    cfg = Qwen3Config(
+        name=name or d.get("_name_or_path") or model_type,
+        vocab_size=d["vocab_size"],
+        hidden_size=d["hidden_size"],
+        intermediate_size=d.get("intermediate_size", 0),
+        num_hidden_layers=d["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=d.get("num_key_value_heads") or heads,
+        head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(theta),
+        rope_scaling=scaling,
+        max_position_embeddings=d.get("max_position_embeddings", 40960),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        num_experts=(d.get("num_experts") or d.get("num_local_experts") or 0) if moe else 0,
+        num_experts_per_tok=d.get("num_experts_per_tok", 0) if moe else 0,
+        moe_intermediate_size=d.get("moe_intermediate_size", 0) if moe else 0,
+        norm_topk_prob=bool(d.get("norm_topk_prob", False)) if moe else True,
+        router_aux_loss_coef=float(d.get("router_aux_loss_coef", 0.001)),
+        initializer_range=float(d.get("initializer_range", 0.02)),
+        bos_token_id=token_id(d.get("bos_token_id")),
+        eos_token_id=token_id(d.get("eos_token_id")),
+    )
+    return cfg.validate()
+
+
+def hf_config_dict(cfg: Qwen3Config, dtype: Optional[torch.dtype] = None) -> Dict[str, Any]:
+    """HF config.json dict for cfg, readable by transformers 4.x (rope_theta/rope_scaling) and 5.x (rope_parameters)."""
+    rope_parameters: Dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling is not None:
+        rope_parameters = {**cfg.rope_scaling, "rope_theta": cfg.rope_theta}
+    d: Dict[str, Any] = {
+        "architectures": ["Qwen3MoeForCausalLM" if cfg.is_moe else "Qwen3ForCausalLM"],
+        "model_type": "qwen3_moe" if cfg.is_moe else "qwen3",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None if cfg.rope_scaling is None else dict(cfg.rope_scaling),
+        "rope_parameters": rope_parameters,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "initializer_range": cfg.initializer_range,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "use_cache": True,
+    }
+    if cfg.is_moe:
+        d.update({
+            "num_experts": cfg.num_experts,  # the released key; transformers 5 maps it to num_local_experts
+            "num_experts_per_tok": cfg.num_experts_per_tok,
+            "moe_intermediate_size": cfg.moe_intermediate_size,
+            "norm_topk_prob": cfg.norm_topk_prob,
+            "router_aux_loss_coef": cfg.router_aux_loss_coef,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "output_router_logits": False,
+        })
+    else:
+        d["max_window_layers"] = cfg.num_hidden_layers
+    if dtype is not None:
+        d["dtype"] = d["torch_dtype"] = str(dtype).removeprefix("torch.")
+    return d
+
+
+# --------------------------------------------------------------------------------------------------------
+# weights
+
+def _checkpoint_files(path: Path) -> List[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [path / f for f in sorted(set(weight_map.values()))]
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def load_hf(path: PathLike, device: Union[str, torch.device] = "cpu",
+            dtype: torch.dtype = torch.float32) -> Qwen3ForCausalLM:
+    """Build a Qwen3ForCausalLM from an HF checkpoint directory (sharded or not); every weight must be present."""
+    path = Path(path)
+    cfg = config_from_hf(json.loads((path / "config.json").read_text()), name=path.name)
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(cfg).to(dtype)
+    model.to_empty(device=device)  # also recomputes the RoPE tables and re-ties the head
+    params = dict(model.named_parameters())  # a tied head appears once, as model.embed_tokens.weight
+    missing = set(params)
+    expert_parts: Dict[str, int] = {}  # stacked expert param -> slices filled
+    f_size = cfg.moe_intermediate_size
+
+    with torch.no_grad():
+        for file in _checkpoint_files(path):
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    tensor = f.get_tensor(key)
+                    m = _EXPERT_KEY.match(key)
+                    if m:
+                        layer, e, kind = int(m[1]), int(m[2]), m[3]
+                        stacked = f"model.layers.{layer}.mlp.experts." + ("down_proj" if kind == "down" else "gate_up_proj")
+                        if stacked not in params or e >= cfg.num_experts:
+                            raise ValueError(f"{file.name}: unexpected key {key}")
+                        target = params[stacked][e]
+                        if kind == "gate":
+                            target = target[:f_size]
+                        elif kind == "up":
+                            target = target[f_size:]
+                        _copy(target, tensor, key)
+                        expert_parts[stacked] = expert_parts.get(stacked, 0) + 1
+                        continue
+                    if key == "lm_head.weight" and cfg.tie_word_embeddings:
+                        continue  # some exports store the tied head anyway; the embedding is the source
+                    if key not in params:
+                        raise ValueError(f"{file.name}: unexpected key {key}")
+                    _copy(params[key], tensor, key)
+                    missing.discard(key)
+    for stacked, n in expert_parts.items():
+        expected = cfg.num_experts * (1 if stacked.endswith("down_proj") else 2)
+        if n == expected:
+            missing.discard(stacked)
+    if missing:
+        raise ValueError(f"{path}: missing weights {sorted(missing)[:8]}{' ...' if len(missing) > 8 else ''}")
+    return model
+
+
+def _copy(target: torch.Tensor, source: torch.Tensor, key: str) -> None:
+    if target.shape != source.shape:
+        raise ValueError(f"{key}: checkpoint shape {tuple(source.shape)} != model shape {tuple(target.shape)}")
+    target.copy_(source)
+
+
+def hf_tensors(state_dict: Dict[str, torch.Tensor], cfg: Qwen3Config) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(on-disk name, tensor view) pairs in the released layout: per-expert MoE keys, tied head omitted."""
+    f_size = cfg.moe_intermediate_size
+    for name, t in state_dict.items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        if name.endswith("mlp.experts.gate_up_proj"):
+            prefix = name[: -len("gate_up_proj")]
+            for e in range(t.shape[0]):
+                yield f"{prefix}{e}.gate_proj.weight", t[e, :f_size]
+                yield f"{prefix}{e}.up_proj.weight", t[e, f_size:]
+        elif name.endswith("mlp.experts.down_proj"):
+            prefix = name[: -len("down_proj")]
+            for e in range(t.shape[0]):
+                yield f"{prefix}{e}.down_proj.weight", t[e]
+        else:
+            yield name, t
+
+
+def _parse_size(size: Union[int, str]) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B)\s*", size.upper())
+    if not m:
+        raise ValueError(f"max_shard_size: expected bytes or e.g. '5GB', got {size!r}")
+    return int(float(m[1]) * _SIZE_UNITS[m[2]])
+
+
+def save_hf(model: Qwen3ForCausalLM, path: PathLike, dtype: Optional[torch.dtype] = None,
+            max_shard_size: Union[int, str] = "5GB",
+            state_dict: Optional[Dict[str, torch.Tensor]] = None) -> Path:
+    """Write model as an HF checkpoint directory (config.json + safetensors, sharded with an index when large).
+
+    dtype: cast the weights (None keeps each tensor's dtype). state_dict: use these tensors instead of
+    model.state_dict() (e.g. a ZeRO-3 consolidated one). The directory is written under a temporary name
+    next to `path` and renamed into place, so a crash never leaves a half-written checkpoint at `path`.
+    """
+    path = Path(path)
+    cfg = model.config
+    sd = model.state_dict() if state_dict is None else state_dict
+    entries = list(hf_tensors(sd, cfg))
+
+    # Plan the shards from sizes alone, then materialise one shard at a time.
+    limit = _parse_size(max_shard_size)
+    shards: List[List[Tuple[str, torch.Tensor]]] = [[]]
+    shard_bytes, total_bytes = 0, 0
+    for name, t in entries:
+        nbytes = t.numel() * (dtype or t.dtype).itemsize
+        if shards[-1] and shard_bytes + nbytes > limit:
+            shards.append([])
+            shard_bytes = 0
+        shards[-1].append((name, t))
+        shard_bytes += nbytes
+        total_bytes += nbytes
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        weight_map: Dict[str, str] = {}
+        for i, shard in enumerate(shards):
+            fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            # clone(): expert slices are views of one stacked tensor, and safetensors refuses shared storage.
+            tensors = {n: t.detach().to(device="cpu", dtype=dtype or t.dtype).contiguous().clone() for n, t in shard}
+            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+            weight_map.update({n: fname for n in tensors})
+            del tensors
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        saved_dtype = dtype or next(iter(sd.values())).dtype
+        (tmp / "config.json").write_text(json.dumps(hf_config_dict(cfg, saved_dtype), indent=2) + "\n")
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
