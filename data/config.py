@@ -1,0 +1,103 @@
+"""Config schemas of the data package: plain dataclasses that OmegaConf/Hydra can type-check.
+
+`DataConfig` fills the top-level `data` node (from `conf/data/<name>.yaml`); `MixtureConfig` fills each stage's
+`mixture` node. train/ registers them in Hydra's ConfigStore; `compose()` below builds one from `conf/` directly.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+@dataclass
+class SourceConfig:
+    """One corpus: a built-in recipe, local files or a hub data set."""
+
+    kind: str = "local"  # udhr | bible | reasoning_gym | code | sotu | local | hub
+    languages: Optional[List[str]] = None  # keep only these languages (ISO 639-3, or "python"); None keeps all
+    options: Dict[str, Any] = field(default_factory=dict)  # recipe options, checked by the recipe's Options class
+
+
+@dataclass
+class TokenizerConfig:
+    """Which tokenizer the shards are written with."""
+
+    kind: str = "sentencepiece"  # sentencepiece (BPE trained here on the sources) | qwen3 (the released tokenizer.json)
+    vocab_size: int = 8192  # sentencepiece: vocabulary size incl. byte-fallback and special tokens
+    alpha: float = 0.3  # training sample: p(language) ∝ chars^alpha (1 = as found, 0 = every language equal)
+    sample_chars: int = 4_000_000  # characters in the sentencepiece training sample
+    character_coverage: float = 0.9995  # characters rarer than this get byte-fallback pieces, not their own
+    seed: int = 0  # seed of the training sample
+    path: Optional[str] = None  # use this ready tokenizer (.model or tokenizer.json) instead of training/fetching
+
+
+@dataclass
+class LengthBucketConfig:
+    """Documents with min_tokens <= length <= max_tokens (incl. EOS) give `weight` of the stage's samples.
+
+    A document joins the first bucket it fits; documents longer than the largest max_tokens are cut into pieces of
+    that many tokens first (so a 50K-token document feeds a 16K-32K bucket instead of being left out).
+    """
+
+    min_tokens: int = 0  # shortest document in the bucket
+    max_tokens: Optional[int] = None  # longest document in the bucket; None = no upper bound
+    weight: float = 1.0  # share of the stage's samples drawn from this bucket
+
+
+@dataclass
+class MixtureConfig:
+    """What one stage samples: source weights, language temperature, repeat cap, length buckets."""
+
+    weights: Dict[str, float] = field(default_factory=dict)  # source name -> weight; empty = sources by token count
+    language_alpha: float = 1.0  # within a source, p(language) ∝ tokens^alpha
+    max_epochs: float = 4.0  # a component (source/language) repeats at most this often; its excess goes elsewhere
+    length_buckets: List[LengthBucketConfig] = field(default_factory=list)  # empty = no length bucketing
+
+
+@dataclass
+class DataConfig:
+    """Where the data lives, what it is made of and how it is tokenized."""
+
+    name: str = "demo"  # names the prepared data set: shards go to <root>/<name>/
+    root: str = ".cache/tristage"  # cache for downloads, corpora, tokenizers and shards (relative = to the cwd)
+    sources: Dict[str, SourceConfig] = field(default_factory=dict)  # source name -> recipe
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  # tokenizer to train or load
+    num_proc: Optional[int] = None  # tokenization processes; None = all cores
+    shard_tokens: int = 1 << 28  # most tokens in one shard file; a larger component gets several files
+    doc_masking: bool = False  # restart position ids and block attention at each document boundary
+
+
+def to_data_config(node: Any) -> DataConfig:
+    """A `DataConfig` from a DictConfig/dict (e.g. `cfg.data`), type-checked against the schema."""
+    from omegaconf import OmegaConf
+
+    if isinstance(node, DataConfig):
+        return node
+    merged = OmegaConf.merge(OmegaConf.structured(DataConfig), node)
+    return OmegaConf.to_object(merged)
+
+
+def to_mixture_config(node: Any) -> MixtureConfig:
+    """A `MixtureConfig` from a DictConfig/dict, type-checked against the schema."""
+    from omegaconf import OmegaConf
+
+    if isinstance(node, MixtureConfig):
+        return node
+    merged = OmegaConf.merge(OmegaConf.structured(MixtureConfig), node)
+    return OmegaConf.to_object(merged)
+
+
+def compose(name: str = "demo", overrides: Sequence[str] = ()) -> DataConfig:
+    """Compose `conf/data/<name>.yaml` through Hydra (overrides like `root=/tmp/x`, relative to the data node)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        # "root=/x" -> "data.root=/x"; "+sources.y.kind=local" -> "+data.sources.y.kind=local"
+        prefixed = [re.sub(r"^([+~]*)", r"\1data.", o) for o in overrides]
+        cfg = hydra_compose(overrides=[f"+data={name}", *prefixed])
+    return to_data_config(cfg.data)

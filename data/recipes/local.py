@@ -1,0 +1,56 @@
+"""Local files: JSONL/JSON, Parquet or plain text (one document per file), read with `datasets`."""
+from __future__ import annotations
+
+import glob
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List
+
+from data.errors import DataError
+
+REPO = Path(__file__).resolve().parents[2]
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
+
+
+@dataclass
+class Options:
+    paths: List[str] = field(default_factory=list)  # files or globs; relative = to the cwd, else to the repo root
+    text_field: str = "text"  # column with the document text
+    language_field: str = "language"  # column with each document's language, if the files have one
+    language: str = "und"  # language of every document when there is no language column
+    split_field: str = "split"  # column with "train"/"heldout", if the files have one (else all "train")
+
+
+def resolve(paths: List[str], source: str) -> List[Path]:
+    """Expand globs; a relative path is looked up in the cwd first, then in the repository root."""
+    out: List[Path] = []
+    for p in paths:
+        for base in (Path.cwd(), REPO):
+            pattern = p if Path(p).is_absolute() else str(base / p)
+            hits = sorted(glob.glob(pattern, recursive=True))
+            if hits:
+                out += [Path(h) for h in hits]
+                break
+        else:
+            raise DataError(f"source '{source}': no file matches {p} (looked in {Path.cwd()} and {REPO})")
+    return out
+
+
+def load(opts: Options, cache_dir: Path, source: str):
+    """A `datasets.Dataset` of the files, in the order given."""
+    import datasets
+
+    files = resolve(opts.paths, source)
+    if not files:
+        raise DataError(f"source '{source}': `options.paths` is empty")
+    kinds = {BUILDERS.get(f.suffix) for f in files}
+    if len(kinds) != 1 or None in kinds:
+        raise DataError(f"source '{source}': files must all be one of {sorted(BUILDERS)}: {[str(f) for f in files]}")
+    builder = kinds.pop()
+    kwargs = {"sample_by": "document"} if builder == "text" else {}
+    try:
+        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
+                                     cache_dir=str(cache_dir), **kwargs)
+    except Exception as e:  # a malformed file: name it
+        raise DataError(f"source '{source}': could not read {[str(f) for f in files]}: {e}") from e
+
