@@ -1,0 +1,346 @@
+"""Stage mixtures and packed batches: the sample at global index i is a pure function of (seed, stage, i).
+
+Megatron-style index arrays, built once per stage from the manifest, the stage's `MixtureConfig`, seq_len, seed and
+num_samples (no randomness at read time):
+
+- the mixture is split into *parts*: one per component (source/language), or per (component, length bucket)
+  (with buckets, documents longer than the longest bucket are cut into pieces of that length first);
+  part weights = source weight x p(language | source) ∝ tokens^language_alpha (x bucket weight);
+- each part gets `samples` of the stage's num_samples, capped at `max_epochs` passes over its tokens (the excess is
+  handed to the uncapped parts, with a warning);
+- `blend_part`, `blend_sample`: which part, and which of its samples, global sample i comes from (parts interleaved
+  evenly, so every global batch holds the mixture in proportion);
+- per part: `doc_idx` (its documents, reshuffled each epoch), `sample_doc`/`sample_off` (where packed sample k starts
+  in that document stream: sample k is tokens [k*seq_len, (k+1)*seq_len] of it, seq_len + 1 tokens, so inputs and
+  next-token labels come from one slice) and `shuffle` (a permutation of its samples).
+
+A rank reads the indices the trainer gives it (`micro_batch_indices`), so the loader state is one integer
+(consumed samples), resume is exact and a different number of ranks neither repeats nor skips a sample.
+"""
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from data.config import MixtureConfig, to_mixture_config
+from data.errors import DataError
+from data.shards import Shard, open_shard, read_manifest, resolve_in_root
+
+log = logging.getLogger(__name__)
+
+
+def micro_batch_indices(consumed_samples: int, micro_step: int, rank: int, world_size: int,
+                        micro_batch_size: int) -> range:
+    """Global sample indices of one rank's micro-batch: consumed + micro_step*(world*mb) + rank*mb + [0, mb)."""
+    start = consumed_samples + micro_step * world_size * micro_batch_size + rank * micro_batch_size
+    return range(start, start + micro_batch_size)
+
+
+@dataclass
+class Component:
+    """The training documents of one (source, language) across its shard files."""
+
+    name: str  # "source/language"
+    source: str
+    language: str
+    shards: List[Shard]
+    doc_file: np.ndarray  # (n_docs,) which shard holds document d
+    doc_start: np.ndarray  # (n_docs,) its first token within that shard
+    doc_len: np.ndarray  # (n_docs,) its length in tokens, EOS included
+
+    @property
+    def tokens(self) -> int:
+        return int(self.doc_len.sum())
+
+
+def open_components(manifest_path: Path, section: str = "components") -> Dict[str, Component]:
+    """Every component the manifest lists (header-checked; `data.shards.verify` does the full check)."""
+    manifest_path = Path(manifest_path)
+    m = read_manifest(manifest_path)
+    out = {}
+    for key, c in m[section].items():
+        shards = [open_shard(resolve_in_root(manifest_path.parent, f["path"], manifest_path), m["dtype"])
+                  for f in c["files"]]
+        lens = [s.doc_lengths for s in shards]
+        out[key] = Component(
+            key, c["source"], c["language"], shards,
+            doc_file=np.concatenate([np.full(len(l), i, np.int32) for i, l in enumerate(lens)]),
+            doc_start=np.concatenate([s.offsets[:-1] for s in shards]),
+            doc_len=np.concatenate(lens))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The plan: how many samples each part gives
+
+
+@dataclass
+class Part:
+    """One sampled unit of a stage: a component, or a component's documents within one length bucket."""
+
+    component: str  # "source/language"
+    source: str
+    language: str
+    bucket: int  # index into mixture.length_buckets; -1 = no bucketing
+    doc_file: np.ndarray  # (n,) for each of its documents: which shard of the component holds it
+    doc_start: np.ndarray  # (n,) first token within that shard
+    doc_len: np.ndarray  # (n,) length in tokens
+    tokens: int  # tokens in those documents
+    weight: float  # share of the stage before caps
+    capacity: int  # most samples before max_epochs passes over its tokens
+    samples: int = 0  # samples the stage draws from it
+    epochs: float = 0.0  # passes over its tokens those samples make
+    capped: bool = False  # its share was cut to `capacity`
+
+
+@dataclass
+class MixturePlan:
+    """Samples, epochs and caps of every part of one stage; `by_source()` sums them per source."""
+
+    stage: str
+    seq_len: int
+    num_samples: int
+    max_epochs: float
+    parts: List[Part]
+
+    def by_source(self) -> Dict[str, Dict[str, Any]]:
+        """Per source: tokens available, samples drawn, epochs, capacity and how many parts hit the cap."""
+        out: Dict[str, Dict[str, Any]] = {}
+        for p in self.parts:
+            d = out.setdefault(p.source, {"tokens": 0, "samples": 0, "capacity": 0, "parts": 0, "capped": 0})
+            d["tokens"] += p.tokens
+            d["samples"] += p.samples
+            d["capacity"] += p.capacity
+            d["parts"] += 1
+            d["capped"] += int(p.capped)
+        for d in out.values():
+            d["epochs"] = d["samples"] * self.seq_len / d["tokens"] if d["tokens"] else 0.0
+        return out
+
+    def table(self) -> str:
+        """A printable summary, one line per source."""
+        rows = [f"stage {self.stage}: {self.num_samples} samples x {self.seq_len} tokens, max_epochs {self.max_epochs}"]
+        for s, d in self.by_source().items():
+            rows.append(f"  {s:<16} tokens {d['tokens']:>11,}  samples {d['samples']:>9,}  epochs {d['epochs']:6.2f}  "
+                        f"capacity {d['capacity']:>10,}  capped parts {d['capped']}/{d['parts']}")
+        return "\n".join(rows)
+
+
+def _capacity(tokens: int, seq_len: int, max_epochs: float) -> int:
+    # sample k needs tokens up to (k+1)*seq_len inclusive of a stream of at most max_epochs * tokens
+    return max(0, int((max_epochs * tokens - 1) // seq_len))
+
+
+def _fill(weights: np.ndarray, caps: np.ndarray, total: int) -> tuple[np.ndarray, np.ndarray]:
+    """Integer samples per part: proportional to weights, none above its cap, summing to total (water-filling)."""
+    share = np.zeros(len(weights))
+    fixed = caps <= 0
+    while True:
+        free = ~fixed
+        left = total - caps[fixed & (caps > 0)].sum()
+        share[free] = left * weights[free] / weights[free].sum()
+        over = free & (share > caps)
+        if not over.any():
+            break
+        share[over] = caps[over]
+        fixed |= over
+    share[fixed] = np.maximum(caps[fixed], 0)
+    n = np.floor(share).astype(np.int64)
+    short = total - n.sum()
+    if short > 0:  # largest remainders of the uncapped parts first; ceil(share) <= cap, so caps still hold
+        free = np.flatnonzero(~fixed)
+        n[free[np.argsort(-(share - n)[free], kind="stable")[:short]]] += 1
+    return n, fixed & (caps > 0)
+
+
+def _pieces(c: Component, cut: Optional[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(file, start, length) of the component's documents, those longer than `cut` split into `cut`-token pieces."""
+    if cut is None or not (c.doc_len > cut).any():
+        return c.doc_file, c.doc_start, c.doc_len
+    n = -(-c.doc_len // cut)  # pieces per document
+    first = np.repeat(np.cumsum(n) - n, n)  # index of each piece's first sibling
+    k = np.arange(n.sum()) - first  # piece number within its document
+    doc = np.repeat(np.arange(len(n)), n)
+    return c.doc_file[doc], c.doc_start[doc] + k * cut, np.minimum(cut, c.doc_len[doc] - k * cut)
+
+
+def plan_mixture(manifest_path: Path, mixture: Any, seq_len: int, num_samples: int, stage: str = "",
+               components: Optional[Dict[str, Component]] = None) -> MixturePlan:
+    """How many samples each part of a stage gives, with caps applied; DataError if the data cannot fill the stage."""
+    mix = to_mixture_config(mixture)
+    comps = components if components is not None else open_components(manifest_path)
+    tokens_by_source: Dict[str, int] = {}
+    for c in comps.values():
+        tokens_by_source[c.source] = tokens_by_source.get(c.source, 0) + c.tokens
+    weights = dict(mix.weights) or {s: float(t) for s, t in tokens_by_source.items()}
+    unknown = sorted(set(weights) - set(tokens_by_source))
+    if unknown:
+        raise DataError(f"{manifest_path}: stage {stage!r} mixture names sources {unknown} that the data set lacks "
+                        f"(it has {sorted(tokens_by_source)})")
+    weights = {s: float(w) for s, w in weights.items() if w > 0}
+    buckets = [(b.min_tokens, b.max_tokens, b.weight) for b in mix.length_buckets] or [(0, None, 1.0)]
+    # With length buckets, a document longer than the longest bucket is cut into pieces of that length, so a
+    # 50K-token address feeds the 16K-32K bucket instead of being left out; the last piece is bucketed by its length.
+    tops = [hi for _, hi, _ in buckets]
+    cut = max(tops) if mix.length_buckets and None not in tops else None
+    docs = {k: _pieces(c, cut) for k, c in comps.items() if c.source in weights}
+    parts: List[Part] = []
+    taken = {k: np.zeros(len(d[2]), dtype=bool) for k, d in docs.items()}  # a document joins one bucket only
+    for bi, (lo, hi, bw) in enumerate(buckets):
+        candidates = []
+        for key in sorted(docs):
+            f, st, ln = docs[key]
+            keep = ~taken[key] & (ln >= lo) & (ln <= (hi if hi is not None else np.iinfo(np.int64).max))
+            taken[key] |= keep
+            n_tok = int(ln[keep].sum())
+            if n_tok:
+                candidates.append((comps[key], (f[keep], st[keep], ln[keep]), n_tok))
+        if not candidates:
+            raise DataError(f"{manifest_path}: stage {stage!r}: no document of the mixture's sources is "
+                            f"{lo} <= length <= {hi} tokens (length bucket {bi})")
+        src_w = {s: weights[s] for s in {c.source for c, _, _ in candidates}}
+        src_total = sum(src_w.values())
+        lang_tok: Dict[str, float] = {}
+        for c, _, n_tok in candidates:
+            lang_tok[c.source] = lang_tok.get(c.source, 0.0) + n_tok ** mix.language_alpha
+        for c, (f, st, ln), n_tok in candidates:
+            w = bw * src_w[c.source] / src_total * n_tok ** mix.language_alpha / lang_tok[c.source]
+            parts.append(Part(c.name, c.source, c.language, bi if mix.length_buckets else -1, f, st, ln, n_tok, w,
+                              _capacity(n_tok, seq_len, mix.max_epochs)))
+    w = np.array([p.weight for p in parts])
+    caps = np.array([p.capacity for p in parts], dtype=np.int64)
+    if caps.sum() < num_samples:
+        raise DataError(f"{manifest_path}: stage {stage!r} needs {num_samples} samples of {seq_len} tokens, but its "
+                        f"sources give only {int(caps.sum())} within max_epochs={mix.max_epochs}; lower the stage's "
+                        f"token budget, raise max_epochs or add data")
+    samples, capped = _fill(w / w.sum(), caps, num_samples)
+    for p, n, cp in zip(parts, samples, capped):
+        p.samples, p.capped, p.epochs = int(n), bool(cp), int(n) * seq_len / p.tokens
+    plan = MixturePlan(stage, seq_len, num_samples, mix.max_epochs, parts)
+    for s, d in plan.by_source().items():
+        if d["capped"]:
+            log.warning("stage %s: source %s: %d of %d parts hit max_epochs=%s; their excess samples go to the "
+                        "other parts, so the mixture is not exactly as configured", stage, s, d["capped"],
+                        d["parts"], mix.max_epochs)
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Index arrays and batches
+
+
+def _rng(seed: int, stage: str, part: str, purpose: int, epoch: int = 0) -> np.random.Generator:
+    # crc32, not hash(): Python salts str hashes per process, and every rank must build the same arrays
+    return np.random.default_rng([seed, zlib.crc32(stage.encode()), zlib.crc32(part.encode()), purpose, epoch])
+
+
+@dataclass
+class _PartIndex:
+    component: int  # index into StageStream.components
+    part: Part  # its documents
+    doc_idx: np.ndarray  # (epochs * n_docs,) indices into the part's documents, each epoch reshuffled
+    sample_doc: np.ndarray  # (samples + 1,) position in doc_idx where packed sample k starts
+    sample_off: np.ndarray  # (samples + 1,) token offset within that document
+    shuffle: np.ndarray  # (samples,) order in which the packed samples are drawn
+
+
+class StageStream:
+    """Packed batches of one stage; `batch(indices)` is a pure function of (seed, stage, indices)."""
+
+    def __init__(self, manifest_path: Path, mixture: Any, seq_len: int, seed: int, stage: str,
+                 num_samples: int, doc_masking: bool = False) -> None:
+        self.manifest_path = Path(manifest_path)
+        self.seq_len, self.seed, self.stage, self.num_samples = seq_len, seed, stage, num_samples
+        self.doc_masking = doc_masking
+        comps = open_components(self.manifest_path)
+        self.plan = plan_mixture(self.manifest_path, mixture, seq_len, num_samples, stage, comps)
+        self.components: List[str] = sorted({p.component for p in self.plan.parts})
+        self.component_source = {c: comps[c].source for c in self.components}
+        self.component_language = {c: comps[c].language for c in self.components}
+        self._comps = [comps[c] for c in self.components]
+        cidx = {c: i for i, c in enumerate(self.components)}
+        parts = [p for p in self.plan.parts if p.samples > 0]
+        self._parts = [self._build_part(p, cidx[p.component]) for p in parts]
+        self._part_component = np.array([ix.component for ix in self._parts], dtype=np.int64)
+        self.blend_part, self.blend_sample = self._blend(np.array([p.samples for p in parts]))
+        self._arange = np.arange(seq_len + 1, dtype=np.int64)
+        log.info("%s", self.plan.table())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def _build_part(self, part: Part, component: int) -> _PartIndex:
+        name = f"{part.component}#{part.bucket}"
+        lens = part.doc_len
+        n_epochs = -(-(part.samples * self.seq_len + 1) // part.tokens)  # ceil: the stream needs samples*L + 1 tokens
+        doc_idx = np.concatenate([_rng(self.seed, self.stage, name, 0, e).permutation(len(lens))
+                                  for e in range(n_epochs)])
+        ends = np.cumsum(lens[doc_idx])  # token position just past each document of the stream
+        starts = np.arange(part.samples + 1, dtype=np.int64) * self.seq_len
+        sample_doc = np.searchsorted(ends, starts, side="right")
+        sample_off = starts - (ends[sample_doc] - lens[doc_idx[sample_doc]])
+        shuffle = _rng(self.seed, self.stage, name, 1).permutation(part.samples)
+        return _PartIndex(component, part, doc_idx, sample_doc, sample_off, shuffle)
+
+    @staticmethod
+    def _blend(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Interleave the parts evenly: part p's k-th sample sits at 'time' (k + 1/2) / samples_p."""
+        part = np.repeat(np.arange(len(samples), dtype=np.int32), samples)
+        k = np.concatenate([np.arange(n, dtype=np.int64) for n in samples])
+        order = np.argsort((k + 0.5) / samples[part], kind="stable")
+        return part[order], k[order]
+
+    def batch(self, indices: Sequence[int]) -> Dict[str, torch.Tensor]:
+        """Packed samples at these global indices: input_ids, labels, position_ids, doc_ids, component_ids (B, T)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_samples):
+            raise IndexError(f"stage {self.stage}: sample index out of range [0, {self.num_samples})")
+        B, L = len(idx), self.seq_len
+        tok = np.empty((B, L + 1), dtype=np.int64)  # seq_len + 1: inputs and next-token labels from one slice
+        doc = np.empty((B, L + 1), dtype=np.int32)
+        pos = np.empty((B, L + 1), dtype=np.int64) if self.doc_masking else None
+        comp = self._part_component[self.blend_part[idx]]
+        for b, (p, k) in enumerate(zip(self.blend_part[idx].tolist(), self.blend_sample[idx].tolist())):
+            ix = self._parts[p]
+            shards, part = self._comps[ix.component].shards, ix.part
+            s = int(ix.shuffle[k])
+            j0, j1 = int(ix.sample_doc[s]), int(ix.sample_doc[s + 1])
+            off0, off1 = int(ix.sample_off[s]), int(ix.sample_off[s + 1])
+            at = 0
+            for n, d in enumerate(ix.doc_idx[j0:j1 + 1].tolist()):
+                a = off0 if n == 0 else 0
+                z = off1 + 1 if n == j1 - j0 else int(part.doc_len[d])
+                first = int(part.doc_start[d])
+                tok[b, at:at + z - a] = shards[part.doc_file[d]].tokens[first + a:first + z]
+                doc[b, at:at + z - a] = n
+                if pos is not None:
+                    pos[b, at:at + z - a] = self._arange[:z - a]
+                at += z - a
+        out = {
+            "input_ids": torch.from_numpy(np.ascontiguousarray(tok[:, :-1])),
+            "labels": torch.from_numpy(np.ascontiguousarray(tok[:, 1:])),
+            "position_ids": torch.from_numpy(np.ascontiguousarray(pos[:, :-1]) if pos is not None
+                                             else np.broadcast_to(self._arange[:L], (B, L)).copy()),
+            "doc_ids": torch.from_numpy(np.ascontiguousarray(doc[:, :-1])),
+            "component_ids": torch.from_numpy(np.repeat(comp[:, None], L, axis=1)),
+        }
+        return out
+
+    def ledger(self, consumed_samples: int) -> Dict[str, Any]:
+        """Tokens consumed per source, language and component by the first `consumed_samples` samples."""
+        n = min(max(int(consumed_samples), 0), self.num_samples)
+        counts = np.bincount(self._part_component[self.blend_part[:n]], minlength=len(self.components))
+        by_comp = {c: int(k) * self.seq_len for c, k in zip(self.components, counts) if k}
+        by_src: Dict[str, int] = {}
+        by_lang: Dict[str, int] = {}
+        for c, t in by_comp.items():
+            by_src[self.component_source[c]] = by_src.get(self.component_source[c], 0) + t
+            by_lang[self.component_language[c]] = by_lang.get(self.component_language[c], 0) + t
+        return {"stage": self.stage, "samples": n, "tokens": n * self.seq_len,
+                "source": by_src, "language": by_lang, "component": by_comp}
