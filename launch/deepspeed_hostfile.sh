@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Several nodes listed in a hostfile, started by the deepspeed launcher (pdsh over passwordless ssh).
+#
+# Use when: you have a fixed set of machines that reach each other by ssh without a password, and pdsh
+# installed on the node you launch from. One command on that node starts every rank on every host.
+#
+#   cp launch/hostfile.example launch/hostfile   # then list your nodes and their GPUs
+#   launch/deepspeed_hostfile.sh model=qwen3_14b curriculum=qwen3 deepspeed=zero3 \
+#       model.activation_checkpointing=true run_dir=/shared/runs/qwen3_14b
+#   HOSTFILE=/etc/hosts.gpu launch/deepspeed_hostfile.sh ...
+#
+# Variables: HOSTFILE (launch/hostfile), MASTER_PORT (29500). The first host is the rendezvous master.
+# --no_local_rank: ranks read LOCAL_RANK from the environment rather than a `--local_rank=N` argument,
+# which Hydra would take for an override. Environment variables the remote ranks need (NCCL_*, PATH of
+# the virtual environment) go into a `.deepspeed_env` file (KEY=VALUE lines) in this directory or $HOME.
+# run_dir must be on a file system all hosts share. On one host the launcher passes the ranks' exit code
+# through (75 after a SIGTERM checkpoint: relaunch to resume).
+set -euo pipefail
+
+HOSTFILE=${HOSTFILE:-launch/hostfile}
+if [[ ! -f "$HOSTFILE" ]]; then
+  echo "no hostfile at $HOSTFILE: copy launch/hostfile.example and list your hosts" >&2
+  exit 2
+fi
+
+exec deepspeed --hostfile="$HOSTFILE" --master_port="${MASTER_PORT:-29500}" \
+  --no_local_rank --module train "$@"

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The body both SLURM batch scripts share (launch/slurm_*.sbatch exec it; not submitted on its own):
+#   1. check with `python -m launch.plan` that the job fits this allocation, before 256 GPUs sit idle on an OOM;
+#   2. start one rank per GPU with srun, every rank with the same Hydra overrides (so the same run_dir);
+#   3. requeue the job when the ranks exit 75, the code `python -m train` returns after it saved a checkpoint
+#      on SIGTERM (sent ahead of the time limit by `#SBATCH --signal=TERM@...`, or by preemption).
+#
+# Arguments: Hydra overrides, the batch script's first and the user's after them (later ones win).
+# Variables: PYTHON (python), PLAN_CHECK (1; 0 skips step 1), MASTER_PORT (derived from the job id).
+#
+# Ranks are started by srun itself, not by torchrun, so that the scheduler's SIGTERM reaches every rank
+# directly and srun returns their exit code (torchrun would report 1, and by default it SIGKILLs its
+# workers 30 s after passing a SIGTERM on, which may cut a checkpoint short).
+set -euo pipefail
+
+: "${SLURM_JOB_ID:?run inside a SLURM allocation: sbatch launch/slurm_qwen3_8b.sbatch [overrides]}"
+: "${SLURM_NTASKS_PER_NODE:?set #SBATCH --ntasks-per-node to the GPUs per node (one rank per GPU)}"
+PYTHON=${PYTHON:-python}
+NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
+
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+export MASTER_ADDR MASTER_PORT
+
+if [[ "${PLAN_CHECK:-1}" != 0 ]]; then
+  if ! "$PYTHON" -m launch.plan "$@" "launch.nodes=$NNODES" "launch.gpus_per_node=$SLURM_NTASKS_PER_NODE"; then
+    echo "tristage: launch.plan says this job does not run as configured on $NNODES x $SLURM_NTASKS_PER_NODE" \
+      "GPUs (see above); not starting. PLAN_CHECK=0 skips the check." >&2
+    exit 1
+  fi
+fi
+
+echo "tristage: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $NNODES nodes, master $MASTER_ADDR:$MASTER_PORT" >&2
+
+# Each task maps SLURM's ids onto the variables torch.distributed reads (train/engine.py: world_from_env).
+# --kill-on-bad-exit=0: on SIGTERM every rank saves its shard and exits 75; the first to finish must not
+# take the others down mid-save.
+set +e
+# shellcheck disable=SC2016  # the $SLURM_* variables must expand inside each task, not here
+srun --kill-on-bad-exit=0 bash -c '
+  export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID \
+         LOCAL_WORLD_SIZE=$SLURM_NTASKS_PER_NODE
+  exec "$@"' rank "$PYTHON" -m train "$@"
+rc=$?
+set -e
+
+if [[ $rc -eq 75 ]]; then
+  echo "tristage: checkpoint saved after SIGTERM; requeueing job $SLURM_JOB_ID" >&2
+  scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$rc"
