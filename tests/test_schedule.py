@@ -1,0 +1,37 @@
+"""The warmup-stable-decay segments each stage's YAML describes."""
+import math
+
+import pytest
+
+from train.config import LRConfig
+from train.schedule import lr_at
+
+
+def test_warmup_then_stable():
+    lr = LRConfig(peak=1.0, final=0.1, warmup_steps=4, warmup_start=0.0, decay_frac=0.0)
+    got = [lr_at(lr, s, 10) for s in range(10)]
+    assert got[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert got[4:] == [1.0] * 6
+
+
+def test_decay_phase_ends_exactly_on_final():
+    lr = LRConfig(peak=1.0, final=0.1, warmup_steps=0, decay_frac=0.5, decay_style="cosine")
+    got = [lr_at(lr, s, 8) for s in range(8)]
+    assert got[:4] == [1.0] * 4  # stable half
+    assert got[-1] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(got[3:], got[4:]))  # strictly decreasing through the decay
+    # cosine midpoint of the decay: progress 2/4 -> peak/2 + final/2
+    assert got[5] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_reasoning_stage_decays_faster_than_general():
+    general = LRConfig(peak=3e-4, final=3e-5, warmup_steps=0, decay_frac=0.1)
+    reasoning = LRConfig(peak=3e-4, final=3e-5, warmup_steps=0, decay_frac=1.0)
+    assert lr_at(reasoning, 50, 100) < lr_at(general, 50, 100)
+
+
+@pytest.mark.parametrize("style", ["linear", "sqrt", "cosine"])
+def test_styles_hit_both_ends(style):
+    lr = LRConfig(peak=2.0, final=0.5, warmup_steps=0, decay_frac=1.0, decay_style=style)
+    assert lr_at(lr, 99, 100) == pytest.approx(0.5)
+    assert 0.5 < lr_at(lr, 0, 100) <= 2.0

@@ -1,0 +1,60 @@
+"""`python -m train [key=value ...]`: run the configured curriculum (the CPU demo with no arguments)."""
+from __future__ import annotations
+
+import sys
+
+
+def _strip_launcher_args(argv: list[str]) -> list[str]:
+    """Drop the `--local_rank=N` the deepspeed launcher appends; Hydra would take it for an override."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            continue
+        if arg in ("--local_rank", "--local-rank"):
+            skip = True
+            continue
+        out.append(arg)
+    return out
+
+
+def main() -> None:
+    """Hydra entry point; exits with the run's code (75 after a SIGTERM checkpoint, so schedulers requeue)."""
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import DictConfig, OmegaConf
+
+    from train.config import register_configs
+
+    register_configs()
+
+    @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+    def _app(dcfg: DictConfig) -> None:
+        from train.config import ConfigError
+        from train.loop import run
+
+        if HydraConfig.get().mode == RunMode.MULTIRUN:  # each sweep job trains in its own folder
+            dcfg.run_dir = HydraConfig.get().runtime.output_dir
+        try:
+            resolved = OmegaConf.to_container(dcfg, resolve=True)
+            cfg = OmegaConf.to_object(dcfg)
+        except Exception as e:  # an interpolation or type error found at resolution time
+            print(f"error: config: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        try:
+            code = run(cfg, resolved)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            code = 2
+        if code and HydraConfig.get().mode != RunMode.MULTIRUN:
+            sys.exit(code)
+
+    sys.argv = _strip_launcher_args(sys.argv)
+    _app()
+
+
+if __name__ == "__main__":
+    main()

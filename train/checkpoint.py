@@ -1,0 +1,180 @@
+"""Atomic, resumable checkpoints of a whole run.
+
+Layout under `<run_dir>/checkpoints/`:
+
+    <tag>/                 one complete checkpoint (DeepSpeed shards + meta.json + rng_rank<r>.pt + config.yaml)
+    .tmp/<tag>/            a checkpoint being written; never read
+    latest                 the tag of the newest complete checkpoint, written last with an atomic rename
+
+A save writes everything into `.tmp/<tag>`, every rank reports success, rank 0 renames the folder into place
+and only then replaces `latest`. A crash at any point leaves `latest` naming the previous complete checkpoint.
+A failed write on any rank (a full disk, say) fails every rank together and keeps what was there.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or does not fit this run."""
+
+
+@dataclass
+class TrainerState:
+    """Where the run is: everything besides weights and optimizer state that an exact resume needs."""
+
+    stage_index: int = 0  # index into curriculum.order
+    stage: str = ""
+    step: int = 0  # optimizer steps completed in this stage
+    consumed_samples: int = 0  # sequences consumed in this stage (the loader's whole state)
+    global_step: int = 0  # optimizer steps over the whole run
+    tokens: int = 0  # tokens trained on over the whole run
+    stage_complete: bool = False  # the stage's last step is done; a resume starts the next stage
+    skipped_steps: int = 0  # updates skipped for non-finite loss or gradients
+    consecutive_skips: int = 0
+    skip_samples: List[int] = field(default_factory=list)  # global sample indices to leave out (spike rollback)
+    stage_start_lr: Dict[str, float] = field(default_factory=dict)
+
+
+def _all_ok(ok: bool) -> bool:
+    """True only if every rank says ok."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _rng_state() -> Dict[str, Any]:
+    state: Dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, _, gauss = random.getstate()
+    random.setstate((version, tuple(state["python"]), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class CheckpointManager:
+    """Saves and finds checkpoints in one run directory."""
+
+    def __init__(self, run_dir: str | Path, keep: int, rank: int):
+        self.dir = Path(run_dir) / "checkpoints"
+        self.keep = keep
+        self.rank = rank
+
+    def latest(self) -> Optional[str]:
+        """The newest complete checkpoint's tag, or None for a fresh run."""
+        pointer = self.dir / "latest"
+        if not pointer.exists():
+            return None
+        tag = pointer.read_text().strip()
+        if not (self.dir / tag / "meta.json").exists():
+            raise CheckpointError(f"{pointer} names '{tag}', but {self.dir / tag / 'meta.json'} is missing")
+        return tag
+
+    def save(self, engine: Any, tag: str, state: TrainerState, meta: Dict[str, Any], config_yaml: str) -> Path:
+        """Write one checkpoint atomically on every rank; raise CheckpointError on every rank if any rank fails."""
+        tmp_root = self.dir / ".tmp"
+        final = self.dir / tag
+        ok, err = True, ""
+        if self.rank == 0:
+            try:
+                shutil.rmtree(tmp_root / tag, ignore_errors=True)
+                (tmp_root / tag).mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                ok, err = False, f"{tmp_root / tag}: {e}"
+        if _all_ok(ok):
+            try:
+                engine.save(str(tmp_root), tag, client_state={"trainer_state": asdict(state)})
+                torch.save(_rng_state(), tmp_root / tag / f"rng_rank{self.rank}.pt")
+                if self.rank == 0:
+                    _write_atomic(tmp_root / tag / "meta.json", json.dumps(meta | {"state": asdict(state)}, indent=1))
+                    _write_atomic(tmp_root / tag / "config.yaml", config_yaml)
+            except Exception as e:  # noqa: BLE001 - any failure must reach every rank, not only this one
+                ok, err = False, f"{tmp_root / tag}: {type(e).__name__}: {e}"
+        else:
+            ok = False
+        if not _all_ok(ok):
+            if self.rank == 0:
+                shutil.rmtree(tmp_root / tag, ignore_errors=True)
+            raise CheckpointError(f"saving checkpoint '{tag}' failed on at least one rank "
+                                  f"({err or 'another rank failed'}); the previous checkpoint "
+                                  f"'{self.latest()}' is kept")
+        if self.rank == 0:
+            try:
+                if final.exists():  # a re-save of the same tag (a resumed run reaching the same step)
+                    shutil.rmtree(final)
+                os.replace(tmp_root / tag, final)
+                _write_atomic(self.dir / "latest", tag)
+                self._retain(protect=tag)
+            except OSError as e:
+                ok, err = False, f"{final}: {e}"
+        if not _all_ok(ok):
+            raise CheckpointError(f"publishing checkpoint '{tag}' failed ({err or 'on rank 0'}); "
+                                  f"'latest' still names '{self.latest()}'")
+        return final
+
+    def _retain(self, protect: str) -> None:
+        """Keep the newest `keep` periodic checkpoints; stage-end checkpoints and `protect` always stay."""
+        periodic = []
+        for path in self.dir.iterdir():
+            meta = path / "meta.json"
+            if path.name.startswith(".") or not meta.exists() or path.name == protect:
+                continue
+            info = json.loads(meta.read_text())
+            if not info["state"]["stage_complete"]:
+                periodic.append((info["state"]["global_step"], path))
+        periodic.sort()
+        for _, path in periodic[: max(0, len(periodic) - (self.keep - 1))]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def read_meta(self, tag: str) -> Dict[str, Any]:
+        """meta.json of a checkpoint (stage, step, model shape, tokenizer fingerprint)."""
+        return json.loads((self.dir / tag / "meta.json").read_text())
+
+    def load(self, engine: Any, tag: str, load_optimizer: bool = True) -> TrainerState:
+        """Load weights, optimizer and this rank's RNG state; returns the trainer state."""
+        client = engine.load(str(self.dir), tag, load_optimizer=load_optimizer)
+        rng_path = self.dir / tag / f"rng_rank{self.rank}.pt"
+        if rng_path.exists():
+            _set_rng_state(torch.load(rng_path, weights_only=True))
+        return TrainerState(**client["trainer_state"])
+
+
+def check_compatible(meta: Dict[str, Any], model_shape: Dict[str, Any], tokenizer_fingerprint: str,
+                     where: str) -> None:
+    """Refuse to resume into a different model shape or tokenizer, naming what changed."""
+    saved_shape = meta.get("model_shape", {})
+    changed = {k: (saved_shape.get(k), v) for k, v in model_shape.items() if saved_shape.get(k) != v}
+    if changed:
+        detail = ", ".join(f"model.{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in changed.items())
+        raise CheckpointError(f"{where} was saved with a different model shape ({detail}); "
+                              f"use a new run_dir or restore the config")
+    saved_fp = meta.get("tokenizer_fingerprint")
+    if saved_fp != tokenizer_fingerprint:
+        raise CheckpointError(f"{where} was saved with tokenizer {saved_fp}, the data now uses "
+                              f"{tokenizer_fingerprint}; use a new run_dir or the original tokenizer")

@@ -1,0 +1,306 @@
+"""The typed schema behind `conf/`, registered in Hydra's ConfigStore, and the checks that run before any
+process group starts.
+
+Every YAML group in `conf/` merges into one of these dataclasses, so an unknown key or a wrong type fails
+when Hydra composes the config; `validate()` then checks what types cannot (divisibility, budgets, ranges)
+and names the offending key.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from data.config import DataConfig, MixtureConfig
+from models.config import Qwen3Config
+
+
+class ConfigError(ValueError):
+    """A config value that cannot run; the message names the key."""
+
+
+@dataclass
+class LRConfig:
+    """One stage's segment of the warmup-stable-decay learning-rate schedule."""
+
+    peak: float = 3e-4  # LR after warmup and through the stable phase
+    final: float = 3e-5  # LR reached at the end of the decay phase (the last step of the stage)
+    warmup_steps: int = 0  # linear warmup from `warmup_start` to `peak` over the first steps of the stage
+    warmup_start: float = 0.0  # LR at step 0 of the stage (0 for a cold start; the previous LR for a hand-over)
+    decay_frac: float = 0.0  # fraction of the stage's steps spent decaying peak -> final (1.0 = decay all along)
+    decay_style: str = "cosine"  # cosine | linear | sqrt
+
+
+@dataclass
+class StageConfig:
+    """What one curriculum stage changes: data mixture, length, batch, LR segment and RoPE base."""
+
+    name: str = "general"  # stage name, used in metrics, checkpoint tags and the HF export folder
+    tokens: int = 0  # token budget of the stage (rounded down to whole optimizer steps)
+    seq_len: int = 4096  # packed sequence length
+    global_batch_tokens: int = 4 * 1024 * 1024  # tokens per optimizer step over all ranks and micro-batches
+    micro_batch_size: int = 1  # sequences per rank per forward pass
+    rope_theta: float = 10000.0  # RoPE base for the stage (ABF: the Long Context stage raises it)
+    lr: LRConfig = field(default_factory=LRConfig)
+    mixture: MixtureConfig = field(default_factory=MixtureConfig)
+    carry_optimizer: bool = True  # keep AdamW moments from the previous stage (False resets them)
+    checkpoint_every: int = 0  # optimizer steps between periodic checkpoints (0: only at the stage end)
+    eval_every: int = 0  # optimizer steps between held-out evaluations (0: only at the stage end)
+
+
+@dataclass
+class CurriculumConfig:
+    """An ordered list of stages; `start` skips the stages before it (with `init_from` weights)."""
+
+    order: List[str] = field(default_factory=lambda: ["general", "reasoning", "long_context"])
+    stages: Dict[str, StageConfig] = field(default_factory=dict)
+    start: Optional[str] = None  # first stage to run in a fresh run directory; None = order[0]
+
+
+@dataclass
+class DeepSpeedConfig:
+    """The part of DeepSpeed's JSON config that tristage exposes; the rest is derived (see train/engine.py)."""
+
+    zero_stage: int = 1  # 0, 1, 2 or 3
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step on the CPU
+    offload_param: bool = False  # ZeRO-3 only: parameters on the CPU between uses
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    grad_clip: float = 1.0  # global gradient-norm clip (0 disables)
+    overlap_comm: bool = True  # overlap gradient reduction with the backward pass (GPU)
+    reduce_bucket_size: int = 50_000_000  # elements per gradient-reduction bucket
+    stage3_prefetch_bucket_size: int = 50_000_000  # ZeRO-3 parameter prefetch, elements
+    extra: Dict[str, Any] = field(default_factory=dict)  # merged last into the generated DeepSpeed config
+
+
+@dataclass
+class OptimConfig:
+    """torch AdamW, handed to DeepSpeed as the client optimizer."""
+
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # decoupled; not applied to norms (1-D parameters)
+    fused: str = "auto"  # auto (fused on CUDA) | true | false
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases; offline by default so nothing leaves the machine unless asked."""
+
+    mode: str = "offline"  # online | offline | disabled
+    project: str = "tristage"
+    entity: Optional[str] = None
+    api_key: Optional[str] = None  # prefer WANDB_API_KEY; never written to logs, dumps or checkpoints
+
+
+@dataclass
+class LoggingConfig:
+    """Console, metrics.jsonl and wandb."""
+
+    log_every: int = 1  # optimizer steps between metrics lines
+    console: bool = True  # one live line per logged step on rank 0
+    peak_tflops: float = 0.0  # device peak for MFU; 0 = look it up (989 for H100/H200 bf16, none on CPU)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class EvalConfig:
+    """Held-out per-language perplexity run inside training."""
+
+    enabled: bool = True
+    max_languages: int = 0  # 0 = every held-out language
+    max_tokens_per_language: int = 4096  # cap per language, so an eval stays a fraction of a step budget
+    batch_size: int = 8  # sequences per forward
+
+
+@dataclass
+class CheckpointConfig:
+    """Where and how often the run is saved."""
+
+    keep: int = 2  # newest periodic checkpoints kept (stage-end checkpoints are always kept)
+    export_hf: bool = True  # write <run_dir>/hf/<stage>/ at each stage end
+    async_save: bool = False  # reserved for decoupled checkpoint engines; sync saves are atomic anyway
+
+
+@dataclass
+class DistConfig:
+    """Process-group settings."""
+
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    timeout_s: int = 600  # a collective that waits longer fails the job, naming the rank
+
+
+@dataclass
+class LaunchConfig:
+    """The cluster a run is planned for (`python -m launch.plan`); training itself reads the real world size."""
+
+    nodes: int = 1
+    gpus_per_node: int = 1
+    gpu_memory_gb: float = 80.0  # usable memory per GPU
+    peak_tflops: float = 989.0  # bf16 dense peak per GPU (H100/H200 datasheet)
+    mfu: float = 0.40  # assumed model FLOPs utilisation for time estimates
+    cpu_memory_gb: float = 1024.0  # per node, for offload plans
+
+
+@dataclass
+class TrainConfig:
+    """The whole run: `conf/config.yaml` composes every group into this."""
+
+    name: str = "demo"  # experiment name; the default run directory is runs/<name>
+    run_dir: str = "runs/demo"  # everything the run writes; relaunching here resumes
+    seed: int = 1234  # model init, data order and dropout-free training all follow from it
+    device: str = "auto"  # auto | cpu | cuda
+    init_from: Optional[str] = None  # checkpoint dir or HF directory to start a fresh run from
+    expert_parallel_size: int = 1  # MoE experts sharded over this many ranks
+    threads: int = 0  # torch intra-op threads per process on the CPU (0: cores / local ranks)
+    model: Qwen3Config = MISSING  # filled from conf/model/<preset>.yaml
+    data: DataConfig = field(default_factory=DataConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)  # cluster shape for the planner (launch/)
+    max_steps: int = 0  # stop after this many optimizer steps in this launch (0: run to the end); for tests
+
+
+def register_configs() -> None:
+    """Register the schema so `conf/config.yaml` can name it in its defaults list."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="tristage_schema", node=TrainConfig)
+    cs.store(group="curriculum/stage_schema", name="stage", node=StageConfig)
+
+
+@dataclass
+class StagePlan:
+    """Numbers derived from one stage's config and the world size."""
+
+    name: str
+    steps: int  # optimizer steps in the stage
+    samples_per_step: int  # global batch in sequences
+    grad_accum: int  # micro-batches per rank per optimizer step
+    micro_batch_size: int
+    seq_len: int
+
+
+def _fail(key: str, value: Any, why: str) -> None:
+    raise ConfigError(f"config key '{key}' = {value!r}: {why}")
+
+
+def plan_stage(stage: StageConfig, key: str, dp_world: int) -> StagePlan:
+    """Derive steps, global batch in sequences and accumulation for one stage, or name the key that cannot work."""
+    if stage.seq_len <= 0:
+        _fail(f"{key}.seq_len", stage.seq_len, "must be positive")
+    if stage.micro_batch_size <= 0:
+        _fail(f"{key}.micro_batch_size", stage.micro_batch_size, "must be positive")
+    if stage.global_batch_tokens % stage.seq_len:
+        _fail(f"{key}.global_batch_tokens", stage.global_batch_tokens,
+              f"must be a multiple of {key}.seq_len={stage.seq_len}")
+    samples = stage.global_batch_tokens // stage.seq_len
+    per_pass = stage.micro_batch_size * dp_world
+    if samples % per_pass:
+        _fail(f"{key}.global_batch_tokens", stage.global_batch_tokens,
+              f"{samples} sequences per step are not divisible by micro_batch_size x data-parallel ranks "
+              f"= {stage.micro_batch_size} x {dp_world}")
+    steps = stage.tokens // stage.global_batch_tokens
+    if steps < 1:
+        _fail(f"{key}.tokens", stage.tokens, f"below one optimizer step of {stage.global_batch_tokens} tokens")
+    lr = stage.lr
+    if not 0.0 <= lr.decay_frac <= 1.0:
+        _fail(f"{key}.lr.decay_frac", lr.decay_frac, "must lie in [0, 1]")
+    if lr.decay_style not in ("cosine", "linear", "sqrt"):
+        _fail(f"{key}.lr.decay_style", lr.decay_style, "must be cosine, linear or sqrt")
+    if lr.warmup_steps < 0 or lr.warmup_steps > steps:
+        _fail(f"{key}.lr.warmup_steps", lr.warmup_steps, f"must lie in [0, {steps}] (the stage's steps)")
+    if stage.rope_theta <= 0:
+        _fail(f"{key}.rope_theta", stage.rope_theta, "must be positive")
+    return StagePlan(stage.name, steps, samples, samples // per_pass, stage.micro_batch_size, stage.seq_len)
+
+
+def validate(cfg: TrainConfig | DictConfig, world_size: int) -> List[StagePlan]:
+    """Check everything the schema's types cannot, before any process group starts; returns each stage's plan."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    assert isinstance(cfg, TrainConfig)
+    _refuse_foreign_targets(dataclasses.asdict(cfg), "")
+    if world_size < 1:
+        _fail("world_size", world_size, "must be at least 1")
+    try:
+        cfg.model.validate()
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+    ep = cfg.expert_parallel_size
+    if ep < 1:
+        _fail("expert_parallel_size", ep, "must be at least 1")
+    if ep > 1:
+        if cfg.model.num_experts == 0:
+            _fail("expert_parallel_size", ep, f"model '{cfg.model.name}' is dense (model.num_experts=0)")
+        if world_size % ep:
+            _fail("expert_parallel_size", ep, f"must divide the world size {world_size}")
+        if cfg.model.num_experts % ep:
+            _fail("expert_parallel_size", ep, f"must divide model.num_experts={cfg.model.num_experts}")
+    ds = cfg.deepspeed
+    if ds.zero_stage not in (0, 1, 2, 3):
+        _fail("deepspeed.zero_stage", ds.zero_stage, "must be 0, 1, 2 or 3")
+    if ds.offload_param and ds.zero_stage != 3:
+        _fail("deepspeed.offload_param", True, "needs deepspeed.zero_stage=3")
+    if ds.offload_optimizer and ds.zero_stage == 0:
+        _fail("deepspeed.offload_optimizer", True, "needs deepspeed.zero_stage >= 1")
+    if ds.precision not in ("auto", "bf16", "fp32"):
+        _fail("deepspeed.precision", ds.precision, "must be auto, bf16 or fp32")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        _fail("device", cfg.device, "must be auto, cpu or cuda")
+    if cfg.dist.backend not in ("auto", "nccl", "gloo"):
+        _fail("dist.backend", cfg.dist.backend, "must be auto, nccl or gloo")
+    if cfg.logging.wandb.mode not in ("online", "offline", "disabled"):
+        _fail("logging.wandb.mode", cfg.logging.wandb.mode, "must be online, offline or disabled")
+    if cfg.optim.fused not in ("auto", "true", "false"):
+        _fail("optim.fused", cfg.optim.fused, "must be auto, true or false")
+    if cfg.checkpoint.keep < 1:
+        _fail("checkpoint.keep", cfg.checkpoint.keep, "must keep at least one checkpoint")
+
+    cur = cfg.curriculum
+    if not cur.order:
+        _fail("curriculum.order", cur.order, "is empty")
+    if len(set(cur.order)) != len(cur.order):
+        _fail("curriculum.order", cur.order, "names a stage twice")
+    for name in cur.order:
+        if name not in cur.stages:
+            _fail("curriculum.order", cur.order, f"stage '{name}' is not in curriculum.stages {sorted(cur.stages)}")
+    if cur.start is not None and cur.start not in cur.order:
+        _fail("curriculum.start", cur.start, f"is not one of curriculum.order {cur.order}")
+    dp_world = world_size  # expert parallelism shards experts, not the batch: every rank is a data-parallel rank
+    plans = []
+    for name in cur.order:
+        stage = cur.stages[name]
+        key = f"curriculum.stages.{name}"
+        if stage.name != name:
+            _fail(f"{key}.name", stage.name, f"must equal its key '{name}'")
+        for src in stage.mixture.weights:
+            if src not in cfg.data.sources:
+                _fail(f"{key}.mixture.weights.{src}", stage.mixture.weights[src],
+                      f"names no source in data.sources {sorted(cfg.data.sources)}")
+        plans.append(plan_stage(stage, key, dp_world))
+    return plans
+
+
+_PROJECT_PACKAGES = ("models.", "data.", "train.", "launch.")
+
+
+def _refuse_foreign_targets(node: Any, path: str) -> None:
+    """Refuse any `_target_` that points outside the project's own packages (no arbitrary code from a config)."""
+    if isinstance(node, dict):
+        for key, child in node.items():
+            child_path = f"{path}.{key}" if path else str(key)
+            if key == "_target_" and not (isinstance(child, str) and child.startswith(_PROJECT_PACKAGES)):
+                _fail(child_path, child, "only the project's own classes (models., data., train., launch.) "
+                      "may be instantiated from a config")
+            _refuse_foreign_targets(child, child_path)
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            _refuse_foreign_targets(item, f"{path}.{i}")

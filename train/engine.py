@@ -1,0 +1,247 @@
+"""DeepSpeed, behind one small interface: process group, engine, micro-batch step, checkpoint I/O.
+
+This is the only module of tristage that imports deepspeed. The loop sees an `Engine` with `micro_step`,
+`optimizer_step`, `save`, `load`, `full_state_dict` and nothing else, so a different engine would replace
+this file only.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from train.config import StagePlan, TrainConfig
+
+
+@dataclass
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_device(cfg: TrainConfig, local_rank: int) -> torch.device:
+    """cuda:<local_rank> when asked for or available, else cpu."""
+    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if want_cuda:
+        if not torch.cuda.is_available():
+            raise RuntimeError("config key 'device' = 'cuda' but torch sees no CUDA device")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def world_from_env() -> tuple[int, int, int, int]:
+    """(rank, world size, local rank, local world size) as torchrun / the deepspeed launcher set them."""
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return rank, world, local_rank, local_world
+
+
+def init_distributed(cfg: TrainConfig) -> DistInfo:
+    """Start the process group (a one-process group when not launched), gloo on CPU and nccl on GPU."""
+    import deepspeed
+
+    rank, world, local_rank, local_world = world_from_env()
+    device = resolve_device(cfg, local_rank)
+    if world == 1 and "MASTER_ADDR" not in os.environ:
+        # a plain `python -m train`: a one-rank group keeps a single code path for everything below
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    backend = cfg.dist.backend
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        threads = cfg.threads or max(1, (os.cpu_count() or 1) // max(1, local_world))
+        torch.set_num_threads(threads)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                   timeout=datetime.timedelta(seconds=cfg.dist.timeout_s))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, local_world, device)
+
+
+def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    """bf16 mixed precision (fp32 master weights) on GPU, plain fp32 on the CPU, unless the config says."""
+    if cfg.deepspeed.precision == "auto":
+        return device.type == "cuda"
+    return cfg.deepspeed.precision == "bf16"
+
+
+def deepspeed_config(cfg: TrainConfig, plan: StagePlan, device: torch.device, world_size: int) -> Dict[str, Any]:
+    """The DeepSpeed JSON config generated from the Hydra config for one stage's batch shape."""
+    ds = cfg.deepspeed
+    zero: Dict[str, Any] = {
+        "stage": ds.zero_stage,
+        "overlap_comm": ds.overlap_comm and device.type == "cuda",
+        "contiguous_gradients": True,
+        "reduce_bucket_size": ds.reduce_bucket_size,
+        "allgather_bucket_size": ds.reduce_bucket_size,
+    }
+    if ds.zero_stage == 3:
+        zero["stage3_prefetch_bucket_size"] = ds.stage3_prefetch_bucket_size
+        zero["stage3_param_persistence_threshold"] = 0 if device.type == "cpu" else 100_000
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+    if ds.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+    config: Dict[str, Any] = {
+        "train_batch_size": plan.samples_per_step,
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "gradient_clipping": ds.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": use_bf16(cfg, device)},
+        "fp16": {"enabled": False},
+        # torch AdamW is the client optimizer: DeepSpeed's FusedAdam does not build everywhere (see README)
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    for key, value in ds.extra.items():
+        config[key] = value
+    return config
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices, not norms: 1-D parameters (RMSNorm gains) get no weight decay."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _safe_load_globals() -> list:
+    """The few non-tensor classes DeepSpeed pickles into its checkpoints, allowed for `weights_only=True`."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _install_safe_checkpoint_engine(engine: Any) -> None:
+    """Make DeepSpeed load checkpoints with `weights_only=True`, so a pickled payload is refused, not run."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location: Any = None) -> Any:
+            with torch.serialization.safe_globals(_safe_load_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    if type(engine.checkpoint_engine) is TorchCheckpointEngine:
+        safe = SafeTorchCheckpointEngine.__new__(SafeTorchCheckpointEngine)
+        safe.__dict__.update(engine.checkpoint_engine.__dict__)
+        engine.checkpoint_engine = safe
+
+
+class Engine:
+    """A DeepSpeed engine with the few operations the training loop needs."""
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, plan: StagePlan, info: DistInfo):
+        import deepspeed
+
+        self.cfg = cfg
+        self.info = info
+        fused = cfg.optim.fused == "true" or (cfg.optim.fused == "auto" and info.device.type == "cuda")
+        optimizer = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay), lr=0.0,
+                                      betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=fused)
+        self.ds_config = deepspeed_config(cfg, plan, info.device, info.world_size)
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                             config=self.ds_config)
+        _install_safe_checkpoint_engine(self.ds)
+        self.plan = plan
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The wrapped model (parameters partitioned under ZeRO-3)."""
+        return self.ds.module
+
+    def set_plan(self, plan: StagePlan) -> None:
+        """Switch micro-batch size and accumulation for a new stage, keeping the same engine and optimizer."""
+        self.ds.set_train_micro_batch_size(plan.micro_batch_size)
+        self.ds.set_train_batch_size(plan.samples_per_step)
+        inner = getattr(self.ds, "optimizer", None)
+        if inner is not None and hasattr(inner, "gradient_accumulation_steps"):
+            inner.gradient_accumulation_steps = plan.grad_accum
+        self.plan = plan
+
+    def reset_optimizer_state(self) -> None:
+        """Forget AdamW moments (a stage with `carry_optimizer: false`); they restart from zero lazily."""
+        inner = self.ds.optimizer
+        torch_opt = getattr(inner, "optimizer", inner)  # ZeRO wraps the client optimizer
+        torch_opt.state.clear()
+
+    def set_lr(self, lr: float) -> None:
+        """Set the LR of every parameter group for the next optimizer step."""
+        for group in self.ds.optimizer.param_groups:
+            group["lr"] = lr
+
+    def micro_step(self, batch: Dict[str, torch.Tensor], last: bool) -> Any:
+        """Forward and backward of one micro-batch; `last` marks the accumulation boundary."""
+        self.ds.set_gradient_accumulation_boundary(last)
+        out = self.ds(**batch)
+        self.ds.backward(out.loss)
+        return out
+
+    def optimizer_step(self) -> tuple[float, bool]:
+        """Clip, step and zero gradients; returns (global grad norm before clipping, whether the step applied)."""
+        self.ds.step()
+        norm = self.ds.get_global_grad_norm()
+        norm = float(norm) if norm is not None else float("nan")
+        return norm, bool(self.ds.was_step_applied())
+
+    def save(self, save_dir: str, tag: str, client_state: Dict[str, Any]) -> None:
+        """Every rank writes its shard of weights and optimizer state to save_dir/tag (no `latest` file)."""
+        self.ds.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
+
+    def load(self, load_dir: str, tag: str, load_optimizer: bool = True, module_only: bool = False) -> Dict[str, Any]:
+        """Load load_dir/tag into the engine; returns the client state saved with it."""
+        path, client = self.ds.load_checkpoint(load_dir, tag=tag, load_optimizer_states=load_optimizer,
+                                               load_lr_scheduler_states=False, load_module_strict=True,
+                                               load_module_only=module_only)
+        if path is None:
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint in {os.path.join(load_dir, tag)}")
+        return client or {}
+
+    def full_state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
+        """The whole model's weights in fp32 on the CPU on rank 0 (None elsewhere), gathered under ZeRO-3."""
+        import deepspeed
+
+        module = self.ds.module
+        if self.cfg.deepspeed.zero_stage == 3:
+            state: Dict[str, torch.Tensor] = {}
+            for name, param in module.named_parameters():
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                    if self.info.rank == 0:
+                        state[name] = param.detach().to("cpu", torch.float32).clone()
+            return state if self.info.rank == 0 else None
+        if self.info.rank != 0:
+            return None
+        return {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()}
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,77 @@
+"""Held-out per-language perplexity, run inside training at intervals and at each stage end.
+
+Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively, so a rank that
+skipped a forward would hang the others); the work is split round-robin and the sums are all-reduced.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def make_eval_batches(sets: Dict[str, np.ndarray], seq_len: int, max_tokens: int, batch_size: int,
+                      max_languages: int = 0) -> Tuple[List[str], List[Tuple[torch.Tensor, torch.Tensor]]]:
+    """Cut each language's held-out tokens into (input, label) windows of seq_len and group them in batches.
+
+    Returns the language list and batches of (ids (B, T+1), valid (B, T+1), language index (B,)); inputs are
+    ids[:, :-1] and labels ids[:, 1:], so a window never predicts across a language boundary.
+    """
+    languages = sorted(sets)
+    if max_languages:
+        languages = languages[:max_languages]
+    windows, owners = [], []
+    for li, lang in enumerate(languages):
+        tokens = np.asarray(sets[lang][: max_tokens + 1], dtype=np.int64)
+        n = (len(tokens) - 1) // seq_len
+        if n == 0 and len(tokens) > 1:  # a short language still counts: one window, padded below
+            n = 1
+        for w in range(n):
+            chunk = tokens[w * seq_len: w * seq_len + seq_len + 1]
+            windows.append(chunk)
+            owners.append(li)
+    batches = []
+    for start in range(0, len(windows), batch_size):
+        group = windows[start: start + batch_size]
+        width = max(len(c) for c in group) - 1
+        ids = torch.zeros(len(group), width + 1, dtype=torch.long)
+        valid = torch.zeros(len(group), width + 1, dtype=torch.bool)
+        for i, c in enumerate(group):
+            ids[i, : len(c)] = torch.from_numpy(c)
+            valid[i, : len(c)] = True
+        batches.append((ids, valid, torch.tensor(owners[start: start + batch_size])))
+    return languages, batches
+
+
+@torch.no_grad()
+def heldout_perplexity(model: torch.nn.Module, languages: List[str], batches: list, device: torch.device,
+                       rank: int, world: int) -> Dict[str, float]:
+    """Per-language perplexity (exp of mean token loss) over the held-out batches, identical on every rank."""
+    sums = torch.zeros(len(languages), dtype=torch.float64)
+    counts = torch.zeros(len(languages), dtype=torch.float64)
+    mine = batches[rank::world]
+    rounds = math.ceil(len(batches) / world)
+    was_training = model.training
+    model.eval()
+    for r in range(rounds):
+        real = r < len(mine)
+        ids, valid, owner = mine[r] if real else batches[0]
+        inputs = ids[:, :-1].to(device)
+        labels = ids[:, 1:].clone()
+        labels[~valid[:, 1:]] = -100
+        out = model(input_ids=inputs, labels=labels.to(device), return_token_losses=True)
+        if not real:  # a padding round keeps collectives aligned; its numbers are dropped
+            continue
+        tok = out.token_losses.double().cpu()  # (B, T)
+        mask = (labels != -100).double()
+        sums.index_add_(0, owner, (tok * mask).sum(1))
+        counts.index_add_(0, owner, mask.sum(1))
+    model.train(was_training)
+    if dist.is_initialized() and world > 1:
+        both = torch.stack([sums, counts])
+        dist.all_reduce(both)
+        sums, counts = both[0], both[1]
+    return {lang: math.exp(sums[i] / counts[i]) for i, lang in enumerate(languages) if counts[i] > 0}

@@ -1,0 +1,393 @@
+"""The training loop: one function runs any curriculum, stage after stage, inside one launch.
+
+Per optimizer step the order is nanoGPT's: evaluate (if due) -> save (if due) -> step -> log. A stage switch
+changes only what the stage config says (batch shape, seq_len, data mixture, LR segment, RoPE base, optimizer
+carry-over); the weights stay in the same DeepSpeed engine from the first stage to the last.
+
+The data a step sees is a pure function of (seed, stage, global sample index): on step s of a stage with G
+sequences per step, micro-batch m of rank r takes indices s·G + m·(R·B) + r·B + [0, B). The loader's state is
+therefore the count of consumed samples, and resume is exact.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import resource
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from data.config import DataConfig
+from data.heldout import heldout_sets
+from data.loader import StageStream
+from data.prepare import prepare
+from data.shards import verify
+from data.tokenizer import load_tokenizer
+from models.config import Qwen3Config
+from models.params import flops_per_token
+from models.qwen3 import Qwen3ForCausalLM
+from train.checkpoint import CheckpointError, CheckpointManager, TrainerState, check_compatible
+from train.config import ConfigError, StageConfig, StagePlan, TrainConfig, validate
+from train.engine import DistInfo, Engine, barrier, init_distributed, world_from_env
+from train.heldout import heldout_perplexity, make_eval_batches
+from train.metrics import MetricsLogger, peak_flops, redact
+from train.schedule import lr_at
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; the SLURM scripts requeue on it
+
+# fields that fix the shape of the weights: a resume with any of them changed is refused
+_SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "tie_word_embeddings", "num_experts", "num_experts_per_tok",
+               "moe_intermediate_size")
+
+
+class _Preemption:
+    """Remembers a SIGTERM so the loop can finish its step, agree with the other ranks, save and leave."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+
+def model_shape(cfg: Qwen3Config) -> Dict[str, Any]:
+    """The config fields that fix the weights' shapes."""
+    return {k: getattr(cfg, k) for k in _SHAPE_KEYS}
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> Qwen3ForCausalLM:
+    """Construct on the meta device, materialise on `device`, initialise from the seed."""
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(cfg.model)
+    model.to_empty(device=device)
+    model.init_weights(seed=cfg.seed)
+    return model
+
+
+def _global_indices(step: int, micro: int, plan: StagePlan, rank: int, world: int) -> List[int]:
+    base = step * plan.samples_per_step + micro * world * plan.micro_batch_size + rank * plan.micro_batch_size
+    return list(range(base, base + plan.micro_batch_size))
+
+
+def _to_device(batch: Dict[str, torch.Tensor], device: torch.device, doc_masking: bool) -> Dict[str, Any]:
+    out: Dict[str, Any] = {"input_ids": batch["input_ids"].to(device, non_blocking=True),
+                           "labels": batch["labels"].to(device, non_blocking=True),
+                           "return_token_losses": True}
+    if doc_masking:
+        out["position_ids"] = batch["position_ids"].to(device, non_blocking=True)
+        out["doc_ids"] = batch["doc_ids"].to(device, non_blocking=True)
+    return out
+
+
+def _memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class Trainer:
+    """Holds the run's pieces; `run()` executes the curriculum."""
+
+    def __init__(self, cfg: TrainConfig, resolved: Dict[str, Any], plans: List[StagePlan], info: DistInfo):
+        self.cfg = cfg
+        self.plans = plans
+        self.info = info
+        self.run_dir = Path(cfg.run_dir)
+        self.resolved = resolved
+        self.config_yaml = OmegaConf.to_yaml(OmegaConf.create(redact(resolved)))
+        self.preemption = _Preemption()
+
+        # data: rank 0 prepares (idempotent, cached), everyone verifies the manifest against the tokenizer
+        if info.rank == 0:
+            self.manifest = prepare(cfg.data)
+        barrier()
+        self.manifest = Path(prepare_path(cfg.data)) if info.rank != 0 else self.manifest
+        self.tokenizer = load_tokenizer(cfg.data)
+        verify(self.manifest, tokenizer_fingerprint=self.tokenizer.fingerprint, vocab_size=cfg.model.vocab_size)
+        if self.tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"config key 'model.vocab_size' = {cfg.model.vocab_size}: smaller than the "
+                              f"tokenizer's {self.tokenizer.vocab_size} tokens")
+
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg, info.device)
+        self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint.keep, info.rank)
+        self.state = TrainerState()
+        latest = self.checkpoints.latest()
+        self._init_checkpoint: Optional[Path] = None
+        if latest is None and cfg.init_from:
+            self._init_weights_from(cfg.init_from)
+        self.engine = Engine(self.model, cfg, plans[0], info)
+        self.module = self.engine.module
+        if self._init_checkpoint is not None:
+            self.engine.load(str(self._init_checkpoint.parent), self._init_checkpoint.name, load_optimizer=False,
+                             module_only=True)
+        if hasattr(self.module, "set_balance_group") and cfg.model.num_experts:
+            self.module.set_balance_group(dist.group.WORLD if info.world_size > 1 else None)
+        if latest is not None:
+            meta = self.checkpoints.read_meta(latest)
+            check_compatible(meta, model_shape(cfg.model), self.tokenizer.fingerprint,
+                             str(self.checkpoints.dir / latest))
+            self.state = self.checkpoints.load(self.engine, latest)
+            self.resumed_from = latest
+        else:
+            self.resumed_from = None
+            order = cfg.curriculum.order
+            self.state.stage_index = order.index(cfg.curriculum.start) if cfg.curriculum.start else 0
+            self.state.stage = order[self.state.stage_index]
+        self.metrics = MetricsLogger(cfg, self.run_dir, info.rank, resolved)
+        self.peak = peak_flops(cfg, info.device)
+        self.eval_sets = heldout_sets(self.manifest) if cfg.eval.enabled else {}
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _init_weights_from(self, path: str) -> None:
+        """Start a fresh run's weights from an HF directory or a tristage checkpoint folder (weights only)."""
+        src = Path(path)
+        if (src / "config.json").exists():
+            from models.hf import config_from_hf, load_hf
+
+            shape = model_shape(config_from_hf(json.loads((src / "config.json").read_text())))
+            if shape != model_shape(self.cfg.model):
+                raise ConfigError(f"config key 'init_from' = {path!r}: its model shape {shape} differs from "
+                                  f"model={self.cfg.model.name} {model_shape(self.cfg.model)}")
+            self.model.load_state_dict(load_hf(src, device=self.info.device).state_dict())
+        elif (src / "meta.json").exists():
+            meta = json.loads((src / "meta.json").read_text())
+            check_compatible(meta, model_shape(self.cfg.model), self.tokenizer.fingerprint, str(src))
+            self._init_checkpoint = src  # loaded into the engine once it exists (ZeRO shards need it)
+        else:
+            raise ConfigError(f"config key 'init_from' = {path!r}: neither an HF directory (config.json) "
+                              f"nor a tristage checkpoint folder (meta.json)")
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> int:
+        """Run the remaining stages; returns the process exit code."""
+        cfg, state = self.cfg, self.state
+        if state.stage_complete:  # resumed from a stage-end checkpoint: the next stage starts fresh
+            state.stage_index += 1
+            state.step = state.consumed_samples = 0
+            state.stage_complete = False
+        self.steps_this_launch = 0
+        exit_code = 0
+        while state.stage_index < len(cfg.curriculum.order):
+            name = cfg.curriculum.order[state.stage_index]
+            state.stage = name
+            code = self._run_stage(cfg.curriculum.stages[name], self.plans[state.stage_index])
+            if code is not None:
+                exit_code = code
+                break
+            state.stage_index += 1
+            state.step = state.consumed_samples = 0
+            state.stage_complete = False
+        self.metrics.close()
+        return exit_code
+
+    def _enter_stage(self, stage: StageConfig, plan: StagePlan, fresh: bool) -> StageStream:
+        """Apply a stage's switches to model, engine and data; log them."""
+        cfg = self.cfg
+        self.engine.set_plan(plan)
+        self.module.set_rope_theta(stage.rope_theta)
+        first = self.state.stage_index == (cfg.curriculum.order.index(cfg.curriculum.start)
+                                           if cfg.curriculum.start else 0)
+        if fresh and not first and not stage.carry_optimizer:
+            self.engine.reset_optimizer_state()
+        stream = StageStream(self.manifest, stage.mixture, seq_len=stage.seq_len, seed=cfg.seed, stage=stage.name,
+                             num_samples=plan.steps * plan.samples_per_step, doc_masking=cfg.data.doc_masking)
+        self.metrics.log({"event": "stage_start", "stage": stage.name, "global_step": self.state.global_step,
+                          "resumed_at_step": None if fresh else self.state.step, "stage_steps": plan.steps,
+                          "seq_len": stage.seq_len, "rope_theta": stage.rope_theta,
+                          "global_batch_tokens": stage.global_batch_tokens, "grad_accum": plan.grad_accum,
+                          "micro_batch_size": plan.micro_batch_size,
+                          "lr": lr_at(stage.lr, self.state.step, plan.steps),
+                          "carry_optimizer": stage.carry_optimizer,
+                          "mixture": dict(stage.mixture.weights), "time": time.time()})
+        return stream
+
+    def _run_stage(self, stage: StageConfig, plan: StagePlan) -> Optional[int]:
+        """Train one stage to its end; returns an exit code if the launch must stop early, else None."""
+        cfg, state, info = self.cfg, self.state, self.info
+        stream = self._enter_stage(stage, plan, fresh=state.step == 0)
+        components = list(stream.components)
+        while state.step < plan.steps:
+            if stage.eval_every and state.step and state.step % stage.eval_every == 0:
+                self._evaluate(stage)
+            t0 = time.perf_counter()
+            lr = lr_at(stage.lr, state.step, plan.steps)
+            self.engine.set_lr(lr)
+            if hasattr(self.module, "start_step"):
+                self.module.start_step()
+            comp_sums = torch.zeros(len(components), dtype=torch.float64)
+            comp_counts = torch.zeros(len(components), dtype=torch.float64)
+            aux_sum = 0.0
+            for m in range(plan.grad_accum):
+                idx = _global_indices(state.step, m, plan, info.rank, info.world_size)
+                batch = stream.batch(idx)
+                out = self.engine.micro_step(_to_device(batch, info.device, cfg.data.doc_masking),
+                                             last=m == plan.grad_accum - 1)
+                tok = out.token_losses.detach().double().cpu()  # (B, T)
+                mask = (batch["labels"] != -100).double()
+                comp = batch["component_ids"].long()
+                comp_sums.index_add_(0, comp.flatten(), (tok * mask).flatten())
+                comp_counts.index_add_(0, comp.flatten(), mask.flatten())
+                aux_sum += float(out.aux_loss.detach())
+            grad_norm, applied = self.engine.optimizer_step()
+            # one all-reduce carries the losses, the aux loss and the preemption flag
+            packed = torch.cat([comp_sums, comp_counts,
+                                torch.tensor([aux_sum, float(self.preemption.requested)], dtype=torch.float64)])
+            if info.world_size > 1:
+                dist.all_reduce(packed)
+            n = len(components)
+            comp_sums, comp_counts = packed[:n], packed[n: 2 * n]
+            aux_mean = packed[2 * n].item() / (plan.grad_accum * info.world_size)
+            preempt = packed[2 * n + 1].item() > 0
+            state.step += 1
+            state.global_step += 1
+            state.consumed_samples = state.step * plan.samples_per_step
+            state.tokens += plan.samples_per_step * plan.seq_len
+            self.steps_this_launch += 1
+            dt = time.perf_counter() - t0
+            if state.step % cfg.logging.log_every == 0 or state.step == plan.steps:
+                self._log_step(stage, plan, stream, lr, grad_norm, applied, comp_sums, comp_counts, aux_mean, dt)
+            last = state.step == plan.steps
+            if last:
+                state.stage_complete = True
+                self._save(stage)
+                self._export(stage)
+                if cfg.eval.enabled:
+                    self._evaluate(stage)
+                self.metrics.log({"event": "stage_end", "stage": stage.name, "global_step": state.global_step,
+                                  "tokens": state.tokens, "time": time.time()})
+                return None
+            if stage.checkpoint_every and state.step % stage.checkpoint_every == 0:
+                self._save(stage)
+            if preempt:
+                self._save(stage)
+                self.metrics.log({"event": "preempted", "stage": stage.name, "global_step": state.global_step,
+                                  "exit_code": PREEMPTED_EXIT_CODE, "time": time.time()})
+                return PREEMPTED_EXIT_CODE
+            if cfg.max_steps and self.steps_this_launch >= cfg.max_steps:
+                self._save(stage)
+                return 0
+        return None
+
+    # ------------------------------------------------------------------ pieces of a step
+    def _log_step(self, stage: StageConfig, plan: StagePlan, stream: StageStream, lr: float, grad_norm: float,
+                  applied: bool, comp_sums: torch.Tensor, comp_counts: torch.Tensor, aux: float, dt: float) -> None:
+        state, info = self.state, self.info
+        total = comp_counts.sum().item()
+        loss = comp_sums.sum().item() / max(total, 1.0)
+        by_source: Dict[str, List[float]] = {}
+        by_language: Dict[str, List[float]] = {}
+        for i, comp in enumerate(stream.components):
+            if comp_counts[i] == 0:
+                continue
+            for table, key in ((by_source, stream.component_source[comp]), (by_language, stream.component_language[comp])):
+                acc = table.setdefault(key, [0.0, 0.0])
+                acc[0] += comp_sums[i].item()
+                acc[1] += comp_counts[i].item()
+        tokens = plan.samples_per_step * plan.seq_len
+        tps = tokens / dt
+        record: Dict[str, Any] = {
+            "stage": stage.name, "step": state.step, "stage_steps": plan.steps, "global_step": state.global_step,
+            "tokens": state.tokens, "loss": loss + aux, "lm_loss": loss, "balance_loss": aux if self.cfg.model.num_experts else None,
+            "lr": lr, "grad_norm": grad_norm, "step_applied": applied, "tokens_per_s": tps,
+            "step_time_s": dt, "seq_len": plan.seq_len, "rope_theta": stage.rope_theta,
+            "memory_gib": _memory_gib(info.device), "time": time.time(),
+            "loss_by_source": {k: v[0] / v[1] for k, v in sorted(by_source.items())},
+            "loss_by_language": {k: v[0] / v[1] for k, v in sorted(by_language.items())},
+            "ledger": stream.ledger(state.consumed_samples),
+        }
+        if self.peak:
+            record["mfu"] = tps * flops_per_token(self.cfg.model, plan.seq_len, causal_halved=False) / (
+                self.peak * info.world_size)
+        if self.cfg.model.num_experts and hasattr(self.module, "expert_load"):
+            load = self.module.expert_load().float()  # (layers, experts): fraction of routed tokens
+            record["expert_load_max_over_mean"] = (load.max(dim=1).values * load.shape[1]).mean().item()
+            record["expert_load"] = [[round(x, 5) for x in row] for row in load.tolist()]
+        self.metrics.log(record)
+
+    def _tag(self, stage: StageConfig) -> str:
+        return f"{self.state.stage_index}-{stage.name}-step{self.state.step:07d}"
+
+    def _save(self, stage: StageConfig) -> None:
+        meta = {"stage": stage.name, "model_shape": model_shape(self.cfg.model),
+                "tokenizer_fingerprint": self.tokenizer.fingerprint, "world_size": self.info.world_size,
+                "zero_stage": self.cfg.deepspeed.zero_stage, "expert_parallel_size": self.cfg.expert_parallel_size,
+                "rope_theta": stage.rope_theta}
+        t0 = time.perf_counter()
+        path = self.checkpoints.save(self.engine, self._tag(stage), self.state, meta, self.config_yaml)
+        self.metrics.log({"event": "checkpoint", "stage": stage.name, "global_step": self.state.global_step,
+                          "path": str(path), "seconds": round(time.perf_counter() - t0, 3), "time": time.time()})
+
+    def _export(self, stage: StageConfig) -> None:
+        """Write <run_dir>/hf/<stage>/ in the transformers layout, with the stage's RoPE base."""
+        if not self.cfg.checkpoint.export_hf:
+            return
+        from models.hf import save_hf
+
+        state_dict = self.engine.full_state_dict()
+        if self.info.rank == 0:
+            assert state_dict is not None
+            export_cfg = dataclasses.replace(self.cfg.model, rope_theta=stage.rope_theta)
+            with torch.device("meta"):
+                model = Qwen3ForCausalLM(export_cfg)
+            model.load_state_dict(state_dict, assign=True)
+            out = self.run_dir / "hf" / stage.name
+            save_hf(model, out)
+            self.tokenizer.save(out) if hasattr(self.tokenizer, "save") else None
+        barrier()
+
+    def _evaluate(self, stage: StageConfig) -> None:
+        if not self.eval_sets:
+            return
+        cfg = self.cfg
+        languages, batches = make_eval_batches(self.eval_sets, stage.seq_len, cfg.eval.max_tokens_per_language,
+                                               cfg.eval.batch_size, cfg.eval.max_languages)
+        t0 = time.perf_counter()
+        ppl = heldout_perplexity(self.module, languages, batches, self.info.device, self.info.rank,
+                                 self.info.world_size)
+        if hasattr(self.module, "start_step"):
+            self.module.start_step()  # evaluation forwards must not count toward the next step's expert load
+        mean_log = sum(math.log(v) for v in ppl.values()) / max(1, len(ppl))
+        self.metrics.log({"event": "eval", "stage": stage.name, "step": self.state.step,
+                          "global_step": self.state.global_step, "heldout_ppl_geomean": math.exp(mean_log),
+                          "heldout_ppl": ppl, "seconds": round(time.perf_counter() - t0, 3), "time": time.time()})
+
+
+def prepare_path(data_cfg: DataConfig) -> Path:
+    """The manifest path that `prepare` writes (read by ranks other than 0 after the barrier)."""
+    from data.prepare import manifest_path
+
+    return manifest_path(data_cfg)
+
+
+def run(cfg: TrainConfig, resolved: Dict[str, Any]) -> int:
+    """Validate, start the process group, train the curriculum; returns the exit code."""
+    _, world, _, _ = world_from_env()
+    plans = validate(cfg, world)  # before any process group: a bad key fails fast, on every rank alike
+    info = init_distributed(cfg)
+    run_dir = Path(cfg.run_dir)
+    if info.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    barrier()
+    try:
+        trainer = Trainer(cfg, resolved, plans, info)
+        if info.rank == 0:
+            (run_dir / "config.yaml").write_text(trainer.config_yaml)
+        code = trainer.run()
+    except (ConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        code = 2
+    barrier() if code == 0 else None
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return code

@@ -1,0 +1,115 @@
+"""What a run reports: `metrics.jsonl`, a console line and wandb, with secrets kept out of all three.
+
+MFU = tokens/s x flops_per_token / (peak FLOP/s x ranks), with flops_per_token = 6·N_matmul_active +
+12·L·H·Dh·T (attention at full, un-halved cost; the same formula the GPU benchmark states), N_matmul_active
+counting the parameters that take part in matrix products for one token (the LM head included, the embedding
+lookup excluded; for MoE only the routed top-k experts).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from train.config import TrainConfig
+
+_SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)$", re.IGNORECASE)
+_REDACTED = "***"
+
+# bf16 dense peak by device name, from the vendor datasheets
+_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+
+
+def redact(obj: Any) -> Any:
+    """A copy of a nested dict/list with every secret-looking key's value replaced."""
+    if isinstance(obj, dict):
+        return {k: (_REDACTED if (_SECRET_KEY.search(str(k)) and v not in (None, "")) else redact(v))
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj
+
+
+def peak_flops(cfg: TrainConfig, device: torch.device) -> Optional[float]:
+    """Peak FLOP/s of one device for MFU, or None where no figure is known (the CPU)."""
+    if cfg.logging.peak_tflops > 0:
+        return cfg.logging.peak_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in _PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+    return None
+
+
+class MetricsLogger:
+    """Writes one JSON line per logged step (rank 0), a console line, and mirrors to wandb."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, rank: int, resolved_config: Dict[str, Any]):
+        self.rank = rank
+        self.console = cfg.logging.console
+        self.path = run_dir / "metrics.jsonl"
+        self._file = open(self.path, "a") if rank == 0 else None
+        self._wandb = None
+        if rank == 0 and cfg.logging.wandb.mode != "disabled":
+            self._wandb = _start_wandb(cfg, run_dir, redact(resolved_config))
+        self._last = time.time()
+
+    def log(self, record: Dict[str, Any]) -> None:
+        """Append a metrics record (rank 0 only writes)."""
+        if self.rank != 0:
+            return
+        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        assert self._file is not None
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self.console and record.get("event") is None:
+            print(_console_line(record), flush=True)
+        elif self.console:
+            print(f"[{record.get('stage')}] {record['event']}: "
+                  + ", ".join(f"{k}={v}" for k, v in record.items() if k not in ("event", "stage", "time")),
+                  flush=True)
+        if self._wandb is not None:
+            flat = {k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None}
+            self._wandb.log(flat, step=record.get("global_step"))
+
+    def close(self) -> None:
+        """Flush and close the outputs."""
+        if self._file is not None:
+            self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _console_line(r: Dict[str, Any]) -> str:
+    parts = [f"[{r['stage']}] step {r['step']}/{r['stage_steps']}",
+             f"loss {r['loss']:.4f}" if r.get("loss") is not None else "loss nan",
+             f"lr {r['lr']:.2e}", f"gnorm {r['grad_norm']:.3f}" if r.get("grad_norm") is not None else "",
+             f"{r['tokens_per_s']:,.0f} tok/s", f"seq {r['seq_len']}", f"theta {r['rope_theta']:.0f}"]
+    if r.get("mfu") is not None:
+        parts.append(f"mfu {100 * r['mfu']:.1f}%")
+    if r.get("balance_loss") is not None:
+        parts.append(f"bal {r['balance_loss']:.4f}")
+    return "  ".join(p for p in parts if p)
+
+
+def _start_wandb(cfg: TrainConfig, run_dir: Path, safe_config: Dict[str, Any]) -> Any:
+    """Start wandb in the configured mode; the API key goes through the environment, never into the config."""
+    try:
+        import wandb
+    except ImportError:
+        print("wandb is not installed; logging.wandb is ignored", file=sys.stderr)
+        return None
+    if cfg.logging.wandb.api_key:
+        os.environ["WANDB_API_KEY"] = cfg.logging.wandb.api_key
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return wandb.init(project=cfg.logging.wandb.project, entity=cfg.logging.wandb.entity, name=cfg.name,
+                      dir=str(run_dir), mode=cfg.logging.wandb.mode, config=safe_config,
+                      id=cfg.name.replace("/", "_"), resume="allow")
