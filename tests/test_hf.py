@@ -1,0 +1,163 @@
+"""HF transformers is the ground truth: weights copied both ways give the same logits, round trips are lossless."""
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from models import Qwen3ForCausalLM, config_from_hf, hf_config_dict, load_hf, load_preset, save_hf
+import models.hf as hf_module
+
+transformers = pytest.importorskip("transformers")
+
+COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-6)
+CASES = {
+    "dense_tied": lambda **kw: transformers.Qwen3Config(**COMMON, tie_word_embeddings=True, **kw),
+    "dense_untied": lambda **kw: transformers.Qwen3Config(**COMMON, tie_word_embeddings=False, **kw),
+    "moe": lambda **kw: transformers.Qwen3MoeConfig(**COMMON, tie_word_embeddings=False, num_experts=8,
+                                                    num_experts_per_tok=2, moe_intermediate_size=32,
+                                                    norm_topk_prob=True, **kw),
+}
+
+
+def random_hf_model(case, seed=0, **kw):
+    """A random transformers model with weights large enough that logits are far from uniform."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(CASES[case](**kw), dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, 0.15)
+    return model.eval()
+
+
+def files_tensors(path):
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            out.update({k: sf.get_tensor(k) for k in sf.keys()})
+    return out
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hf_checkpoint_loads_with_equal_logits_and_loss(case, tmp_path):
+    hf = random_hf_model(case)
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="100KB")  # sharded, with an index
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    model = load_hf(tmp_path / "hf").eval()
+    assert model.config.is_moe == (case == "moe")
+    assert model.config.tie_word_embeddings == (case == "dense_tied")
+    x = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(x, labels=x)  # transformers shifts the labels itself
+        out = model(x)
+        labels = torch.cat([x[:, 1:], torch.full((2, 1), -100)], dim=1)
+        ours = model(x, labels=labels)
+    assert ref.logits.abs().max() > 1.0  # logits that can disagree
+    torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=1e-4)
+    torch.testing.assert_close(ours.lm_loss, ref.loss, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("shard", ["5GB", 60_000])
+def test_saved_model_loads_in_transformers_and_round_trips(case, shard, tmp_path):
+    hf = random_hf_model(case)
+    hf.save_pretrained(tmp_path / "hf")
+    model = load_hf(tmp_path / "hf")
+
+    out = save_hf(model, tmp_path / "ours", max_shard_size=shard)
+    assert (out / "model.safetensors.index.json").exists() == (shard != "5GB")
+    # Same on-disk layout and values as transformers' own writer (per-expert MoE keys, no tied head).
+    ours, theirs = files_tensors(out), files_tensors(tmp_path / "hf")
+    assert set(ours) == set(theirs)
+    for k in ours:
+        assert torch.equal(ours[k], theirs[k]), k
+    if case == "moe":
+        assert "model.layers.1.mlp.experts.7.down_proj.weight" in ours
+    assert ("lm_head.weight" in ours) == (case != "dense_tied")
+
+    reloaded_hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    x = torch.randint(0, 512, (1, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded_hf(x).logits, hf(x).logits, rtol=0, atol=1e-4)
+    back = load_hf(out)
+    for (k, a), b in zip(model.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_our_initialised_moe_exports_to_transformers(tmp_path):
+    model = Qwen3ForCausalLM(load_preset("tiny_moe"))
+    model.init_weights(seed=3)
+    model.set_rope_theta(1_000_000.0)  # the exported config must carry the current base
+    save_hf(model, tmp_path / "m", dtype=torch.bfloat16)
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["model_type"] == "qwen3_moe" and cfg["num_experts"] == 8 and cfg["rope_theta"] == 1e6
+    assert files_tensors(tmp_path / "m")["model.embed_tokens.weight"].dtype == torch.bfloat16
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    assert hf.config.num_experts == 8 and hf.config.rope_parameters["rope_theta"] == 1e6
+    ours = load_hf(tmp_path / "m").eval()
+    x = torch.randint(0, 8192, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).logits, hf(x).logits, rtol=0, atol=1e-4)
+
+
+def test_yarn_matches_transformers_beyond_the_original_length(tmp_path):
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 1e6}
+    hf = random_hf_model("dense_untied", rope_parameters=dict(yarn))
+    hf.save_pretrained(tmp_path / "hf")
+    model = load_hf(tmp_path / "hf").eval()
+    assert model.config.rope_scaling["rope_type"] == "yarn" and model.config.rope_theta == 1e6
+    x = torch.randint(0, 512, (1, 200), generator=torch.Generator().manual_seed(3))  # > 64 positions
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, hf(x).logits, rtol=0, atol=1e-4)
+        model.set_rope_scaling(None)
+        assert not torch.allclose(model(x).logits, hf(x).logits, atol=1e-2)
+
+
+def test_config_from_transformers_4_layout_and_unsupported_options():
+    released = {  # the shape of Qwen/Qwen3-30B-A3B's config.json (transformers 4.51)
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 151936,
+        "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 48, "num_attention_heads": 32,
+        "num_key_value_heads": 4, "head_dim": 128, "rope_theta": 1000000.0, "rope_scaling": None,
+        "max_position_embeddings": 40960, "tie_word_embeddings": False, "num_experts": 128,
+        "num_experts_per_tok": 8, "moe_intermediate_size": 768, "norm_topk_prob": True,
+        "router_aux_loss_coef": 0.001, "decoder_sparse_step": 1, "mlp_only_layers": [], "rms_norm_eps": 1e-06,
+        "use_sliding_window": False, "eos_token_id": 151645, "bos_token_id": 151643,
+    }
+    cfg = config_from_hf(released)
+    preset = load_preset("qwen3_30b_a3b")
+    for f in ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "num_experts", "num_experts_per_tok", "moe_intermediate_size", "tie_word_embeddings"]:
+        assert getattr(cfg, f) == getattr(preset, f), f
+    assert cfg.rope_theta == 1e6 and cfg.rope_scaling is None and cfg.eos_token_id == 151645
+    legacy_yarn = dict(released, rope_scaling={"type": "yarn", "factor": 4.0,
+                                               "original_max_position_embeddings": 32768})
+    assert config_from_hf(legacy_yarn).rope_scaling["rope_type"] == "yarn"
+    assert config_from_hf(hf_config_dict(cfg)) == cfg
+    for bad in [{"mlp_only_layers": [3]}, {"use_sliding_window": True}, {"model_type": "llama"}]:
+        with pytest.raises(ValueError):
+            config_from_hf(dict(released, **bad))
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    model = Qwen3ForCausalLM(load_preset("tiny_dense"))
+    model.init_weights(seed=0)
+    target = save_hf(model, tmp_path / "ckpt")
+    before = files_tensors(target)
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    model.init_weights(seed=1)
+    monkeypatch.setattr(hf_module, "save_file", broken)
+    with pytest.raises(OSError):
+        save_hf(model, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary left behind
+    after = files_tensors(target)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the old checkpoint is intact
+    monkeypatch.undo()
+    save_hf(model, target)  # overwriting an existing checkpoint works
+    assert not torch.equal(files_tensors(target)["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
