@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -150,9 +151,15 @@ def _tokenizer_lines(sources: Dict[str, Any]) -> Dict[str, List[str]]:
 def ensure_tokenizer(cfg: DataConfig, sources: Dict[str, Any], identities: Dict[str, str]) -> Tokenizer:
     """Load, fetch or train the configured tokenizer (cached by its config and the corpora it is trained on)."""
     t = cfg.tokenizer
-    if t.path:
-        return load_tokenizer(t.path)
     out = dataset_dir(cfg)
+    if t.path:  # a copy inside the data set, so the manifest points at nothing outside its root
+        src = load_tokenizer(t.path).path
+        d = out / f"tokenizer-file-{sha256_file(src)[:12]}"
+        if not (d / src.name).exists():
+            with atomic_path(d) as tmp:
+                tmp.mkdir()
+                shutil.copy2(src, tmp / src.name)
+        return load_tokenizer(d / src.name)
     if t.kind == "qwen3":
         d = out / "tokenizer-qwen3"
         if not (d / "tokenizer.json").exists():

@@ -6,6 +6,7 @@ shard manifest and later in checkpoints, so data tokenized with one tokenizer is
 from __future__ import annotations
 
 import abc
+import io
 import os
 import zipfile
 from pathlib import Path
@@ -19,6 +20,7 @@ from data.fetch import PACKAGES, fetch
 from data.io import atomic_path, sha256_file
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+TRAIN_THREADS = 2  # fixed, not the core count: the model records it, and the fingerprint must not vary
 EOS = "<|endoftext|>"  # ends every document; Qwen3 also pads with it
 QWEN3_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -175,22 +177,24 @@ def train_sentencepiece(lines: Mapping[str, Sequence[str]], cfg: TokenizerConfig
     import sentencepiece as spm
 
     sample = language_sample(lines, cfg.sample_chars, cfg.alpha, cfg.seed)
+    model = io.BytesIO()
+    spm.set_random_generator_seed(cfg.seed)  # the trainer shuffles its input: same seed, same model
+    try:
+        # an iterator and a writer instead of files: the model then records no paths, so the same config and
+        # text give the same bytes, hence the same fingerprint, on every machine and in every folder
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sample), model_writer=model, model_type="bpe",
+            vocab_size=cfg.vocab_size, byte_fallback=True, character_coverage=cfg.character_coverage,
+            user_defined_symbols=SPECIAL_TOKENS, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
+            # keep text exactly (code indentation, no NFKC) and split numbers into digits as Qwen3 does
+            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True, split_digits=True, max_sentence_length=1 << 16,
+            input_sentence_size=0, shuffle_input_sentence=True, num_threads=TRAIN_THREADS, minloglevel=2)
+    except RuntimeError as e:
+        raise DataError(f"sentencepiece training for {out_dir} failed: {e}") from e
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        (tmp / "sample.txt").write_text("\n".join(sample) + "\n")
-        try:
-            spm.SentencePieceTrainer.train(
-                input=str(tmp / "sample.txt"), model_prefix=str(tmp / "tokenizer"), model_type="bpe",
-                vocab_size=cfg.vocab_size, byte_fallback=True, character_coverage=cfg.character_coverage,
-                user_defined_symbols=SPECIAL_TOKENS, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
-                # keep text exactly (code indentation, no NFKC) and split numbers into digits as Qwen3 does
-                normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
-                allow_whitespace_only_pieces=True, split_digits=True, max_sentence_length=1 << 16,
-                input_sentence_size=0, shuffle_input_sentence=True, num_threads=os.cpu_count() or 1,
-                minloglevel=2)
-        except RuntimeError as e:
-            raise DataError(f"sentencepiece training in {out_dir} failed: {e}") from e
-        (tmp / "sample.txt").unlink()  # the sample is large and can be redrawn from the seed
+        (tmp / "tokenizer.model").write_bytes(model.getvalue())
     return out_dir / "tokenizer.model"
 
 

@@ -21,11 +21,9 @@ PACKAGE = "reasoning-gym==0.1.25"
 
 @dataclass
 class Options:
-    tasks: Dict[str, Any] = field(default_factory=lambda: {  # task -> {size, seed}
-        "gsm_symbolic": {"size": 2000, "seed": 0},
-        "basic_arithmetic": {"size": 2000, "seed": 0},
-        "chain_sum": {"size": 2000, "seed": 0},
-    })
+    # task -> {size, seed}, e.g. {gsm_symbolic: {size: 2000, seed: 0}}; no default, since config dicts merge
+    # with a default rather than replace it
+    tasks: Dict[str, Any] = field(default_factory=dict)
 
 
 def chat(question: str, thinking: str, answer: str) -> str:
@@ -36,15 +34,33 @@ def chat(question: str, thinking: str, answer: str) -> str:
 
 _OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b,
         ast.Mult: lambda a, b: a * b, ast.Div: lambda a, b: a / b}
+_SYMBOL = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
+_PRECEDENCE = {ast.Add: 1, ast.Sub: 1, ast.Mult: 2, ast.Div: 2}
+
+
+def _show(node: ast.AST) -> str:
+    """An expression as a person writes it (ast.unparse would print -(-1) as "--1")."""
+    if isinstance(node, ast.Constant):
+        return str(node.value)
+    if isinstance(node, ast.UnaryOp):
+        inner = _show(node.operand)
+        return f"-{inner}" if isinstance(node.operand, ast.Constant) else f"-({inner})"
+    p = _PRECEDENCE[type(node.op)]
+    left, right = _show(node.left), _show(node.right)
+    if isinstance(node.left, ast.BinOp) and _PRECEDENCE[type(node.left.op)] < p:
+        left = f"({left})"
+    if isinstance(node.right, ast.BinOp) and _PRECEDENCE[type(node.right.op)] <= p:
+        right = f"({right})"
+    return f"{left} {_SYMBOL[type(node.op)]} {right}"
 
 
 def _value(node: ast.AST) -> Optional[Fraction]:
-    """The number a node stands for if it is a literal (possibly negated), else None."""
-    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+    """The number a literal node stands for (an integer, or a negated one), else None."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, int):
         return Fraction(node.value)
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant):
         v = _value(node.operand)
-        return None if v is None else (-v if isinstance(node.op, ast.USub) else v)
+        return None if v is None else -v
     return None
 
 
@@ -55,27 +71,32 @@ def _literal(v: Fraction) -> ast.AST:
     return ast.UnaryOp(ast.USub(), ast.Constant(-n)) if n < 0 else ast.Constant(n)
 
 
-def _reduce_once(node: ast.AST) -> tuple[ast.AST, Optional[str]]:
-    """Evaluate the leftmost innermost operation; return (new tree, "a op b = c") or (node, None) if none left."""
+def _binop(node: ast.AST) -> Optional[Fraction]:
+    """The result of `a op b` when both operands are literals, else None."""
     if isinstance(node, ast.BinOp):
         a, b = _value(node.left), _value(node.right)
         if a is not None and b is not None:
-            c = _OPS[type(node.op)](a, b)
-            return _literal(c), f"{ast.unparse(node)} = {ast.unparse(_literal(c))}"
-        for side in ("left", "right"):
-            new, step = _reduce_once(getattr(node, side))
+            return _OPS[type(node.op)](a, b)
+    return None
+
+
+def _reduce_once(node: ast.AST) -> tuple[ast.AST, Optional[str]]:
+    """Evaluate the leftmost innermost operation; return (new tree, "expr = result") or (node, None) if none left."""
+    if _value(node) is not None:
+        return node, None
+    c = _binop(node)
+    if c is None and isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        inner = _value(node.operand)
+        inner = inner if inner is not None else _binop(node.operand)
+        c = None if inner is None else -inner  # -(a op b) and -(-n) in one step, so no "--n" is ever shown
+    if c is not None:
+        return _literal(c), f"{_show(node)} = {_show(_literal(c))}"
+    for child in ("left", "right", "operand"):
+        if hasattr(node, child):
+            new, step = _reduce_once(getattr(node, child))
             if step:
-                setattr(node, side, new)
+                setattr(node, child, new)
                 return node, step
-    elif isinstance(node, ast.UnaryOp):
-        v = _value(node.operand)
-        if v is not None and isinstance(node.operand, ast.UnaryOp):  # -(-5) -> 5
-            w = -v if isinstance(node.op, ast.USub) else v
-            return _literal(w), f"{ast.unparse(node)} = {ast.unparse(_literal(w))}"
-        new, step = _reduce_once(node.operand)
-        if step:
-            node.operand = new
-            return node, step
     return node, None
 
 
@@ -87,8 +108,8 @@ def worked_steps(expression: str) -> tuple[List[str], str]:
         tree, step = _reduce_once(tree)
         if step is None:
             raise ValueError(f"cannot reduce {expression}")
-        steps.append(step if _value(tree) is not None else f"{step}, so the expression is now {ast.unparse(tree)}")
-    return steps, ast.unparse(_literal(_value(tree)))
+        steps.append(step if _value(tree) is not None else f"{step}, so the expression is now {_show(tree)}")
+    return steps, _show(tree)
 
 
 def _document(task: str, item: dict) -> Optional[str]:
@@ -117,6 +138,8 @@ def _reasoning_gym():
 def documents(opts: Options, downloads: Path) -> Iterator[dict]:
     """One chat-formatted document per generated problem (language "eng")."""
     rg = _reasoning_gym()
+    if not opts.tasks:
+        raise DataError("reasoning_gym source: options.tasks is empty; e.g. {chain_sum: {size: 1000, seed: 0}}")
     for task, spec in opts.tasks.items():
         size, seed = int(spec["size"]), int(spec["seed"])
         for i, item in enumerate(rg.create_dataset(task, size=size, seed=seed)):

@@ -1,0 +1,158 @@
+"""Damaged data is refused at start: the error names the file (and byte offset), the exit is non-zero and
+nothing is overwritten. One test per case."""
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data.config import compose
+from data.errors import DataError
+from data.prepare import prepare
+from data.shards import HEADER_BYTES, verify
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def E(p) -> str:
+    """A path as a regex."""
+    return re.escape(str(p))
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pristine")
+    prepare(compose("fixture", [f"root={root}"]))
+    return root
+
+
+@pytest.fixture
+def data(pristine, tmp_path):
+    """A fresh copy of the prepared fixture: (config, manifest path, manifest, first shard path)."""
+    root = tmp_path / "root"
+    shutil.copytree(pristine, root)
+    cfg = compose("fixture", [f"root={root}"])
+    mpath = root / "fixture" / "manifest.json"
+    m = json.loads(mpath.read_text())
+    shard = mpath.parent / m["components"]["udhr/fra"]["files"][0]["path"]
+    return cfg, mpath, m, shard
+
+
+def snapshot(folder: Path) -> dict:
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def refused(cfg, mpath, pattern, **verify_kwargs):
+    """verify and prepare both raise a DataError matching `pattern`, and prepare changes no file."""
+    with pytest.raises(DataError, match=pattern):
+        verify(mpath, **verify_kwargs)
+    if verify_kwargs:  # the condition lives in the caller's arguments, not on disk
+        return
+    before = snapshot(mpath.parent)
+    with pytest.raises(DataError, match=pattern):
+        prepare(cfg)
+    assert snapshot(mpath.parent) == before
+
+
+def test_pristine_copy_verifies(data):
+    cfg, mpath, m, _ = data
+    assert verify(mpath)["name"] == "fixture"
+    assert prepare(cfg) == mpath
+
+
+def test_truncated_shard(data):
+    cfg, mpath, _, shard = data
+    size = shard.stat().st_size
+    os.truncate(shard, size - 10)
+    refused(cfg, mpath, rf"{E(shard)}: truncated: the header promises {size} bytes, the file has {size - 10} "
+                        rf"\(data ends at byte offset {size - 10}\)")
+
+
+def test_wrong_magic(data):
+    cfg, mpath, _, shard = data
+    with open(shard, "r+b") as f:
+        f.write(b"NOTASHRD")
+    refused(cfg, mpath, rf"{E(shard)}: wrong magic b'NOTASHRD' at byte offset 0")
+
+
+def test_checksum_mismatch(data):
+    cfg, mpath, _, shard = data
+    tokens = np.memmap(shard, dtype="<u2", mode="r+", offset=HEADER_BYTES, shape=(4,))
+    tokens[2] = 300 if tokens[2] != 300 else 301  # a valid id, so only the checksum can tell
+    tokens.flush()
+    del tokens
+    refused(cfg, mpath, rf"{E(shard)}: checksum mismatch: sha256 [0-9a-f]{{64}} but {E(mpath)} says")
+
+
+def test_token_id_not_below_vocab_size(data):
+    cfg, mpath, _, shard = data
+    tokens = np.memmap(shard, dtype="<u2", mode="r+", offset=HEADER_BYTES, shape=(4,))
+    tokens[3] = 5000  # vocab is 1024
+    tokens.flush()
+    del tokens
+    refused(cfg, mpath, rf"{E(shard)}: token id 5000 >= vocab size 1024 at token 3 \(byte offset {HEADER_BYTES + 6}\)")
+
+
+def test_token_id_not_below_the_models_vocab_size(data):
+    cfg, mpath, _, shard = data
+    # the shards are fine for the tokenizer (1024) but not for a model with a 300-row embedding
+    refused(cfg, mpath, r"token id \d+ >= vocab size 300 at token \d+ \(byte offset \d+\)", vocab_size=300)
+
+
+def test_tokenizer_fingerprint_differs_from_manifest(data):
+    cfg, mpath, m, _ = data
+    refused(cfg, mpath, rf"{E(mpath)}: the shards were tokenized with tokenizer {m['tokenizer']['fingerprint']}, "
+                        r"but this run uses sentencepiece-0123456789abcdef",
+            tokenizer_fingerprint="sentencepiece-0123456789abcdef")
+
+
+def test_tokenizer_file_changed_since_the_shards_were_written(data):
+    cfg, mpath, m, _ = data
+    tok = mpath.parent / m["tokenizer"]["path"]
+    tok.write_bytes(tok.read_bytes() + b"\0")
+    refused(cfg, mpath, rf"{E(tok)}: tokenizer file changed")
+
+
+def test_missing_file(data):
+    cfg, mpath, _, shard = data
+    shard.unlink()
+    refused(cfg, mpath, rf"{E(shard)}: shard file is missing")
+
+
+def test_manifest_path_escaping_the_data_root(data):
+    cfg, mpath, m, _ = data
+    m["components"]["udhr/fra"]["files"][0]["path"] = "../../../etc/passwd"
+    mpath.write_text(json.dumps(m))
+    refused(cfg, mpath, rf"{E(mpath)}: path '../../../etc/passwd' escapes the data root")
+    m["components"]["udhr/fra"]["files"][0]["path"] = "/etc/passwd"
+    mpath.write_text(json.dumps(m))
+    refused(cfg, mpath, rf"{E(mpath)}: path '/etc/passwd' escapes the data root")
+
+
+def test_manifest_that_is_not_json(data):
+    cfg, mpath, _, _ = data
+    mpath.write_text("{ not json")
+    refused(cfg, mpath, rf"{E(mpath)}: cannot read JSON")
+
+
+def test_cli_exits_non_zero_naming_the_file_and_overwrites_nothing(data, tmp_path):
+    _, mpath, _, shard = data
+    os.truncate(shard, shard.stat().st_size - 1)
+    before = snapshot(mpath.parent)
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    # a data-only primary config, so the test does not depend on train's schema
+    (conf / "prep.yaml").write_text("defaults:\n  - data: fixture\n  - _self_\nhydra:\n  output_subdir: null\n"
+                                    f"  run:\n    dir: {tmp_path}/hydra\n")
+    proc = subprocess.run([sys.executable, "-m", "data.prepare", "--config-dir", str(conf), "--config-name", "prep",
+                           f"data.root={mpath.parent.parent}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert f"error: {shard}: truncated" in proc.stderr
+    assert snapshot(mpath.parent) == before

@@ -1,0 +1,207 @@
+"""StageStream on the prepared fixture: packing, mixtures, caps, length buckets, determinism across ranks and resume."""
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from data.config import LengthBucketConfig, MixtureConfig, compose
+from data.errors import DataError
+from data.loader import StageStream, micro_batch_indices, open_components, plan_mixture
+from data.prepare import prepare
+from data.tokenizer import load_tokenizer
+
+WEIGHTS = {"udhr": 0.3, "bible": 0.3, "sotu": 0.15, "code": 0.1, "reasoning": 0.15}
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    return prepare(compose("fixture", [f"root={tmp_path_factory.mktemp('data')}"]))
+
+
+def stream(manifest, n=400, seq_len=64, seed=7, stage="general", **mix):
+    mix = MixtureConfig(**{"weights": WEIGHTS, "language_alpha": 0.3, "max_epochs": 50, **mix})
+    return StageStream(manifest, mix, seq_len=seq_len, seed=seed, stage=stage, num_samples=n)
+
+
+def read_steps(s, steps, world, mb, accum, start_step=0):
+    """What each rank reads, step by step, the way the trainer indexes: {(step, rank): [input_ids...]}."""
+    out = {}
+    for step in range(start_step, start_step + steps):
+        for r in range(world):
+            out[(step, r)] = [s.batch(micro_batch_indices(step * world * mb * accum, m, r, world, mb))["input_ids"]
+                              for m in range(accum)]
+    return out
+
+
+def test_batch_shapes_dtypes_and_labels(manifest):
+    s = stream(manifest)
+    b = s.batch(range(8))
+    assert {k: tuple(v.shape) for k, v in b.items()} == {k: (8, 64) for k in
+                                                         ["input_ids", "labels", "position_ids", "doc_ids",
+                                                          "component_ids"]}
+    assert b["input_ids"].dtype == b["labels"].dtype == torch.int64
+    assert b["doc_ids"].dtype == torch.int32
+    assert torch.equal(b["position_ids"], torch.arange(64).expand(8, 64))
+    # labels are the next token: the next sample's tokens come from the same packed slice
+    assert torch.equal(b["labels"][:, :-1], b["input_ids"][:, 1:])
+    assert (b["component_ids"] == b["component_ids"][:, :1]).all()  # one component per sample
+    assert int(b["component_ids"].max()) < len(s.components)
+
+
+def test_packing_eos_between_documents_and_doc_masking(manifest):
+    eos = load_tokenizer(manifest).eos_id
+    s = StageStream(manifest, MixtureConfig(weights={"reasoning": 1.0}), seq_len=256, seed=0, stage="general",
+                    num_samples=20, doc_masking=True)
+    b = s.batch(range(20))
+    ids, doc, pos = b["input_ids"], b["doc_ids"], b["position_ids"]
+    # reasoning documents are ~200 tokens, so 256-token samples hold several: a new document starts after each EOS
+    after_eos = torch.zeros_like(ids, dtype=torch.bool)
+    after_eos[:, 1:] = ids[:, :-1] == eos
+    starts = torch.zeros_like(ids, dtype=torch.bool)
+    starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
+    assert torch.equal(after_eos, starts) and starts.any()
+    assert (doc[:, 0] == 0).all() and (torch.diff(doc, dim=1) >= 0).all()
+    # positions restart at each document
+    assert (pos[starts] == 0).all() and (pos[:, 0] == 0).all()
+    inside = ~starts
+    inside[:, 0] = False
+    assert (pos[:, 1:][inside[:, 1:]] == (pos[:, :-1] + 1)[inside[:, 1:]]).all()
+
+
+def test_samples_are_contiguous_slices_of_the_shards(manifest):
+    """Each sample, split at its document boundaries, is a run of real document tokens from its component."""
+    comps = open_components(manifest)
+    s = stream(manifest)
+    b = s.batch(range(50))
+    for row in range(50):
+        comp = comps[s.components[int(b["component_ids"][row, 0])]]
+        docs = [np.asarray(sh.tokens[a:z]) for sh in comp.shards for a, z in zip(sh.offsets[:-1], sh.offsets[1:])]
+        ids, doc = b["input_ids"][row].numpy(), b["doc_ids"][row].numpy()
+        for d in np.unique(doc):
+            piece = ids[doc == d]
+            assert any(_contains(x, piece) for x in docs), (row, d)
+
+
+def _contains(hay: np.ndarray, needle: np.ndarray) -> bool:
+    if len(needle) > len(hay):
+        return False
+    w = np.lib.stride_tricks.sliding_window_view(hay, len(needle))
+    return bool((w == needle).all(axis=1).any())
+
+
+def test_two_ranks_together_see_exactly_the_single_rank_stream(manifest):
+    s = stream(manifest)
+    one = read_steps(s, steps=5, world=1, mb=8, accum=1)  # G = 8
+    two = read_steps(s, steps=5, world=2, mb=2, accum=2)  # G = 2 ranks x 2 x 2 micro-steps = 8
+    for step in range(5):
+        single = one[(step, 0)][0]
+        # rank r, micro-step m covers global positions m*4 + r*2 + [0, 2)
+        pieces = {m * 4 + r * 2: two[(step, r)][m] for r in range(2) for m in range(2)}
+        combined = torch.cat([pieces[k] for k in sorted(pieces)])
+        assert torch.equal(combined, single)
+
+
+def test_resume_mid_stage_continues_the_same_stream(manifest):
+    full = read_steps(stream(manifest), steps=10, world=2, mb=4, accum=1)
+    resumed = read_steps(stream(manifest), steps=5, world=2, mb=4, accum=1, start_step=5)  # a new process
+    for key, v in resumed.items():
+        assert torch.equal(v[0], full[key][0])
+
+
+def test_two_to_one_ranks_loses_and_repeats_nothing(manifest):
+    s = stream(manifest, n=96)
+    seen = []
+    # 2 ranks x micro-batch 4 for 6 steps, then the job restarts on 1 rank (micro-batch 4, accumulation 2: same G)
+    consumed = 0
+    for _ in range(6):
+        for r in range(2):
+            seen += list(micro_batch_indices(consumed, 0, r, 2, 4))
+        consumed += 8
+    for _ in range(6):
+        for m in range(2):
+            seen += list(micro_batch_indices(consumed, m, 0, 1, 4))
+        consumed += 8
+    assert sorted(seen) == list(range(96))
+    assert torch.equal(s.batch(seen)["input_ids"], s.batch(range(96))["input_ids"])
+
+
+def test_stream_depends_on_seed_and_stage_only_through_its_arguments(manifest):
+    a = stream(manifest).batch(range(32))["input_ids"]
+    assert torch.equal(a, stream(manifest).batch(range(32))["input_ids"])
+    assert not torch.equal(a, stream(manifest, seed=8).batch(range(32))["input_ids"])
+    assert not torch.equal(a, stream(manifest, stage="reasoning").batch(range(32))["input_ids"])
+
+
+def test_ledger_matches_what_the_batches_held(manifest):
+    s = stream(manifest)
+    counts = torch.zeros(len(s.components), dtype=torch.int64)
+    for i in range(0, 120, 8):
+        counts += torch.bincount(s.batch(range(i, i + 8))["component_ids"].flatten(), minlength=len(s.components))
+    led = s.ledger(120)
+    assert led["tokens"] == 120 * 64 == sum(led["source"].values()) == sum(led["language"].values())
+    assert led["component"] == {c: int(n) for c, n in zip(s.components, counts) if n}
+    assert s.ledger(0)["tokens"] == 0
+
+
+def test_mixture_weights_and_language_temperature(manifest):
+    n = 4000
+    s = stream(manifest, n=n, max_epochs=1000)
+    led = s.ledger(n)
+    for src, w in WEIGHTS.items():
+        assert led["source"][src] / led["tokens"] == pytest.approx(w, abs=1e-3)
+    # within udhr, p(language) ∝ tokens^0.3
+    comps = open_components(manifest)
+    udhr = {c.language: c.tokens for c in comps.values() if c.source == "udhr"}
+    p = {l: t ** 0.3 for l, t in udhr.items()}
+    z = sum(p.values())
+    got = {c.split("/")[1]: t for c, t in led["component"].items() if c.startswith("udhr/")}
+    for lang in udhr:
+        assert got[lang] / led["source"]["udhr"] == pytest.approx(p[lang] / z, abs=2e-3)
+    # every global batch of 40 holds the mixture in proportion (parts are interleaved, not blocked)
+    b = s.batch(range(40))["component_ids"][:, 0]
+    assert len(set(b.tolist())) >= 8
+
+
+def test_epoch_cap_warns_and_moves_samples_elsewhere(manifest, caplog):
+    comps = open_components(manifest)
+    sotu = sum(c.tokens for c in comps.values() if c.source == "sotu")
+    mix = MixtureConfig(weights={"sotu": 0.6, "reasoning": 0.4}, max_epochs=2.0)
+    with caplog.at_level(logging.WARNING, logger="data.loader"):
+        plan = plan_mixture(manifest, mix, 64, 250, "general")
+    src = plan.by_source()
+    # sotu wants 150 samples but 2 epochs of it give (2 * tokens - 1) // 64; reasoning takes the rest
+    assert src["sotu"]["capped"] == 1 and src["sotu"]["samples"] == (2 * sotu - 1) // 64 < 150
+    assert src["sotu"]["epochs"] <= 2.0
+    assert src["reasoning"]["samples"] == 250 - src["sotu"]["samples"] and src["reasoning"]["capped"] == 0
+    assert any("source sotu" in r.message and "max_epochs=2.0" in r.message for r in caplog.records)
+    # a stage that the capped sources cannot fill is refused, with the numbers
+    with pytest.raises(DataError, match="needs 100000 samples"):
+        plan_mixture(manifest, mix, 64, 100_000, "general")
+    with pytest.raises(DataError, match="lacks"):
+        plan_mixture(manifest, MixtureConfig(weights={"wiki": 1.0}), 64, 10, "general")
+
+
+def test_length_buckets(manifest):
+    buckets = [LengthBucketConfig(128, 256, 0.75), LengthBucketConfig(32, 127, 0.25)]
+    mix = MixtureConfig(weights={"bible": 0.4, "sotu": 0.4, "code": 0.2}, language_alpha=0.5, max_epochs=1000,
+                        length_buckets=buckets)
+    s = StageStream(manifest, mix, seq_len=256, seed=0, stage="long_context", num_samples=400)
+    parts = s.plan.parts
+    assert {p.bucket for p in parts} == {0, 1}
+    for p in parts:
+        lo, hi = (128, 256) if p.bucket == 0 else (32, 127)
+        assert ((p.doc_len >= lo) & (p.doc_len <= hi)).all()
+    share = sum(p.samples for p in parts if p.bucket == 0) / 400
+    assert share == pytest.approx(0.75, abs=0.01)
+    # the 3.8K-token address is cut into 256-token pieces that feed the long bucket
+    assert any(p.source == "sotu" and p.bucket == 0 and p.samples > 0 for p in parts)
+    with pytest.raises(DataError, match="length bucket 0"):
+        plan_mixture(manifest, MixtureConfig(weights={"reasoning": 1.0},
+                                             length_buckets=[LengthBucketConfig(100_000, None, 1.0)]), 64, 10)
+
+
+def test_index_out_of_range(manifest):
+    s = stream(manifest, n=10)
+    with pytest.raises(IndexError):
+        s.batch([10])
