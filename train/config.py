@@ -285,6 +285,14 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int) -> List[StagePlan]:
             if src not in cfg.data.sources:
                 _fail(f"{key}.mixture.weights.{src}", stage.mixture.weights[src],
                       f"names no source in data.sources {sorted(cfg.data.sources)}")
+        if stage.seq_len > cfg.model.max_position_embeddings:
+            _fail(f"{key}.seq_len", stage.seq_len,
+                  f"above model.max_position_embeddings={cfg.model.max_position_embeddings}")
+        longest = [b.max_tokens for b in stage.mixture.length_buckets]
+        if longest and None not in longest and stage.seq_len > max(longest):
+            _fail(f"{key}.seq_len", stage.seq_len,
+                  f"above the longest documents the stage's length buckets hold ({max(longest)} tokens, "
+                  f"{key}.mixture.length_buckets): its samples could only be packed from several short documents")
         plans.append(plan_stage(stage, key, dp_world))
     return plans
 

@@ -6,6 +6,7 @@ this file only.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import socket
@@ -73,9 +74,17 @@ def init_distributed(cfg: TrainConfig) -> DistInfo:
         threads = cfg.threads or max(1, (os.cpu_count() or 1) // max(1, local_world))
         torch.set_num_threads(threads)
     if not dist.is_initialized():
+        # one process group per process, kept across the jobs of a --multirun sweep (DeepSpeed caches its
+        # groups), destroyed at exit
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                    timeout=datetime.timedelta(seconds=cfg.dist.timeout_s))
+        atexit.register(_destroy)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, local_world, device)
+
+
+def _destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:

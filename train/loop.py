@@ -387,7 +387,6 @@ def run(cfg: TrainConfig, resolved: Dict[str, Any]) -> int:
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         code = 2
-    barrier() if code == 0 else None
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if code == 0:
+        barrier()
     return code

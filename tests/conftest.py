@@ -1,0 +1,15 @@
+"""Session fixtures shared by the tests."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """One data cache for the whole session; the fixture corpus is prepared once, on first use."""
+    root = tmp_path_factory.mktemp("data")
+    os.environ["TRISTAGE_DATA_ROOT"] = str(root)
+    return root

@@ -1,0 +1,108 @@
+"""Config errors fail at start, before any process group, naming the key; sweeps and overrides work."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from trainutil import ROOT, SMOKE, records, run_train
+from train.config import ConfigError, TrainConfig, register_configs, validate
+
+
+def compose_cfg(overrides):
+    """The config `python -m train <overrides>` would run, as the typed object."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        dcfg = compose(config_name="config", overrides=list(overrides))
+    return OmegaConf.to_object(dcfg)
+
+
+def test_default_config_is_the_cpu_demo():
+    cfg = compose_cfg([])
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.model.name == "tiny_dense" and cfg.data.name == "demo"
+    assert cfg.curriculum.order == ["general", "reasoning", "long_context"]
+    plans = validate(cfg, world_size=1)
+    stages = cfg.curriculum.stages
+    assert [p.seq_len for p in plans] == [256, 256, 1024]
+    assert stages["general"].rope_theta == 10_000 and stages["long_context"].rope_theta == 1_000_000
+    assert stages["reasoning"].lr.decay_frac == 1.0 and stages["general"].lr.decay_frac == 0.0
+
+
+def test_qwen3_recipe_numbers():
+    cfg = compose_cfg(["model=qwen3_0_6b", "curriculum=qwen3", "data=demo"])
+    plans = validate(cfg, world_size=64)
+    assert [p.seq_len for p in plans] == [4096, 4096, 32768]
+    assert plans[0].samples_per_step == 4_194_304 // 4096
+    assert plans[0].grad_accum == 1024 // (4 * 64)
+
+
+def test_any_key_overrides():
+    cfg = compose_cfg(["curriculum.stages.reasoning.lr.peak=1e-3", "deepspeed=zero3", "model.num_hidden_layers=2"])
+    assert cfg.curriculum.stages["reasoning"].lr.peak == 1e-3
+    assert cfg.deepspeed.zero_stage == 3 and cfg.model.num_hidden_layers == 2
+
+
+@pytest.mark.parametrize("overrides, world, key", [
+    (["curriculum.stages.general.global_batch_tokens=16000"], 1, "curriculum.stages.general.global_batch_tokens"),
+    (["curriculum.stages.general.global_batch_tokens=16384"], 3, "curriculum.stages.general.global_batch_tokens"),
+    (["model=tiny_moe", "expert_parallel_size=3"], 3, "expert_parallel_size"),
+    (["model=tiny_moe", "expert_parallel_size=2"], 3, "expert_parallel_size"),
+    (["expert_parallel_size=2"], 2, "expert_parallel_size"),  # the demo model is dense
+    (["curriculum.stages.long_context.seq_len=2048"], 1, "curriculum.stages.long_context.seq_len"),
+    (["curriculum.stages.general.seq_len=16384"], 1, "curriculum.stages.general.seq_len"),
+    (["curriculum.order=[general,foo]"], 1, "curriculum.order"),
+    (["curriculum.start=foo"], 1, "curriculum.start"),
+    (["+curriculum.stages.general.mixture.weights.wiki=0.5"], 1, "curriculum.stages.general.mixture.weights.wiki"),
+    (["curriculum.stages.general.tokens=100"], 1, "curriculum.stages.general.tokens"),
+    (["deepspeed.zero_stage=4"], 1, "deepspeed.zero_stage"),
+    (["deepspeed.offload_param=true"], 1, "deepspeed.offload_param"),
+    (["+deepspeed.extra._target_=os.system"], 1, "deepspeed.extra._target_"),
+    (["model.num_key_value_heads=3"], 1, "num_key_value_heads"),
+])
+def test_inconsistent_values_name_the_key(overrides, world, key):
+    cfg = compose_cfg(overrides)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, world_size=world)
+    assert key in str(err.value)
+
+
+def test_project_targets_are_allowed():
+    cfg = compose_cfg(["+deepspeed.extra._target_=train.engine.Engine"])
+    validate(cfg, world_size=1)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("curriculum.stages.general.seq_lenn=64", "seq_lenn"),  # unknown key
+    ("seed=abc", "seed"),  # wrong type
+    ("deepspeed=zero9", "zero9"),  # unknown group option
+])
+def test_cli_rejects_bad_keys_before_anything_starts(tmp_path, override, needle):
+    run_dir = tmp_path / "run"
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", override], timeout=120)
+    assert proc.returncode != 0
+    assert needle in proc.stdout
+    assert not run_dir.exists()  # nothing was written: it failed before the process group and the data
+
+
+def test_cli_inconsistent_value_exits_2_before_process_group(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", "curriculum.stages.general.global_batch_tokens=1000"],
+                     timeout=120, env={"WORLD_SIZE": "1"})
+    assert proc.returncode == 2, proc.stdout
+    assert "curriculum.stages.general.global_batch_tokens" in proc.stdout
+    assert not run_dir.exists()
+
+
+def test_multirun_sweep_gives_each_job_its_own_run_dir(data_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_train(["--multirun", *SMOKE, "seed=1,2", "max_steps=1", "eval.enabled=false",
+                      "checkpoint.export_hf=false", f"hydra.sweep.dir={sweep}"], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    first = [r for r in records(sweep / "0") if "event" not in r]
+    second = [r for r in records(sweep / "1") if "event" not in r]
+    assert len(first) == 1 and len(second) == 1
+    assert first[0]["loss"] != second[0]["loss"]  # different seeds, different initial weights

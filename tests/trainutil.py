@@ -1,0 +1,85 @@
+"""Helpers for tests that run `python -m train` for real (one process, torchrun or deepspeed) and read its metrics."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ["experiment=smoke"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_cmd(overrides: Sequence[str], nproc: int = 1, launcher: str = "torchrun") -> List[str]:
+    """The command line for a training run (torchrun or deepspeed launcher when nproc > 1)."""
+    if nproc == 1:
+        return [sys.executable, "-m", "train", *overrides]
+    if launcher == "deepspeed":
+        return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port",
+                str(_free_port()), "--module", "train", *overrides]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+            str(_free_port()), "-m", "train", *overrides]
+
+
+def run_train(overrides: Sequence[str], nproc: int = 1, timeout: float = 600, launcher: str = "torchrun",
+              env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    """Run training to completion and return the finished process (stdout+stderr in .stdout)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(train_cmd(overrides, nproc, launcher), cwd=ROOT, env=full_env, timeout=timeout,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def kill_when(overrides: Sequence[str], run_dir: Path, stage: str, step: int, nproc: int = 1,
+              timeout: float = 600) -> int:
+    """Start training, SIGKILL the whole process group once metrics show (stage, step); returns the exit code."""
+    proc = subprocess.Popen(train_cmd(overrides, nproc), cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline:
+            if any(r.get("stage") == stage and r.get("step") == step for r in steps(run_dir)):
+                os.killpg(proc.pid, signal.SIGKILL)
+                return proc.wait()
+            if proc.poll() is not None:
+                raise AssertionError(f"run ended (code {proc.returncode}) before {stage} step {step}")
+            time.sleep(0.05)
+        raise AssertionError("timed out waiting for the step to kill at")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def records(run_dir: Path) -> List[dict]:
+    """Every line of metrics.jsonl."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written while we read
+            pass
+    return out
+
+
+def steps(run_dir: Path) -> List[dict]:
+    """The per-step metrics records (no events)."""
+    return [r for r in records(run_dir) if "event" not in r]
+
+
+def losses(run_dir: Path) -> Dict[Tuple[str, int], Tuple[float, float]]:
+    """(stage, step) -> (loss, grad norm), the last record for each step (a resumed run logs some twice)."""
+    return {(r["stage"], r["step"]): (r["loss"], r["grad_norm"]) for r in steps(run_dir)}
