@@ -6,8 +6,8 @@ Hydra's ConfigStore as the schema of the `model` config group, and the numbers l
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Dict, Optional
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Dict, Mapping, Optional
 
 BALANCE_GRANULARITIES = ("micro", "global")
 MOE_IMPLEMENTATIONS = ("auto", "grouped_mm", "loop")
@@ -69,6 +69,26 @@ class Qwen3Config:
     """Beginning-of-sequence token id, written to the HF config when set."""
     eos_token_id: Optional[int] = None
     """End-of-sequence token id, written to the HF config when set."""
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "model config") -> "Qwen3Config":
+        """Validated config from a mapping (YAML dict, OmegaConf DictConfig, ...); unknown keys are an error."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"{source}: unknown keys {unknown}")
+        plain: Dict[str, Any] = {}
+        for key in values:
+            v = values[key]
+            if known[key].type in ("float", float):
+                # YAML 1.1 reads `1e-6` (no dot) as a string and `10000` as an int: strict on floats.
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise ValueError(f"{source}: {key} must be a number, got {v!r}")
+                v = float(v)
+            elif isinstance(v, Mapping):
+                v = {k: v[k] for k in v}  # a plain dict, also from a DictConfig
+            plain[key] = v
+        return cls(**plain).validate()
 
     @property
     def is_moe(self) -> bool:

@@ -1,7 +1,6 @@
 """Model presets: `conf/model/<name>.yaml` is the single source of truth, read here without Hydra."""
 from __future__ import annotations
 
-from dataclasses import fields
 from pathlib import Path
 from typing import List
 
@@ -22,16 +21,4 @@ def load_preset(name: str) -> Qwen3Config:
     path = PRESET_DIR / f"{name}.yaml"
     if not path.is_file():
         raise ValueError(f"unknown model preset {name!r}; available: {', '.join(preset_names())}")
-    values = yaml.safe_load(path.read_text()) or {}
-    known = {f.name for f in fields(Qwen3Config)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown}")
-    for f in fields(Qwen3Config):
-        # YAML 1.1 reads `1e-6` (no dot) as a string and `10000` as an int: be strict on floats, lenient on ints.
-        if f.type == "float" and f.name in values:
-            v = values[f.name]
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ValueError(f"{path}: {f.name} must be a number, got {v!r}")
-            values[f.name] = float(v)
-    return Qwen3Config(**values).validate()
+    return Qwen3Config.from_dict(yaml.safe_load(path.read_text()) or {}, source=str(path))

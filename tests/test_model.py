@@ -68,6 +68,9 @@ def test_rope_theta_switch_recomputes_tables_and_survives_moves():
         model.set_rope_theta(1_000_000.0)
         after = model(x).logits
     assert model.config.rope_theta == 1e6
+    cfg = load_preset("tiny_dense")
+    Qwen3ForCausalLM(cfg).set_rope_theta(5e5)
+    assert cfg.rope_theta == 1e4  # a model changes its own copy of the config, not the caller's
     assert not torch.allclose(before, after, atol=1e-4)
     inv = 1.0 / 1e6 ** (torch.arange(0, 32, 2).float() / 32)
     torch.testing.assert_close(model.rope_cos[100], torch.cos(100 * inv))

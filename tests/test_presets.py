@@ -113,6 +113,8 @@ def test_schema_is_omegaconf_compatible_and_yaml_is_strict(tmp_path, monkeypatch
     schema = OmegaConf.structured(Qwen3Config)
     merged = OmegaConf.merge(schema, OmegaConf.load(CONF / "qwen3_30b_a3b.yaml"))
     assert OmegaConf.to_object(merged) == load_preset("qwen3_30b_a3b")
+    with torch.device("meta"):
+        assert Qwen3ForCausalLM(merged).config == load_preset("qwen3_30b_a3b")  # a DictConfig is accepted too
     with pytest.raises(Exception):
         OmegaConf.merge(schema, {"hidden_sise": 3})  # a typo fails at composition time
 
