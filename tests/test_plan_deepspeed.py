@@ -1,0 +1,94 @@
+"""The planner's bytes per parameter are what DeepSpeed 0.19.8 really allocates: real ZeRO-0/1/2/3 engines in
+bf16 (the GPU configuration of train/engine.py) on 2 gloo processes, their tensors counted per rank."""
+import json
+import logging
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from launch.plan import ParamSplit, model_states
+
+D_IN, D_HID = 128, 256  # two bias-free linears: P = 2 * 128 * 256, evenly split over 2 ranks
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _rank_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    logging.disable(logging.WARNING)
+    import deepspeed
+
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+    result = {}
+    for stage in (0, 1, 2, 3):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(D_IN, D_HID, bias=False), torch.nn.Linear(D_HID, D_IN, bias=False))
+        config = {"train_batch_size": 2 * 2 * WORLD, "train_micro_batch_size_per_gpu": 2,
+                  "gradient_accumulation_steps": 2, "bf16": {"enabled": True}, "steps_per_print": 2**31 - 1,
+                  "zero_optimization": {"stage": stage, "contiguous_gradients": True, "overlap_comm": False,
+                                        "stage3_param_persistence_threshold": 0},
+                  "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}
+        engine, zopt, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()),
+                                                  config=config)
+        inner = zopt.optimizer  # the torch AdamW that steps the fp32 master partition
+        seen = {}
+        step = inner.step
+
+        def counting_step(*args, _step=step, **kwargs):
+            fp32 = [p for g in inner.param_groups for p in g["params"]]
+            seen["master"] = _nbytes(fp32)
+            seen["step_grads"] = _nbytes(p.grad for p in fp32)  # the fp32 gradient copy made for the step
+            out = _step(*args, **kwargs)
+            seen["moments"] = _nbytes(v for s in inner.state.values() for v in s.values() if v.dim() > 0)
+            return out
+
+        inner.step = counting_step
+        for micro in range(2):
+            loss = engine(torch.randn(2, D_IN, dtype=torch.bfloat16)).float().pow(2).mean()
+            engine.backward(loss)
+            if micro == 0:  # gradients held between micro-batches of one step
+                if stage <= 1:
+                    seen["grads"] = _nbytes(p.grad for p in model.parameters())
+                elif stage == 3:
+                    seen["grads"] = _nbytes([zopt.grad_partitions_flat_buffer])
+            engine.step()
+        params = model.parameters()
+        seen["params"] = _nbytes(p.ds_tensor for p in params) if stage == 3 else _nbytes(params)
+        result[stage] = seen
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ds_bytes")
+    mp.spawn(_rank_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_planner_bytes_are_deepspeeds(measured, stage):
+    P = 2 * D_IN * D_HID
+    split = ParamSplit(total=P, dense=P, expert=0, active=P, largest_module=D_IN * D_HID, largest_module_name="0")
+    plan = model_states(split, stage, WORLD)
+    for rank in measured:
+        got = rank[str(stage)]
+        assert got["params"] == plan.params
+        if "grads" in got:  # ZeRO-2 keeps its partition inside bucket bookkeeping: not counted here
+            assert got["grads"] == plan.grads
+        assert got["master"] + got["moments"] == plan.optimizer
+        assert got["step_grads"] == plan.step_grads
