@@ -132,7 +132,8 @@ class Qwen3Config:
             raise ValueError("router_aux_loss_coef and router_z_loss_coef must be >= 0")
         if self.balance_loss_granularity not in BALANCE_GRANULARITIES:
             raise ValueError(
-                f"balance_loss_granularity must be one of {BALANCE_GRANULARITIES}, got {self.balance_loss_granularity!r}")
+                f"balance_loss_granularity must be one of {BALANCE_GRANULARITIES}, "
+                f"got {self.balance_loss_granularity!r}")
         if self.moe_implementation not in MOE_IMPLEMENTATIONS:
             raise ValueError(
                 f"moe_implementation must be one of {MOE_IMPLEMENTATIONS}, got {self.moe_implementation!r}")

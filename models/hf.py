@@ -31,7 +31,7 @@ _SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20
 # config.json
 
 def config_from_hf(d: Dict[str, Any], name: Optional[str] = None) -> Qwen3Config:
-    """Qwen3Config from an HF config.json dict (transformers 4.x `rope_theta`/`rope_scaling` or 5.x `rope_parameters`)."""
+    """Qwen3Config from an HF config.json dict (4.x `rope_theta` / `rope_scaling` or 5.x `rope_parameters`)."""
     model_type = d.get("model_type")
     if model_type not in ("qwen3", "qwen3_moe"):
         raise ValueError(f"model_type must be qwen3 or qwen3_moe, got {model_type!r}")
@@ -168,7 +168,8 @@ def load_hf(path: PathLike, device: Union[str, torch.device] = "cpu",
                     m = _EXPERT_KEY.match(key)
                     if m:
                         layer, e, kind = int(m[1]), int(m[2]), m[3]
-                        stacked = f"model.layers.{layer}.mlp.experts." + ("down_proj" if kind == "down" else "gate_up_proj")
+                        param = "down_proj" if kind == "down" else "gate_up_proj"
+                        stacked = f"model.layers.{layer}.mlp.experts.{param}"
                         if stacked not in params or e >= cfg.num_experts:
                             raise ValueError(f"{file.name}: unexpected key {key}")
                         target = params[stacked][e]

@@ -179,7 +179,8 @@ class Qwen3ForCausalLM(nn.Module):
 
     def __init__(self, cfg: Union[Qwen3Config, Mapping[str, Any]]) -> None:
         super().__init__()
-        # A private copy (also accepts a plain or OmegaConf mapping): set_rope_theta / set_rope_scaling change it without touching the caller's config.
+        # A private copy (a plain or OmegaConf mapping is accepted too): set_rope_theta / set_rope_scaling
+        # change it without touching the caller's config.
         self.config = cfg = Qwen3Config.from_dict(cfg if isinstance(cfg, Mapping) else cfg.to_dict())
         self.model = Qwen3Model(cfg)
         self.lm_head = Qwen3LMHead(cfg)

@@ -86,7 +86,8 @@ def test_meta_build_is_fast_and_matches_the_analytic_count():
 def test_matmul_params_and_flops():
     cfg = load_preset("tiny_moe")
     c = count_parameters(cfg)
-    d, L, f, k, e = cfg.hidden_size, cfg.num_hidden_layers, cfg.moe_intermediate_size, cfg.num_experts_per_tok, cfg.num_experts
+    d, L, f = cfg.hidden_size, cfg.num_hidden_layers, cfg.moe_intermediate_size
+    k, e = cfg.num_experts_per_tok, cfg.num_experts
     attn = d * cfg.head_dim * 2 * (cfg.num_attention_heads + cfg.num_key_value_heads)
     assert c.matmul_active == L * (attn + k * 3 * d * f + d * e) + cfg.vocab_size * d
     full = flops_per_token(cfg, 1024, causal_halved=False)
