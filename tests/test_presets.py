@@ -74,11 +74,13 @@ def test_meta_build_is_fast_and_matches_the_analytic_count():
         Qwen3ForCausalLM(load_preset("tiny_dense"))  # warm up torch's lazy imports for meta tensors
     for name in EXPECTED:
         cfg = load_preset(name)
-        start = time.perf_counter()
-        with torch.device("meta"):
-            model = Qwen3ForCausalLM(cfg)
-        elapsed = time.perf_counter() - start
-        assert elapsed < 0.5, (name, elapsed)
+        elapsed = []
+        for _ in range(3):  # best of three: other processes may share the CPU
+            start = time.perf_counter()
+            with torch.device("meta"):
+                model = Qwen3ForCausalLM(cfg)
+            elapsed.append(time.perf_counter() - start)
+        assert min(elapsed) < 0.5, (name, elapsed)
         assert sum(p.numel() for p in model.parameters()) == count_parameters(cfg).total, name
         assert all(p.device.type == "meta" for p in model.parameters())
 
