@@ -18,8 +18,9 @@ MIXTURE = {"udhr": 0.25, "bible": 0.45, "code": 0.15, "reasoning": 0.05, "sotu":
 def bench_tokenize(cfg, num_procs=(1, 2)) -> None:
     """Tokenize every source of the data set with datasets.map at each num_proc; print tokens/s."""
     import datasets
+    import pyarrow.compute as pc
 
-    from data.prepare import load_source, manifest_path, tokenize
+    from data.prepare import drop_cache_files, load_source, manifest_path, tokenize
     from data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(manifest_path(cfg))
@@ -32,10 +33,11 @@ def bench_tokenize(cfg, num_procs=(1, 2)) -> None:
         t0 = time.perf_counter()
         out = tokenize(ds, tok, n, desc=f"bench num_proc={n}")
         dt = time.perf_counter() - t0
-        n_tok = sum(len(x) for x in out["input_ids"])
+        n_tok = int(pc.sum(pc.list_value_length(out.data.column("input_ids"))).as_py())
         print(f"  num_proc={n}: {n_tok:,} tokens in {dt:.1f}s = {n_tok / dt / 1e6:.2f}M tokens/s "
               f"({chars / n_tok:.2f} characters/token)")
-        out.cleanup_cache_files()
+        drop_cache_files(out, keep=ds)
+    drop_cache_files(ds)  # the shuffled copy
 
 
 def bench_loader(manifest, seconds: float, world: int = 2) -> None:
@@ -73,7 +75,7 @@ def main() -> None:
     from data.prepare import prepare
 
     cfg = compose(args.config, [f"root={args.root}"] if args.root else [])
-    print(f"machine: {os.cpu_count()} CPUs")
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other work on these cores slows every figure)")
     t0 = time.perf_counter()
     manifest = prepare(cfg)
     print(f"prepare (cached after the first run): {time.perf_counter() - t0:.1f}s -> {manifest}")

@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import logging
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from data.config import MixtureConfig, to_mixture_config
+from data.config import to_mixture_config
 from data.errors import DataError
 from data.shards import Shard, open_shard, read_manifest, resolve_in_root
 
@@ -156,7 +156,7 @@ def _fill(weights: np.ndarray, caps: np.ndarray, total: int) -> tuple[np.ndarray
     if short > 0:  # largest remainders of the uncapped parts first; ceil(share) <= cap, so caps still hold
         free = np.flatnonzero(~fixed)
         n[free[np.argsort(-(share - n)[free], kind="stable")[:short]]] += 1
-    return n, fixed & (caps > 0)
+    return n, fixed  # capped, including parts too small for a single sample
 
 
 def _pieces(c: Component, cut: Optional[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -171,7 +171,7 @@ def _pieces(c: Component, cut: Optional[int]) -> tuple[np.ndarray, np.ndarray, n
 
 
 def plan_mixture(manifest_path: Path, mixture: Any, seq_len: int, num_samples: int, stage: str = "",
-               components: Optional[Dict[str, Component]] = None) -> MixturePlan:
+                 components: Optional[Dict[str, Component]] = None) -> MixturePlan:
     """How many samples each part of a stage gives, with caps applied; DataError if the data cannot fill the stage."""
     mix = to_mixture_config(mixture)
     comps = components if components is not None else open_components(manifest_path)

@@ -97,16 +97,7 @@ def load_source(name: str, src: SourceConfig, cfg: DataConfig):
         fields = ("text", "language", "split", "und")
     elif src.kind in LOADED:
         opts = parse_options(LOADED[src.kind].Options, src.options, name)
-        ds = LOADED[src.kind].load(opts, root / "hf", name)
-        if src.kind == "local":
-            from data.recipes.local import resolve
-
-            files = resolve(opts.paths, name)
-            identity = _key([[str(f), sha256_file(f)] for f in files])
-            prov = {"files": [str(f) for f in files]}
-        else:
-            identity, prov = ds._fingerprint, {"dataset": opts.dataset, "subset": opts.subset, "split": opts.split,
-                                               "revision": opts.revision}
+        ds, identity, prov = LOADED[src.kind].load(opts, root / "hf", name)
         fields = (opts.text_field, opts.language_field, opts.split_field, opts.language)
     else:
         raise DataError(f"source '{name}': unknown kind {src.kind!r}; known: {KINDS}")
@@ -202,6 +193,15 @@ def tokenize(ds, tok: Tokenizer, num_proc: Optional[int], desc: str):
                   remove_columns=["text"], features=features, desc=desc, load_from_cache_file=False)
 
 
+def drop_cache_files(ds, keep=None) -> None:
+    """Delete the arrow files `ds` was written to, except those `keep` reads (not `cleanup_cache_files()`: it
+    deletes every other file in the folder, including ones that another dataset's worker processes reopen)."""
+    used = {f["filename"] for f in keep.cache_files} if keep is not None else set()
+    for f in ds.cache_files:
+        if f["filename"] not in used:
+            Path(f["filename"]).unlink(missing_ok=True)
+
+
 def _flat_ids(ds) -> tuple[np.ndarray, np.ndarray]:
     """(all token ids concatenated, offsets (n_docs + 1,)) from the arrow column, without Python loops."""
     import pyarrow as pa
@@ -261,8 +261,8 @@ def ensure_source_shards(name: str, ds, identity: str, tok: Tokenizer, cfg: Data
     flat, offsets = _flat_ids(tokenized)
     langs = np.asarray(tokenized["language"], dtype=object)
     splits = np.asarray(tokenized["split"], dtype=object)
+    drop_cache_files(tokenized, keep=ds)  # the shards hold the result now
     del tokenized
-    ds.cleanup_cache_files()  # the tokenized copy in datasets' cache; the shards hold the result now
     rec: Dict[str, Any] = {"source": name, "dtype": token_dtype(tok.vocab_size).name,
                            "tokenizer": tok.fingerprint, "train": {}, "heldout": {}}
     for section in SPLITS:
@@ -284,7 +284,7 @@ def ensure_source_shards(name: str, ds, identity: str, tok: Tokenizer, cfg: Data
 
 
 def config_key(cfg: DataConfig) -> str:
-    """Hash of everything that decides the shards' content (not num_proc, mixtures or doc_masking)."""
+    """Hash of everything that decides the shards' content (not num_proc or doc_masking)."""
     versions = {k: m.VERSION for k, m in BUILTIN.items()}
     return _key([{k: dataclasses.asdict(v) for k, v in cfg.sources.items()}, dataclasses.asdict(cfg.tokenizer),
                  cfg.shard_tokens, versions, MANIFEST_VERSION])

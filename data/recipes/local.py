@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import glob
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List
 
 from data.errors import DataError
+from data.io import sha256_file, sha256_text
 
 REPO = Path(__file__).resolve().parents[2]
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
@@ -37,7 +39,7 @@ def resolve(paths: List[str], source: str) -> List[Path]:
 
 
 def load(opts: Options, cache_dir: Path, source: str):
-    """A `datasets.Dataset` of the files, in the order given."""
+    """(`datasets.Dataset` of the files in the order given, identity (their checksums), provenance)."""
     import datasets
 
     files = resolve(opts.paths, source)
@@ -49,8 +51,10 @@ def load(opts: Options, cache_dir: Path, source: str):
     builder = kinds.pop()
     kwargs = {"sample_by": "document"} if builder == "text" else {}
     try:
-        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
-                                     cache_dir=str(cache_dir), **kwargs)
+        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
+                                   cache_dir=str(cache_dir), **kwargs)
     except Exception as e:  # a malformed file: name it
         raise DataError(f"source '{source}': could not read {[str(f) for f in files]}: {e}") from e
+    identity = sha256_text(json.dumps([[str(f), sha256_file(f)] for f in files]))
+    return ds, identity, {"files": [str(f) for f in files]}
 
