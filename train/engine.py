@@ -240,10 +240,14 @@ class Engine:
         module = self.ds.module
         if self.cfg.deepspeed.zero_stage == 3:
             state: Dict[str, torch.Tensor] = {}
-            for name, param in module.named_parameters():
-                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                    if self.info.rank == 0:
-                        state[name] = param.detach().to("cpu", torch.float32).clone()
+            gathered: Dict[int, torch.Tensor] = {}
+            # remove_duplicate=False: a tied LM head is the embedding under a second name, and both names
+            # belong in the state dict
+            for name, param in module.named_parameters(remove_duplicate=False):
+                if id(param) not in gathered:
+                    with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                        gathered[id(param)] = param.detach().to("cpu", torch.float32).clone()
+                state[name] = gathered[id(param)]
             return state if self.info.rank == 0 else None
         if self.info.rank != 0:
             return None

@@ -1,0 +1,162 @@
+"""The main job for real: `python -m train` through all three stages, on 1 process and on 2 gloo ranks
+under ZeRO-2 and ZeRO-3, dense and MoE; exact resume after SIGKILL and SIGTERM; refused resumes."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainutil import ROOT, SMOKE, kill_when, losses, records, run_train, steps, train_cmd
+
+STAGES = ["general", "reasoning", "long_context"]
+# the smoke curriculum: 4 + 2 + 2 steps of 1,024 tokens
+SMOKE_STEPS = {"general": 4, "reasoning": 2, "long_context": 2}
+EVERY_STEP = [f"curriculum.stages.{s}.checkpoint_every=1" for s in STAGES]
+_runs: dict = {}
+
+
+def smoke_run(tmp_path_factory, key: str, overrides: list, nproc: int = 1) -> Path:
+    """Run the smoke curriculum once per session for each (key) and return its run directory."""
+    if key not in _runs:
+        run_dir = tmp_path_factory.mktemp(key)
+        proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides], nproc=nproc)
+        assert proc.returncode == 0, proc.stdout[-4000:]
+        _runs[key] = run_dir
+    return _runs[key]
+
+
+def test_one_process_runs_all_three_stages(data_root, tmp_path_factory):
+    run_dir = smoke_run(tmp_path_factory, "dense1", ["model=tiny_dense"])
+    recs = records(run_dir)
+    starts = [r for r in recs if r.get("event") == "stage_start"]
+    assert [r["stage"] for r in starts] == STAGES
+    assert [r["seq_len"] for r in starts] == [64, 64, 256]
+    assert [r["rope_theta"] for r in starts] == [10_000.0, 10_000.0, 1_000_000.0]
+    assert starts[0]["mixture"]["bible"] == 0.45 and starts[2]["mixture"] == {"sotu": 0.5, "bible": 0.3, "code": 0.2}
+    per_step = steps(run_dir)
+    assert [(r["stage"], r["step"]) for r in per_step] == [(s, i) for s in STAGES for i in range(1, SMOKE_STEPS[s] + 1)]
+    assert per_step[-1]["tokens"] == 8 * 1024 and per_step[-1]["global_step"] == 8
+    assert per_step[0]["loss"] > per_step[3]["loss"]  # it learns
+    assert math.log(8192) - 0.5 < per_step[0]["loss"] < math.log(8192) + 0.5  # starts near uniform
+    # WSD: General holds its peak after a 1-step warmup; Reasoning decays to its final LR on its last step
+    assert [r["lr"] for r in per_step[:4]] == [3e-3] * 4
+    assert per_step[5]["lr"] == pytest.approx(3e-4)
+    first = per_step[0]
+    assert set(first["loss_by_source"]) <= {"udhr", "bible", "code", "reasoning", "sotu"}
+    assert "python" in first["loss_by_language"] or "eng" in first["loss_by_language"]
+    assert first["ledger"]["tokens"] == 1024 and sum(first["ledger"]["source"].values()) == 1024
+    evals = [r for r in recs if r.get("event") == "eval"]
+    assert [e["stage"] for e in evals] == STAGES and all(e["heldout_ppl"] for e in evals)
+    assert evals[-1]["heldout_ppl_geomean"] < evals[0]["heldout_ppl_geomean"]
+    # run directory as in architecture.md
+    assert (run_dir / "config.yaml").exists() and (run_dir / "checkpoints" / "latest").exists()
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert latest == "2-long_context-step0000002"
+    meta = json.loads((run_dir / "checkpoints" / latest / "meta.json").read_text())
+    assert meta["state"]["stage_complete"] and meta["tokenizer_fingerprint"]
+    for stage, theta in zip(STAGES, [1e4, 1e4, 1e6]):
+        hf_cfg = json.loads((run_dir / "hf" / stage / "config.json").read_text())
+        assert hf_cfg["rope_theta"] == theta
+
+
+def test_hf_export_matches_transformers(data_root, tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    from models.hf import load_hf
+
+    run_dir = smoke_run(tmp_path_factory, "dense1", ["model=tiny_dense"])
+    export = run_dir / "hf" / "long_context"
+    ours = load_hf(export).eval()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
+    ids = torch.randint(0, 1024, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model, zero", [("tiny_dense", "zero2"), ("tiny_dense", "zero3"),
+                                         ("tiny_moe", "zero2"), ("tiny_moe", "zero3")])
+def test_two_gloo_ranks(data_root, tmp_path_factory, model, zero):
+    run_dir = smoke_run(tmp_path_factory, f"{model}-{zero}", [f"model={model}", f"deepspeed={zero}"], nproc=2)
+    per_step = steps(run_dir)
+    assert len(per_step) == 8 and all(math.isfinite(r["loss"]) for r in per_step)
+    assert [(r["stage"], r["seq_len"], r["rope_theta"]) for r in per_step][3:7:3] == [
+        ("general", 64, 1e4), ("long_context", 256, 1e6)]
+    ckpt = run_dir / "checkpoints" / "2-long_context-step0000002"
+    assert (ckpt / "rng_rank1.pt").exists()
+    assert len(list(ckpt.glob("*optim_states.pt"))) == 2  # ZeRO shards the optimizer over both ranks
+    if model == "tiny_moe":
+        assert all(r["balance_loss"] > 0 for r in per_step)
+        assert len(per_step[-1]["expert_load"]) == 4 and len(per_step[-1]["expert_load"][0]) == 8
+        assert sum(per_step[-1]["expert_load"][0]) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_ranks_and_zero_stages_agree(data_root, tmp_path_factory):
+    """The same global batch gives the same losses on 1 rank, 2 ranks ZeRO-2 and 2 ranks ZeRO-3."""
+    one = losses(smoke_run(tmp_path_factory, "dense1", ["model=tiny_dense"]))
+    z2 = losses(smoke_run(tmp_path_factory, "tiny_dense-zero2", ["model=tiny_dense", "deepspeed=zero2"], nproc=2))
+    z3 = losses(smoke_run(tmp_path_factory, "tiny_dense-zero3", ["model=tiny_dense", "deepspeed=zero3"], nproc=2))
+    for key in one:
+        assert z2[key][0] == pytest.approx(one[key][0], rel=1e-4), key
+        assert z3[key][0] == pytest.approx(z2[key][0], rel=1e-4), key
+
+
+@pytest.mark.parametrize("nproc, zero, stage, step", [
+    (1, "zero1", "general", None),  # a random step
+    (2, "zero2", "reasoning", 1),  # right after a stage switch
+])
+def test_resume_after_sigkill_is_exact(data_root, tmp_path_factory, tmp_path, nproc, zero, stage, step):
+    overrides = ["model=tiny_dense", f"deepspeed={zero}", "eval.enabled=false", *EVERY_STEP]
+    reference = losses(smoke_run(tmp_path_factory, f"ref-{nproc}-{zero}", overrides, nproc=nproc))
+    if step is None:
+        step = random.Random(os.getpid()).randint(1, SMOKE_STEPS[stage] - 1)
+    run_dir = tmp_path / "killed"
+    kill_when([*SMOKE, f"run_dir={run_dir}", *overrides], run_dir, stage, step, nproc=nproc)
+    before = steps(run_dir)
+    assert before and len(before) < 8  # it really died mid-run
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides], nproc=nproc)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    resumed = [r for r in records(run_dir) if r.get("event") == "stage_start" and r["resumed_at_step"] is not None]
+    assert resumed or any(r.get("event") == "stage_start" and r["stage"] == stage for r in records(run_dir))
+    assert losses(run_dir) == reference  # bit for bit, loss and gradient norm at every step
+
+
+def test_sigterm_saves_exits_75_and_resumes_exactly(data_root, tmp_path_factory, tmp_path):
+    overrides = ["model=tiny_dense", "deepspeed=zero1", "eval.enabled=false", *EVERY_STEP]
+    reference = losses(smoke_run(tmp_path_factory, "ref-1-zero1", overrides))
+    run_dir = tmp_path / "preempted"
+    proc = subprocess.Popen(train_cmd([*SMOKE, f"run_dir={run_dir}", *overrides]), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not any(r["step"] == 2 for r in steps(run_dir)):
+        assert proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 75
+    events = [r for r in records(run_dir) if r.get("event") == "preempted"]
+    assert len(events) == 1
+    last = steps(run_dir)[-1]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"0-general-step{last['step']:07d}"
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides])
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert losses(run_dir) == reference
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("model.hidden_size=64", "different model shape"),
+    ("data.tokenizer.vocab_size=768", "tokenizer"),
+])
+def test_resume_refuses_a_changed_model_or_tokenizer(data_root, tmp_path, override, needle):
+    run_dir = tmp_path / "run"
+    base = [*SMOKE, f"run_dir={run_dir}", "model=tiny_dense", "max_steps=1", "eval.enabled=false"]
+    assert run_train(base).returncode == 0
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    proc = run_train([*base, override])
+    assert proc.returncode == 2
+    assert needle in proc.stdout
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before  # nothing overwritten
