@@ -13,8 +13,8 @@
 # --no_local_rank: ranks read LOCAL_RANK from the environment rather than a `--local_rank=N` argument,
 # which Hydra would take for an override. Environment variables the remote ranks need (NCCL_*, PATH of
 # the virtual environment) go into a `.deepspeed_env` file (KEY=VALUE lines) in this directory or $HOME.
-# run_dir must be on a file system all hosts share. On one host the launcher passes the ranks' exit code
-# through (75 after a SIGTERM checkpoint: relaunch to resume).
+# run_dir must be on a file system all hosts share. The launcher exits with the largest exit code of the
+# hosts (pdsh -S), so 75 after a SIGTERM checkpoint comes through: relaunch the same command to resume.
 set -euo pipefail
 
 HOSTFILE=${HOSTFILE:-launch/hostfile}

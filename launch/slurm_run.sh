@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The body both SLURM batch scripts share (launch/slurm_*.sbatch exec it; not submitted on its own):
-#   1. check with `python -m launch.plan` that the job fits this allocation, before 256 GPUs sit idle on an OOM;
-#   2. start one rank per GPU with srun, every rank with the same Hydra overrides (so the same run_dir);
-#   3. requeue the job when the ranks exit 75, the code `python -m train` returns after it saved a checkpoint
+# The body both SLURM batch scripts share.
+# Use when: not directly; launch/slurm_*.sbatch exec it inside the allocation. It
+#   1. checks with `python -m launch.plan` that the job fits this allocation, before 256 GPUs sit idle on an OOM;
+#   2. starts one rank per GPU with srun, every rank with the same Hydra overrides (so the same run_dir);
+#   3. requeues the job when the ranks exit 75, the code `python -m train` returns after it saved a checkpoint
 #      on SIGTERM (sent ahead of the time limit by `#SBATCH --signal=TERM@...`, or by preemption).
 #
 # Arguments: Hydra overrides, the batch script's first and the user's after them (later ones win).
@@ -18,7 +19,8 @@ set -euo pipefail
 PYTHON=${PYTHON:-python}
 NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
 
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# awk, not head: head exits after one line and pipefail would fail the job on scontrol's SIGPIPE
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk 'NR == 1')
 MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 export MASTER_ADDR MASTER_PORT
 

@@ -1,0 +1,224 @@
+"""launch/ scripts: they parse, pass shellcheck, say when to use them, and do what their headers say: SLURM
+(with stub srun / scontrol) maps tasks to ranks, fixes run_dir, forwards overrides and requeues on exit 75;
+torchrun and the deepspeed launcher start a stand-in `train` module with the right environment."""
+import json
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "launch"
+SCRIPTS = sorted([*LAUNCH.glob("*.sh"), *LAUNCH.glob("*.sbatch")])
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+def test_the_expected_scripts_exist():
+    names = {p.name for p in SCRIPTS}
+    assert {"torchrun_single_node.sh", "torchrun_multi_node.sh", "deepspeed_hostfile.sh", "slurm_run.sh",
+            "slurm_qwen3_8b.sbatch", "slurm_qwen3_235b_a22b.sbatch"} <= names
+    assert (LAUNCH / "hostfile.example").read_text().count("slots=") >= 2
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_parses_and_says_when_to_use_it(script):
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    head = script.read_text().splitlines()[:12]
+    assert head[0] == "#!/usr/bin/env bash"
+    assert any(line.startswith("# Use when") for line in head), script.name
+    assert os.access(script, os.X_OK)
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+def test_shellcheck_clean():
+    r = subprocess.run(["shellcheck", "-x", *map(str, SCRIPTS)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
+
+
+@pytest.mark.parametrize("script,nodes,overrides", [
+    ("slurm_qwen3_8b.sbatch", 4, ["model=qwen3_8b", "deepspeed=zero2"]),
+    ("slurm_qwen3_235b_a22b.sbatch", 32, ["model=qwen3_235b_a22b", "deepspeed=zero3", "expert_parallel_size=8"]),
+])
+def test_sbatch_headers(script, nodes, overrides):
+    text = (LAUNCH / script).read_text()
+    for line in [f"#SBATCH --nodes={nodes}", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --requeue", "#SBATCH --signal=TERM@", "#SBATCH --open-mode=append"]:
+        assert line in text, line
+    assert '"run_dir=$RUN_DIR" "$@"' in text  # fixed run directory, then the user's overrides
+    for o in overrides:
+        assert o in text
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SLURM, with stand-ins for srun, scontrol and python
+
+
+def _executable(path: Path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+
+
+@pytest.fixture
+def slurm(tmp_path):
+    """A fake SLURM allocation of 2 nodes x 2 tasks; returns a function that runs an sbatch script in it."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    log = tmp_path / "log"
+    log.mkdir()
+    # srun: run the command once per task, with the variables slurmstepd sets; return the highest exit code.
+    _executable(stubs / "srun", """#!/usr/bin/env bash
+while [[ $1 == --* ]]; do shift; done
+rc=0
+for ((i = 0; i < SLURM_NTASKS; i++)); do
+  SLURM_PROCID=$i SLURM_LOCALID=$((i % SLURM_NTASKS_PER_NODE)) "$@" || { c=$?; ((c > rc)) && rc=$c; }
+done
+exit $rc
+""")
+    _executable(stubs / "scontrol", f"""#!/usr/bin/env bash
+case $1 in
+  show) printf 'node-a\\nnode-b\\n' ;;
+  requeue) echo "$2" >> {log}/requeue ;;
+esac
+""")
+    # python: record argv and the rank variables; exit with PLAN_RC for the planner, TRAIN_RC for train.
+    _executable(stubs / "python", f"""#!/usr/bin/env bash
+printf '{{"argv": "%s", "rank": "%s", "world": "%s", "local_rank": "%s", "local_world": "%s", "master": "%s:%s"}}\\n' \\
+  "$*" "${{RANK:-}}" "${{WORLD_SIZE:-}}" "${{LOCAL_RANK:-}}" "${{LOCAL_WORLD_SIZE:-}}" "${{MASTER_ADDR:-}}" \\
+  "${{MASTER_PORT:-}}" >> {log}/calls
+if [[ $2 == launch.plan ]]; then exit "${{PLAN_RC:-0}}"; fi
+exit "${{TRAIN_RC:-0}}"
+""")
+
+    def run(script: str, *args: str, **env: str):
+        full = {"PATH": f"{stubs}:{os.environ['PATH']}", "HOME": str(tmp_path), "PYTHON": str(stubs / "python"),
+                "SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS_PER_NODE": "2",
+                "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_SUBMIT_DIR": str(ROOT), **env}
+        r = subprocess.run(["bash", str(LAUNCH / script), *args], env=full, cwd=tmp_path, capture_output=True,
+                           text=True, timeout=60)
+        calls = [json.loads(line) for line in (log / "calls").read_text().splitlines()] \
+            if (log / "calls").exists() else []
+        requeued = (log / "requeue").read_text().split() if (log / "requeue").exists() else []
+        for f in log.iterdir():
+            f.unlink()
+        return r, calls, requeued
+
+    return run
+
+
+def test_slurm_exit_75_requeues_with_every_rank_in_one_run_dir(slurm):
+    r, calls, requeued = slurm("slurm_qwen3_8b.sbatch", "curriculum.stages.general.tokens=1000", TRAIN_RC="75")
+    assert r.returncode == 75 and requeued == ["4242"], r.stderr
+    plan, *ranks = calls
+    assert plan["argv"].startswith("-m launch.plan model=qwen3_8b")
+    assert plan["argv"].endswith("curriculum.stages.general.tokens=1000 launch.nodes=2 launch.gpus_per_node=2")
+    assert [(c["rank"], c["local_rank"]) for c in ranks] == [("0", "0"), ("1", "1"), ("2", "0"), ("3", "1")]
+    assert {c["world"] for c in ranks} == {"4"} and {c["local_world"] for c in ranks} == {"2"}
+    assert len({c["master"] for c in ranks}) == 1 and ranks[0]["master"].startswith("node-a:")
+    argv = {c["argv"] for c in ranks}
+    assert len(argv) == 1  # every rank: the same overrides, so the same run_dir
+    (train_argv,) = argv
+    assert train_argv.startswith("-m train model=qwen3_8b curriculum=qwen3 deepspeed=zero2")
+    assert " run_dir=runs/qwen3_8b " in train_argv and train_argv.endswith("curriculum.stages.general.tokens=1000")
+
+
+@pytest.mark.parametrize("train_rc", ["0", "1"])
+def test_slurm_other_exit_codes_do_not_requeue(slurm, train_rc):
+    r, calls, requeued = slurm("slurm_qwen3_235b_a22b.sbatch", TRAIN_RC=train_rc, RUN_DIR="/shared/q235")
+    assert r.returncode == int(train_rc) and requeued == []
+    assert "expert_parallel_size=8" in calls[1]["argv"] and "run_dir=/shared/q235" in calls[1]["argv"]
+
+
+def test_slurm_does_not_start_when_the_plan_does_not_fit(slurm):
+    r, calls, requeued = slurm("slurm_qwen3_8b.sbatch", PLAN_RC="1", TRAIN_RC="75")
+    assert r.returncode == 1 and requeued == []
+    assert len(calls) == 1 and "launch.plan says this job does not run" in r.stderr
+    r, calls, _ = slurm("slurm_qwen3_8b.sbatch", PLAN_RC="1", PLAN_CHECK="0")
+    assert r.returncode == 0 and len(calls) == 4 and all("-m train" in c["argv"] for c in calls)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torchrun and the deepspeed launcher, starting a stand-in `train` package (it shadows the real one from cwd)
+
+FAKE_TRAIN = """import json, os, sys
+keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")
+with open(f"rank{os.environ['RANK']}.json", "w") as f:
+    json.dump({"argv": sys.argv[1:], **{k: os.environ.get(k) for k in keys}}, f)
+sys.exit(75)
+"""
+
+
+@pytest.fixture
+def fake_train(tmp_path):
+    pkg = tmp_path / "train"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "__main__.py").write_text(FAKE_TRAIN)
+
+    def run(script: str, *args: str, **env: str):
+        full = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", **env}
+        r = subprocess.run(["bash", str(LAUNCH / script), *args], env=full, cwd=tmp_path, capture_output=True,
+                           text=True, timeout=240)
+        ranks = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
+        return r, ranks
+
+    return run
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_single_node(fake_train):
+    r, ranks = fake_train("torchrun_single_node.sh", "model=tiny_dense", "run_dir=runs/x", NPROC="2")
+    assert r.returncode == 1  # torchrun reports a failed worker as 1, whatever its code (see the header)
+    assert [(x["RANK"], x["LOCAL_RANK"], x["WORLD_SIZE"]) for x in ranks] == [("0", "0", "2"), ("1", "1", "2")]
+    assert all(x["argv"] == ["model=tiny_dense", "run_dir=runs/x"] for x in ranks)
+
+
+def test_torchrun_multi_node_c10d(fake_train):
+    r, ranks = fake_train("torchrun_multi_node.sh", "run_dir=runs/y", NNODES="1", NPROC="2",
+                          HEAD_ADDR="127.0.0.1", HEAD_PORT=str(_free_port()), RDZV_ID="t1")
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert sorted(x["RANK"] for x in ranks) == ["0", "1"] and all(x["argv"] == ["run_dir=runs/y"] for x in ranks)
+
+
+def test_torchrun_multi_node_needs_the_head_address(fake_train):
+    r, _ = fake_train("torchrun_multi_node.sh", NNODES="2")
+    assert r.returncode != 0 and "HEAD_ADDR" in r.stderr
+
+
+def test_deepspeed_hostfile(fake_train, tmp_path):
+    """The real deepspeed runner on a hostfile, with ssh and pdsh stand-ins that run the per-host command here."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    _executable(stubs / "ssh", "#!/usr/bin/env bash\necho 127.0.0.1\n")  # reachability check, `hostname -I`
+    # pdsh -S -f N -w HOSTS CMD...: run CMD for each host with %n = node index, return the largest exit code
+    _executable(stubs / "pdsh", """#!/usr/bin/env bash
+while [[ $1 == -* ]]; do [[ $1 == -w ]] && hosts=$2; [[ $1 == -S ]] && shift || shift 2; done
+[[ "$*" == *pkill* ]] && exit 0  # never run the runner's cleanup command here
+touch pdsh_ran
+IFS=, read -ra list <<< "$hosts"; rc=0
+for i in "${!list[@]}"; do bash -c "${*//%n/$i}" || { c=$?; ((c > rc)) && rc=$c; }; done
+exit $rc
+""")
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")  # two "hosts": the pdsh path, not the local one
+    r, ranks = fake_train("deepspeed_hostfile.sh", "model=tiny_dense", "run_dir=runs/z", "name=with space",
+                          HOSTFILE=str(hostfile), MASTER_PORT=str(_free_port()),
+                          PATH=f"{stubs}:{VENV_BIN}:{os.environ['PATH']}")
+    assert r.returncode == 75, r.stderr[-2000:]  # the ranks' code comes through runner and pdsh -S
+    assert (tmp_path / "pdsh_ran").exists()
+    assert [(x["RANK"], x["LOCAL_RANK"], x["WORLD_SIZE"]) for x in ranks] == [("0", "0", "2"), ("1", "0", "2")]
+    assert all(x["argv"] == ["model=tiny_dense", "run_dir=runs/z", "name=with space"] for x in ranks)  # no --local_rank
+
+
+def test_deepspeed_hostfile_missing(fake_train, tmp_path):
+    r, _ = fake_train("deepspeed_hostfile.sh", HOSTFILE=str(tmp_path / "nope"))
+    assert r.returncode == 2 and "hostfile.example" in r.stderr
