@@ -217,15 +217,15 @@ def model_states(p: ParamSplit, zero_stage: int, world: int, expert_parallel_siz
     step_parts: List[float] = []
     for count, ranks in groups:
         shard = count / ranks
-        params += 0 if offload_param else 2 * (shard if zero_stage == 3 else count)
-        if offload_optimizer and zero_stage >= 2:
-            pass  # gradients are reduced straight into CPU buffers
+        if offload_param:  # ZeRO-3 only: the bf16 partition waits in CPU memory between uses
+            cpu += 2 * shard
         else:
+            params += 2 * (shard if zero_stage == 3 else count)
+        if not (offload_optimizer and zero_stage >= 2):  # ZeRO-2/3 offload reduces gradients into CPU buffers
             grads += 2 * (shard if zero_stage >= 2 else count)
         opt_elems = shard if zero_stage >= 1 else count
         if offload_optimizer:
-            # master, moments and the fp32 gradient partition live in (pinned) CPU memory
-            cpu += 16 * opt_elems + (2 * shard if offload_param else 0)
+            cpu += 16 * opt_elems  # master, moments and the fp32 gradient partition, in pinned CPU memory
         else:
             optimizer += 12 * opt_elems
             # ZeRO-3 upcasts one sub-group at a time; ZeRO-0/1/2 upcast every group before the step

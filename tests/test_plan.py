@@ -305,3 +305,31 @@ def test_cli_bad_input_exit_2(tmp_path):
     r = _cli(tmp_path, "model=qwen3_235b_a22b", "expert_parallel_size=3", "launch.gpus_per_node=8")
     assert r.returncode == 2
     assert "config key 'expert_parallel_size' = 3: must divide the world size 8" in r.stderr
+
+
+def _scaling_section() -> str:
+    """The 'Scaling out' text: in README.md once integrated there, else launch/README_SCALING.md."""
+    readme = (ROOT / "README.md").read_text()
+    return readme if "## Scaling out" in readme else (ROOT / "launch" / "README_SCALING.md").read_text()
+
+
+def test_scaling_table_is_the_planners_output():
+    """The documented table is regenerated here, so a change to the model, the recipe or the planner shows up."""
+    rows = re.findall(r"^\| (qwen3_\w+) \| (\d+) x 8 \| ZeRO-(\d)(?:, EP (\d+))? \|(.*)\|$", _scaling_section(), re.M)
+    assert [r[0] for r in rows] == ["qwen3_0_6b", "qwen3_1_7b", "qwen3_4b", "qwen3_8b", "qwen3_14b", "qwen3_32b",
+                                    "qwen3_30b_a3b", "qwen3_235b_a22b"]
+    for name, nodes, zero, ep, rest in rows:
+        overrides = [f"model={name}", "curriculum=qwen3", f"deepspeed=zero{zero}", "model.activation_checkpointing=true",
+                     f"launch.nodes={nodes}", "launch.gpus_per_node=8", "launch.gpu_memory_gb=80"]
+        if ep:
+            overrides.append(f"expert_parallel_size={ep}")
+        if int(nodes) * 8 > 128:  # 32K x 1 x GPUs exceeds the recipe's 4M-token batch
+            overrides.append("curriculum.stages.long_context.global_batch_tokens=8388608")
+        p = plan(_cfg(*overrides))
+        assert p.fits, name
+        g, r, lc = p.stages
+        ds = f"{p.deepspeed_estimate / GIB:.1f}" if p.deepspeed_estimate is not None else "–"
+        expected = [f"{p.params.total / 1e9:.2f} / {p.params.active / 1e9:.2f}", f"{p.states.total / GIB:.1f} ({ds})",
+                    f"{g.peak / GIB:.1f}", f"{lc.peak / GIB:.1f}", f"{g.seconds / 86400:,.0f}",
+                    f"{r.seconds / 86400:,.0f}", f"{lc.seconds / 86400:,.1f}"]
+        assert [c.strip() for c in rest.split("|")] == expected, name
