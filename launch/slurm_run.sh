@@ -8,6 +8,8 @@
 #
 # Arguments: Hydra overrides, the batch script's first and the user's after them (later ones win).
 # Variables: PYTHON (python), PLAN_CHECK (1; 0 skips step 1), MASTER_PORT (derived from the job id).
+# The check plans for launch.gpu_memory_gb (default 80 GiB): on other GPUs pass e.g. launch.gpu_memory_gb=140
+# (H200) with the overrides; train ignores launch.*.
 #
 # Ranks are started by srun itself, not by torchrun, so that the scheduler's SIGTERM reaches every rank
 # directly and srun returns their exit code (torchrun would report 1, and by default it SIGKILLs its
