@@ -21,10 +21,17 @@ micro-batch mean. With `balance_loss_granularity = "global"` f_i is counted over
   ranks). The last micro-batch therefore sees the exact global-batch f_i. `start_step()` empties the buffer.
 
 Only training-mode forwards touch the buffer and communicate; eval forwards use their own counts.
+
+Expert parallelism (`Qwen3SparseMoeBlock.set_expert_parallel(group)`): rank r of an expert-parallel group of
+size ep keeps experts [r*E/ep, (r+1)*E/ep) only. Routing is unchanged (the router is replicated); each rank
+sends the rows of its (token, expert) pairs to the ranks holding those experts and gets the outputs back, with
+one all-to-all each way (plus one of the per-expert counts first, so every rank knows what it receives). The
+balance-loss counts stay those of this rank's tokens over all E experts, so the global-batch balance loss is
+the same whatever ep is. Plain torch.distributed; the trainer builds the group (train/expert_parallel.py).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -62,17 +69,37 @@ def _use_grouped_mm(impl: str, x: torch.Tensor) -> bool:
 
 
 class Qwen3MoeExperts(nn.Module):
-    """E SwiGLU experts with stacked weights, applied to tokens already sorted by expert."""
+    """E SwiGLU experts with stacked weights, applied to tokens already sorted by expert.
+
+    Under expert parallelism the module holds experts [first_expert, first_expert + num_local_experts) only.
+    """
 
     def __init__(self, cfg: Qwen3Config) -> None:
         super().__init__()
         self.implementation = cfg.moe_implementation
         e, d, f = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.num_experts = e  # in the whole layer, on all ranks
+        self.first_expert = 0  # global index of local expert 0
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * f, d))  # gate rows first, then up rows
         self.down_proj = nn.Parameter(torch.empty(e, d, f))
 
+    @property
+    def num_local_experts(self) -> int:
+        """Experts held by this module (all E without expert parallelism)."""
+        return self.gate_up_proj.shape[0]
+
+    @torch.no_grad()
+    def keep_experts(self, first: int, count: int) -> None:
+        """Keep experts [first, first + count) and drop the rest (expert parallelism; before the optimizer exists)."""
+        if first < 0 or count < 1 or first + count > self.num_local_experts or self.first_expert != 0:
+            raise ValueError(f"cannot keep experts [{first}, {first + count}) of {self.num_local_experts} "
+                             f"(starting at {self.first_expert})")
+        self.gate_up_proj = nn.Parameter(self.gate_up_proj[first:first + count].clone())
+        self.down_proj = nn.Parameter(self.down_proj[first:first + count].clone())
+        self.first_expert = first
+
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x (M, d) sorted by expert, counts (E,) rows per expert -> (M, d)."""
+        """x (M, d) sorted by expert, counts (num_local_experts,) rows per expert -> (M, d)."""
         if _use_grouped_mm(self.implementation, x):
             return self._grouped_mm(x, counts)
         return self._loop(x, counts)
@@ -85,14 +112,15 @@ class Qwen3MoeExperts(nn.Module):
         return F.grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offs)  # (M, d)
 
     def _loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        # Reference path for any device and dtype: a matmul per expert over its contiguous slice.
+        # Reference path for any device and dtype: a matmul per expert over its contiguous slice. Experts
+        # without rows run too (on 0 rows): the autograd graph then has the same shape whatever the routing,
+        # so under expert parallelism every rank reaches its backward collectives in the same order, and
+        # both weights always get a gradient (zeros for unused experts), as without expert parallelism.
         outputs = []
         for e, rows in enumerate(x.split(counts.tolist())):  # .tolist() syncs; fine off the GPU hot path
-            if rows.shape[0] == 0:
-                continue
             gate, up = F.linear(rows, self.gate_up_proj[e]).chunk(2, dim=-1)  # (m, F) each
             outputs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))  # (m, d)
-        return torch.cat(outputs) if outputs else x.new_zeros(x.shape)
+        return torch.cat(outputs)
 
 
 class Qwen3SparseMoeBlock(nn.Module):
@@ -104,6 +132,16 @@ class Qwen3SparseMoeBlock(nn.Module):
         self.top_k = cfg.num_experts_per_tok
         self.gate = Qwen3MoeRouter(cfg)
         self.experts = Qwen3MoeExperts(cfg)
+        self.ep_group: Optional[dist.ProcessGroup] = None  # expert parallelism; None: all experts are here
+
+    def set_expert_parallel(self, group: dist.ProcessGroup) -> None:
+        """Shard the experts over `group`: its rank r keeps experts [r*E/ep, (r+1)*E/ep) (call once, before training)."""
+        ep, r = dist.get_world_size(group), dist.get_rank(group)
+        if self.num_experts % ep:
+            raise ValueError(f"{self.num_experts} experts cannot be split evenly over {ep} ranks")
+        per_rank = self.num_experts // ep
+        self.experts.keep_experts(r * per_rank, per_rank)
+        self.ep_group = group
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """x (B, T, d) -> y (B, T, d), (mean router probs (E,) fp32, expert counts (E,) int64, z-loss () fp32)."""
@@ -117,7 +155,10 @@ class Qwen3SparseMoeBlock(nn.Module):
         order = flat_expert.argsort(stable=True)  # (N*k,) sorted position -> flat pair index
         counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device)
         counts.scatter_add_(0, flat_expert, torch.ones_like(flat_expert))  # (E,), no host sync (unlike bincount)
-        y_sorted = self.experts(x[order // k], counts)  # (N*k, d)
+        if self.ep_group is None:
+            y_sorted = self.experts(x[order // k], counts)  # (N*k, d)
+        else:
+            y_sorted = _run_experts_parallel(self.experts, x[order // k], counts, self.ep_group)  # (N*k, d)
 
         # Un-permute, then mix each token's k expert outputs with its router weights (fp32 accumulation in bmm).
         inverse = torch.empty_like(order)
@@ -127,6 +168,50 @@ class Qwen3SparseMoeBlock(nn.Module):
 
         z_loss = torch.logsumexp(logits, dim=-1).square().mean()  # ()
         return y, (probs.mean(dim=0), counts, z_loss)
+
+
+def _all_to_all(x: torch.Tensor, send: List[int], recv: List[int], group: dist.ProcessGroup) -> torch.Tensor:
+    """Rows x[sum(send[:j]) : sum(send[:j+1])] go to rank j of group; returns the rows received, by source rank."""
+    out = x.new_empty((sum(recv), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send, group=group)
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    """`_all_to_all` whose backward sends the gradients of the received rows back to where the rows came from."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, send: List[int], recv: List[int],  # type: ignore[override]
+                group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.send, ctx.recv, ctx.group = send, recv, group
+        return _all_to_all(x, send, recv, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return _all_to_all(grad, ctx.recv, ctx.send, ctx.group), None, None, None
+
+
+def _run_experts_parallel(experts: Qwen3MoeExperts, x: torch.Tensor, counts: torch.Tensor,
+                          group: dist.ProcessGroup) -> torch.Tensor:
+    """Apply every rank's experts to x (M, d) sorted by global expert, counts (E,) -> (M, d) in x's order.
+
+    Rank r of the ep ranks holds local experts [r*El, (r+1)*El); the rows for them are contiguous in x.
+    """
+    ep, local = dist.get_world_size(group), experts.num_local_experts
+    recv_counts = torch.empty_like(counts)
+    dist.all_to_all_single(recv_counts, counts.contiguous(), group=group)  # (ep*El,) [source, local expert]
+    recv_counts = recv_counts.view(ep, local)
+    send = counts.view(ep, local).sum(dim=1).tolist()  # rows to each rank (host sync: split sizes)
+    recv = recv_counts.sum(dim=1).tolist()  # rows from each rank
+    x_recv = _AllToAll.apply(x, send, recv, group)  # (R, d) grouped by source, then by local expert
+
+    # Regroup by local expert (stable: sources stay in rank order), run the experts, undo the regrouping.
+    owner = torch.arange(local, device=x.device).repeat(ep).repeat_interleave(recv_counts.flatten())  # (R,)
+    order = owner.argsort(stable=True)
+    y_local = experts(x_recv[order], recv_counts.sum(dim=0))  # (R, d)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return _AllToAll.apply(y_local[inverse], recv, send, group)  # (M, d) back in x's order
 
 
 class ExpertBalance:

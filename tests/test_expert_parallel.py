@@ -1,0 +1,117 @@
+"""Expert parallelism of the MoE block (models/moe.py) on gloo processes: the sharded layer, its all-to-all
+dispatch and combine, and the global-batch balance loss give the single-process model's loss and gradients."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from models import Qwen3ForCausalLM, load_preset
+from models.moe import Qwen3SparseMoeBlock
+
+N_SEQ, SEQ = 8, 16
+
+
+def _build() -> Qwen3ForCausalLM:
+    cfg = dataclasses.replace(load_preset("tiny_moe"), router_z_loss_coef=1e-3)
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(cfg)
+    model.to_empty(device="cpu")
+    model.init_weights(seed=0)
+    with torch.no_grad():  # decisive, imbalanced routing: some experts get no rows on some ranks
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    return model.train()
+
+
+def _batch():
+    g = torch.Generator().manual_seed(123)
+    return torch.randint(0, 8192, (N_SEQ, SEQ), generator=g), torch.randint(0, 8192, (N_SEQ, SEQ), generator=g)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        for ep in EP_SIZES:
+            _one_expert_parallel_size(rank, world, ep, out_dir)
+    finally:
+        dist.destroy_process_group()
+
+
+def _one_expert_parallel_size(rank: int, world: int, ep: int, out_dir: str) -> None:
+    # groups as DeepSpeed lays them out: ep consecutive ranks share the experts out (all-to-all); the ranks
+    # holding the same experts form an expert-data-parallel group (gradient reduction)
+    ep_groups = [dist.new_group(list(range(s, s + ep))) for s in range(0, world, ep)]
+    edp_groups = [dist.new_group(list(range(i, world, ep))) for i in range(ep)]
+    ep_group, edp_group = ep_groups[rank // ep], edp_groups[rank % ep]
+    model = _build()
+    model.set_balance_group(dist.group.WORLD)
+    for m in model.modules():
+        if isinstance(m, Qwen3SparseMoeBlock):
+            m.set_expert_parallel(ep_group)
+    x, y = _batch()
+    per = N_SEQ // world
+    model.start_step()
+    out = model(x[rank * per:(rank + 1) * per], labels=y[rank * per:(rank + 1) * per])
+    out.loss.backward()
+    loss, balance = out.loss.detach().clone(), out.balance_loss.clone()
+    dist.all_reduce(loss)
+    dist.all_reduce(balance)
+    grads = {}
+    for name, p in model.named_parameters():
+        g = p.grad.detach().clone()
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            dist.all_reduce(g, group=edp_group)  # what DeepSpeed does with expert gradients ...
+            parts = [torch.empty_like(g) for _ in range(ep)]
+            dist.all_gather(parts, g, group=ep_group)  # ... then gathered here to compare
+            g = torch.cat(parts)
+        else:
+            dist.all_reduce(g)
+        grads[name] = g / world
+    eval_logits = model.eval()(x[rank * per:(rank + 1) * per]).logits
+    if rank == 0:
+        torch.save({"loss": loss / world, "balance": balance / world, "grads": grads, "load": model.expert_load(),
+                    "logits": eval_logits, "shape": tuple(model.model.layers[0].mlp.experts.down_proj.shape)},
+                   os.path.join(out_dir, f"ep{ep}.pt"))
+
+
+EP_SIZES = (2, 4)
+
+
+@pytest.mark.slow
+def test_expert_parallel_block_equals_one_process():
+    """4 ranks, EP = 2 (two expert-data-parallel replicas of each expert) and EP = 4, against one process."""
+    world = 4
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_worker, args=(world, _free_port(), out_dir), nprocs=world, join=True)
+        results = {ep: torch.load(os.path.join(out_dir, f"ep{ep}.pt")) for ep in EP_SIZES}
+
+    model = _build()
+    x, y = _batch()
+    model.start_step()
+    out = model(x, labels=y)  # one process, the whole batch, all experts
+    out.loss.backward()
+    per = N_SEQ // world
+    logits = model.eval()(x[:per]).logits
+    for ep, got in results.items():
+        assert got["shape"] == (8 // ep, 128, 128)  # rank 0 really held only its experts
+        torch.testing.assert_close(got["loss"], out.loss.detach(), rtol=0, atol=1e-6)
+        torch.testing.assert_close(got["balance"], out.balance_loss, rtol=0, atol=1e-6)
+        torch.testing.assert_close(got["load"], model.expert_load())
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-5, atol=1e-7, msg=f"EP={ep} {name}")
+        torch.testing.assert_close(got["logits"], logits, rtol=1e-5, atol=1e-5)
