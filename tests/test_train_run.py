@@ -14,23 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainutil import ROOT, SMOKE, kill_when, losses, records, run_train, steps, train_cmd
+from trainutil import ROOT, SMOKE, kill_when, losses, records, run_train, smoke_run, steps, train_cmd
 
 STAGES = ["general", "reasoning", "long_context"]
 # the smoke curriculum: 4 + 2 + 2 steps of 1,024 tokens
 SMOKE_STEPS = {"general": 4, "reasoning": 2, "long_context": 2}
 EVERY_STEP = [f"curriculum.stages.{s}.checkpoint_every=1" for s in STAGES]
-_runs: dict = {}
-
-
-def smoke_run(tmp_path_factory, key: str, overrides: list, nproc: int = 1) -> Path:
-    """Run the smoke curriculum once per session for each (key) and return its run directory."""
-    if key not in _runs:
-        run_dir = tmp_path_factory.mktemp(key)
-        proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides], nproc=nproc)
-        assert proc.returncode == 0, proc.stdout[-4000:]
-        _runs[key] = run_dir
-    return _runs[key]
 
 
 def test_one_process_runs_all_three_stages(data_root, tmp_path_factory):

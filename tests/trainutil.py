@@ -83,3 +83,16 @@ def steps(run_dir: Path) -> List[dict]:
 def losses(run_dir: Path) -> Dict[Tuple[str, int], Tuple[float, float]]:
     """(stage, step) -> (loss, grad norm), the last record for each step (a resumed run logs some twice)."""
     return {(r["stage"], r["step"]): (r["loss"], r["grad_norm"]) for r in steps(run_dir)}
+
+
+_RUNS: Dict[str, Path] = {}
+
+
+def smoke_run(tmp_path_factory, key: str, overrides: Sequence[str], nproc: int = 1) -> Path:
+    """Run the smoke curriculum once per test session for each key and return its run directory."""
+    if key not in _RUNS:
+        run_dir = tmp_path_factory.mktemp(key)
+        proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides], nproc=nproc)
+        assert proc.returncode == 0, proc.stdout[-4000:]
+        _RUNS[key] = run_dir
+    return _RUNS[key]

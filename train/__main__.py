@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import traceback
 
 
 def _strip_launcher_args(argv: list[str]) -> list[str]:
@@ -20,6 +21,14 @@ def _strip_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
+def redact_override(arg: str) -> str:
+    """`key=value` with the value replaced when the key names a secret (api_key, token, secret, password)."""
+    from train.metrics import is_secret_key
+
+    key, sep, _ = arg.partition("=")
+    return f"{key}=***" if sep and is_secret_key(key.lstrip("+~").split(".")[-1]) else arg
+
+
 def main() -> None:
     """Hydra entry point; exits with the run's code (75 after a SIGTERM checkpoint, so schedulers requeue)."""
     import hydra
@@ -36,6 +45,9 @@ def main() -> None:
         from train.config import ConfigError
         from train.loop import run
 
+        # the command line may carry a secret (logging.wandb.api_key=...): tools that record argv (wandb,
+        # crash reports) must only ever see it redacted
+        sys.argv = [redact_override(a) for a in sys.argv]
         if HydraConfig.get().mode == RunMode.MULTIRUN:  # each sweep job trains in its own folder
             dcfg.run_dir = HydraConfig.get().runtime.output_dir
         try:
@@ -49,6 +61,9 @@ def main() -> None:
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             code = 2
+        except Exception:  # noqa: BLE001 - printed here so Hydra does not echo the overrides (maybe a secret)
+            traceback.print_exc()
+            code = 1
         if code and HydraConfig.get().mode != RunMode.MULTIRUN:
             sys.exit(code)
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -41,8 +42,9 @@ class TrainerState:
     stage_complete: bool = False  # the stage's last step is done; a resume starts the next stage
     skipped_steps: int = 0  # updates skipped for non-finite loss or gradients
     consecutive_skips: int = 0
-    skip_samples: List[int] = field(default_factory=list)  # global sample indices to leave out (spike rollback)
-    stage_start_lr: Dict[str, float] = field(default_factory=dict)
+    skip_steps: List[str] = field(default_factory=list)  # "stage:step" batches left out after a spike rollback
+    loss_history: List[float] = field(default_factory=list)  # the spike detector's window, so resume is exact
+    rollbacks: int = 0
 
 
 def _all_ok(ok: bool) -> bool:
@@ -96,8 +98,12 @@ class CheckpointManager:
             raise CheckpointError(f"{pointer} names '{tag}', but {self.dir / tag / 'meta.json'} is missing")
         return tag
 
-    def save(self, engine: Any, tag: str, state: TrainerState, meta: Dict[str, Any], config_yaml: str) -> Path:
-        """Write one checkpoint atomically on every rank; raise CheckpointError on every rank if any rank fails."""
+    def save(self, engine: Any, tag: str, state: TrainerState, meta: Dict[str, Any], config_yaml: str,
+             fault: Callable[[str], None] = lambda kind: None) -> Path:
+        """Write one checkpoint atomically on every rank; raise CheckpointError on every rank if any rank fails.
+
+        `fault(kind)` is the test hook for faults in the middle of a save (`enospc`, `kill`).
+        """
         tmp_root = self.dir / ".tmp"
         final = self.dir / tag
         ok, err = True, ""
@@ -110,6 +116,8 @@ class CheckpointManager:
         if _all_ok(ok):
             try:
                 engine.save(str(tmp_root), tag, client_state={"trainer_state": asdict(state)})
+                fault("enospc")
+                fault("kill_in_save")
                 torch.save(_rng_state(), tmp_root / tag / f"rng_rank{self.rank}.pt")
                 if self.rank == 0:
                     _write_atomic(tmp_root / tag / "meta.json", json.dumps(meta | {"state": asdict(state)}, indent=1))
@@ -156,18 +164,44 @@ class CheckpointManager:
         """meta.json of a checkpoint (stage, step, model shape, tokenizer fingerprint)."""
         return json.loads((self.dir / tag / "meta.json").read_text())
 
-    def load(self, engine: Any, tag: str, load_optimizer: bool = True) -> TrainerState:
-        """Load weights, optimizer and this rank's RNG state; returns the trainer state."""
-        client = engine.load(str(self.dir), tag, load_optimizer=load_optimizer)
-        rng_path = self.dir / tag / f"rng_rank{self.rank}.pt"
-        if rng_path.exists():
-            _set_rng_state(torch.load(rng_path, weights_only=True))
+    def load(self, engine: Any, tag: str, load_optimizer: bool = True, load_dir: Optional[str] = None) -> TrainerState:
+        """Load weights, optimizer and this rank's RNG state; returns the trainer state.
+
+        `load_dir` holds a re-sharded (universal) copy of `tag` when the world size changed.
+        """
+        from train.engine import CheckpointLoadError
+
+        try:
+            client = engine.load(load_dir or str(self.dir), tag, load_optimizer=load_optimizer)
+            rng_path = self.dir / tag / f"rng_rank{self.rank}.pt"
+            if rng_path.exists():
+                _set_rng_state(torch.load(rng_path, weights_only=True))
+        except CheckpointLoadError as e:
+            raise CheckpointError(str(e)) from None
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"{self.dir / tag}: refused to load ({str(e).splitlines()[0]})") from None
+        if "trainer_state" not in client:
+            raise CheckpointError(f"{self.dir / tag} holds no tristage trainer state")
         return TrainerState(**client["trainer_state"])
 
 
 def check_compatible(meta: Dict[str, Any], model_shape: Dict[str, Any], tokenizer_fingerprint: str,
-                     where: str) -> None:
-    """Refuse to resume into a different model shape or tokenizer, naming what changed."""
+                     where: str, expert_parallel_size: int = 1, world_size: Optional[int] = None) -> None:
+    """Refuse to resume into a different model shape, tokenizer or expert-parallel layout, naming what changed.
+
+    Expert-parallel checkpoints keep each expert in its own file but the optimizer state in ZeRO shards of
+    each expert-data-parallel group, so they load only under the same expert_parallel_size and, for a
+    resume (world_size given), the same world size; an HF export (<run_dir>/hf/<stage>) loads under any.
+    """
+    saved_ep, saved_world = meta.get("expert_parallel_size", 1), meta.get("world_size")
+    if saved_ep != expert_parallel_size or (world_size is not None and max(saved_ep, expert_parallel_size) > 1
+                                            and saved_world != world_size):
+        raise CheckpointError(f"{where} was saved with expert_parallel_size={saved_ep} on {saved_world} ranks; "
+                              f"this launch has expert_parallel_size={expert_parallel_size} on "
+                              f"{world_size if world_size is not None else 'any number of'} ranks: an "
+                              f"expert-parallel checkpoint loads only into the same layout. Relaunch with "
+                              f"expert_parallel_size={saved_ep}" + (f" on {saved_world} ranks" if world_size else "")
+                              + ", or start a new run_dir with init_from=<its HF export>")
     saved_shape = meta.get("model_shape", {})
     changed = {k: (saved_shape.get(k), v) for k, v in model_shape.items() if saved_shape.get(k) != v}
     if changed:

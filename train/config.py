@@ -128,7 +128,20 @@ class DistConfig:
     """Process-group settings."""
 
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
-    timeout_s: int = 600  # a collective that waits longer fails the job, naming the rank
+    timeout_s: int = 1800  # a rank without progress this long ends the job, naming the stuck rank
+
+
+@dataclass
+class FaultsConfig:
+    """What a long run does when a step goes wrong."""
+
+    max_consecutive_skips: int = 5  # non-finite loss/gradient steps skipped in a row before the run aborts
+    spike_factor: float = 0.0  # a loss above this x the running median is a spike (0: detector off)
+    spike_window: int = 50  # steps in the running median
+    spike_min_history: int = 10  # steps seen before the detector judges
+    spike_action: str = "log"  # log | rollback (to the last checkpoint, skipping the spike's batch)
+    spike_skip_before: int = 0  # on rollback, also skip this many batches before the spike (PaLM skipped ~200-500)
+    max_rollbacks: int = 3  # rollbacks per launch before spikes are only logged
 
 
 @dataclass
@@ -163,6 +176,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)  # cluster shape for the planner (launch/)
     max_steps: int = 0  # stop after this many optimizer steps in this launch (0: run to the end); for tests
 
@@ -261,6 +275,12 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int) -> List[StagePlan]:
         _fail("logging.wandb.mode", cfg.logging.wandb.mode, "must be online, offline or disabled")
     if cfg.optim.fused not in ("auto", "true", "false"):
         _fail("optim.fused", cfg.optim.fused, "must be auto, true or false")
+    if cfg.faults.spike_action not in ("log", "rollback"):
+        _fail("faults.spike_action", cfg.faults.spike_action, "must be log or rollback")
+    if cfg.faults.max_consecutive_skips < 0:
+        _fail("faults.max_consecutive_skips", cfg.faults.max_consecutive_skips, "must be >= 0")
+    if cfg.dist.timeout_s <= 0:
+        _fail("dist.timeout_s", cfg.dist.timeout_s, "must be positive")
     if cfg.checkpoint.keep < 1:
         _fail("checkpoint.keep", cfg.checkpoint.keep, "must keep at least one checkpoint")
 

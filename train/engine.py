@@ -1,21 +1,26 @@
 """DeepSpeed, behind one small interface: process group, engine, micro-batch step, checkpoint I/O.
 
-This is the only module of tristage that imports deepspeed. The loop sees an `Engine` with `micro_step`,
-`optimizer_step`, `save`, `load`, `full_state_dict` and nothing else, so a different engine would replace
-this file only.
+This is the only module of tristage that imports deepspeed, with train/expert_parallel.py, the part that
+registers our MoE layers with DeepSpeed's expert parallelism, which only this module imports. The loop sees an
+`Engine` with `micro_step`, `optimizer_step`, `save`, `load`, `full_state_dict` and nothing else, so a
+different engine would replace these two files only.
 """
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
+import io
 import os
+import pickle
 import socket
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
+from train import expert_parallel
 from train.config import StagePlan, TrainConfig
 
 
@@ -76,8 +81,9 @@ def init_distributed(cfg: TrainConfig) -> DistInfo:
     if not dist.is_initialized():
         # one process group per process, kept across the jobs of a --multirun sweep (DeepSpeed caches its
         # groups), destroyed at exit
+        # the collective timeout sits past the watchdog's (train/faults.py), which names the stuck rank first
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                                   timeout=datetime.timedelta(seconds=cfg.dist.timeout_s))
+                                   timeout=datetime.timedelta(seconds=2 * cfg.dist.timeout_s + 60))
         atexit.register(_destroy)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, local_world, device)
 
@@ -118,7 +124,8 @@ def deepspeed_config(cfg: TrainConfig, plan: StagePlan, device: torch.device, wo
         "gradient_accumulation_steps": plan.grad_accum,
         "gradient_clipping": ds.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": use_bf16(cfg, device)},
+        # a non-finite global gradient norm makes ZeRO skip the update on every rank (fp32 always does)
+        "bf16": {"enabled": use_bf16(cfg, device), "check_grad_overflow": True},
         "fp16": {"enabled": False},
         # torch AdamW is the client optimizer: DeepSpeed's FusedAdam does not build everywhere (see README)
         "zero_allow_untested_optimizer": True,
@@ -149,37 +156,73 @@ def _safe_load_globals() -> list:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-def _install_safe_checkpoint_engine(engine: Any) -> None:
-    """Make DeepSpeed load checkpoints with `weights_only=True`, so a pickled payload is refused, not run."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+@contextlib.contextmanager
+def safe_torch_load() -> Iterator[None]:
+    """Every `torch.load` inside (DeepSpeed's loaders and converters included) runs with `weights_only=True`.
 
-    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
-        def load(self, path: str, map_location: Any = None) -> Any:
+    DeepSpeed 0.19.8 loads its own files with `weights_only=False`, which would execute a `__reduce__` payload
+    planted in a checkpoint; under this context such a file is refused with `CheckpointLoadError`.
+    """
+    original = torch.load
+
+    def load(f: Any, map_location: Any = None, *args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        try:
             with torch.serialization.safe_globals(_safe_load_globals()):
-                return torch.load(path, map_location=map_location, weights_only=True)
+                return original(f, map_location, *args, **kwargs)
+        except pickle.UnpicklingError as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointLoadError(f"{f}: refused to load (it holds pickled objects other than tensors and "
+                                      f"DeepSpeed's state; {first})") from None
 
-    if type(engine.checkpoint_engine) is TorchCheckpointEngine:
-        safe = SafeTorchCheckpointEngine.__new__(SafeTorchCheckpointEngine)
-        safe.__dict__.update(engine.checkpoint_engine.__dict__)
-        engine.checkpoint_engine = safe
+    torch.load = load  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.load = original  # type: ignore[assignment]
+
+
+class CheckpointLoadError(RuntimeError):
+    """A checkpoint file that cannot be loaded safely."""
+
+
+def convert_to_universal(ckpt_dir: str, out_dir: str) -> None:
+    """DeepSpeed's universal checkpoint of `ckpt_dir` in `out_dir` (for a different world size), loaded safely."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(input_folder=ckpt_dir, output_folder=out_dir, num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with safe_torch_load(), contextlib.redirect_stdout(io.StringIO()):
+        ds_to_universal.main(args)
 
 
 class Engine:
     """A DeepSpeed engine with the few operations the training loop needs."""
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, plan: StagePlan, info: DistInfo):
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, plan: StagePlan, info: DistInfo,
+                 load_universal: bool = False):
         import deepspeed
 
         self.cfg = cfg
         self.info = info
         fused = cfg.optim.fused == "true" or (cfg.optim.fused == "auto" and info.device.type == "cuda")
-        optimizer = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay), lr=0.0,
+        if cfg.expert_parallel_size > 1:  # shard the experts before the optimizer and ZeRO see the weights
+            expert_parallel.setup(model, cfg.expert_parallel_size)
+        param_groups = _param_groups(model, cfg.optim.weight_decay)
+        if cfg.expert_parallel_size > 1:
+            param_groups = expert_parallel.optimizer_param_groups(param_groups)
+        optimizer = torch.optim.AdamW(param_groups, lr=0.0,
                                       betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=fused)
         self.ds_config = deepspeed_config(cfg, plan, info.device, info.world_size)
+        if load_universal:  # the next load re-shards a checkpoint taken on a different world size
+            self.ds_config["checkpoint"] = {"load_universal": True}
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                              config=self.ds_config)
-        _install_safe_checkpoint_engine(self.ds)
         self.plan = plan
+        # per-group hyper-parameters as built here; a load must not change them (see `load`)
+        self._group_hparams = [{"weight_decay": g["weight_decay"]} for g in self.ds.optimizer.param_groups]
 
     @property
     def module(self) -> torch.nn.Module:
@@ -206,15 +249,28 @@ class Engine:
         for group in self.ds.optimizer.param_groups:
             group["lr"] = lr
 
-    def micro_step(self, batch: Dict[str, torch.Tensor], last: bool) -> Any:
-        """Forward and backward of one micro-batch; `last` marks the accumulation boundary."""
+    def micro_step(self, batch: Dict[str, torch.Tensor], last: bool, loss_scale: Optional[float] = None) -> Any:
+        """Forward and backward of one micro-batch; `last` marks the accumulation boundary.
+
+        `loss_scale` multiplies the loss before backward (fault-injection tests: NaN, spikes).
+        """
         self.ds.set_gradient_accumulation_boundary(last)
         out = self.ds(**batch)
-        self.ds.backward(out.loss)
+        self.ds.backward(out.loss if loss_scale is None else out.loss * loss_scale)
         return out
 
     def optimizer_step(self) -> tuple[float, bool]:
-        """Clip, step and zero gradients; returns (global grad norm before clipping, whether the step applied)."""
+        """Clip, step and zero gradients; returns (global grad norm before clipping, whether the step applied).
+
+        ZeRO 1-3 skip a step with a non-finite global gradient norm themselves (identically on every rank, the
+        norm being global); without ZeRO the gradients are already all-reduced, so every rank sees the same
+        non-finite values and skips alike here.
+        """
+        if self.cfg.deepspeed.zero_stage == 0:
+            grads = [p.grad for p in self.ds.module.parameters() if p.grad is not None]
+            if grads and not torch.isfinite(torch.stack([g.norm() for g in grads]).sum()):
+                self.ds.zero_grad()
+                return float("nan"), False
         self.ds.step()
         norm = self.ds.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
@@ -223,14 +279,28 @@ class Engine:
     def save(self, save_dir: str, tag: str, client_state: Dict[str, Any]) -> None:
         """Every rank writes its shard of weights and optimizer state to save_dir/tag (no `latest` file)."""
         self.ds.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
+        if self.cfg.expert_parallel_size > 1:  # DeepSpeed's writer skips our stacked experts
+            expert_parallel.save_expert_files(self.ds, save_dir, tag)
 
     def load(self, load_dir: str, tag: str, load_optimizer: bool = True, module_only: bool = False) -> Dict[str, Any]:
         """Load load_dir/tag into the engine; returns the client state saved with it."""
-        path, client = self.ds.load_checkpoint(load_dir, tag=tag, load_optimizer_states=load_optimizer,
-                                               load_lr_scheduler_states=False, load_module_strict=True,
-                                               load_module_only=module_only)
+        with safe_torch_load():
+            path, client = self.ds.load_checkpoint(load_dir, tag=tag, load_optimizer_states=load_optimizer,
+                                                   load_lr_scheduler_states=False, load_module_strict=True,
+                                                   load_module_only=module_only)
         if path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint in {os.path.join(load_dir, tag)}")
+        # DeepSpeed 0.19.8's ZeRO-3 universal load copies group 0's hyper-parameters onto every group, which
+        # would put weight decay on the RMSNorm gains; the groups' own values are restored here
+        for group, hparams in zip(self.ds.optimizer.param_groups, self._group_hparams):
+            group.update(hparams)
+        # ...and hands one `step` tensor to every parameter group, which AdamW then increments once per group
+        # (a bias correction running ahead); each state gets its own copy again
+        inner = getattr(self.ds.optimizer, "optimizer", self.ds.optimizer)
+        for st in inner.state.values():
+            if "step" in st:
+                step = st["step"]
+                st["step"] = step.detach().clone() if torch.is_tensor(step) else torch.tensor(float(step))
         return client or {}
 
     def full_state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
@@ -248,6 +318,10 @@ class Engine:
                     with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
                         gathered[id(param)] = param.detach().to("cpu", torch.float32).clone()
                 state[name] = gathered[id(param)]
+            return state if self.info.rank == 0 else None
+        if self.cfg.expert_parallel_size > 1:  # every rank holds a slice of the experts: all take part
+            state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()}
+            expert_parallel.gather_experts(module, state)
             return state if self.info.rank == 0 else None
         if self.info.rank != 0:
             return None

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import signal
 import sys
 import time
@@ -36,7 +37,9 @@ from models.params import flops_per_token
 from models.qwen3 import Qwen3ForCausalLM
 from train.checkpoint import CheckpointError, CheckpointManager, TrainerState, check_compatible
 from train.config import ConfigError, StageConfig, StagePlan, TrainConfig, validate
+from train import expert_parallel
 from train.engine import DistInfo, Engine, barrier, init_distributed, world_from_env
+from train.faults import HUNG_EXIT_CODE, NONFINITE_EXIT_CODE, SpikeDetector, Watchdog, inject, injected
 from train.heldout import heldout_perplexity, make_eval_batches
 from train.metrics import MetricsLogger, peak_flops, redact
 from train.schedule import lr_at
@@ -47,6 +50,18 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; the SLURM scripts requeue 
 _SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "head_dim", "tie_word_embeddings", "num_experts", "num_experts_per_tok",
                "moe_intermediate_size")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+class _Rollback(Exception):
+    """Raised inside a stage to reload the last checkpoint after a loss spike."""
+
+    def __init__(self, stage: str):
+        super().__init__(stage)
+        self.stage = stage
 
 
 class _Preemption:
@@ -124,9 +139,17 @@ class Trainer:
         self.state = TrainerState()
         latest = self.checkpoints.latest()
         self._init_checkpoint: Optional[Path] = None
-        if latest is None and cfg.init_from:
+        load_dir, reshard = str(self.checkpoints.dir), False
+        if latest is not None:
+            meta = self.checkpoints.read_meta(latest)
+            check_compatible(meta, model_shape(cfg.model), self.tokenizer.fingerprint,
+                             str(self.checkpoints.dir / latest), cfg.expert_parallel_size, info.world_size)
+            reshard = self._needs_reshard(meta, latest)
+            if reshard:
+                load_dir = self._universal(latest)
+        elif cfg.init_from:
             self._init_weights_from(cfg.init_from)
-        self.engine = Engine(self.model, cfg, plans[0], info)
+        self.engine = Engine(self.model, cfg, plans[0], info, load_universal=reshard)
         self.module = self.engine.module
         if self._init_checkpoint is not None:
             self.engine.load(str(self._init_checkpoint.parent), self._init_checkpoint.name, load_optimizer=False,
@@ -134,10 +157,7 @@ class Trainer:
         if hasattr(self.module, "set_balance_group") and cfg.model.num_experts:
             self.module.set_balance_group(dist.group.WORLD if info.world_size > 1 else None)
         if latest is not None:
-            meta = self.checkpoints.read_meta(latest)
-            check_compatible(meta, model_shape(cfg.model), self.tokenizer.fingerprint,
-                             str(self.checkpoints.dir / latest))
-            self.state = self.checkpoints.load(self.engine, latest)
+            self.state = self.checkpoints.load(self.engine, latest, load_dir=load_dir)
             self.resumed_from = latest
         else:
             self.resumed_from = None
@@ -145,10 +165,43 @@ class Trainer:
             self.state.stage_index = order.index(cfg.curriculum.start) if cfg.curriculum.start else 0
             self.state.stage = order[self.state.stage_index]
         self.metrics = MetricsLogger(cfg, self.run_dir, info.rank, resolved)
+        self.watchdog = Watchdog(info.rank, info.world_size, cfg.dist.timeout_s, "start").start()
+        if latest is not None:
+            self.metrics.log({"event": "resume", "stage": self.state.stage, "global_step": self.state.global_step,
+                              "checkpoint": latest, "world_size": info.world_size,
+                              "saved_world_size": meta.get("world_size"), "resharded": reshard, "time": time.time()})
         self.peak = peak_flops(cfg, info.device)
         self.eval_sets = heldout_sets(self.manifest) if cfg.eval.enabled else {}
 
     # ------------------------------------------------------------------ set-up helpers
+    def _needs_reshard(self, meta: Dict[str, Any], tag: str) -> bool:
+        """Whether the checkpoint's world size or ZeRO stage differs from this launch (then it is re-sharded)."""
+        saved_world, saved_zero = meta.get("world_size"), meta.get("zero_stage")
+        if saved_world == self.info.world_size and saved_zero == self.cfg.deepspeed.zero_stage:
+            return False
+        saved_ep = meta.get("expert_parallel_size", 1)
+        if saved_ep != 1 or self.cfg.expert_parallel_size != 1:
+            raise CheckpointError(f"{self.checkpoints.dir / tag} was saved on {saved_world} ranks with "
+                                  f"expert_parallel_size={saved_ep}; this launch has {self.info.world_size} ranks "
+                                  f"and expert_parallel_size={self.cfg.expert_parallel_size}: re-sharding expert-"
+                                  f"parallel checkpoints is not supported, relaunch with the saved layout")
+        return True
+
+    def _universal(self, tag: str) -> str:
+        """Convert checkpoint `tag` to DeepSpeed's universal format once (rank 0); returns the folder holding it."""
+        out_root = self.checkpoints.dir / ".universal"
+        if self.info.rank == 0 and not (out_root / tag / "done").exists():
+            from train.engine import convert_to_universal
+
+            shutil.rmtree(out_root / tag, ignore_errors=True)
+            convert_to_universal(str(self.checkpoints.dir / tag), str(out_root / tag))
+            for rng in (self.checkpoints.dir / tag).glob("rng_rank*.pt"):
+                shutil.copy2(rng, out_root / tag / rng.name)
+            (out_root / tag / "done").write_text("")
+        barrier()
+        return str(out_root)
+
+
     def _init_weights_from(self, path: str) -> None:
         """Start a fresh run's weights from an HF directory or a tristage checkpoint folder (weights only)."""
         src = Path(path)
@@ -162,7 +215,8 @@ class Trainer:
             self.model.load_state_dict(load_hf(src, device=self.info.device).state_dict())
         elif (src / "meta.json").exists():
             meta = json.loads((src / "meta.json").read_text())
-            check_compatible(meta, model_shape(self.cfg.model), self.tokenizer.fingerprint, str(src))
+            check_compatible(meta, model_shape(self.cfg.model), self.tokenizer.fingerprint, str(src),
+                             self.cfg.expert_parallel_size)  # weights only: any world size
             self._init_checkpoint = src  # loaded into the engine once it exists (ZeRO shards need it)
         else:
             raise ConfigError(f"config key 'init_from' = {path!r}: neither an HF directory (config.json) "
@@ -171,25 +225,41 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
         """Run the remaining stages; returns the process exit code."""
-        cfg, state = self.cfg, self.state
-        if state.stage_complete:  # resumed from a stage-end checkpoint: the next stage starts fresh
-            state.stage_index += 1
-            state.step = state.consumed_samples = 0
-            state.stage_complete = False
+        cfg = self.cfg
         self.steps_this_launch = 0
         exit_code = 0
-        while state.stage_index < len(cfg.curriculum.order):
+        while True:
+            state = self.state
+            if state.stage_complete:  # a stage-end checkpoint: the next stage starts fresh
+                state.stage_index += 1
+                state.step = state.consumed_samples = 0
+                state.stage_complete = False
+            if state.stage_index >= len(cfg.curriculum.order):
+                break
             name = cfg.curriculum.order[state.stage_index]
             state.stage = name
-            code = self._run_stage(cfg.curriculum.stages[name], self.plans[state.stage_index])
+            try:
+                code = self._run_stage(cfg.curriculum.stages[name], self.plans[state.stage_index])
+            except _Rollback as rb:
+                self._rollback(rb)
+                continue
             if code is not None:
                 exit_code = code
                 break
-            state.stage_index += 1
-            state.step = state.consumed_samples = 0
-            state.stage_complete = False
+        self.watchdog.stop()
         self.metrics.close()
         return exit_code
+
+    def _rollback(self, rb: "_Rollback") -> None:
+        """Reload the last checkpoint, keeping the new skip list, and carry on from there."""
+        tag = self.checkpoints.latest()
+        assert tag is not None
+        skip, history, rollbacks = self.state.skip_steps, self.state.loss_history, self.state.rollbacks
+        self.state = self.checkpoints.load(self.engine, tag)
+        self.state.skip_steps = sorted(set(self.state.skip_steps) | set(skip))
+        self.state.loss_history, self.state.rollbacks = history, rollbacks
+        self.metrics.log({"event": "rollback", "stage": rb.stage, "global_step": self.state.global_step,
+                          "to_checkpoint": tag, "skip_steps": self.state.skip_steps, "time": time.time()})
 
     def _enter_stage(self, stage: StageConfig, plan: StagePlan, fresh: bool) -> StageStream:
         """Apply a stage's switches to model, engine and data; log them."""
@@ -217,9 +287,20 @@ class Trainer:
         cfg, state, info = self.cfg, self.state, self.info
         stream = self._enter_stage(stage, plan, fresh=state.step == 0)
         components = list(stream.components)
+        spikes = SpikeDetector(cfg.faults.spike_factor, cfg.faults.spike_window, cfg.faults.spike_min_history,
+                               state.loss_history)
         while state.step < plan.steps:
             if stage.eval_every and state.step and state.step % stage.eval_every == 0:
                 self._evaluate(stage)
+            step = state.step + 1  # 1-based, as logged
+            first_sample = state.step * plan.samples_per_step
+            if f"{stage.name}:{step}" in state.skip_steps:
+                self._advance(plan)
+                self.metrics.log({"event": "skipped_batch", "stage": stage.name, "step": step,
+                                  "global_step": state.global_step, "time": time.time(),
+                                  "samples": [first_sample, first_sample + plan.samples_per_step]})
+                continue
+            inject("kill", stage.name, step, info.rank)
             t0 = time.perf_counter()
             lr = lr_at(stage.lr, state.step, plan.steps)
             self.engine.set_lr(lr)
@@ -228,18 +309,25 @@ class Trainer:
             comp_sums = torch.zeros(len(components), dtype=torch.float64)
             comp_counts = torch.zeros(len(components), dtype=torch.float64)
             aux_sum = 0.0
+            scale = (float("nan") if injected("nan", stage.name, step, info.rank)
+                     else 20.0 if injected("spike", stage.name, step, info.rank) else None)
             for m in range(plan.grad_accum):
+                self.watchdog.beat(f"{stage.name} step {step} micro-batch {m}")
+                inject("stall", stage.name, step, info.rank)
                 idx = _global_indices(state.step, m, plan, info.rank, info.world_size)
                 batch = stream.batch(idx)
                 out = self.engine.micro_step(_to_device(batch, info.device, cfg.data.doc_masking),
-                                             last=m == plan.grad_accum - 1)
+                                             last=m == plan.grad_accum - 1, loss_scale=scale)
                 tok = out.token_losses.detach().double().cpu()  # (B, T)
+                if scale is not None:
+                    tok = tok * scale
                 mask = (batch["labels"] != -100).double()
                 comp = batch["component_ids"].long()
                 comp_sums.index_add_(0, comp.flatten(), (tok * mask).flatten())
                 comp_counts.index_add_(0, comp.flatten(), mask.flatten())
                 aux_sum += float(out.aux_loss.detach())
             grad_norm, applied = self.engine.optimizer_step()
+            self.watchdog.beat(f"{stage.name} step {step} metrics")
             # one all-reduce carries the losses, the aux loss and the preemption flag
             packed = torch.cat([comp_sums, comp_counts,
                                 torch.tensor([aux_sum, float(self.preemption.requested)], dtype=torch.float64)])
@@ -249,14 +337,32 @@ class Trainer:
             comp_sums, comp_counts = packed[:n], packed[n: 2 * n]
             aux_mean = packed[2 * n].item() / (plan.grad_accum * info.world_size)
             preempt = packed[2 * n + 1].item() > 0
-            state.step += 1
-            state.global_step += 1
-            state.consumed_samples = state.step * plan.samples_per_step
-            state.tokens += plan.samples_per_step * plan.seq_len
-            self.steps_this_launch += 1
+            self._advance(plan)
             dt = time.perf_counter() - t0
+            loss = comp_sums.sum().item() / max(comp_counts.sum().item(), 1.0)
+            if not applied:  # DeepSpeed found a non-finite gradient norm and skipped the update on every rank
+                state.skipped_steps += 1
+                state.consecutive_skips += 1
+                self.metrics.log({"event": "skipped_update", "stage": stage.name, "step": step,
+                                  "global_step": state.global_step, "loss": loss, "grad_norm": grad_norm,
+                                  "skipped_total": state.skipped_steps, "consecutive": state.consecutive_skips,
+                                  "time": time.time()})
+                if state.consecutive_skips > cfg.faults.max_consecutive_skips:
+                    raise NonFiniteError(
+                        f"{state.consecutive_skips} consecutive steps had a non-finite loss or gradient "
+                        f"(up to {stage.name} step {step}, loss {loss}, grad norm {grad_norm}); "
+                        f"faults.max_consecutive_skips={cfg.faults.max_consecutive_skips}. The last checkpoint "
+                        f"'{self.checkpoints.latest()}' holds finite weights: lower the LR or skip the data")
+            else:
+                state.consecutive_skips = 0
             if state.step % cfg.logging.log_every == 0 or state.step == plan.steps:
-                self._log_step(stage, plan, stream, lr, grad_norm, applied, comp_sums, comp_counts, aux_mean, dt)
+                self._log_step(stage, plan, stream, lr, grad_norm, applied, comp_sums, comp_counts, aux_mean, dt,
+                               first_sample)
+            if applied and math.isfinite(loss):
+                median = spikes.check(loss)
+                state.loss_history = list(spikes.history)
+                if median is not None:
+                    self._on_spike(stage, step, loss, median, first_sample, plan)
             last = state.step == plan.steps
             if last:
                 state.stage_complete = True
@@ -271,6 +377,8 @@ class Trainer:
                 self._save(stage)
             if preempt:
                 self._save(stage)
+                if info.rank == 0:
+                    (self.run_dir / "preempted").write_text(self._tag(stage) + "\n")
                 self.metrics.log({"event": "preempted", "stage": stage.name, "global_step": state.global_step,
                                   "exit_code": PREEMPTED_EXIT_CODE, "time": time.time()})
                 return PREEMPTED_EXIT_CODE
@@ -279,9 +387,35 @@ class Trainer:
                 return 0
         return None
 
+    def _advance(self, plan: StagePlan) -> None:
+        state = self.state
+        state.step += 1
+        state.global_step += 1
+        state.consumed_samples = state.step * plan.samples_per_step
+        state.tokens += plan.samples_per_step * plan.seq_len
+        self.steps_this_launch += 1
+
+    def _on_spike(self, stage: StageConfig, step: int, loss: float, median: float, first_sample: int,
+                  plan: StagePlan) -> None:
+        """Log a loss spike with its batch; roll back and skip the batch when configured (and possible)."""
+        faults = self.cfg.faults
+        can_roll = (faults.spike_action == "rollback" and self.state.rollbacks < faults.max_rollbacks
+                    and self.checkpoints.latest() is not None)
+        self.metrics.log({"event": "loss_spike", "stage": stage.name, "step": step,
+                          "global_step": self.state.global_step, "loss": loss, "median": median,
+                          "factor": loss / median, "samples": [first_sample, first_sample + plan.samples_per_step],
+                          "action": "rollback" if can_roll else "log", "time": time.time()})
+        if can_roll:
+            first = max(1, step - faults.spike_skip_before)
+            self.state.skip_steps = sorted(set(self.state.skip_steps)
+                                           | {f"{stage.name}:{s}" for s in range(first, step + 1)})
+            self.state.rollbacks += 1
+            raise _Rollback(stage.name)
+
     # ------------------------------------------------------------------ pieces of a step
     def _log_step(self, stage: StageConfig, plan: StagePlan, stream: StageStream, lr: float, grad_norm: float,
-                  applied: bool, comp_sums: torch.Tensor, comp_counts: torch.Tensor, aux: float, dt: float) -> None:
+                  applied: bool, comp_sums: torch.Tensor, comp_counts: torch.Tensor, aux: float, dt: float,
+                  first_sample: int) -> None:
         state, info = self.state, self.info
         total = comp_counts.sum().item()
         loss = comp_sums.sum().item() / max(total, 1.0)
@@ -305,6 +439,7 @@ class Trainer:
             "loss_by_source": {k: v[0] / v[1] for k, v in sorted(by_source.items())},
             "loss_by_language": {k: v[0] / v[1] for k, v in sorted(by_language.items())},
             "ledger": stream.ledger(state.consumed_samples),
+            "samples": [first_sample, first_sample + plan.samples_per_step],
         }
         if self.peak:
             record["mfu"] = tps * flops_per_token(self.cfg.model, plan.seq_len, causal_halved=False) / (
@@ -324,7 +459,11 @@ class Trainer:
                 "zero_stage": self.cfg.deepspeed.zero_stage, "expert_parallel_size": self.cfg.expert_parallel_size,
                 "rope_theta": stage.rope_theta}
         t0 = time.perf_counter()
-        path = self.checkpoints.save(self.engine, self._tag(stage), self.state, meta, self.config_yaml)
+        self.watchdog.beat(f"{stage.name} checkpoint save")
+        step, rank = self.state.step, self.info.rank
+        path = self.checkpoints.save(self.engine, self._tag(stage), self.state, meta, self.config_yaml,
+                                     fault=lambda kind: inject(kind, stage.name, step, rank))
+        self.watchdog.beat(f"{stage.name} after checkpoint save")
         self.metrics.log({"event": "checkpoint", "stage": stage.name, "global_step": self.state.global_step,
                           "path": str(path), "seconds": round(time.perf_counter() - t0, 3), "time": time.time()})
 
@@ -353,6 +492,7 @@ class Trainer:
         languages, batches = make_eval_batches(self.eval_sets, stage.seq_len, cfg.eval.max_tokens_per_language,
                                                cfg.eval.batch_size, cfg.eval.max_languages)
         t0 = time.perf_counter()
+        self.watchdog.beat(f"{stage.name} held-out evaluation")
         ppl = heldout_perplexity(self.module, languages, batches, self.info.device, self.info.rank,
                                  self.info.world_size)
         if hasattr(self.module, "start_step"):
@@ -374,10 +514,15 @@ def run(cfg: TrainConfig, resolved: Dict[str, Any]) -> int:
     """Validate, start the process group, train the curriculum; returns the exit code."""
     _, world, _, _ = world_from_env()
     plans = validate(cfg, world)  # before any process group: a bad key fails fast, on every rank alike
+    expert_parallel.check_config(cfg)
     info = init_distributed(cfg)
     run_dir = Path(cfg.run_dir)
     if info.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "preempted").unlink(missing_ok=True)  # the marker of an earlier preemption is spent
+        except OSError as e:
+            raise ConfigError(f"config key 'run_dir' = {str(run_dir)!r}: cannot be created or written ({e})") from None
     barrier()
     try:
         trainer = Trainer(cfg, resolved, plans, info)
@@ -387,6 +532,9 @@ def run(cfg: TrainConfig, resolved: Dict[str, Any]) -> int:
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         code = 2
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        code = NONFINITE_EXIT_CODE
     if code == 0:
         barrier()
     return code

@@ -27,6 +27,11 @@ _REDACTED = "***"
 _PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
 
 
+def is_secret_key(key: str) -> bool:
+    """Whether a config key holds a secret."""
+    return bool(_SECRET_KEY.search(key))
+
+
 def redact(obj: Any) -> Any:
     """A copy of a nested dict/list with every secret-looking key's value replaced."""
     if isinstance(obj, dict):

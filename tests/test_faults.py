@@ -1,0 +1,230 @@
+"""Fault injection on real runs (2 gloo ranks where it matters): each fault meets its defined behaviour.
+
+Faults are injected with TRISTAGE_INJECT=kind@stage:step[:rank] (train/faults.py) or from outside (signals).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from trainutil import ROOT, SMOKE, losses, records, run_train, smoke_run, steps, train_cmd
+
+STAGES = ["general", "reasoning", "long_context"]
+EVERY_STEP = [f"curriculum.stages.{s}.checkpoint_every=1" for s in STAGES]
+BASE = ["model=tiny_dense", "eval.enabled=false", *EVERY_STEP]
+
+
+def inject(spec: str) -> dict:
+    return {"TRISTAGE_INJECT": spec}
+
+
+def test_one_rank_sigkilled_then_relaunch_is_exact(data_root, tmp_path_factory, tmp_path):
+    overrides = [*BASE, "deepspeed=zero2"]
+    reference = losses(smoke_run(tmp_path_factory, "ref-2-zero2-faults", overrides, nproc=2))
+    run_dir = tmp_path / "run"
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides], nproc=2, env=inject("kill@general:3:1"))
+    assert proc.returncode != 0
+    assert len(steps(run_dir)) == 2  # rank 1 died at the start of step 3
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides], nproc=2)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert losses(run_dir) == reference
+
+
+def test_killed_during_checkpoint_save_resumes_from_the_previous_one(data_root, tmp_path_factory, tmp_path):
+    overrides = [*BASE, "deepspeed=zero2"]
+    reference = losses(smoke_run(tmp_path_factory, "ref-2-zero2-faults", overrides, nproc=2))
+    run_dir = tmp_path / "run"
+    # rank 0 dies after DeepSpeed wrote its shards of the first Reasoning checkpoint, before it was published
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides], nproc=2, env=inject("kill_in_save@reasoning:1:0"))
+    assert proc.returncode != 0
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / ".tmp" / "1-reasoning-step0000001").exists()  # the half-written one
+    assert (ckpts / "latest").read_text().strip() == "0-general-step0000004"
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides], nproc=2)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    resume = [r for r in records(run_dir) if r.get("event") == "resume"]
+    assert [r["checkpoint"] for r in resume] == ["0-general-step0000004"]
+    assert losses(run_dir) == reference
+
+
+@pytest.mark.parametrize("zero, model, new_world", [
+    ("zero1", "tiny_dense", 1), ("zero2", "tiny_dense", 4), ("zero3", "tiny_dense", 1), ("zero3", "tiny_moe", 4)])
+def test_world_size_change_reshards_exactly(data_root, tmp_path_factory, tmp_path, zero, model, new_world):
+    overrides = reshard_overrides(zero, model)
+    reference = losses(smoke_run(tmp_path_factory, f"ref-2-{zero}-{model}", overrides, nproc=2))
+    run_dir = tmp_path / "run"
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides, "max_steps=3"], nproc=2)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides], nproc=new_world)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    resume = [r for r in records(run_dir) if r.get("event") == "resume"]
+    assert resume[0]["resharded"] and resume[0]["saved_world_size"] == 2 and resume[0]["world_size"] == new_world
+    got = losses(run_dir)
+    assert got.keys() == reference.keys()
+    # the data stream continues where it stopped: every step's samples are the uninterrupted run's
+    assert [r["samples"] for r in steps(run_dir)][3:] == [r["samples"] for r in steps(reference_dir(
+        tmp_path_factory, zero, model))][3:]
+    # weights and optimizer state came through the re-sharding: every later step matches the uninterrupted run
+    # up to the order of the gradient sums (~1e-9 here; a wrong AdamW step count or decay on the norms, two
+    # DeepSpeed ZeRO-3 universal-load bugs train/engine.py mends, showed as 1e-5 -> 2e-3 within two steps)
+    for key in list(reference)[3:]:
+        assert got[key][0] == pytest.approx(reference[key][0], rel=1e-6), key
+
+
+def reshard_overrides(zero: str, model: str) -> list:
+    # MoE without the balance loss: under gradient accumulation its expert counts depend on how the global batch
+    # is cut into micro-batches (models/moe.py), which a different world size changes by design
+    return [*BASE, f"deepspeed={zero}", f"model={model}"] + (["model.router_aux_loss_coef=0"] if "moe" in model else [])
+
+
+def reference_dir(tmp_path_factory, zero, model):
+    return smoke_run(tmp_path_factory, f"ref-2-{zero}-{model}", reshard_overrides(zero, model), nproc=2)
+
+
+def test_nonfinite_loss_on_one_rank_skips_the_update_everywhere(data_root, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", *BASE, "deepspeed=zero2"], nproc=2,
+                     env=inject("nan@general:2:1"))
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    skips = [r for r in records(run_dir) if r.get("event") == "skipped_update"]
+    assert [(r["stage"], r["step"], r["skipped_total"]) for r in skips] == [("general", 2, 1)]
+    per_step = steps(run_dir)
+    assert per_step[1]["loss"] is None and per_step[1]["step_applied"] is False  # NaN is logged as null
+    assert all(math.isfinite(r["loss"]) for i, r in enumerate(per_step) if i != 1)
+    from models.hf import load_hf
+
+    model = load_hf(run_dir / "hf" / "long_context")
+    assert all(p.isfinite().all() for p in model.parameters())
+
+
+def test_consecutive_nonfinite_steps_abort_with_a_clear_message(data_root, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", *BASE, "deepspeed=zero1", "faults.max_consecutive_skips=1"],
+                     env=inject("nan@general:2,nan@general:3"))
+    assert proc.returncode == 4
+    assert "2 consecutive steps had a non-finite loss or gradient" in proc.stdout
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "0-general-step0000002"
+
+
+def test_loss_spike_rolls_back_and_skips_the_batch(data_root, tmp_path_factory, tmp_path):
+    spike = ["curriculum.stages.general.tokens=12288", "faults.spike_factor=3", "faults.spike_window=5",
+             "faults.spike_min_history=3", "curriculum.stages.general.checkpoint_every=2"]
+    overrides = ["model=tiny_dense", "eval.enabled=false", "deepspeed=zero1", *spike]
+    reference = steps(smoke_run(tmp_path_factory, "ref-spike", overrides))
+    run_dir = tmp_path / "run"
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides, "faults.spike_action=rollback"],
+                     env=inject("spike@general:8"))
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    recs = records(run_dir)
+    spikes = [r for r in recs if r.get("event") == "loss_spike"]
+    assert len(spikes) == 1 and spikes[0]["step"] == 8 and spikes[0]["samples"] == [7 * 16, 8 * 16]
+    assert spikes[0]["factor"] > 3
+    rollback = [r for r in recs if r.get("event") == "rollback"]
+    assert rollback[0]["to_checkpoint"] == "0-general-step0000006" and rollback[0]["skip_steps"] == ["general:8"]
+    assert [r["step"] for r in recs if r.get("event") == "skipped_batch"] == [8]
+    got = {(r["stage"], r["step"]): r for r in steps(run_dir)}
+    ref = {(r["stage"], r["step"]): r for r in reference}
+    for s in range(1, 8):  # before the spike: the same run
+        assert got[("general", s)]["loss"] == ref[("general", s)]["loss"]
+    assert ("general", 8) not in got or got[("general", 8)]["loss"] > 3 * got[("general", 7)]["loss"]
+    for s in range(9, 13):  # after it: the same data in the same order, one update fewer
+        assert got[("general", s)]["samples"] == ref[("general", s)]["samples"]
+        assert got[("general", s)]["loss"] != ref[("general", s)]["loss"]
+
+
+def test_sigterm_to_torchrun_saves_once_and_marks_preemption(data_root, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = train_cmd([*SMOKE, f"run_dir={run_dir}", *BASE, "deepspeed=zero2", "curriculum.stages.general.tokens=65536"],
+                    nproc=2)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not any(r["step"] >= 2 for r in steps(run_dir)):
+        assert proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) != 0  # torchrun turns the workers' 75 into its own failure code
+    preempted = [r for r in records(run_dir) if r.get("event") == "preempted"]
+    assert len(preempted) == 1 and preempted[0]["exit_code"] == 75
+    tag = (run_dir / "preempted").read_text().strip()
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == tag
+    assert tag == f"0-general-step{steps(run_dir)[-1]['step']:07d}"
+
+
+def test_full_disk_fails_every_rank_and_keeps_the_last_checkpoint(data_root, tmp_path_factory, tmp_path):
+    overrides = [*BASE, "deepspeed=zero2"]
+    reference = losses(smoke_run(tmp_path_factory, "ref-2-zero2-faults", overrides, nproc=2))
+    run_dir = tmp_path / "run"
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides], nproc=2, env=inject("enospc@general:2:1"))
+    assert proc.returncode != 0
+    assert "saving checkpoint '0-general-step0000002' failed" in proc.stdout
+    assert "No space left on device" in proc.stdout and str(run_dir / "checkpoints" / ".tmp") in proc.stdout
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "0-general-step0000001"
+    assert (ckpts / "0-general-step0000001" / "meta.json").exists()
+    assert not (ckpts / ".tmp" / "0-general-step0000002").exists()
+    assert len(steps(run_dir)) == 2  # no rank went on training after the failed save
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides], nproc=2)
+    assert proc.returncode == 0
+    assert losses(run_dir) == reference
+
+
+def test_unwritable_run_dir_is_named(data_root, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    proc = run_train([*SMOKE, f"run_dir={blocker / 'run'}", *BASE])
+    assert proc.returncode == 2
+    assert f"config key 'run_dir' = '{blocker / 'run'}'" in proc.stdout
+
+
+def test_hung_rank_ends_the_job_naming_it(data_root, tmp_path):
+    run_dir = tmp_path / "run"
+    start = time.time()
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", *BASE, "deepspeed=zero2", "dist.timeout_s=8"], nproc=2,
+                     env=inject("stall@general:2:1"), timeout=240)
+    elapsed = time.time() - start
+    assert proc.returncode != 0
+    assert "hung collective: rank 1 (stuck in inject (faults.py" in proc.stdout
+    assert "ranks [0] wait for them" in proc.stdout
+    assert elapsed < 120  # the 8 s timeout, not the 1,800 s default nor gloo's own
+
+
+def test_pickled_payload_in_a_checkpoint_is_refused(data_root, tmp_path):
+    run_dir = tmp_path / "run"
+    assert run_train([*SMOKE, f"run_dir={run_dir}", *BASE, "deepspeed=zero1", "max_steps=1"]).returncode == 0
+    marker = tmp_path / "pwned"
+    target = run_dir / "checkpoints" / "0-general-step0000001" / "mp_rank_00_model_states.pt"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    import torch
+
+    torch.save({"module": Payload()}, target)
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", *BASE, "deepspeed=zero1"])
+    assert proc.returncode == 2
+    assert "refused to load" in proc.stdout and str(target) in proc.stdout
+    assert not marker.exists()
+
+
+def test_wandb_key_never_reaches_logs_dumps_or_checkpoints(data_root, tmp_path):
+    run_dir = tmp_path / "run"
+    secret_cli, secret_env = "clisecret0123456789abcdef", "envsecret9876543210fedcba"
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", *BASE, "deepspeed=zero1", "max_steps=2",
+                      "logging.wandb.mode=offline", f"logging.wandb.api_key={secret_cli}"],
+                     env={"WANDB_API_KEY": secret_env})
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert secret_cli not in proc.stdout and secret_env not in proc.stdout
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert any("wandb" in str(p) for p in files)  # wandb did write its offline run here
+    for path in files:
+        data = path.read_bytes()
+        assert secret_cli.encode() not in data and secret_env.encode() not in data, path
+    assert "api_key: '***'" in (run_dir / "config.yaml").read_text()

@@ -1,0 +1,84 @@
+"""`python -m train.eval {ppl,reasoning,passkey,position_loss,all} TARGET [options]`.
+
+TARGET is a run directory (every stage's hf/<stage>/ export), one HF export, or one checkpoint folder. Results go
+to <run_dir>/eval/<stage>/<evaluation>.{json,md} (or --out) and <run_dir>/eval/summary.md. The defaults are small
+enough for the tiny CPU demo model; raise --problems, --trials, --windows and --max-tokens on a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from train.eval.extend import MODES
+from train.eval.reasoning import TASKS
+from train.eval.suite import EVALUATIONS, Sizes, evaluate
+from train.eval.target import EvalError, eval_device, resolve
+
+
+def _floats(text: str) -> List[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def _ints(text: str) -> List[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _names(text: str) -> List[str]:
+    return [x for x in text.split(",") if x]
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line."""
+    d = Sizes()
+    p = argparse.ArgumentParser(prog="python -m train.eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("evaluation", choices=[*EVALUATIONS, "all"])
+    p.add_argument("target", type=Path, help="run directory, HF export directory or checkpoint folder")
+    p.add_argument("--stage", type=_names, default=None, help="comma-separated stages of a run (default: all)")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default: <run_dir>/eval)")
+    p.add_argument("--manifest", type=Path, default=None, help="data set manifest (default: the run's)")
+    p.add_argument("--seq-len", type=int, default=None, help="trained length of an HF directory outside a run")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--max-tokens", type=int, default=d.ppl_max_tokens, help="ppl: held-out tokens per component")
+    p.add_argument("--tasks", type=_names, default=list(d.tasks), help=f"reasoning tasks (default {','.join(TASKS)})")
+    p.add_argument("--problems", type=int, default=d.problems, help="reasoning: problems per task")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="reasoning: generation budget")
+    p.add_argument("--depths", type=_floats, default=list(d.depths), help="passkey: needle depths in [0, 1]")
+    p.add_argument("--trials", type=int, default=d.trials, help="passkey: keys per (length, depth)")
+    p.add_argument("--windows", type=int, default=d.windows, help="position_loss: windows per length")
+    p.add_argument("--lengths", type=_ints, default=[], help="passkey / position_loss lengths (default: planned "
+                   "from the General and the stage's trained lengths, out to 4x)")
+    p.add_argument("--modes", type=_names, default=list(MODES), help="plain,yarn,dca")
+    p.add_argument("--dca-local-size", type=int, default=0, help="DCA local window (default: trained length / 8)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the evaluation; exit 2 on a target that cannot be evaluated."""
+    args = parser().parse_args(argv)
+    bad = sorted(set(args.modes) - set(MODES))
+    if bad:
+        print(f"error: --modes {bad}: not in {MODES}", file=sys.stderr)
+        return 2
+    try:
+        target = resolve(args.target, args.out, args.manifest, args.stage, args.seq_len)
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    sizes = Sizes(ppl_max_tokens=args.max_tokens, tasks=tuple(args.tasks), problems=args.problems,
+                  max_new_tokens=args.max_new_tokens, depths=tuple(args.depths), trials=args.trials,
+                  windows=args.windows, batch_size=args.batch_size, modes=tuple(args.modes),
+                  dca_local_size=args.dca_local_size, lengths=args.lengths)
+    which = EVALUATIONS if args.evaluation == "all" else (args.evaluation,)
+    summaries = evaluate(target, sizes, which, eval_device(args.device))
+    for stage, s in summaries.items():
+        print(f"{stage}: " + ", ".join(f"{k}={v}" for k, v in s.items() if k != "stage"))
+    print(f"results in {target.out_dir} (summary.md)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""All evaluations of one stage's weights, their grids, and the run-level summary.
+
+Lengths follow from two numbers, the General stage's trained length L_G and the evaluated stage's L:
+passkey in plain RoPE at {L_G, 2 L_G, 4 L_G, L, 2 L, 4 L}, with YaRN and DCA at the lengths beyond L; loss by
+position in plain RoPE out to 4 L_G, and out to 4 L in plain, YaRN and DCA. Training calls
+`stage_end_suite` on rank 0 after each stage's HF export (eval.stage_end_suite).
+"""
+from __future__ import annotations
+
+import gc
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from data.tokenizer import Tokenizer
+from models.qwen3 import Qwen3ForCausalLM
+from train.eval import curriculum, passkey, position_loss, ppl, reasoning
+from train.eval.extend import MODES
+from train.eval.outputs import read_results, write_result
+from train.eval.target import EvalTarget, eval_dtype, load_model
+
+EVALUATIONS = ("ppl", "reasoning", "passkey", "position_loss")
+
+
+@dataclass
+class Sizes:
+    """How much each evaluation does; the defaults keep a tiny CPU model's whole suite under a minute."""
+
+    ppl_max_tokens: int = 512  # held-out tokens per (source, language)
+    tasks: Tuple[str, ...] = reasoning.TASKS
+    problems: int = 4  # fresh problems per reasoning task
+    max_new_tokens: int = 128  # thinking + answer budget per problem
+    depths: Tuple[float, ...] = (0.0, 0.5, 1.0)  # passkey needle depths
+    trials: int = 2  # passkey keys per (length, depth)
+    windows: int = 2  # loss-by-position windows per length
+    batch_size: int = 8
+    modes: Tuple[str, ...] = MODES
+    dca_local_size: int = 0  # 0: the trained length / 8
+    lengths: List[int] = field(default_factory=list)  # explicit passkey / position lengths instead of the plan
+
+
+def plan(first_len: int, trained_len: int, modes: Sequence[str] = MODES,
+         lengths: Sequence[int] = ()) -> Tuple[Dict[str, List[int]], List[Tuple[str, int]]]:
+    """Passkey grids {mode: lengths} and loss-by-position checks [(mode, length)] for one stage."""
+    if lengths:
+        grid = sorted(set(lengths))
+        return ({m: grid if m == "plain" else [x for x in grid if x > trained_len] for m in modes},
+                [(m, max(grid)) for m in modes])
+    plain = sorted({first_len, 2 * first_len, 4 * first_len, trained_len, 2 * trained_len, 4 * trained_len})
+    grids = {m: plain if m == "plain" else [x for x in plain if x > trained_len] for m in modes}
+    checks = [("plain", 4 * first_len)] if "plain" in modes else []
+    checks += [(m, 4 * trained_len) for m in modes if (m, 4 * trained_len) not in checks]
+    return grids, checks
+
+
+def evaluate_stage(model: Qwen3ForCausalLM, tok: Tokenizer, manifest: Path, stage: str, first_len: int,
+                   trained_len: int, out_dir: Path, sizes: Optional[Sizes] = None,
+                   which: Sequence[str] = EVALUATIONS) -> Dict[str, Any]:
+    """Run the chosen evaluations on one model, write <out_dir>/<evaluation>.{json,md}; returns a summary."""
+    sizes = sizes or Sizes()
+    grids, checks = plan(first_len, trained_len, sizes.modes, sizes.lengths)
+    summary: Dict[str, Any] = {"stage": stage, "trained_len": trained_len}
+    title = f"{stage}"
+    if "ppl" in which:
+        r = ppl.perplexity(model, manifest, trained_len, sizes.ppl_max_tokens, sizes.batch_size)
+        write_result(out_dir, "ppl", r, ppl.markdown(r, title))
+        summary["heldout_ppl_geomean"] = r["geomean"]["all"]
+    if "reasoning" in which:
+        r = reasoning.reasoning_accuracy(model, tok, manifest, sizes.tasks, sizes.problems, sizes.max_new_tokens,
+                                         sizes.batch_size)
+        write_result(out_dir, "reasoning", r, reasoning.markdown(r, title))
+        summary["reasoning_accuracy"] = r["accuracy"]
+    if "passkey" in which:
+        r = passkey.passkey_modes(model, tok, trained_len, grids, sizes.depths, sizes.trials, sizes.batch_size,
+                                  sizes.dca_local_size)
+        write_result(out_dir, "passkey", r, passkey.markdown(r, title))
+        summary["passkey"] = {m: dict(zip(map(str, g["lengths"]), g["accuracy_by_length"]))
+                              for m, g in r["modes"].items()}
+    if "position_loss" in which:
+        r = position_loss.position_loss_modes(model, manifest, trained_len, checks, sizes.windows,
+                                              max(1, sizes.batch_size // 4), sizes.dca_local_size)
+        write_result(out_dir, "position_loss", r, position_loss.markdown(r, title))
+        summary["loss_beyond"] = {f"{c['mode']}@{c['length']}": (c["summary"] or {}).get("loss_beyond")
+                                  for c in r["curves"]}
+    return summary
+
+
+def write_summary(eval_dir: Path, order: Sequence[str], seq_lens: Dict[str, int]) -> Path:
+    """<eval_dir>/summary.md and curriculum.json: every stage's tables and the curriculum-effect table."""
+    results = read_results(eval_dir)
+    stages = [s for s in order if s in results]
+    parts = ["# Evaluation summary\n"]
+    if len(order) >= 2 and stages:
+        effect = curriculum.curriculum_effect(results, order, seq_lens)
+        write_result(eval_dir, "curriculum", effect, curriculum.markdown(effect))
+        parts.append("## Curriculum effect\n\n" + curriculum.markdown(effect))
+    for s in stages:
+        parts.append(f"## {s} (trained at {seq_lens[s]} tokens)\n")
+        for name in EVALUATIONS:
+            md = eval_dir / s / f"{name}.md"
+            if md.exists():
+                parts.append(md.read_text())
+    path = Path(eval_dir) / "summary.md"
+    path.write_text("\n".join(parts))
+    return path
+
+
+def evaluate(target: EvalTarget, sizes: Optional[Sizes] = None, which: Sequence[str] = EVALUATIONS,
+             device: torch.device = torch.device("cpu")) -> Dict[str, Any]:
+    """Evaluate every stage of a target, one model in memory at a time; writes the run summary."""
+    summaries = {}
+    for st in target.stages:
+        t0 = time.perf_counter()
+        model = load_model(st.path, device, eval_dtype(device))
+        summaries[st.name] = evaluate_stage(model, target.tokenizer, target.manifest, st.name, target.first_seq_len,
+                                            st.seq_len, target.out_dir / st.name, sizes, which)
+        summaries[st.name]["seconds"] = round(time.perf_counter() - t0, 2)
+        del model
+        gc.collect()
+    write_summary(target.out_dir, target.order, target.seq_lens)
+    return summaries
+
+
+def stage_end_suite(cfg: Any, stage: str, manifest: Path, tok: Tokenizer, device: torch.device,
+                    sizes: Optional[Sizes] = None) -> Dict[str, Any]:
+    """The suite on <run_dir>/hf/<stage>/ at a stage's end (rank 0); results in <run_dir>/eval/<stage>/."""
+    run_dir = Path(cfg.run_dir)
+    order = list(cfg.curriculum.order)
+    seq_lens = {s: int(cfg.curriculum.stages[s].seq_len) for s in order}
+    t0 = time.perf_counter()
+    model = load_model(run_dir / "hf" / stage, device, eval_dtype(device))
+    summary = evaluate_stage(model, tok, manifest, stage, seq_lens[order[0]], seq_lens[stage],
+                             run_dir / "eval" / stage, sizes)
+    del model
+    write_summary(run_dir / "eval", order, seq_lens)
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    return {k: v for k, v in summary.items() if not (isinstance(v, float) and math.isnan(v))}

@@ -1,0 +1,172 @@
+"""What an evaluation runs on: a run directory, one stage's HF export, or one checkpoint folder.
+
+A run directory names its stages (curriculum order), their trained lengths and its data set in `config.yaml`;
+the data set's manifest gives the tokenizer and the held-out text. An HF export (`<run_dir>/hf/<stage>/`) or a
+checkpoint (`<run_dir>/checkpoints/<tag>/`, which holds its own config.yaml) finds its run from where it lies;
+an HF directory from elsewhere needs `--manifest` and `--seq-len`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from omegaconf import OmegaConf
+
+from data.tokenizer import Tokenizer, load_tokenizer
+from models.qwen3 import Qwen3ForCausalLM
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class EvalError(ValueError):
+    """A target that cannot be evaluated; the message says what is missing."""
+
+
+@dataclass
+class StageModel:
+    """One set of weights to evaluate and the length it was trained at."""
+
+    name: str  # the stage's name (or the folder's, outside a run)
+    path: Path  # HF directory (config.json) or checkpoint folder (meta.json)
+    seq_len: int  # the stage's trained sequence length
+
+
+@dataclass
+class EvalTarget:
+    """The stages to evaluate, the data set they were trained on and where results go."""
+
+    stages: List[StageModel]
+    manifest: Path
+    first_seq_len: int  # the first (General) stage's length: "4x the General length" is measured from it
+    out_dir: Path
+    order: List[str]  # the run's curriculum (or just the evaluated stage)
+    seq_lens: Dict[str, int]  # trained length of every stage in `order`
+    run_dir: Optional[Path] = None
+    _tokenizer: Optional[Tokenizer] = field(default=None, repr=False)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The run's tokenizer (from the manifest), loaded once."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.manifest)
+        return self._tokenizer
+
+
+def eval_device(name: str = "auto") -> torch.device:
+    """cuda when asked for or available (auto), else cpu."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def eval_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on a GPU (as training), fp32 on the CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_model(path: Path, device: torch.device, dtype: Optional[torch.dtype] = None) -> Qwen3ForCausalLM:
+    """Weights from an HF directory or a tristage checkpoint folder, in eval mode."""
+    from models.hf import load_hf
+
+    dtype = dtype or eval_dtype(device)
+    path = Path(path)
+    if (path / "config.json").exists():
+        return load_hf(path, device=device, dtype=dtype).eval()
+    if not (path / "meta.json").exists():
+        raise EvalError(f"{path}: neither an HF directory (config.json) nor a checkpoint folder (meta.json)")
+    meta = json.loads((path / "meta.json").read_text())
+    cfg = OmegaConf.to_container(OmegaConf.load(path / "config.yaml").model, resolve=True)
+    cfg["rope_theta"] = float(meta["rope_theta"])  # the stage's base, as the HF export would carry it
+    if meta.get("zero_stage") == 3:  # parameters are partitioned: DeepSpeed's own consolidation
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    else:
+        state = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(cfg)
+    model.load_state_dict(state, assign=True)
+    model.to(device=device, dtype=dtype)  # also rebuilds the RoPE tables and re-ties the head
+    return model.eval()
+
+
+def _run_config(run_dir: Path) -> Dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
+
+
+def _manifest_of(cfg: Dict[str, Any]) -> Path:
+    """The run's manifest; a relative data.root is tried from here, then from the repository (where runs start)."""
+    from data.config import to_data_config
+    from data.prepare import manifest_path
+
+    data = to_data_config(cfg["data"])
+    path = manifest_path(data)
+    if not path.exists() and not Path(data.root).expanduser().is_absolute():
+        path = REPO / data.root / data.name / "manifest.json"
+    if not path.exists():
+        raise EvalError(f"the run's data set {manifest_path(data)} is not prepared here; pass --manifest")
+    return path
+
+
+def _seq_len(cfg: Dict[str, Any], stage: str) -> int:
+    return int(cfg["curriculum"]["stages"][stage]["seq_len"])
+
+
+def resolve(target: Path, out: Optional[Path] = None, manifest: Optional[Path] = None,
+            stages: Optional[List[str]] = None, seq_len: Optional[int] = None) -> EvalTarget:
+    """Work out the stages, data set and output folder of a run directory, HF export or checkpoint folder."""
+    target = Path(target).absolute()
+    run_dir: Optional[Path] = None
+    cfg: Optional[Dict[str, Any]] = None
+    if (target / "config.yaml").exists() and not (target / "meta.json").exists():  # a run directory
+        run_dir, cfg = target, _run_config(target)
+        order = cfg["curriculum"]["order"]
+        found = [StageModel(s, target / "hf" / s, _seq_len(cfg, s)) for s in order
+                 if (target / "hf" / s / "config.json").exists()]
+        if not found:  # no HF exports: the stage-end checkpoints
+            ckpts = target / "checkpoints"
+            for s in order:
+                ends = sorted(p for p in ckpts.glob(f"*-{s}-step*") if (p / "meta.json").exists()
+                              and json.loads((p / "meta.json").read_text())["state"]["stage_complete"])
+                if ends:
+                    found.append(StageModel(s, ends[-1], _seq_len(cfg, s)))
+        if not found:
+            raise EvalError(f"{target}: no hf/<stage>/ exports and no finished stage checkpoints")
+    elif (target / "meta.json").exists():  # a checkpoint folder carries its run's config
+        cfg = OmegaConf.to_container(OmegaConf.load(target / "config.yaml"), resolve=True)
+        stage = json.loads((target / "meta.json").read_text())["stage"]
+        found = [StageModel(stage, target, _seq_len(cfg, stage))]
+        run_dir = target.parent.parent if (target.parent.parent / "config.yaml").exists() else None
+    elif (target / "config.json").exists():  # an HF directory, maybe <run_dir>/hf/<stage>
+        parent = target.parent.parent
+        if (parent / "config.yaml").exists():
+            run_dir, cfg = parent, _run_config(parent)
+        if cfg is not None and target.name in cfg["curriculum"]["stages"]:
+            found = [StageModel(target.name, target, seq_len or _seq_len(cfg, target.name))]
+        elif seq_len:
+            found = [StageModel(target.name, target, seq_len)]
+        else:
+            raise EvalError(f"{target}: not inside a run directory; pass --seq-len (the trained length)")
+    else:
+        raise EvalError(f"{target}: not a run directory (config.yaml), HF directory (config.json) "
+                        f"or checkpoint folder (meta.json)")
+    if stages:
+        unknown = sorted(set(stages) - {s.name for s in found})
+        if unknown:
+            raise EvalError(f"{target}: no stage(s) {unknown}; found {[s.name for s in found]}")
+        found = [s for s in found if s.name in stages]
+    if manifest is None:
+        if cfg is None:
+            raise EvalError(f"{target}: pass --manifest (the data set the model was trained on)")
+        manifest = _manifest_of(cfg)
+    if cfg is not None:
+        order = list(cfg["curriculum"]["order"])
+        seq_lens = {s: _seq_len(cfg, s) for s in order}
+    else:
+        order, seq_lens = [found[0].name], {found[0].name: found[0].seq_len}
+    if out is None:
+        out = (run_dir / "eval") if run_dir is not None else target / "eval"
+    return EvalTarget(found, Path(manifest), seq_lens[order[0]], Path(out), order, seq_lens, run_dir)

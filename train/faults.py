@@ -1,0 +1,167 @@
+"""Meeting the faults of a long run: loss spikes, hung collectives, and the injection points that test them.
+
+- `SpikeDetector`: a loss above `factor` x the running median of the last `window` steps is a spike; the loop
+  logs it with the step's sample indices and, if asked, rolls back to the last checkpoint and skips the batch.
+- `Watchdog`: a thread per rank that notices when the rank has made no progress for `dist.timeout_s`, asks every
+  rank (through the rendezvous store) whether it is waiting inside a collective or stuck elsewhere, names the
+  stuck ranks and ends the job with `HUNG_EXIT_CODE` instead of hanging until a scheduler's wall clock.
+- `inject(...)`: fault injection for the tests, driven by the `TRISTAGE_INJECT` environment variable
+  (`kind@stage:step[:rank]`, comma-separated). Without the variable every call is a dictionary lookup.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import statistics
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from typing import Deque, Dict, Iterable, List, Optional, Tuple
+
+import torch.distributed as dist
+
+HUNG_EXIT_CODE = 3  # a collective that did not complete within dist.timeout_s
+NONFINITE_EXIT_CODE = 4  # too many consecutive non-finite steps
+
+_ENV = "TRISTAGE_INJECT"
+
+
+def _parse_injections(spec: str) -> Dict[Tuple[str, str, int], Optional[int]]:
+    out: Dict[Tuple[str, str, int], Optional[int]] = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        kind, _, where = item.partition("@")
+        parts = where.split(":")
+        rank = int(parts[2]) if len(parts) > 2 else None
+        out[(kind, parts[0], int(parts[1]))] = rank
+    return out
+
+
+_INJECTIONS = _parse_injections(os.environ.get(_ENV, ""))
+
+
+def injected(kind: str, stage: str, step: int, rank: int) -> bool:
+    """True if the test asked for fault `kind` at (stage, step) on this rank (step counts from 1)."""
+    if not _INJECTIONS:
+        return False
+    key = (kind, stage, step)
+    return key in _INJECTIONS and _INJECTIONS[key] in (None, rank)
+
+
+def inject(kind: str, stage: str, step: int, rank: int) -> None:
+    """Carry out the process-level faults: `stall` (sleep forever), `enospc` (a full disk), `kill` / `kill_in_save`
+    (SIGKILL at the start of a step / in the middle of a checkpoint save)."""
+    if not injected(kind, stage, step, rank):
+        return
+    if kind == "stall":
+        while True:
+            time.sleep(3600)
+    if kind == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "(injected)")
+    if kind in ("kill", "kill_in_save"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SpikeDetector:
+    """Flags a loss above `factor` x the median of the last `window` losses (after `min_history` steps)."""
+
+    def __init__(self, factor: float, window: int, min_history: int, history: Iterable[float] = ()):
+        self.factor = factor
+        self.min_history = min_history
+        self.history: Deque[float] = deque(history, maxlen=window)
+
+    def check(self, loss: float) -> Optional[float]:
+        """Record `loss`; return the median it was compared with if it is a spike (spikes are not recorded)."""
+        if self.factor <= 0:
+            return None
+        if len(self.history) >= self.min_history:
+            median = statistics.median(self.history)
+            if loss > self.factor * median:
+                return median
+        self.history.append(loss)
+        return None
+
+
+_COMM_MARKERS = (os.sep + "torch" + os.sep + "distributed" + os.sep, os.sep + "deepspeed" + os.sep + "comm" + os.sep,
+                 os.sep + "deepspeed" + os.sep + "runtime" + os.sep + "zero" + os.sep)
+
+
+def _describe_main_thread() -> Tuple[bool, str]:
+    """(waiting in a collective?, the innermost frame of the main thread) for this process."""
+    frame = sys._current_frames().get(threading.main_thread().ident)
+    if frame is None:
+        return False, "main thread gone"
+    stack = traceback.extract_stack(frame)
+    waiting = any(any(m in f.filename for m in _COMM_MARKERS) for f in stack)
+    inner = stack[-1]
+    return waiting, f"{inner.name} ({os.path.basename(inner.filename)}:{inner.lineno})"
+
+
+class Watchdog:
+    """Ends the job, naming the stuck ranks, when this rank makes no progress for `timeout_s` seconds."""
+
+    def __init__(self, rank: int, world: int, timeout_s: float, where: str = ""):
+        self.rank, self.world, self.timeout_s = rank, world, timeout_s
+        self.last = time.monotonic()
+        self.where = where
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._store = None
+        if dist.is_initialized() and world > 1:
+            from torch.distributed.distributed_c10d import _get_default_store
+
+            self._store = _get_default_store()
+
+    def start(self) -> "Watchdog":
+        """Start watching in a daemon thread."""
+        self._thread = threading.Thread(target=self._run, name="tristage-watchdog", daemon=True)
+        self._thread.start()
+        return self
+
+    def beat(self, where: str) -> None:
+        """The main thread made progress (called at every micro-step and around saves and evaluations)."""
+        self.last = time.monotonic()
+        self.where = where
+
+    def stop(self) -> None:
+        """Stop watching."""
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(1.0, self.timeout_s / 10)):
+            if time.monotonic() - self.last > self.timeout_s:
+                self._fire()
+
+    def _fire(self) -> None:
+        waiting, frame = _describe_main_thread()
+        mine = f"{'waiting in a collective' if waiting else 'stuck'} in {frame} at {self.where}"
+        verdict = self._gather(mine, waiting)
+        print(f"error: rank {self.rank}: no progress for {self.timeout_s:.0f}s (dist.timeout_s); {verdict}; "
+              f"exiting with code {HUNG_EXIT_CODE}", file=sys.stderr, flush=True)
+        os._exit(HUNG_EXIT_CODE)
+
+    def _gather(self, mine: str, waiting: bool) -> str:
+        """Publish this rank's state and read the others' for a few seconds; name the ranks not in a collective."""
+        if self._store is None:
+            return f"rank {self.rank} {mine}"
+        key = "tristage/hang/{}"
+        self._store.set(key.format(self.rank), f"{int(waiting)}|{mine}")
+        states: Dict[int, str] = {}
+        deadline = time.monotonic() + min(10.0, self.timeout_s)
+        while time.monotonic() < deadline and len(states) < self.world:
+            for r in range(self.world):
+                if r not in states and self._store.check([key.format(r)]):
+                    states[r] = self._store.get(key.format(r)).decode()
+            time.sleep(0.2)
+        stuck: List[str] = []
+        for r in range(self.world):
+            if r not in states:
+                stuck.append(f"rank {r} (did not answer)")
+            elif states[r].startswith("0|"):
+                stuck.append(f"rank {r} ({states[r][2:]})")
+        waiting_ranks = [r for r in range(self.world) if states.get(r, "").startswith("1|")]
+        if not stuck:
+            return f"every rank waits in a collective ({mine}): a peer process or the network failed"
+        return f"hung collective: {', '.join(stuck)}; ranks {waiting_ranks} wait for them"
