@@ -18,8 +18,9 @@ from models.moe import Qwen3SparseMoeBlock
 N_SEQ, SEQ = 8, 16
 
 
-def _build() -> Qwen3ForCausalLM:
-    cfg = dataclasses.replace(load_preset("tiny_moe"), router_z_loss_coef=1e-3)
+def _build(activation_checkpointing: bool = False) -> Qwen3ForCausalLM:
+    cfg = dataclasses.replace(load_preset("tiny_moe"), router_z_loss_coef=1e-3,
+                              activation_checkpointing=activation_checkpointing)
     with torch.device("meta"):
         model = Qwen3ForCausalLM(cfg)
     model.to_empty(device="cpu")
@@ -46,19 +47,19 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        for ep in EP_SIZES:
-            _one_expert_parallel_size(rank, world, ep, out_dir)
+        for ep, recompute in CASES:
+            _one_expert_parallel_size(rank, world, ep, recompute, out_dir)
     finally:
         dist.destroy_process_group()
 
 
-def _one_expert_parallel_size(rank: int, world: int, ep: int, out_dir: str) -> None:
+def _one_expert_parallel_size(rank: int, world: int, ep: int, recompute: bool, out_dir: str) -> None:
     # groups as DeepSpeed lays them out: ep consecutive ranks share the experts out (all-to-all); the ranks
     # holding the same experts form an expert-data-parallel group (gradient reduction)
     ep_groups = [dist.new_group(list(range(s, s + ep))) for s in range(0, world, ep)]
     edp_groups = [dist.new_group(list(range(i, world, ep))) for i in range(ep)]
     ep_group, edp_group = ep_groups[rank // ep], edp_groups[rank % ep]
-    model = _build()
+    model = _build(recompute)  # recompute: the backward re-runs each layer's forward, all-to-alls included
     model.set_balance_group(dist.group.WORLD)
     for m in model.modules():
         if isinstance(m, Qwen3SparseMoeBlock):
@@ -86,19 +87,20 @@ def _one_expert_parallel_size(rank: int, world: int, ep: int, out_dir: str) -> N
     if rank == 0:
         torch.save({"loss": loss / world, "balance": balance / world, "grads": grads, "load": model.expert_load(),
                     "logits": eval_logits, "shape": tuple(model.model.layers[0].mlp.experts.down_proj.shape)},
-                   os.path.join(out_dir, f"ep{ep}.pt"))
+                   os.path.join(out_dir, f"ep{ep}-{recompute}.pt"))
 
 
-EP_SIZES = (2, 4)
+CASES = [(2, False), (2, True)]  # (expert_parallel_size, activation checkpointing)
 
 
 @pytest.mark.slow
 def test_expert_parallel_block_equals_one_process():
-    """4 ranks, EP = 2 (two expert-data-parallel replicas of each expert) and EP = 4, against one process."""
-    world = 4
+    """2 ranks, EP = 2, with and without activation checkpointing, against one process (4 ranks with EP = 2
+    and 4, i.e. with expert-data-parallel replicas, run in tests/test_expert_parallel_train.py)."""
+    world = 2
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(_worker, args=(world, _free_port(), out_dir), nprocs=world, join=True)
-        results = {ep: torch.load(os.path.join(out_dir, f"ep{ep}.pt")) for ep in EP_SIZES}
+        results = {case: torch.load(os.path.join(out_dir, f"ep{case[0]}-{case[1]}.pt")) for case in CASES}
 
     model = _build()
     x, y = _batch()
@@ -107,11 +109,11 @@ def test_expert_parallel_block_equals_one_process():
     out.loss.backward()
     per = N_SEQ // world
     logits = model.eval()(x[:per]).logits
-    for ep, got in results.items():
+    for (ep, recompute), got in results.items():
         assert got["shape"] == (8 // ep, 128, 128)  # rank 0 really held only its experts
         torch.testing.assert_close(got["loss"], out.loss.detach(), rtol=0, atol=1e-6)
         torch.testing.assert_close(got["balance"], out.balance_loss, rtol=0, atol=1e-6)
         torch.testing.assert_close(got["load"], model.expert_load())
         for name, p in model.named_parameters():
-            torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-5, atol=1e-7, msg=f"EP={ep} {name}")
+            torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-5, atol=1e-7, msg=f"EP={ep} {recompute=} {name}")
         torch.testing.assert_close(got["logits"], logits, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,161 @@
+"""Expert parallelism for real: `python -m train` on 2 and 4 gloo ranks with expert_parallel_size 2 and 4
+against EP = 1 (losses, gradient norms, expert load, final weights, HF logits), exact resume under EP,
+refused layout changes, and the three-stage smoke curriculum with EP = 2 (what CI runs)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trainutil import SMOKE, losses, run_train, steps
+
+# The General stage alone for 10 steps of 16 x 64 tokens, at the General stage's real peak LR (3e-4; the
+# smoke curriculum's 3e-3 makes 10 steps chaotic enough that fp32 rounding, which differs with any change of
+# reduction order - ZeRO-1 vs ZeRO-2 as much as EP - grows past 1e-5 within a few steps).
+TEN_STEPS = [*SMOKE, "model=tiny_moe", "eval.enabled=false", "curriculum.order=[general]",
+             "curriculum.stages.general.tokens=10240", "curriculum.stages.general.lr.peak=3e-4",
+             "curriculum.stages.general.lr.final=3e-4"]
+TOL = 1e-5
+_runs: Dict[str, Path] = {}
+
+
+def ten_steps(tmp_path_factory, nproc: int, zero: str, ep: int) -> Path:
+    """Run the 10-step General stage once per session per layout; returns the run directory."""
+    key = f"{nproc}-{zero}-ep{ep}"
+    if key not in _runs:
+        run_dir = tmp_path_factory.mktemp(key)
+        proc = run_train([*TEN_STEPS, f"run_dir={run_dir}", f"deepspeed={zero}", f"expert_parallel_size={ep}"],
+                         nproc=nproc)
+        assert proc.returncode == 0, proc.stdout[-4000:]
+        _runs[key] = run_dir
+    return _runs[key]
+
+
+def hf_weights(run_dir: Path, stage: str = "general") -> Dict[str, torch.Tensor]:
+    """The run's HF export of a stage (one file for these tiny models)."""
+    return load_file(str(run_dir / "hf" / stage / "model.safetensors"))
+
+
+def max_diff(a: List[dict], b: List[dict], key: str) -> float:
+    """Largest |a - b| of a per-step metric (nested lists flattened)."""
+    def flat(v):
+        return [x for row in v for x in row] if isinstance(v, list) else [v]
+    return max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(flat(ra[key]), flat(rb[key])))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc, zero, eps", [(2, "zero2", [2]), (4, "zero1", [2, 4])])
+def test_expert_parallel_equals_ep1(data_root, tmp_path_factory, nproc, zero, eps):
+    reference = ten_steps(tmp_path_factory, nproc, zero, 1)
+    ref_steps, ref_weights = steps(reference), hf_weights(reference)
+    assert len(ref_steps) == 10 and ref_steps[-1]["loss"] < ref_steps[0]["loss"] - 0.3  # it trains
+    for ep in eps:
+        run_dir = ten_steps(tmp_path_factory, nproc, zero, ep)
+        got = steps(run_dir)
+        assert [r["step"] for r in got] == list(range(1, 11))
+        diffs = {k: max_diff(ref_steps, got, k) for k in
+                 ("loss", "lm_loss", "balance_loss", "grad_norm", "expert_load")}
+        weights = hf_weights(run_dir)
+        assert weights.keys() == ref_weights.keys() and len(weights) == 4 * (8 * 3 + 9) + 3
+        diffs["weights"] = max((weights[k] - ref_weights[k]).abs().max().item() for k in weights)
+        print(f"{nproc} ranks {zero} EP={ep} vs EP=1, max |difference|:",
+              ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+        assert all(v <= TOL for v in diffs.values()), diffs
+        # DeepSpeed's MoE checkpoint layout: the experts are not in the model-states file but one file each
+        ckpt = run_dir / "checkpoints" / "0-general-step0000010"
+        assert len(list(ckpt.glob("layer_*_expert_*_mp_rank_00_model_states.pt"))) == 4 * 8
+        module = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        assert not [k for k in module if ".experts." in k] and "model.layers.0.mlp.gate.weight" in module
+        assert len(list(ckpt.glob("zero_pp_rank_*_optim_states.pt"))) == nproc
+        meta = json.loads((ckpt / "meta.json").read_text())
+        assert (meta["expert_parallel_size"], meta["world_size"]) == (ep, nproc)
+
+
+@pytest.mark.slow
+def test_hf_export_under_ep_gives_ep1_logits(data_root, tmp_path_factory):
+    from models.hf import load_hf
+
+    ref = load_hf(ten_steps(tmp_path_factory, 2, "zero2", 1) / "hf" / "general").eval()
+    ep2 = load_hf(ten_steps(tmp_path_factory, 2, "zero2", 2) / "hf" / "general").eval()
+    assert ep2.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 8  # one directory with every expert
+    ids = torch.randint(0, 8192, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ep2(ids).logits, ref(ids).logits, rtol=0, atol=TOL)
+
+
+@pytest.mark.slow
+def test_resume_under_ep_is_exact_and_other_layouts_are_refused(data_root, tmp_path_factory, tmp_path):
+    reference = ten_steps(tmp_path_factory, 2, "zero2", 2)
+    run_dir = tmp_path / "resumed"
+    base = [*TEN_STEPS, f"run_dir={run_dir}", "deepspeed=zero2"]
+    proc = run_train([*base, "expert_parallel_size=2", "max_steps=5"], nproc=2)  # stops and saves at step 5
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert len(steps(run_dir)) == 5
+
+    # a different expert-parallel size, or the same one on another world size, is refused before loading
+    saved = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    for nproc, ep, needle in [(2, 1, "this launch has expert_parallel_size=1 on 2 ranks"),
+                              (4, 2, "this launch has expert_parallel_size=2 on 4 ranks")]:
+        proc = run_train([*base, f"expert_parallel_size={ep}"], nproc=nproc)
+        assert proc.returncode != 0  # 2 from every rank; torchrun reports 1
+        assert "was saved with expert_parallel_size=2 on 2 ranks" in proc.stdout and needle in proc.stdout
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == saved  # nothing written
+    assert len(steps(run_dir)) == 5
+
+    proc = run_train([*base, "expert_parallel_size=2"], nproc=2)  # the same layout resumes
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert losses(run_dir) == losses(reference)  # bit for bit, loss and gradient norm at every step
+    ref_weights, weights = hf_weights(reference), hf_weights(run_dir)
+    assert all(torch.equal(weights[k], ref_weights[k]) for k in ref_weights)
+
+
+def test_ep_refuses_zero3_at_launch(data_root, tmp_path):
+    proc = run_train([*SMOKE, f"run_dir={tmp_path / 'run'}", "model=tiny_moe", "deepspeed=zero3",
+                      "expert_parallel_size=2"], nproc=2)
+    assert proc.returncode != 0  # 2 from every rank; torchrun reports 1
+    assert ("config key 'expert_parallel_size' = 2: needs deepspeed=zero1 or deepspeed=zero2, got "
+            "deepspeed.zero_stage=3; DeepSpeed 0.19.8 partitions only AutoEP layers under ZeRO-3") in proc.stdout
+    assert not (tmp_path / "run").exists()  # refused before anything ran
+
+
+@pytest.mark.parametrize("zero, ep, refused", [(0, 2, True), (3, 2, True), (1, 2, False), (2, 2, False),
+                                              (0, 1, False), (3, 1, False)])
+def test_ep_zero_stages(zero, ep, refused):
+    from test_train_config import compose_cfg
+    from train import expert_parallel
+    from train.config import ConfigError
+
+    cfg = compose_cfg(["model=tiny_moe", f"deepspeed=zero{zero}", f"expert_parallel_size={ep}"])
+    if refused:
+        with pytest.raises(ConfigError, match=f"expert_parallel_size' = {ep}: needs deepspeed=zero1 or"):
+            expert_parallel.check_config(cfg)
+    else:
+        expert_parallel.check_config(cfg)
+
+
+@pytest.mark.slow
+def test_smoke_curriculum_with_expert_parallelism(data_root, tmp_path):
+    """CI's smoke run with EP: experiment=smoke_ep, tiny MoE, 2 ranks, EP = 2, all three stages."""
+    run_dir = tmp_path / "smoke_ep"
+    proc = run_train(["experiment=smoke_ep", f"run_dir={run_dir}"], nproc=2)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    per_step = steps(run_dir)
+    assert [(r["stage"], r["step"]) for r in per_step] == [
+        ("general", 1), ("general", 2), ("general", 3), ("general", 4), ("reasoning", 1), ("reasoning", 2),
+        ("long_context", 1), ("long_context", 2)]
+    assert all(math.isfinite(r["loss"]) and r["balance_loss"] > 0 for r in per_step)
+    assert per_step[3]["loss"] < per_step[0]["loss"]
+    load = per_step[-1]["expert_load"]  # counted over both ranks' tokens, all 8 experts
+    assert len(load) == 4 and all(len(row) == 8 and sum(row) == pytest.approx(1.0, abs=1e-3) for row in load)
+    for stage in ("general", "reasoning", "long_context"):
+        ckpt = next((run_dir / "checkpoints").glob(f"*-{stage}-step*"))
+        assert len(list(ckpt.glob("layer_*_expert_*_mp_rank_00_model_states.pt"))) == 4 * 8
+        assert hf_weights(run_dir, stage)["model.layers.3.mlp.experts.7.down_proj.weight"].shape == (128, 128)
+    evals = [r for r in (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+             if r.get("event") == "eval"]
+    assert len(evals) == 3 and all(math.isfinite(e["heldout_ppl_geomean"]) for e in evals)
