@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models.config import Qwen3Config
+from models.dca import DualChunkAttention, dual_chunk_attention
 from models.loss import fused_linear_cross_entropy
 from models.moe import ExpertBalance, Qwen3SparseMoeBlock
 from models.rope import apply_rope, rope_table_length, rope_tables
@@ -91,6 +92,7 @@ class Qwen3Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.dca: Optional[DualChunkAttention] = None  # inference option, set by Qwen3ForCausalLM.set_attention_mode
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor],
                 kv_cache: Optional["KVCache"] = None) -> torch.Tensor:
@@ -99,6 +101,9 @@ class Qwen3Attention(nn.Module):
         q = self.q_norm(self.q_proj(x).view(b, t, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, D)
         k = self.k_norm(self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if self.dca is not None:  # cos/sin are then whole tables: DCA assigns positions itself (models/dca.py)
+            y = dual_chunk_attention(q, k, v, cos, sin, self.dca, kv_cache, self.layer_idx)  # (B, H, T, D)
+            return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D) with S = cached + T
@@ -187,6 +192,7 @@ class Qwen3ForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.balance = ExpertBalance(cfg) if cfg.is_moe else None
+        self.dca: Optional[DualChunkAttention] = None  # set_attention_mode("dca", ...) at inference
         # RoPE tables: non-persistent (never in the state_dict), recomputed from the config on every
         # device move, so this __init__ running on the meta device (!!) is harmless.
         length = rope_table_length(cfg.max_position_embeddings, cfg.rope_scaling)
@@ -225,6 +231,20 @@ class Qwen3ForCausalLM(nn.Module):
         self.config.rope_scaling = None if scaling is None else dict(scaling)
         self.config.validate()
         self._reset_rope()
+
+    def set_attention_mode(self, mode: str = "full", chunk_size: int = 0, local_size: int = 0) -> None:
+        """"full" (training and default) or "dca": Dual Chunk Attention for inference beyond the trained length.
+
+        chunk_size: the largest relative position DCA uses (the trained length); local_size: see models/dca.py.
+        A KV cache filled in one mode is not valid in the other.
+        """
+        if mode not in ("full", "dca"):
+            raise ValueError(f"attention mode must be 'full' or 'dca', got {mode!r}")
+        self.dca = DualChunkAttention(chunk_size, local_size) if mode == "dca" else None
+        if self.dca is not None and self.dca.chunk_size > self.rope_cos.shape[0]:
+            raise ValueError(f"dca chunk_size {chunk_size} exceeds the RoPE tables ({self.rope_cos.shape[0]})")
+        for layer in self.model.layers:
+            layer.self_attn.dca = self.dca
 
     # ----------------------------------------------------------------------------------------------------
 
@@ -288,18 +308,23 @@ class Qwen3ForCausalLM(nn.Module):
         logits_to_keep: without labels, compute logits for the last n positions only (decoding needs one).
         """
         b, t = input_ids.shape
-        if position_ids is None:
-            if doc_ids is not None:
-                position_ids = position_ids_from_doc_ids(doc_ids)
-            elif kv_cache is not None:
-                position_ids = torch.arange(kv_cache.length, kv_cache.length + t, device=input_ids.device)[None]
-        if position_ids is None:
-            if t > self.rope_cos.shape[0]:
-                raise ValueError(f"sequence length {t} exceeds the RoPE tables ({self.rope_cos.shape[0]} positions); "
-                                 "raise max_position_embeddings or set YaRN rope_scaling")
-            cos, sin = self.rope_cos[:t][None, None], self.rope_sin[:t][None, None]  # (1, 1, T, D/2)
+        if self.dca is not None:
+            if position_ids is not None or doc_ids is not None:
+                raise ValueError("dual chunk attention takes neither position_ids nor doc_ids (one sequence per row)")
+            cos, sin = self.rope_cos[: self.dca.chunk_size], self.rope_sin[: self.dca.chunk_size]  # (C, D/2)
         else:
-            cos, sin = self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None]  # (B, 1, T, D/2)
+            if position_ids is None:
+                if doc_ids is not None:
+                    position_ids = position_ids_from_doc_ids(doc_ids)
+                elif kv_cache is not None:
+                    position_ids = torch.arange(kv_cache.length, kv_cache.length + t, device=input_ids.device)[None]
+            if position_ids is None:
+                if t > self.rope_cos.shape[0]:
+                    raise ValueError(f"sequence length {t} exceeds the RoPE tables ({self.rope_cos.shape[0]} "
+                                     "positions); raise max_position_embeddings, set YaRN rope_scaling or use DCA")
+                cos, sin = self.rope_cos[:t][None, None], self.rope_sin[:t][None, None]  # (1, 1, T, D/2)
+            else:
+                cos, sin = self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None]  # (B, 1, T, D/2)
         dtype = self.model.embed_tokens.weight.dtype
         cos, sin = cos.to(dtype), sin.to(dtype)
 
