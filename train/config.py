@@ -112,6 +112,12 @@ class EvalConfig:
     max_languages: int = 0  # 0 = every held-out language
     max_tokens_per_language: int = 4096  # cap per language, so an eval stays a fraction of a step budget
     batch_size: int = 8  # sequences per forward
+    # at each stage end, rank 0 runs train/eval's suite (reasoning, passkey, loss by position, per-component
+    # perplexity; small grids) on <run_dir>/hf/<stage>/ into <run_dir>/eval/<stage>/; needs checkpoint.export_hf
+    stage_end_suite: bool = True
+    suite_problems: int = 4  # suite: fresh reasoning problems per task (3 tasks)
+    suite_max_new_tokens: int = 128  # suite: thinking + answer budget per problem
+    suite_trials: int = 2  # suite: passkey keys per (length, needle depth)
 
 
 @dataclass

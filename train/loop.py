@@ -368,6 +368,12 @@ class Trainer:
                 state.stage_complete = True
                 self._save(stage)
                 self._export(stage)
+                if cfg.eval.stage_end_suite and cfg.checkpoint.export_hf and info.rank == 0:
+                    from train.eval.suite import stage_end_suite  # on the export just written; rank 0 only
+
+                    summary = stage_end_suite(cfg, stage.name, self.manifest, self.tokenizer, info.device)
+                    self.metrics.log({"event": "eval_suite", "global_step": state.global_step, **summary,
+                                      "time": time.time()})
                 if cfg.eval.enabled:
                     self._evaluate(stage)
                 self.metrics.log({"event": "stage_end", "stage": stage.name, "global_step": state.global_step,

@@ -1,10 +1,11 @@
 """Passkey retrieval (Mohtashami & Jaggi 2023): find a 5-digit key hidden at some depth in filler text.
 
-A prompt of exactly `length` tokens: an instruction, a repeated filler sentence, the needle "The pass key is
-NNNNN. Remember it." after `depth` of the filler, more filler, then "What is the pass key? The pass key is".
-The model continues greedily; the first run of digits in the continuation must equal the key. Each piece is
-tokenized on its own and starts with a space, so every piece starts at a word boundary and all prompts of one
-length have the same number of tokens (one batch, one KV cache, no padding).
+A context of exactly `length` tokens, the answer the model writes included: an instruction, a repeated filler
+sentence, the needle "The pass key is NNNNN. Remember it." after `depth` of the filler, more filler, then
+"What is the pass key? The pass key is". The model continues greedily; the first run of digits in the
+continuation must equal the key. Each piece is tokenized on its own and starts with a space, so every piece
+starts at a word boundary and all prompts of one length have the same number of tokens (one batch, one KV
+cache, no padding).
 """
 from __future__ import annotations
 
@@ -73,15 +74,16 @@ def passkey_grid(model: Qwen3ForCausalLM, tok: Tokenizer, lengths: Sequence[int]
     for length in lengths:
         jobs = [(d, t, _key(seed, length, d, t)) for d in depths for t in range(trials)]
         answer_len = len(tok.encode(" " + jobs[0][2])) + 2  # the key's digits, a space and some slack
+        prompt_len = length - answer_len  # `length` counts every position the model reads, answer included
         hits: Dict[float, List[float]] = {d: [] for d in depths}
-        too_long = model.dca is None and length + answer_len > model.rope_cos.shape[0]  # past the RoPE tables
-        if too_long or length < min_length(tok):
+        too_long = model.dca is None and length > model.rope_cos.shape[0]  # past the RoPE tables
+        if too_long or prompt_len < min_length(tok):
             accuracy.append([None for _ in depths])
             continue
         for start in range(0, len(jobs), batch_size):
             group = jobs[start: start + batch_size]
-            ids = torch.tensor([passkey_prompt(tok, length, d, key) for d, _, key in group], device=device)
-            out = generate(model, ids, max_new_tokens=answer_len)[:, length:]
+            ids = torch.tensor([passkey_prompt(tok, prompt_len, d, key) for d, _, key in group], device=device)
+            out = generate(model, ids, max_new_tokens=answer_len)[:, prompt_len:]
             for (d, _, key), row in zip(group, out.tolist()):
                 hits[d].append(float(retrieved(tok, row, key)))
         accuracy.append([mean(hits[d]) for d in depths])

@@ -125,9 +125,11 @@ def evaluate(target: EvalTarget, sizes: Optional[Sizes] = None, which: Sequence[
     return summaries
 
 
-def stage_end_suite(cfg: Any, stage: str, manifest: Path, tok: Tokenizer, device: torch.device,
-                    sizes: Optional[Sizes] = None) -> Dict[str, Any]:
-    """The suite on <run_dir>/hf/<stage>/ at a stage's end (rank 0); results in <run_dir>/eval/<stage>/."""
+def stage_end_suite(cfg: Any, stage: str, manifest: Path, tok: Tokenizer, device: torch.device) -> Dict[str, Any]:
+    """The suite on <run_dir>/hf/<stage>/ at a stage's end (rank 0, sizes from cfg.eval); results in
+    <run_dir>/eval/<stage>/."""
+    sizes = Sizes(problems=cfg.eval.suite_problems, max_new_tokens=cfg.eval.suite_max_new_tokens,
+                  trials=cfg.eval.suite_trials)
     run_dir = Path(cfg.run_dir)
     order = list(cfg.curriculum.order)
     seq_lens = {s: int(cfg.curriculum.stages[s].seq_len) for s in order}
