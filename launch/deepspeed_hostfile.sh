@@ -23,5 +23,13 @@ if [[ ! -f "$HOSTFILE" ]]; then
   exit 2
 fi
 
-exec deepspeed --hostfile="$HOSTFILE" --master_port="${MASTER_PORT:-29500}" \
+# A hostfile naming only this machine (`localhost slots=8`, to pick the slot count) runs locally without ssh:
+# deepspeed would otherwise ssh to it first, to check it and to look up its address.
+extra=()
+hosts=$(awk '!/^[[:space:]]*(#|$)/ {print $1}' "$HOSTFILE" | sort -u)
+if [[ "$hosts" == "localhost" || "$hosts" == "127.0.0.1" ]]; then
+  extra+=(--no_ssh_check --master_addr=127.0.0.1)
+fi
+
+exec deepspeed --hostfile="$HOSTFILE" --master_port="${MASTER_PORT:-29500}" "${extra[@]}" \
   --no_local_rank --module train "$@"
