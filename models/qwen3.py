@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from models.config import Qwen3Config
 from models.dca import DualChunkAttention, dual_chunk_attention
 from models.loss import fused_linear_cross_entropy
-from models.moe import ExpertBalance, Qwen3SparseMoeBlock
+from models.moe import ExpertBalance, Qwen3MoeExperts, Qwen3SparseMoeBlock
 from models.rope import apply_rope, rope_table_length, rope_tables
 
 if TYPE_CHECKING:
@@ -266,12 +266,19 @@ class Qwen3ForCausalLM(nn.Module):
             gen.manual_seed(seed)
         residual_std = cfg.initializer_range / math.sqrt(2 * cfg.num_hidden_layers)
         for name, p in self.named_parameters():  # fixed order, shared (tied) weights once
-            if isinstance(self.get_submodule(name.rsplit(".", 1)[0]), RMSNorm):
-                p.fill_(1.0)
+            owner = self.get_submodule(name.rsplit(".", 1)[0])
+            target = p
+            if isinstance(owner, Qwen3MoeExperts) and owner.num_local_experts < owner.num_experts:
+                # expert parallelism: draw every expert, as an unsharded model does, and keep this rank's
+                target = p.new_empty((owner.num_experts, *p.shape[1:]))
+            if isinstance(owner, RMSNorm):
+                target.fill_(1.0)
             elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
-                p.normal_(0.0, residual_std, generator=gen)
+                target.normal_(0.0, residual_std, generator=gen)
             else:
-                p.normal_(0.0, cfg.initializer_range, generator=gen)
+                target.normal_(0.0, cfg.initializer_range, generator=gen)
+            if target is not p:
+                p.copy_(target[owner.first_expert: owner.first_expert + owner.num_local_experts])
         self._reset_rope()
         if self.balance is not None:
             self.balance.start_step()

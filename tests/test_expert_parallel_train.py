@@ -114,6 +114,25 @@ def test_resume_under_ep_is_exact_and_other_layouts_are_refused(data_root, tmp_p
     assert all(torch.equal(weights[k], ref_weights[k]) for k in ref_weights)
 
 
+@pytest.mark.slow
+def test_init_from_under_ep(data_root, tmp_path_factory, tmp_path):
+    """A new run starts from an EP run's HF export or checkpoint folder with the same weights; a checkpoint
+    folder under another expert_parallel_size is refused (its HF export is the way across layouts)."""
+    source = ten_steps(tmp_path_factory, 2, "zero2", 2)
+    base = [*TEN_STEPS, "deepspeed=zero2", "max_steps=1"]
+    first = {}
+    for name, init in [("hf", source / "hf" / "general"), ("ckpt", source / "checkpoints" / "0-general-step0000010")]:
+        run_dir = tmp_path / name
+        proc = run_train([*base, f"run_dir={run_dir}", "expert_parallel_size=2", f"init_from={init}"], nproc=2)
+        assert proc.returncode == 0, proc.stdout[-4000:]
+        first[name] = steps(run_dir)[0]["loss"]
+    assert first["hf"] == first["ckpt"] < steps(source)[0]["loss"] - 0.3  # trained weights, loaded alike
+    proc = run_train([*base, f"run_dir={tmp_path / 'ep1'}", "expert_parallel_size=1",
+                      f"init_from={source / 'checkpoints' / '0-general-step0000010'}"], nproc=2)
+    assert proc.returncode != 0
+    assert "was saved with expert_parallel_size=2 on 2 ranks; this launch has expert_parallel_size=1" in proc.stdout
+
+
 def test_ep_refuses_zero3_at_launch(data_root, tmp_path):
     proc = run_train([*SMOKE, f"run_dir={tmp_path / 'run'}", "model=tiny_moe", "deepspeed=zero3",
                       "expert_parallel_size=2"], nproc=2)

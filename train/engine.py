@@ -1,9 +1,9 @@
 """DeepSpeed, behind one small interface: process group, engine, micro-batch step, checkpoint I/O.
 
 This is the only module of tristage that imports deepspeed, with train/expert_parallel.py, the part that
-registers our MoE layers with DeepSpeed's expert parallelism, which only this module imports. The loop sees an
-`Engine` with `micro_step`, `optimizer_step`, `save`, `load`, `full_state_dict` and nothing else, so a
-different engine would replace these two files only.
+registers our MoE layers with DeepSpeed's expert parallelism (it imports deepspeed inside its functions). The
+loop sees an `Engine` with `micro_step`, `optimizer_step`, `save`, `load`, `full_state_dict` and nothing else,
+so a different engine would replace these two files only.
 """
 from __future__ import annotations
 

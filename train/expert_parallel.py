@@ -7,7 +7,8 @@ load-balancing loss instead of our fp32 router and global-batch balance loss (mo
 names (`router.gate.weight`, `experts.w1/w2/w3`) instead of HF's, which our checkpoints and HF export rely on.
 So we keep our layer and register it with the native machinery; models/ stays pure PyTorch (the all-to-all
 dispatch and combine are plain torch.distributed in models/moe.py) and everything DeepSpeed-specific is here.
-This module is imported by train/engine.py only; with it, they are the two modules that import deepspeed.
+This and train/engine.py are the only modules that import deepspeed; here only inside functions, so the loop
+imports this module (for `check_config` and `shard`) without loading deepspeed.
 
 What DeepSpeed does, unchanged:
 * groups: `groups._create_expert_and_data_parallel(ep)` - expert-parallel groups of ep consecutive ranks (the
@@ -28,7 +29,8 @@ What DeepSpeed does, unchanged:
 What is ours: DeepSpeed's per-expert *writer* only understands its own module layout
 (`deepspeed_moe.experts.deepspeed_experts.<i>.*`), and skips our stacked `gate_up_proj` / `down_proj`; so
 `save_expert_files` writes those files (tensors under the HF per-expert names), and a load_state_dict pre-hook
-stacks what DeepSpeed's loader read back into this rank's slice.
+stacks what DeepSpeed's loader read back into this rank's slice (or slices a full state dict's experts).
+`shard` runs on the meta device when the model is built, so a rank never allocates the other ranks' experts.
 
 ZeRO-3 is refused: DeepSpeed 0.19.8 asserts "Native DeepSpeed MoE is not supported with ZeRO Stage 3" (only
 AutoEP layers may be partitioned by ZeRO-3). ZeRO-0 is refused too: without ZeRO, DeepSpeed's gradient
@@ -93,25 +95,34 @@ def _deepspeed_experts_class(base: type) -> type:
 
 
 def _restack_pre_hook(module: nn.Module, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
-    """Per-expert tensors (HF names, global expert ids) of this rank's experts -> its stacked local weights."""
+    """Turn what is loaded into this rank's stacked expert slice.
+
+    Two sources: per-expert tensors under HF names and global ids (DeepSpeed's loader reading our expert
+    files), or the stacked tensors of all E experts (a full state dict, e.g. `init_from` an HF directory).
+    """
     assert isinstance(module, Qwen3MoeExperts)
     first, n = module.first_expert, module.num_local_experts
-    if f"{prefix}{first}.gate_proj.weight" not in state_dict:
-        return  # a state dict with stacked weights: nothing to do
-    gate_up, down = [], []
-    for e in range(first, first + n):
-        gate = state_dict.pop(f"{prefix}{e}.gate_proj.weight")
-        up = state_dict.pop(f"{prefix}{e}.up_proj.weight")
-        gate_up.append(torch.cat([gate, up]))  # (2F, d): gate rows first, as in gate_up_proj
-        down.append(state_dict.pop(f"{prefix}{e}.down_proj.weight"))  # (d, F)
-    state_dict[f"{prefix}gate_up_proj"] = torch.stack(gate_up)
-    state_dict[f"{prefix}down_proj"] = torch.stack(down)
+    if f"{prefix}{first}.gate_proj.weight" in state_dict:
+        gate_up, down = [], []
+        for e in range(first, first + n):
+            gate = state_dict.pop(f"{prefix}{e}.gate_proj.weight")
+            up = state_dict.pop(f"{prefix}{e}.up_proj.weight")
+            gate_up.append(torch.cat([gate, up]))  # (2F, d): gate rows first, as in gate_up_proj
+            down.append(state_dict.pop(f"{prefix}{e}.down_proj.weight"))  # (d, F)
+        state_dict[f"{prefix}gate_up_proj"] = torch.stack(gate_up)
+        state_dict[f"{prefix}down_proj"] = torch.stack(down)
+        return
+    for param in ("gate_up_proj", "down_proj"):
+        full = state_dict.get(f"{prefix}{param}")
+        if full is not None and full.shape[0] == module.num_experts != n:
+            state_dict[f"{prefix}{param}"] = full[first:first + n]
 
 
-def setup(model: nn.Module, ep: int) -> None:
-    """Create DeepSpeed's expert groups, shard every MoE layer's experts over them and register the layers.
+def shard(model: nn.Module, ep: int) -> None:
+    """Create DeepSpeed's expert groups and keep only this rank's experts in every MoE layer.
 
-    Call on every rank, after the weights are initialised or loaded in full and before the optimizer exists.
+    Call on every rank; on the meta device (before `to_empty`, so the other experts are never allocated here;
+    `init_weights` then draws the same values as an unsharded model) or on real weights. Idempotent.
     """
     from deepspeed.utils import groups
 
@@ -120,8 +131,18 @@ def setup(model: nn.Module, ep: int) -> None:
         groups._create_expert_and_data_parallel(ep)
     ep_group = groups._get_expert_parallel_group(name)
     for module in model.modules():
-        if isinstance(module, Qwen3SparseMoeBlock):
+        if isinstance(module, Qwen3SparseMoeBlock) and module.ep_group is None:
             module.set_expert_parallel(ep_group)
+            module.experts.register_load_state_dict_pre_hook(_restack_pre_hook)
+
+
+def setup(model: nn.Module, ep: int) -> None:
+    """Shard (if not done yet) and register every MoE layer with DeepSpeed as its expert-parallel MoE layer.
+
+    Call on every rank, before the optimizer and the DeepSpeed engine are created.
+    """
+    shard(model, ep)
+    name = group_name(ep)
     for _, experts in experts_modules(model):
         experts.__class__ = _deepspeed_experts_class(type(experts))
         experts.expert_group_name = name  # what DeepSpeed reads off its MoE layers
@@ -129,7 +150,6 @@ def setup(model: nn.Module, ep: int) -> None:
         for p in (experts.gate_up_proj, experts.down_proj):
             p.allreduce = False  # type: ignore[attr-defined]
             p.group_name = name  # type: ignore[attr-defined]
-        experts.register_load_state_dict_pre_hook(_restack_pre_hook)
 
 
 def optimizer_param_groups(param_groups: List[Dict[str, Any]]) -> List[Dict[str, Any]]:

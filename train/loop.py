@@ -84,6 +84,8 @@ def build_model(cfg: TrainConfig, device: torch.device) -> Qwen3ForCausalLM:
     """Construct on the meta device, materialise on `device`, initialise from the seed."""
     with torch.device("meta"):
         model = Qwen3ForCausalLM(cfg.model)
+    if cfg.expert_parallel_size > 1:  # only this rank's experts are ever allocated here
+        expert_parallel.shard(model, cfg.expert_parallel_size)
     model.to_empty(device=device)
     model.init_weights(seed=cfg.seed)
     return model
