@@ -4,7 +4,6 @@ inference modes and the curriculum-effect table."""
 import dataclasses
 import json
 import math
-import shutil
 
 import numpy as np
 import pytest

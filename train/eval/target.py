@@ -88,9 +88,9 @@ def load_model(path: Path, device: torch.device, dtype: Optional[torch.dtype] = 
         state = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     with torch.device("meta"):
         model = Qwen3ForCausalLM(cfg)
-    model.load_state_dict(state, assign=True)
-    model.to(device=device, dtype=dtype)  # also rebuilds the RoPE tables and re-ties the head
-    return model.eval()
+    model.to_empty(device="cpu")  # allocates, rebuilds the RoPE tables and re-ties the head
+    model.load_state_dict(state)
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def _run_config(run_dir: Path) -> Dict[str, Any]:

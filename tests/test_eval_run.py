@@ -1,0 +1,84 @@
+"""Real runs: the tiny curriculum-effect experiment (`python -m train` on the smoke curriculum with the stage-end
+suite switched on, then every evaluation of every stage), the eval CLI on a checkpoint and on an HF export, and
+`python -m train.report` on the run directory."""
+import json
+import subprocess
+import sys
+
+import matplotlib.image
+import pytest
+
+from train.eval.__main__ import main as eval_main
+from train.eval.outputs import mean
+from train.experiments import curriculum_effect
+from trainutil import ROOT, records, steps
+
+STAGES = ["general", "reasoning", "long_context"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(data_root, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("effect") / "run"
+    assert curriculum_effect.main(["--tiny", "--run-dir", str(run_dir), "--device", "cpu"]) == 0
+    return run_dir
+
+
+def test_stage_end_suite_runs_inside_training(run_dir):
+    recs = records(run_dir)
+    suites = [r for r in recs if r.get("event") == "eval_suite"]
+    assert [r["stage"] for r in suites] == STAGES
+    assert [r["global_step"] for r in suites] == [4, 6, 8]  # right after each stage's last step
+    for r in suites:
+        assert 0.0 <= r["reasoning_accuracy"] <= 1.0 and r["heldout_ppl_geomean"] > 1.0
+        assert set(r["passkey"]) == {"plain", "yarn", "dca"}
+    # loss at 4x the General length (4 x 64) after every stage; at 4x Long Context (4 x 256) in every mode
+    assert set(suites[0]["loss_beyond"]) == {"plain@256", "yarn@256", "dca@256"}
+    assert set(suites[2]["loss_beyond"]) == {"plain@256", "plain@1024", "yarn@1024", "dca@1024"}
+    assert suites[2]["loss_beyond"]["plain@256"] is None  # 256 is the Long Context stage's own length
+    assert all(v > 0 for k, v in suites[2]["loss_beyond"].items() if k != "plain@256")
+
+
+def test_experiment_writes_the_curriculum_table(run_dir):
+    text = (run_dir / "curriculum_effect.md").read_text()
+    assert "Command: `python -m train.experiments.curriculum_effect --tiny`" in text
+    assert "| passkey accuracy at 256 tokens (4x General), plain RoPE |" in text
+    effect = json.loads((run_dir / "eval" / "curriculum.json").read_text())
+    assert effect["general_len"] == 64 and effect["long_context_len"] == 256
+    for s in STAGES:
+        assert 0.0 <= effect["reasoning_accuracy"][s] <= 1.0
+        assert 0.0 <= effect["abf"][s]["passkey"] <= 1.0
+    for m in ("plain", "yarn", "dca"):
+        assert 0.0 <= effect["extension"][m]["passkey"] <= 1.0 and effect["extension"][m]["loss_beyond"] > 0
+    # the table's long-position loss is the mean of the stored curve over positions 64..255
+    curves = json.loads((run_dir / "eval" / "general" / "position_loss.json").read_text())["curves"]
+    plain = next(c for c in curves if c["mode"] == "plain" and c["length"] == 256)
+    assert effect["abf"]["general"]["loss_beyond"] == pytest.approx(mean(plain["curve"][64:256]))
+    summary = (run_dir / "eval" / "summary.md").read_text()
+    assert all(f"## {s} (trained at" in summary for s in STAGES)
+
+
+def test_cli_gives_the_same_numbers_for_a_checkpoint_and_its_export(run_dir, tmp_path):
+    ckpt = run_dir / "checkpoints" / "2-long_context-step0000002"
+    common = ["--max-tokens", "64", "--device", "cpu"]
+    assert eval_main(["ppl", str(ckpt), "--out", str(tmp_path / "a"), *common]) == 0
+    assert eval_main(["ppl", str(run_dir / "hf" / "long_context"), "--out", str(tmp_path / "b"), *common]) == 0
+    a = json.loads((tmp_path / "a" / "long_context" / "ppl.json").read_text())
+    b = json.loads((tmp_path / "b" / "long_context" / "ppl.json").read_text())
+    assert a["seq_len"] == b["seq_len"] == 256
+    assert a["by_component"] == pytest.approx(b["by_component"], rel=1e-5)
+    assert eval_main(["passkey", str(tmp_path), "--device", "cpu"]) == 2  # not a run, export or checkpoint
+
+
+def test_report_on_the_run_directory(run_dir):
+    proc = subprocess.run([sys.executable, "-m", "train.report", str(run_dir)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = run_dir / "report"
+    for name in ("loss", "perplexity", "passkey", "position_loss", "throughput"):
+        image = matplotlib.image.imread(out / f"{name}.png")
+        assert image.shape[0] > 200 and image.shape[1] > 400, name
+    assert not (out / "expert_load.png").exists()  # a dense model
+    md = (out / "report.md").read_text()
+    last = steps(run_dir)[-1]
+    assert f"| long_context | 2 | 8192 | 256 | 1e+06 | " in md and f"| {last['lm_loss']:.3f} |" in md
+    assert "## Curriculum effect" in md and "![passkey](passkey.png)" in md

@@ -1,0 +1,51 @@
+"""`train.report` on a hand-written MoE metrics file: resumed steps, stage switches, the expert-load heatmap."""
+import json
+
+import matplotlib.image
+import pytest
+
+from train import report
+
+
+def write_metrics(run_dir, lines):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+def step(stage, s, g, loss, load=None, **extra):
+    return {"stage": stage, "step": s, "global_step": g, "tokens": 100 * g, "loss": loss, "lm_loss": loss,
+            "seq_len": 64 if stage == "general" else 256, "rope_theta": 1e4 if stage == "general" else 1e6,
+            "tokens_per_s": 1000.0 + g, "expert_load": load, **extra}
+
+
+def test_moe_run_report(tmp_path):
+    uniform = [[0.25] * 4, [0.25] * 4]
+    skewed = [[0.7, 0.1, 0.1, 0.1], [0.25] * 4]
+    write_metrics(tmp_path, [
+        {"event": "stage_start", "stage": "general", "global_step": 0, "seq_len": 64, "rope_theta": 1e4},
+        step("general", 1, 1, 5.0, uniform), step("general", 2, 2, 9.9, uniform),
+        step("general", 2, 2, 4.0, uniform),  # the same step logged again after a resume: the later one counts
+        step("general", 3, 3, 3.5, skewed),
+        {"event": "eval", "stage": "general", "global_step": 3, "heldout_ppl": {"eng": 40.0, "fra": 60.0},
+         "heldout_ppl_geomean": 48.99},
+        {"event": "stage_start", "stage": "long_context", "global_step": 3, "seq_len": 256, "rope_theta": 1e6},
+        step("long_context", 1, 4, 3.2, uniform), step("long_context", 2, 5, 3.0, uniform),
+        {"event": "eval", "stage": "long_context", "global_step": 5, "heldout_ppl": {"eng": 20.0, "fra": 45.0},
+         "heldout_ppl_geomean": 30.0},
+    ])
+    recs = report.read_metrics(tmp_path)
+    assert [r["lm_loss"] for r in report.step_records(recs)] == [5.0, 4.0, 3.5, 3.2, 3.0]
+    assert report.stage_switches(recs) == [(3, "long_context")]
+    written = report.report(tmp_path)
+    assert set(written) == {"loss", "throughput", "perplexity", "expert_load", "report"}
+    heat = matplotlib.image.imread(written["expert_load"])
+    assert heat.shape[1] > heat.shape[0] > 100  # two panels side by side
+    rows = report.stage_table(recs, report.stage_perplexities(recs, {}))
+    assert rows[0][:7] == ["general", 3, 300, 64, "10000", 5.0, 3.5]
+    assert rows[1][7] == pytest.approx((20.0 * 45.0) ** 0.5)  # geometric mean over languages
+    md = written["report"].read_text()
+    assert "## Expert load (MoE)" in md and "## Passkey retrieval" not in md  # no eval/ results in this run
+
+
+def test_missing_metrics_is_an_error(tmp_path):
+    assert report.main([str(tmp_path)]) == 2

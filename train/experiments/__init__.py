@@ -1,0 +1,1 @@
+"""One-command experiments: each trains with a conf/experiment/ preset and reports what it set out to measure."""
