@@ -1,7 +1,7 @@
 """`python -m launch.plan [key=value ...]`: what a run needs per GPU, whether it fits, and how long each stage takes.
 
 The planner composes the same Hydra config as `python -m train` (same overrides, same validation), so
-`python -m launch.plan model=qwen3_235b_a22b curriculum=qwen3 deepspeed=zero3 expert_parallel_size=8
+`python -m launch.plan model=qwen3_235b_a22b curriculum=qwen3 deepspeed=zero2_offload expert_parallel_size=32
 launch.nodes=32 launch.gpus_per_node=8` answers for exactly the job that `python -m train` with those overrides
 would run. Exit code 0: every stage fits; 1: something does not fit (with the changes that would make it fit);
 2: the config cannot run at all (the message names the key).

@@ -42,7 +42,7 @@ def test_shellcheck_clean():
 
 @pytest.mark.parametrize("script,nodes,overrides", [
     ("slurm_qwen3_8b.sbatch", 4, ["model=qwen3_8b", "deepspeed=zero2"]),
-    ("slurm_qwen3_235b_a22b.sbatch", 32, ["model=qwen3_235b_a22b", "deepspeed=zero3", "expert_parallel_size=8"]),
+    ("slurm_qwen3_235b_a22b.sbatch", 32, ["model=qwen3_235b_a22b", "deepspeed=zero2_offload", "expert_parallel_size=32"]),
 ])
 def test_sbatch_headers(script, nodes, overrides):
     text = (LAUNCH / script).read_text()
@@ -130,7 +130,7 @@ def test_slurm_exit_75_requeues_with_every_rank_in_one_run_dir(slurm):
 def test_slurm_other_exit_codes_do_not_requeue(slurm, train_rc):
     r, calls, requeued = slurm("slurm_qwen3_235b_a22b.sbatch", TRAIN_RC=train_rc, RUN_DIR="/shared/q235")
     assert r.returncode == int(train_rc) and requeued == []
-    assert "expert_parallel_size=8" in calls[1]["argv"] and "run_dir=/shared/q235" in calls[1]["argv"]
+    assert "expert_parallel_size=32" in calls[1]["argv"] and "run_dir=/shared/q235" in calls[1]["argv"]
 
 
 def test_slurm_does_not_start_when_the_plan_does_not_fit(slurm):

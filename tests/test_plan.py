@@ -284,14 +284,22 @@ def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_fits_exit_0_and_writes_nothing(tmp_path):
-    r = _cli(tmp_path, "model=qwen3_235b_a22b", "curriculum=qwen3", "deepspeed=zero3", "expert_parallel_size=8",
-             "model.activation_checkpointing=true", "launch.nodes=32", "launch.gpus_per_node=8",
-             "launch.gpu_memory_gb=80", "curriculum.stages.long_context.global_batch_tokens=8388608")
+    r = _cli(tmp_path, "model=qwen3_235b_a22b", "curriculum=qwen3", "deepspeed=zero2_offload",
+             "expert_parallel_size=32", "model.activation_checkpointing=true", "launch.nodes=32",
+             "launch.gpus_per_node=8", "launch.gpu_memory_gb=80",
+             "curriculum.stages.long_context.global_batch_tokens=8388608")
     assert r.returncode == 0, r.stderr
-    assert "256 GPUs" in r.stdout and "expert parallel 8" in r.stdout and r.stdout.rstrip().endswith("fits.")
+    assert "256 GPUs" in r.stdout and "expert parallel 32" in r.stdout and r.stdout.rstrip().endswith("fits.")
     assert re.search(r"^long_context\s+32768\s+1\s+1\s", r.stdout, re.M)
-    assert "DeepSpeed estimate_zero3_model_states_mem_needs" in r.stdout
+    assert "DeepSpeed estimate_zero2_model_states_mem_needs" in r.stdout
     assert list(tmp_path.iterdir()) == []  # no run directory, no .hydra
+
+
+def test_cli_refuses_zero3_with_expert_parallelism(tmp_path):
+    r = _cli(tmp_path, "model=qwen3_235b_a22b", "deepspeed=zero3", "expert_parallel_size=8", "launch.nodes=32",
+             "launch.gpus_per_node=8")
+    assert r.returncode == 2
+    assert "config key 'expert_parallel_size' = 8: needs deepspeed=zero1 or deepspeed=zero2" in r.stderr
 
 
 def test_cli_does_not_fit_exit_1(tmp_path):
@@ -315,11 +323,12 @@ def _scaling_section() -> str:
 
 def test_scaling_table_is_the_planners_output():
     """The documented table is regenerated here, so a change to the model, the recipe or the planner shows up."""
-    rows = re.findall(r"^\| (qwen3_\w+) \| (\d+) x 8 \| ZeRO-(\d)(?:, EP (\d+))? \|(.*)\|$", _scaling_section(), re.M)
+    rows = re.findall(r"^\| (qwen3_\w+) \| (\d+) x 8 \| ZeRO-(\d( offload)?)(?:, EP (\d+))? \|(.*)\|$",
+                      _scaling_section(), re.M)
     assert [r[0] for r in rows] == ["qwen3_0_6b", "qwen3_1_7b", "qwen3_4b", "qwen3_8b", "qwen3_14b", "qwen3_32b",
                                     "qwen3_30b_a3b", "qwen3_235b_a22b"]
-    for name, nodes, zero, ep, rest in rows:
-        overrides = [f"model={name}", "curriculum=qwen3", f"deepspeed=zero{zero}", "model.activation_checkpointing=true",
+    for name, nodes, zero, _, ep, rest in rows:
+        overrides = [f"model={name}", "curriculum=qwen3", f"deepspeed=zero{zero.replace(' ', '_')}", "model.activation_checkpointing=true",
                      f"launch.nodes={nodes}", "launch.gpus_per_node=8", "launch.gpu_memory_gb=80"]
         if ep:
             overrides.append(f"expert_parallel_size={ep}")

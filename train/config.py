@@ -264,6 +264,9 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int) -> List[StagePlan]:
             _fail("expert_parallel_size", ep, f"must divide the world size {world_size}")
         if cfg.model.num_experts % ep:
             _fail("expert_parallel_size", ep, f"must divide model.num_experts={cfg.model.num_experts}")
+        from train.expert_parallel import check_config  # the ZeRO stages DeepSpeed's MoE support allows
+
+        check_config(cfg)
     ds = cfg.deepspeed
     if ds.zero_stage not in (0, 1, 2, 3):
         _fail("deepspeed.zero_stage", ds.zero_stage, "must be 0, 1, 2 or 3")
