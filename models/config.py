@@ -11,6 +11,7 @@ from typing import Any, Dict, Mapping, Optional
 
 BALANCE_GRANULARITIES = ("micro", "global")
 MOE_IMPLEMENTATIONS = ("auto", "grouped_mm", "loop")
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "cudnn_mha", "efficient", "math")
 
 
 @dataclass
@@ -65,6 +66,11 @@ class Qwen3Config:
     """Recompute each decoder block in the backward pass instead of storing its activations."""
     loss_chunk_size: int = 2048
     """Tokens per chunk of the fused output-head + cross-entropy; bounds the logits held at once."""
+    compile: bool = False
+    """torch.compile each decoder block and the loss's per-chunk softmax (fuses norms, RoPE, SwiGLU; same results)."""
+    attention_backend: str = "auto"
+    """SDPA kernel to use first: 'auto' (torch's order), 'flash', 'cudnn', 'cudnn_mha' (cuDNN on K/V expanded to
+    every query head, for builds whose cuDNN path lacks GQA), 'efficient' or 'math'; others stay as fallbacks."""
     bos_token_id: Optional[int] = None
     """Beginning-of-sequence token id, written to the HF config when set."""
     eos_token_id: Optional[int] = None
@@ -137,6 +143,9 @@ class Qwen3Config:
         if self.moe_implementation not in MOE_IMPLEMENTATIONS:
             raise ValueError(
                 f"moe_implementation must be one of {MOE_IMPLEMENTATIONS}, got {self.moe_implementation!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in ("yarn", "default"):

@@ -11,6 +11,7 @@ modules for that reason), so ZeRO-3's per-module parameter gathering sees each u
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple, Union
 
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from models.config import Qwen3Config
@@ -78,6 +80,20 @@ def position_ids_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
     return idx - last_start
 
 
+_SDPA_KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                 "cudnn_mha": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                 "math": SDPBackend.MATH}
+
+
+def sdpa_priority(attention_backend: str) -> Optional[List[SDPBackend]]:
+    """SDPA kernels in the order tried for a config's `attention_backend`; None keeps torch's own order."""
+    if attention_backend == "auto":
+        return None
+    first = _SDPA_KERNELS[attention_backend]
+    return [first] + [k for k in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                                  SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if k != first]
+
+
 class Qwen3Attention(nn.Module):
     """Grouped-query attention with QK-Norm (RMSNorm per head, before RoPE) and no biases."""
 
@@ -93,6 +109,8 @@ class Qwen3Attention(nn.Module):
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.dca: Optional[DualChunkAttention] = None  # inference option, set by Qwen3ForCausalLM.set_attention_mode
+        self.expand_kv = cfg.attention_backend == "cudnn_mha"  # cuDNN without GQA support: give it H heads
+        self.sdpa_priority = sdpa_priority(cfg.attention_backend)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor],
                 kv_cache: Optional["KVCache"] = None) -> torch.Tensor:
@@ -108,7 +126,7 @@ class Qwen3Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D) with S = cached + T
         gqa = self.n_heads != self.n_kv_heads
-        if mask is not None and gqa:
+        if (mask is not None or self.expand_kv) and gqa:
             # Flash kernels take GQA natively but no arbitrary mask; the masked (memory-efficient) kernels
             # want equal head counts, so expand k/v only on this path.
             rep = self.n_heads // self.n_kv_heads
@@ -117,7 +135,8 @@ class Qwen3Attention(nn.Module):
         # is_causal only when queries and keys are the same positions (training, prefill of an empty cache);
         # a single decoding query attends to the whole cache.
         is_causal = mask is None and q.shape[2] == k.shape[2]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+        with sdpa_kernel(self.sdpa_priority, set_priority=True) if self.sdpa_priority else nullcontext():
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))  # (B, T, d)
 
 
@@ -171,12 +190,13 @@ class Qwen3LMHead(nn.Linear):
     def __init__(self, cfg: Qwen3Config) -> None:
         super().__init__(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.chunk_size = cfg.loss_chunk_size
+        self.compiled = cfg.compile  # the per-chunk softmax of the loss under torch.compile
 
     def forward(self, h: torch.Tensor, labels: Optional[torch.Tensor] = None):  # type: ignore[override]
         """h (N, d) -> logits (N, V), or with labels (N,) -> (mean loss, per-token losses (N,) fp32)."""
         if labels is None:
             return F.linear(h, self.weight)
-        return fused_linear_cross_entropy(h, self.weight, labels, self.chunk_size)
+        return fused_linear_cross_entropy(h, self.weight, labels, self.chunk_size, self.compiled)
 
 
 class Qwen3ForCausalLM(nn.Module):
@@ -193,6 +213,13 @@ class Qwen3ForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.balance = ExpertBalance(cfg) if cfg.is_moe else None
         self.dca: Optional[DualChunkAttention] = None  # set_attention_mode("dca", ...) at inference
+        if cfg.compile:
+            # Regional compilation: every block runs the same code on the same shapes, so one compiled graph
+            # (fusing norms, RoPE, SwiGLU and residual adds) serves all of them; `Module.compile` keeps the
+            # module tree and the state_dict names unchanged. Static shapes: a new shape (a stage's seq_len)
+            # compiles its own kernels instead of turning every dimension symbolic.
+            for layer in self.model.layers:
+                layer.compile(dynamic=False)
         # RoPE tables: non-persistent (never in the state_dict), recomputed from the config on every
         # device move, so this __init__ running on the meta device (!!) is harmless.
         length = rope_table_length(cfg.max_position_embeddings, cfg.rope_scaling)
