@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Speed on the H200 test machine in one prepared command: tristage vs HF vs HF + Liger (train/bench.py), the real
+# training path at the same shape, each optimisation on its own, and the GPU tests; results land in $OUT.
+#
+# Use when: a session holds the H200 (shared/gpu/README.md: Python 3.12, torch 2.11, transformers 5.17, no
+# deepspeed/hydra/datasets, no network). Here first, with the package registries, from the repository root:
+#   bash ../shared/gpu/wheels.sh liger-kernel==0.8.5                              # fills .whl/ (git-ignored)
+#   TRISTAGE_DATA_ROOT=$PWD/.cache/gpu_data python -m data.prepare data=fixture   # the fixture corpus, tokenized
+# then the device call: run(command="bash launch/gpu_check.sh", carry=[".whl", ".cache/gpu_data/fixture"],
+# timeout_s=600). About 9.5 minutes. PARTS picks parts (default "bench train ablate tests"), BUDGET_S (570) caps
+# the whole; each part stops at its own limit, and what it finished stays in $OUT (JSON written after every run).
+# A CPU rehearsal of the script itself (tests/test_bench.py): PY=python SKIP_WHEELS=1 BENCH_ARGS="--device cpu"
+# TRAIN_ARGS="model=tiny_dense device=cpu ..." launch/gpu_check.sh
+set -uo pipefail
+
+OUT=${OUT:-$PWD/gpu_out}
+PARTS=${PARTS:-bench train ablate tests}
+BUDGET_S=${BUDGET_S:-570}
+PY=${PY:-python3}
+read -r -a bench_args <<<"${BENCH_ARGS:-}"
+read -r -a train_args <<<"${TRAIN_ARGS:-}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+export TRISTAGE_DATA_ROOT=$PWD/.cache/gpu_data
+
+# The missing packages, carried as wheels (shared/gpu/README.md's line; PYTHONPATH may be unset there).
+if [[ -z "${SKIP_WHEELS:-}" ]]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-} || exit 1
+fi
+
+{
+  date -u +"%Y-%m-%d %H:%M UTC"
+  git rev-parse --short HEAD 2>/dev/null || true
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', \
+torch.backends.cudnn.version(), 'gpu', torch.cuda.is_available() and torch.cuda.get_device_name())"
+  for m in transformers deepspeed liger_kernel hydra omegaconf; do
+    "$PY" -c "import $m; print('$m', getattr($m, '__version__', '?'))" 2>&1 | tail -n 1
+  done
+} >"$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+# run_part NAME LIMIT_S MIN_S LOG COMMAND...: run when PARTS names it and at least MIN_S of the budget is left,
+# output to LOG, killed at min(LIMIT_S, what is left).
+run_part() {
+  local name=$1 limit=$2 min=$3 log=$4
+  shift 4
+  [[ " $PARTS " == *" $name "* ]] || return 0
+  local left=$((BUDGET_S - SECONDS))
+  local t=$((left < limit ? left : limit))
+  if ((t < min)); then
+    echo "[gpu_check] $name skipped: ${left}s of the budget left"
+    return 0
+  fi
+  echo "[gpu_check] $name: limit ${t}s, started at ${SECONDS}s"
+  timeout -s KILL "$t" "$@" >"$log" 2>&1
+  echo "[gpu_check] $name: exit $? at ${SECONDS}s (log: $log)"
+}
+
+# 1. The comparison table (issue item 1): every case, pure bf16 and DeepSpeed ZeRO-1 bf16, peers side by side.
+run_part bench 280 120 "$OUT/bench.log" "$PY" -m train.bench "${bench_args[@]}" --json "$OUT/bench.json"
+
+# 2. The real path (item 2): python -m train through DeepSpeed on the bench's 0.6b_4k shape, with the attention
+#    kernel the bench's probe picked; KILL at the limit leaves metrics.jsonl (one line per step) behind.
+attention=$("$PY" -c "import json; print(json.load(open('$OUT/bench.json'))['meta']['attention'].get('0.6b_4k', 'auto'))" \
+  2>/dev/null || echo auto)
+rm -rf runs/gpu_speed
+run_part train 120 60 "$OUT/train.log" "$PY" -m train experiment=gpu_speed \
+  model.attention_backend="$attention" run_dir=runs/gpu_speed "${train_args[@]}"
+[[ -f runs/gpu_speed/metrics.jsonl ]] && cp runs/gpu_speed/metrics.jsonl "$OUT/train_metrics.jsonl"
+
+# 3. Each means on its own (item 3, train/PERF_NOTES.md).
+ablate_cases=0.6b_4k,moe_8l_4k
+[[ " ${bench_args[*]} " == *" cpu "* ]] && ablate_cases=tiny_dense,tiny_moe
+run_part ablate 110 60 "$OUT/ablate.log" "$PY" -m train.bench --ablate --cases "$ablate_cases" "${bench_args[@]}" \
+  --json "$OUT/ablate.json"
+
+# 4. The GPU tests (Inductor vs eager, attention kernels vs math, grouped GEMM vs loop, the bench with Liger).
+run_part tests 90 30 "$OUT/pytest_gpu.log" "$PY" -m pytest -q -m gpu tests/test_bench.py -p no:cacheprovider
+[[ -f "$OUT/pytest_gpu.log" ]] && tail -n 15 "$OUT/pytest_gpu.log"
+
+# The tables last (the device tool returns the end of the output).
+[[ -f "$OUT/ablate.json" ]] && "$PY" -m train.bench --report "$OUT/ablate.json" | awk '/^## Runs/{p=1} /^## tristage/{p=0} p'
+if [[ -f "$OUT/bench.json" ]]; then
+  compare=()
+  [[ -f "$OUT/train_metrics.jsonl" ]] && compare=(--train-metrics "$OUT/train_metrics.jsonl" --train-case "${TRAIN_CASE:-0.6b_4k:4}")
+  "$PY" -m train.bench --report "$OUT/bench.json" "${compare[@]}" --json "$OUT/bench.json"
+else
+  echo "[gpu_check] no bench.json: see $OUT/bench.log"
+  tail -n 40 "$OUT/bench.log" 2>/dev/null
+fi
+echo "[gpu_check] done in ${SECONDS}s"
