@@ -52,7 +52,9 @@ def parser() -> argparse.ArgumentParser:
                    "from the General and the stage's trained lengths, out to 4x)")
     p.add_argument("--modes", type=_names, default=list(MODES), help="plain,yarn,dca")
     p.add_argument("--dca-local-size", type=int, default=0, help="DCA local window (default: trained length / 8)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="ppl windows / reasoning prompts per forward")
+    p.add_argument("--long-batch-size", type=int, default=d.long_batch_size,
+                   help="passkey prompts / position_loss windows per forward")
     return p
 
 
@@ -70,7 +72,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     sizes = Sizes(ppl_max_tokens=args.max_tokens, tasks=tuple(args.tasks), problems=args.problems,
                   max_new_tokens=args.max_new_tokens, depths=tuple(args.depths), trials=args.trials,
-                  windows=args.windows, batch_size=args.batch_size, modes=tuple(args.modes),
+                  windows=args.windows, batch_size=args.batch_size, long_batch_size=args.long_batch_size,
+                  modes=tuple(args.modes),
                   dca_local_size=args.dca_local_size, lengths=args.lengths)
     which = EVALUATIONS if args.evaluation == "all" else (args.evaluation,)
     summaries = evaluate(target, sizes, which, eval_device(args.device))

@@ -37,7 +37,8 @@ class Sizes:
     depths: Tuple[float, ...] = (0.0, 0.5, 1.0)  # passkey needle depths
     trials: int = 2  # passkey keys per (length, depth)
     windows: int = 2  # loss-by-position windows per length
-    batch_size: int = 8
+    batch_size: int = 8  # held-out windows / reasoning prompts per forward
+    long_batch_size: int = 4  # passkey prompts / loss-by-position windows per forward (long sequences)
     modes: Tuple[str, ...] = MODES
     dca_local_size: int = 0  # 0: the trained length / 8
     lengths: List[int] = field(default_factory=list)  # explicit passkey / position lengths instead of the plan
@@ -75,14 +76,14 @@ def evaluate_stage(model: Qwen3ForCausalLM, tok: Tokenizer, manifest: Path, stag
         write_result(out_dir, "reasoning", r, reasoning.markdown(r, title))
         summary["reasoning_accuracy"] = r["accuracy"]
     if "passkey" in which:
-        r = passkey.passkey_modes(model, tok, trained_len, grids, sizes.depths, sizes.trials, sizes.batch_size,
-                                  sizes.dca_local_size)
+        r = passkey.passkey_modes(model, tok, trained_len, grids, sizes.depths, sizes.trials,
+                                  sizes.long_batch_size, sizes.dca_local_size)
         write_result(out_dir, "passkey", r, passkey.markdown(r, title))
         summary["passkey"] = {m: dict(zip(map(str, g["lengths"]), g["accuracy_by_length"]))
                               for m, g in r["modes"].items()}
     if "position_loss" in which:
         r = position_loss.position_loss_modes(model, manifest, trained_len, checks, sizes.windows,
-                                              max(1, sizes.batch_size // 4), sizes.dca_local_size)
+                                              sizes.long_batch_size, sizes.dca_local_size)
         write_result(out_dir, "position_loss", r, position_loss.markdown(r, title))
         summary["loss_beyond"] = {f"{c['mode']}@{c['length']}": (c["summary"] or {}).get("loss_beyond")
                                   for c in r["curves"]}

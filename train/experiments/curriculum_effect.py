@@ -30,9 +30,11 @@ from train.eval.outputs import read_results
 from train.eval.suite import EVALUATIONS, Sizes, evaluate
 from train.eval.target import REPO, eval_device, resolve
 
-# GPU grids: ~1.5 minutes of evaluation for the three stages of the ~91M model on an H200
+# GPU grids, estimated at ~1.5 minutes for the three stages of the ~91M model on an H200: 50 problems per task
+# decoded together (no KV cache, left-padded), passkey 5 depths x 10 keys per length in batches of 16 (DCA's
+# score blocks at 8K tokens stay a few GB), 8 windows of loss by position
 GPU_SIZES = Sizes(ppl_max_tokens=2048, problems=50, max_new_tokens=256, depths=(0.0, 0.25, 0.5, 0.75, 1.0),
-                  trials=10, windows=8, batch_size=64)
+                  trials=10, windows=8, batch_size=64, long_batch_size=16)
 # CPU check (--tiny): the smoke curriculum, evaluated inside training by the stage-end suite with the smoke
 # experiment's small grids; --eval-only --tiny evaluates afterwards with these
 TINY_SIZES = Sizes(ppl_max_tokens=256, problems=1, max_new_tokens=16, depths=(0.5,), trials=1, windows=1,
