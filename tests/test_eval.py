@@ -226,3 +226,25 @@ def test_curriculum_effect_reads_the_right_cells():
     md = curriculum.markdown(e)
     assert "| passkey accuracy at 256 tokens (4x General), plain RoPE | 0.000 | – | 0.750 |" in md
     assert "| loss at positions 256-1024 | – | 5.000 | – |" in md
+
+
+def test_yarn_tables_follow_the_paper():
+    """YaRN (Peng et al. 2023): dims rotating more than beta_fast=32 times in the original context keep their
+    frequency, dims rotating less than beta_slow=1 time are divided by the factor, those between lie in between;
+    logits scale by (0.1 ln s + 1)^2, i.e. cos and sin by 0.1 ln s + 1."""
+    from models.rope import rope_inv_freq, rope_tables
+
+    head_dim, theta, original, factor = 64, 10_000.0, 256, 4.0
+    scaling = {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original}
+    plain, _ = rope_inv_freq(head_dim, theta)
+    yarn, attention = rope_inv_freq(head_dim, theta, scaling)
+    rotations = original * plain / (2 * math.pi)  # turns each dim makes over the original context
+    fast, slow = rotations > 32, rotations < 1
+    assert fast.any() and slow.any() and (~fast & ~slow).any()
+    torch.testing.assert_close(yarn[fast], plain[fast])
+    torch.testing.assert_close(yarn[slow], plain[slow] / factor)
+    mid = ~fast & ~slow
+    assert bool(((yarn[mid] <= plain[mid] + 1e-9) & (yarn[mid] >= plain[mid] / factor - 1e-9)).all())
+    assert attention == pytest.approx(0.1 * math.log(factor) + 1)
+    cos, sin = rope_tables(head_dim, theta, scaling, 8, torch.device("cpu"))
+    torch.testing.assert_close(cos[0], torch.full((head_dim // 2,), attention))

@@ -32,7 +32,6 @@ def curriculum_effect(results: Dict[str, Dict[str, Any]], order: Sequence[str],
                       seq_lens: Dict[str, int]) -> Dict[str, Any]:
     """The comparison numbers; `order` is the curriculum (General first, Long Context last)."""
     general, longctx = order[0], order[-1]
-    middle = list(order[1:-1])
     lg, llc = seq_lens[general], seq_lens[longctx]
 
     def get(stage: str, name: str) -> Optional[Dict[str, Any]]:
@@ -47,7 +46,7 @@ def curriculum_effect(results: Dict[str, Dict[str, Any]], order: Sequence[str],
         "reasoning_accuracy": reasoning, "reasoning_by_task": by_task,
         "abf": {s: {"passkey": passkey_at(get(s, "passkey"), "plain", 4 * lg),
                     "loss_beyond": loss_over(get(s, "position_loss"), "plain", 4 * lg, lg, 4 * lg)}
-                for s in [general, *middle, longctx]},
+                for s in order},
         "extension": {m: {"passkey": passkey_at(get(longctx, "passkey"), m, 4 * llc),
                           "loss_beyond": loss_over(get(longctx, "position_loss"), m, 4 * llc, llc, 4 * llc)}
                       for m in ("plain", "yarn", "dca")},
