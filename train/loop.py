@@ -308,9 +308,13 @@ class Trainer:
             self.engine.set_lr(lr)
             if hasattr(self.module, "start_step"):
                 self.module.start_step()
-            comp_sums = torch.zeros(len(components), dtype=torch.float64)
-            comp_counts = torch.zeros(len(components), dtype=torch.float64)
-            aux_sum = 0.0
+            # the step's sums stay on the device until the one copy to the host after the optimizer step: no
+            # micro-batch waits for the one before it to finish (a host sync each would leave the GPU idle
+            # while Python launches the next forward)
+            dev = info.device
+            comp_sums = torch.zeros(len(components), dtype=torch.float64, device=dev)
+            comp_counts = torch.zeros(len(components), dtype=torch.float64, device=dev)
+            aux_sum = torch.zeros((), dtype=torch.float64, device=dev)
             scale = (float("nan") if injected("nan", stage.name, step, info.rank)
                      else 20.0 if injected("spike", stage.name, step, info.rank) else None)
             for m in range(plan.grad_accum):
@@ -318,23 +322,24 @@ class Trainer:
                 inject("stall", stage.name, step, info.rank)
                 idx = _global_indices(state.step, m, plan, info.rank, info.world_size)
                 batch = stream.batch(idx)
-                out = self.engine.micro_step(_to_device(batch, info.device, cfg.data.doc_masking),
-                                             last=m == plan.grad_accum - 1, loss_scale=scale)
-                tok = out.token_losses.detach().double().cpu()  # (B, T)
+                on_device = _to_device(batch, dev, cfg.data.doc_masking)
+                out = self.engine.micro_step(on_device, last=m == plan.grad_accum - 1, loss_scale=scale)
+                tok = out.token_losses.detach().double()  # (B, T)
                 if scale is not None:
                     tok = tok * scale
-                mask = (batch["labels"] != -100).double()
-                comp = batch["component_ids"].long()
-                comp_sums.index_add_(0, comp.flatten(), (tok * mask).flatten())
-                comp_counts.index_add_(0, comp.flatten(), mask.flatten())
-                aux_sum += float(out.aux_loss.detach())
+                mask = (on_device["labels"] != -100).double()
+                comp = batch["component_ids"].to(dev, torch.long, non_blocking=True).flatten()
+                comp_sums.index_add_(0, comp, (tok * mask).flatten())
+                comp_counts.index_add_(0, comp, mask.flatten())
+                aux_sum += out.aux_loss.detach().double()
             grad_norm, applied = self.engine.optimizer_step()
             self.watchdog.beat(f"{stage.name} step {step} metrics")
             # one all-reduce carries the losses, the aux loss and the preemption flag
-            packed = torch.cat([comp_sums, comp_counts,
-                                torch.tensor([aux_sum, float(self.preemption.requested)], dtype=torch.float64)])
+            flag = torch.tensor([float(self.preemption.requested)], dtype=torch.float64).to(dev, non_blocking=True)
+            packed = torch.cat([comp_sums, comp_counts, aux_sum[None], flag])
             if info.world_size > 1:
-                dist.all_reduce(packed)
+                dist.all_reduce(packed)  # on the device: NCCL reduces GPU tensors only
+            packed = packed.cpu()  # the step's one host sync of its own
             n = len(components)
             comp_sums, comp_counts = packed[:n], packed[n: 2 * n]
             aux_mean = packed[2 * n].item() / (plan.grad_accum * info.world_size)
