@@ -171,33 +171,34 @@ def plot_passkey(results: Dict[str, Dict[str, Any]], order: List[str], path: Pat
 
 
 def plot_position_loss(results: Dict[str, Dict[str, Any]], order: List[str], path: Path) -> Optional[Path]:
-    """Loss by token position (smoothed) for every stage and mode, trained lengths marked."""
+    """Loss by token position (moving average), one panel per evaluated length: curves of one length share
+    their windows of text, so only they compare (4x General: the stages; 4x Long Context: the modes)."""
     curves = [(s, c) for s in order for c in results.get(s, {}).get("position_loss", {}).get("curves", [])
               if c.get("curve")]
     if not curves:
         return None
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    lengths = sorted({c["length"] for _, c in curves})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4.2), squeeze=False, layout="constrained")
     styles = {"plain": "-", "yarn": "--", "dca": ":"}
     colors = _stage_colors(order)
-    longest: Dict[Tuple[str, str], Dict[str, Any]] = {}
-    for s, c in curves:  # per (stage, mode) only the longest curve; shorter ones repeat its beginning
-        if (s, c["mode"]) not in longest or c["length"] > longest[(s, c["mode"])]["length"]:
-            longest[(s, c["mode"])] = c
-    for (s, mode), c in longest.items():
-        y = np.asarray(c["curve"])
-        k = max(1, len(y) // 32)  # moving average: a few windows leave per-position losses noisy
-        smooth = np.convolve(y, np.ones(k) / k, mode="valid")
-        ax.plot(np.arange(len(smooth)) + k // 2, smooth, styles.get(mode, "-"), color=colors[s],
-                label=f"{s} {mode}", linewidth=1.2)
-    for s in order:
-        r = results.get(s, {}).get("position_loss")
-        if r:
-            ax.axvline(r["trained_len"], color=colors[s], linewidth=0.8, alpha=0.6)
-    ax.set_xlabel("token position (vertical lines: each stage's trained length)")
-    ax.set_ylabel("mean loss (nats/token)")
-    ax.set_title("Held-out loss by position")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+    for ax, length in zip(axes[0], lengths):
+        for s, c in curves:
+            if c["length"] != length:
+                continue
+            y = np.asarray(c["curve"])
+            k = max(1, len(y) // 32)  # a few windows leave per-position losses noisy
+            smooth = np.convolve(y, np.ones(k) / k, mode="valid")
+            ax.plot(np.arange(len(smooth)) + k // 2, smooth, styles.get(c["mode"], "-"), color=colors[s],
+                    label=f"{s} {c['mode']}", linewidth=1.2)
+        for s in order:
+            r = results.get(s, {}).get("position_loss")
+            if r and r["trained_len"] < length:
+                ax.axvline(r["trained_len"], color=colors[s], linewidth=0.8, alpha=0.6)
+        ax.set_title(f"windows of {length} tokens", fontsize=10)
+        ax.set_xlabel("token position (vertical lines: trained lengths)")
+        ax.legend(fontsize=7, ncol=2)
+    axes[0][0].set_ylabel("mean held-out loss (nats/token)")
+    fig.suptitle("Held-out loss by position")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -65,26 +65,25 @@ def evaluate_stage(model: Qwen3ForCausalLM, tok: Tokenizer, manifest: Path, stag
     sizes = sizes or Sizes()
     grids, checks = plan(first_len, trained_len, sizes.modes, sizes.lengths)
     summary: Dict[str, Any] = {"stage": stage, "trained_len": trained_len}
-    title = f"{stage}"
     if "ppl" in which:
         r = ppl.perplexity(model, manifest, trained_len, sizes.ppl_max_tokens, sizes.batch_size)
-        write_result(out_dir, "ppl", r, ppl.markdown(r, title))
+        write_result(out_dir, "ppl", r, ppl.markdown(r, stage))
         summary["heldout_ppl_geomean"] = r["geomean"]["all"]
     if "reasoning" in which:
         r = reasoning.reasoning_accuracy(model, tok, manifest, sizes.tasks, sizes.problems, sizes.max_new_tokens,
                                          sizes.batch_size)
-        write_result(out_dir, "reasoning", r, reasoning.markdown(r, title))
+        write_result(out_dir, "reasoning", r, reasoning.markdown(r, stage))
         summary["reasoning_accuracy"] = r["accuracy"]
     if "passkey" in which:
         r = passkey.passkey_modes(model, tok, trained_len, grids, sizes.depths, sizes.trials,
                                   sizes.long_batch_size, sizes.dca_local_size)
-        write_result(out_dir, "passkey", r, passkey.markdown(r, title))
+        write_result(out_dir, "passkey", r, passkey.markdown(r, stage))
         summary["passkey"] = {m: dict(zip(map(str, g["lengths"]), g["accuracy_by_length"]))
                               for m, g in r["modes"].items()}
     if "position_loss" in which:
         r = position_loss.position_loss_modes(model, manifest, trained_len, checks, sizes.windows,
                                               sizes.long_batch_size, sizes.dca_local_size)
-        write_result(out_dir, "position_loss", r, position_loss.markdown(r, title))
+        write_result(out_dir, "position_loss", r, position_loss.markdown(r, stage))
         summary["loss_beyond"] = {f"{c['mode']}@{c['length']}": (c["summary"] or {}).get("loss_beyond")
                                   for c in r["curves"]}
     return summary
