@@ -63,11 +63,13 @@ run_part bench 280 120 "$OUT/bench.log" "$PY" -m train.bench "${bench_args[@]}" 
 
 # 2. The real path (item 2): python -m train through DeepSpeed on the bench's 0.6b_4k shape, with the attention
 #    kernel the bench's probe picked; KILL at the limit leaves metrics.jsonl (one line per step) behind.
-attention=$("$PY" -c "import json; print(json.load(open('$OUT/bench.json'))['meta']['attention'].get('0.6b_4k', 'auto'))" \
-  2>/dev/null || echo auto)
+#    If compiling failed in the bench (it then measured the eager model), the training run goes eager too.
+read -r attention compile < <("$PY" -c "import json; m = json.load(open('$OUT/bench.json'))['meta']; \
+print(m['attention'].get('0.6b_4k', 'auto'), 'false' if m.get('compile_failed') else 'true')" 2>/dev/null \
+  || echo auto true)
 rm -rf runs/gpu_speed
-run_part train 120 60 "$OUT/train.log" "$PY" -m train experiment=gpu_speed \
-  model.attention_backend="$attention" run_dir=runs/gpu_speed "${train_args[@]}"
+run_part train 120 60 "$OUT/train.log" "$PY" -m train experiment=gpu_speed model.attention_backend="$attention" \
+  model.compile="$compile" run_dir=runs/gpu_speed "${train_args[@]}"
 [[ -f runs/gpu_speed/metrics.jsonl ]] && cp runs/gpu_speed/metrics.jsonl "$OUT/train_metrics.jsonl"
 
 # 3. Each means on its own (item 3, train/PERF_NOTES.md).

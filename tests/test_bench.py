@@ -102,6 +102,30 @@ def test_train_metrics_are_compared_with_the_bench_ds_row(tmp_path):
     assert out["tokens_per_s"] == 950.0 and out["ratio"] == pytest.approx(0.95)
 
 
+def test_liger_patches_last_for_the_run_and_are_undone(monkeypatch):
+    """Liger's patches are module globals looked up at call time: on during a liger run, gone for the next hf run."""
+    import sys
+    import types
+
+    from transformers.models.qwen3 import modeling_qwen3
+
+    def fake_apply():
+        modeling_qwen3.apply_rotary_pos_emb = "liger rope"
+        modeling_qwen3.Qwen3ForCausalLM.forward = "liger forward"
+        modeling_qwen3.LigerOnly = True
+
+    fake = types.ModuleType("liger_kernel.transformers")
+    fake.apply_liger_kernel_to_qwen3, fake.apply_liger_kernel_to_qwen3_moe = fake_apply, None
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
+    rope, forward = modeling_qwen3.apply_rotary_pos_emb, modeling_qwen3.Qwen3ForCausalLM.forward
+    with bench._LigerPatch(moe=False):
+        assert modeling_qwen3.apply_rotary_pos_emb == "liger rope" and modeling_qwen3.LigerOnly
+        assert modeling_qwen3.Qwen3ForCausalLM.forward == "liger forward"
+    assert modeling_qwen3.apply_rotary_pos_emb is rope and modeling_qwen3.Qwen3ForCausalLM.forward is forward
+    assert not hasattr(modeling_qwen3, "LigerOnly")
+
+
 def test_bench_rejects_unknown_cases():
     with pytest.raises(SystemExit, match="unknown cases"):
         bench.main(["--device", "cpu", "--cases", "no_such_case"])

@@ -29,6 +29,7 @@ implementation's best micro-batch. The table is printed last; `--json` writes ev
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -124,10 +125,10 @@ def _hf_config(cfg: Qwen3Config):
 
 
 class _LigerPatch:
-    """Apply Liger's class-level patches to transformers' Qwen3 modules for one build, then undo them.
+    """Apply Liger's patches to transformers' Qwen3 modules for one run (build and steps), then undo them.
 
-    `apply_liger_kernel_to_qwen3` replaces module globals (RMSNorm, MLP, RoPE) and `ForCausalLM.forward`; left in
-    place they would turn every later `hf` run of this process into a Liger run.
+    `apply_liger_kernel_to_qwen3` replaces module globals (RMSNorm, MLP, RoPE) and `ForCausalLM.forward`, which
+    are looked up at call time: they must stay while the Liger model runs, and go before the next `hf` run.
     """
 
     def __init__(self, moe: bool):
@@ -197,12 +198,8 @@ def build_model(run: Run, cfg: Qwen3Config, device: torch.device, dtype: torch.d
     if cfg.is_moe:
         # grouped GEMM where it runs (CUDA); its CPU backward fails on torch 2.13 (shared/gpu/README.md)
         kwargs["experts_implementation"] = "grouped_mm" if device.type == "cuda" else "eager"
-    if run.impl == "liger":
-        with _LigerPatch(cfg.is_moe), torch.device(device):
-            model = cls._from_config(hf_cfg, **kwargs)
-    else:
-        with torch.device(device):
-            model = cls._from_config(hf_cfg, **kwargs)
+    with torch.device(device):  # a `liger` run is inside _LigerPatch (run_one)
+        model = cls._from_config(hf_cfg, **kwargs)
     return model.to(device=device, dtype=dtype).train()
 
 
@@ -372,7 +369,8 @@ def run_one(run: Run, case: Case, device: torch.device, warmup: int, steps: int)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        times = _measure(run, case, cfg, device, dtype, warmup, steps)
+        with _LigerPatch(cfg.is_moe) if run.impl == "liger" else contextlib.nullcontext():
+            times = _measure(run, case, cfg, device, dtype, warmup, steps)
     except torch.OutOfMemoryError:
         row["status"] = "oom"
     except Exception as e:  # noqa: BLE001 - one failing run must not cost the others
@@ -734,6 +732,15 @@ def bench(args: argparse.Namespace, argv: Sequence[str],
     for i, run in enumerate(runs):
         case = cases[run.case]
         row = run_one(run, case, device, args.warmup or case.warmup, args.steps or case.steps)
+        if row["status"].startswith("error") and run.impl == "tristage" and run.model.get("compile"):
+            # a compiler failure must not cost the whole comparison: measure the eager model instead, and say so
+            print(f"[bench] compiled run failed ({row['status']}); again without compile\n{row.get('traceback')}",
+                  file=sys.stderr, flush=True)
+            result["meta"].setdefault("compile_failed", []).append(f"{run.case} {run.regime}: {row['status']}")
+            failed = row["status"]
+            row = run_one(dataclasses.replace(run, model={**run.model, "compile": False}), case, device,
+                          args.warmup or case.warmup, args.steps or case.steps)
+            row["note"] = f"eager: the compiled run failed ({failed})"
         result["rows"].append(row)
         print(f"[bench] {i + 1}/{len(runs)} {run.case} {run.impl} {run.regime} {run.variant} mb{run.micro_batch}: "
               f"{row['status']} {_fmt(row.get('tokens_per_s'))} tok/s {_fmt(row.get('mfu'), '.1%')} "
