@@ -268,7 +268,8 @@ class StageStream:
         parts = [p for p in self.plan.parts if p.samples > 0]
         self._parts = [self._build_part(p, cidx[p.component]) for p in parts]
         self._part_component = np.array([ix.component for ix in self._parts], dtype=np.int64)
-        self.blend_part, self.blend_sample = self._blend(np.array([p.samples for p in parts]))
+        self.blend_part, self.blend_sample = self._blend(np.array([p.samples for p in parts]),
+                                                         _rng(seed, stage, "blend", 2).random(len(parts)))
         self._arange = np.arange(seq_len + 1, dtype=np.int64)
         log.info("%s", self.plan.table())
 
@@ -289,11 +290,16 @@ class StageStream:
         return _PartIndex(component, part, doc_idx, sample_doc, sample_off, shuffle)
 
     @staticmethod
-    def _blend(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Interleave the parts evenly: part p's k-th sample sits at 'time' (k + 1/2) / samples_p."""
+    def _blend(samples: np.ndarray, phase: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Interleave the parts evenly: part p's k-th sample sits at 'time' (k + phase_p) / samples_p.
+
+        Each part is spread evenly over the stage; the random phase in [0, 1) keeps parts of equal size apart.
+        With one fixed phase, hundreds of small parts (UDHR's 440 languages with a few samples each) would all
+        fall at the same times, and whole global batches would be made of one source and none of the others.
+        """
         part = np.repeat(np.arange(len(samples), dtype=np.int32), samples)
         k = np.concatenate([np.arange(n, dtype=np.int64) for n in samples])
-        order = np.argsort((k + 0.5) / samples[part], kind="stable")
+        order = np.argsort((k + phase[part]) / samples[part], kind="stable")
         return part[order], k[order]
 
     def batch(self, indices: Sequence[int]) -> Dict[str, torch.Tensor]:

@@ -205,3 +205,26 @@ def test_index_out_of_range(manifest):
     s = stream(manifest, n=10)
     with pytest.raises(IndexError):
         s.batch([10])
+
+
+def test_blend_spreads_many_small_parts_over_every_batch():
+    """440 small parts (UDHR's languages) and 4 large ones: each 64-sample batch keeps the mixture's shares.
+
+    With one fixed phase for every part, the small parts' samples all fell at the same positions and made
+    whole batches of one source (seen in the demo as loss jumps of 1.5 nats every ~25 steps).
+    """
+    import numpy as np
+
+    from data.loader import StageStream
+
+    samples = np.array([3] * 440 + [600] * 4)
+    small_share = 3 * 440 / samples.sum()
+    phase = np.random.default_rng(0).random(len(samples))
+    part, k = StageStream._blend(samples, phase)
+    assert len(part) == samples.sum() and np.array_equal(np.bincount(part), samples)
+    for p in (0, 440):  # each part's samples keep their order
+        assert list(k[part == p]) == list(range(samples[p]))
+    small = (part < 440).astype(float)
+    usable = len(small) // 64 * 64
+    per_batch = small[:usable].reshape(-1, 64).mean(axis=1)
+    assert per_batch.max() < 2 * small_share and per_batch.min() > small_share / 3

@@ -495,7 +495,7 @@ class Trainer:
             model.load_state_dict(state_dict, assign=True)
             out = self.run_dir / "hf" / stage.name
             save_hf(model, out)
-            self.tokenizer.save(out) if hasattr(self.tokenizer, "save") else None
+            shutil.copy2(self.tokenizer.path, out / self.tokenizer.path.name)  # the export decodes on its own
         barrier()
 
     def _evaluate(self, stage: StageConfig) -> None:
@@ -527,7 +527,6 @@ def run(cfg: TrainConfig, resolved: Dict[str, Any]) -> int:
     """Validate, start the process group, train the curriculum; returns the exit code."""
     _, world, _, _ = world_from_env()
     plans = validate(cfg, world)  # before any process group: a bad key fails fast, on every rank alike
-    expert_parallel.check_config(cfg)
     info = init_distributed(cfg)
     run_dir = Path(cfg.run_dir)
     if info.rank == 0:
