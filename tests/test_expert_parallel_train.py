@@ -12,14 +12,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from train.engine import safe_torch_load
 from trainutil import SMOKE, losses, run_train, steps
 
 # The General stage alone for 10 steps of 16 x 64 tokens, at the General stage's real peak LR (3e-4; the
 # smoke curriculum's 3e-3 makes 10 steps chaotic enough that fp32 rounding, which differs with any change of
-# reduction order - ZeRO-1 vs ZeRO-2 as much as EP - grows past 1e-5 within a few steps).
+# reduction order - ZeRO-1 vs ZeRO-2 as much as EP - grows past 1e-5 within a few steps). AdamW's eps at 1e-6:
+# with 1e-8, a weight whose gradient is ~1e-7 (an expert few tokens reach) moves by lr * g / sqrt(v) ~ lr
+# whatever g is, so a rounding-level change of g could move it by ~1e-5 after 10 steps.
 TEN_STEPS = [*SMOKE, "model=tiny_moe", "eval.enabled=false", "curriculum.order=[general]",
              "curriculum.stages.general.tokens=10240", "curriculum.stages.general.lr.peak=3e-4",
-             "curriculum.stages.general.lr.final=3e-4"]
+             "curriculum.stages.general.lr.final=3e-4", "optim.eps=1e-6"]
 TOL = 1e-5
 _runs: Dict[str, Path] = {}
 
@@ -69,7 +72,8 @@ def test_expert_parallel_equals_ep1(data_root, tmp_path_factory, nproc, zero, ep
         # DeepSpeed's MoE checkpoint layout: the experts are not in the model-states file but one file each
         ckpt = run_dir / "checkpoints" / "0-general-step0000010"
         assert len(list(ckpt.glob("layer_*_expert_*_mp_rank_00_model_states.pt"))) == 4 * 8
-        module = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        with safe_torch_load():
+            module = torch.load(ckpt / "mp_rank_00_model_states.pt")["module"]
         assert not [k for k in module if ".experts." in k] and "model.layers.0.mlp.gate.weight" in module
         assert len(list(ckpt.glob("zero_pp_rank_*_optim_states.pt"))) == nproc
         meta = json.loads((ckpt / "meta.json").read_text())

@@ -66,8 +66,10 @@ def init_distributed(cfg: TrainConfig) -> DistInfo:
 
     rank, world, local_rank, local_world = world_from_env()
     device = resolve_device(cfg, local_rank)
-    if world == 1 and "MASTER_ADDR" not in os.environ:
-        # a plain `python -m train`: a one-rank group keeps a single code path for everything below
+    if world == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+        # a plain `python -m train`: a one-rank group keeps a single code path for everything below. Its own
+        # free port, always: a MASTER_PORT inherited from a parent process may be taken (torchrun's workers,
+        # which connect to their agent's store there, keep theirs)
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     backend = cfg.dist.backend

@@ -80,12 +80,15 @@ def load_model(path: Path, device: torch.device, dtype: Optional[torch.dtype] = 
     meta = json.loads((path / "meta.json").read_text())
     cfg = OmegaConf.to_container(OmegaConf.load(path / "config.yaml").model, resolve=True)
     cfg["rope_theta"] = float(meta["rope_theta"])  # the stage's base, as the HF export would carry it
-    if meta.get("zero_stage") == 3:  # parameters are partitioned: DeepSpeed's own consolidation
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from train.engine import safe_torch_load  # DeepSpeed's files, loaded without running pickled code
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-    else:
-        state = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    with safe_torch_load():
+        if meta.get("zero_stage") == 3:  # parameters are partitioned: DeepSpeed's own consolidation
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+        else:
+            state = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
     with torch.device("meta"):
         model = Qwen3ForCausalLM(cfg)
     model.to_empty(device="cpu")  # allocates, rebuilds the RoPE tables and re-ties the head
