@@ -79,6 +79,17 @@ def test_world_size_change_reshards_exactly(data_root, tmp_path_factory, tmp_pat
         assert got[key][0] == pytest.approx(reference[key][0], rel=1e-6), key
 
 
+_FULL = [(z, m, w) for z in ("zero1", "zero2", "zero3") for m in ("tiny_dense", "tiny_moe") for w in (1, 4)]
+_CI = {("zero1", "tiny_dense", 1), ("zero2", "tiny_dense", 4), ("zero3", "tiny_dense", 1), ("zero3", "tiny_moe", 4)}
+
+
+@pytest.mark.matrix
+@pytest.mark.parametrize("zero, model, new_world", [c for c in _FULL if c not in _CI])
+def test_world_size_change_full_matrix(data_root, tmp_path_factory, tmp_path, zero, model, new_world):
+    """The rest of ZeRO-1/2/3 x dense/MoE x 2 -> 1/4 ranks (`pytest -m matrix`; ~10 minutes on 2 cores)."""
+    test_world_size_change_reshards_exactly(data_root, tmp_path_factory, tmp_path, zero, model, new_world)
+
+
 def reshard_overrides(zero: str, model: str) -> list:
     # MoE without the balance loss: under gradient accumulation its expert counts depend on how the global batch
     # is cut into micro-batches (models/moe.py), which a different world size changes by design
