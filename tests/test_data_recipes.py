@@ -50,9 +50,9 @@ def test_reasoning_worked_steps_are_exact(expr, result, steps):
     assert len(got_steps) == steps and got_steps[-1].endswith(f"= {result}")
 
 
-def test_reasoning_documents_are_chat_formatted_with_checked_answers():
+def test_reasoning_documents_are_chat_formatted_with_checked_answers(tmp_path):
     opts = reasoning.Options(tasks={"chain_sum": {"size": 5, "seed": 3}, "gsm_symbolic": {"size": 3, "seed": 0}})
-    docs = list(reasoning.documents(opts, Path("unused")))
+    docs = list(reasoning.documents(opts, tmp_path))
     assert [d["id"] for d in docs[:2]] == ["reasoning_gym/chain_sum/3/0", "reasoning_gym/chain_sum/3/1"]
     assert len(docs) == 8
     for d in docs:
@@ -62,21 +62,22 @@ def test_reasoning_documents_are_chat_formatted_with_checked_answers():
         answer = t.split("</think>\n\n")[1][: -len("<|im_end|>")]
         assert answer in t.split("</think>")[0]  # the worked steps reach the answer
     with pytest.raises(DataError, match="options.tasks is empty"):
-        list(reasoning.documents(reasoning.Options(), Path("unused")))
+        list(reasoning.documents(reasoning.Options(), tmp_path))
 
 
-def test_bible_refuses_translations_that_are_not_public_domain():
+def test_bible_refuses_translations_that_are_not_public_domain(tmp_path):
     with pytest.raises(DataError, match=r"translations \['a', 'n'\] are not public domain"):
-        list(bible.documents(bible.Options(translations=["k", "a", "n"]), Path("unused")))
+        list(bible.documents(bible.Options(translations=["k", "a", "n"]), tmp_path))
+    assert list(tmp_path.iterdir()) == []  # refused before anything was fetched
 
 
-def test_stdlib_slice_is_ordered_and_skips_tests():
-    docs = list(code.documents(code.Options(humaneval=False, stdlib_max_bytes=300_000), Path("unused")))
+def test_stdlib_slice_is_ordered_and_skips_tests(tmp_path):
+    docs = list(code.documents(code.Options(humaneval=False, stdlib_max_bytes=300_000), tmp_path))
     ids = [d["id"] for d in docs]
     top = [i for i in ids if i.count("/") == 1]  # os.walk: a folder's own files in name order, then subfolders
     assert top == sorted(top) and ids[0] == "stdlib/__future__.py"
     assert ids == [d["id"] for d in code.documents(code.Options(humaneval=False, stdlib_max_bytes=300_000),
-                                                   Path("unused"))]
+                                                   tmp_path)]
     assert sum(len(d["text"].encode()) for d in docs) <= 300_000 and len(docs) > 5
     assert not any("/test/" in i or "/tests/" in i for i in ids)
     assert {d["language"] for d in docs} == {"python"}

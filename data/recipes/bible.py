@@ -54,9 +54,10 @@ def database(downloads: Path) -> Path:
 
 def documents(opts: Options, downloads: Path) -> Iterator[dict]:
     """One document per (translation, book): the book's name, then one paragraph per chapter."""
+    codes = _translations(opts)  # refuse a bad translation list before fetching 70 MB
     db = sqlite3.connect(f"file:{database(downloads)}?mode=ro", uri=True)
     try:
-        for code in _translations(opts):
+        for code in codes:
             lang, _ = PUBLIC_DOMAIN[code]
             names = dict(db.execute("SELECT bNumber, bName FROM bibleRef WHERE bbName=?", (code,)).fetchall())
             rows = db.execute("SELECT bNumber, cNumber, vText FROM bible WHERE bbName=? "
