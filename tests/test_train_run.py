@@ -149,3 +149,13 @@ def test_resume_refuses_a_changed_model_or_tokenizer(data_root, tmp_path, overri
     assert proc.returncode == 2
     assert needle in proc.stdout
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before  # nothing overwritten
+
+
+def test_carry_optimizer_false_resets_adamw_at_the_switch(data_root, tmp_path_factory):
+    """Same weights into Reasoning either way (its first loss is equal); fresh AdamW moments change its updates."""
+    carried = losses(smoke_run(tmp_path_factory, "carry", ["model=tiny_dense", "deepspeed=zero2", "eval.enabled=false"]))
+    reset = losses(smoke_run(tmp_path_factory, "reset", ["model=tiny_dense", "deepspeed=zero2", "eval.enabled=false",
+                                                          "curriculum.stages.reasoning.carry_optimizer=false"]))
+    assert all(reset[("general", s)] == carried[("general", s)] for s in range(1, 5))
+    assert reset[("reasoning", 1)][0] == carried[("reasoning", 1)][0]
+    assert abs(reset[("reasoning", 2)][0] - carried[("reasoning", 2)][0]) > 1e-3
