@@ -91,9 +91,12 @@ def test_ranks_and_zero_stages_agree(data_root, tmp_path_factory):
     one = losses(smoke_run(tmp_path_factory, "dense1", ["model=tiny_dense"]))
     z2 = losses(smoke_run(tmp_path_factory, "tiny_dense-zero2", ["model=tiny_dense", "deepspeed=zero2"], nproc=2))
     z3 = losses(smoke_run(tmp_path_factory, "tiny_dense-zero3", ["model=tiny_dense", "deepspeed=zero3"], nproc=2))
+    offload = losses(smoke_run(tmp_path_factory, "tiny_dense-zero3_offload",
+                               ["model=tiny_dense", "deepspeed=zero3_offload"], nproc=2))
     for key in one:
         assert z2[key][0] == pytest.approx(one[key][0], rel=1e-4), key
         assert z3[key][0] == pytest.approx(z2[key][0], rel=1e-4), key
+        assert offload[key][0] == pytest.approx(z3[key][0], rel=1e-4), key
 
 
 @pytest.mark.parametrize("nproc, zero, stage, step", [
@@ -159,3 +162,18 @@ def test_carry_optimizer_false_resets_adamw_at_the_switch(data_root, tmp_path_fa
     assert all(reset[("general", s)] == carried[("general", s)] for s in range(1, 5))
     assert reset[("reasoning", 1)][0] == carried[("reasoning", 1)][0]
     assert abs(reset[("reasoning", 2)][0] - carried[("reasoning", 2)][0]) > 1e-3
+
+
+def test_start_at_a_later_stage_from_an_hf_export(data_root, tmp_path_factory, tmp_path):
+    """`curriculum.start=long_context init_from=<run>/hf/reasoning` trains only Long Context, from those weights:
+    its first loss (a forward before any update, on the same data) is the full run's, to fp32 rounding."""
+    full = smoke_run(tmp_path_factory, "dense1", ["model=tiny_dense"])
+    run_dir = tmp_path / "lc_only"
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", "model=tiny_dense", "curriculum.start=long_context",
+                      f"init_from={full / 'hf' / 'reasoning'}"])
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    got = losses(run_dir)
+    assert list(got) == [("long_context", 1), ("long_context", 2)]
+    assert got[("long_context", 1)][0] == pytest.approx(losses(full)[("long_context", 1)][0], rel=1e-6)
+    starts = [r for r in records(run_dir) if r.get("event") == "stage_start"]
+    assert [(r["stage"], r["rope_theta"]) for r in starts] == [("long_context", 1e6)]
