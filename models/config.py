@@ -12,6 +12,7 @@ from typing import Any, Dict, Mapping, Optional
 BALANCE_GRANULARITIES = ("micro", "global")
 MOE_IMPLEMENTATIONS = ("auto", "grouped_mm", "loop")
 ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "cudnn_mha", "efficient", "math")
+DOC_MASK_IMPLEMENTATIONS = ("auto", "flex", "dense")
 
 
 @dataclass
@@ -71,6 +72,10 @@ class Qwen3Config:
     attention_backend: str = "auto"
     """SDPA kernel to use first: 'auto' (torch's order), 'flash', 'cudnn', 'cudnn_mha' (cuDNN on K/V expanded to
     every query head, for builds whose cuDNN path lacks GQA), 'efficient' or 'math'; others stay as fallbacks."""
+    doc_mask_implementation: str = "auto"
+    """Attention under document masking (`doc_ids`, `data.doc_masking`): 'flex' (FlexAttention with a BlockMask of
+    (T/128)^2 tiles, compiled on CUDA), 'dense' (SDPA with a (B, 1, T, T) bool mask), 'auto' = flex on CUDA, dense
+    elsewhere (torch has no FlexAttention backward on the CPU). Same attention either way; see models/doc_mask.py."""
     bos_token_id: Optional[int] = None
     """Beginning-of-sequence token id, written to the HF config when set."""
     eos_token_id: Optional[int] = None
@@ -146,6 +151,9 @@ class Qwen3Config:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if self.doc_mask_implementation not in DOC_MASK_IMPLEMENTATIONS:
+            raise ValueError(f"doc_mask_implementation must be one of {DOC_MASK_IMPLEMENTATIONS}, "
+                             f"got {self.doc_mask_implementation!r}")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in ("yarn", "default"):

@@ -7,23 +7,24 @@ the released checkpoints store `mlp.experts.{e}.{gate,up,down}_proj.weight` per 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from models.config import Qwen3Config
+from models.moe import Qwen3MoeExperts
 from models.qwen3 import Qwen3ForCausalLM
 
 PathLike = Union[str, os.PathLike]
-_EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 _SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -147,6 +148,78 @@ def _checkpoint_files(path: Path) -> List[Path]:
     raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
+class HFWeights:
+    """The weights of an HF checkpoint directory, read one parameter at a time under this model's names.
+
+    Every key's name and shape is checked against `cfg` when the reader is made, before anything is read
+    or written: a bad checkpoint fails with nothing loaded. `tensor(name)` then reads one parameter (for
+    stacked MoE experts, optionally only some experts) from disk; nothing else is held in memory.
+    """
+
+    def __init__(self, path: PathLike, cfg: Qwen3Config) -> None:
+        self.path = Path(path)
+        self.cfg = cfg
+        with torch.device("meta"):
+            expected = {k: tuple(t.shape) for k, t in hf_tensors(Qwen3ForCausalLM(cfg).state_dict(), cfg)}
+        self.files: Dict[str, Path] = {}
+        for file in _checkpoint_files(self.path):
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    if key == "lm_head.weight" and cfg.tie_word_embeddings:
+                        continue  # some exports store the tied head anyway; the embedding is the source
+                    if key not in expected:
+                        raise ValueError(f"{file.name}: unexpected key {key}")
+                    shape = tuple(f.get_slice(key).get_shape())
+                    if shape != expected[key]:
+                        raise ValueError(f"{file.name}: {key}: checkpoint shape {shape} != model shape "
+                                         f"{expected[key]}")
+                    self.files[key] = file
+        self._open: Dict[Path, Any] = {}
+        missing = sorted(set(expected) - set(self.files))
+        if missing:
+            raise ValueError(f"{self.path}: missing weights {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+
+    def _read(self, key: str) -> torch.Tensor:
+        file = self.files[key]
+        if file not in self._open:  # memory-mapped; kept open for the (many) per-expert reads
+            self._open[file] = safe_open(str(file), framework="pt")
+        return self._open[file].get_tensor(key)
+
+    def tensor(self, name: str, experts: Optional[range] = None) -> torch.Tensor:
+        """Parameter `name` (a state_dict key of Qwen3ForCausalLM); `experts` picks slices of stacked experts."""
+        for stacked in ("gate_up_proj", "down_proj"):
+            if name.endswith(f"mlp.experts.{stacked}"):
+                prefix = name[: -len(stacked)]
+                parts = ("down",) if stacked == "down_proj" else ("gate", "up")
+                chosen = experts if experts is not None else range(self.cfg.num_experts)
+                return torch.stack([torch.cat([self._read(f"{prefix}{e}.{kind}_proj.weight") for kind in parts])
+                                    for e in chosen])
+        return self._read(name)
+
+
+def load_hf_weights(model: Qwen3ForCausalLM, path: PathLike,
+                    gather: Optional[Callable[[torch.nn.Parameter], ContextManager[Any]]] = None) -> None:
+    """Copy an HF checkpoint directory's weights into `model`, one parameter at a time.
+
+    Expert-parallel models read only their own experts. gather(p): a context in which a partitioned (ZeRO-3)
+    parameter is whole and what is written to it is kept; the file is then read once per parameter, never
+    the whole model at once.
+    """
+    weights = HFWeights(path, model.config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # a tied head appears once, as model.embed_tokens.weight
+            owner = model.get_submodule(name.rsplit(".", 1)[0])
+            experts = None
+            if isinstance(owner, Qwen3MoeExperts):
+                experts = range(owner.first_expert, owner.first_expert + owner.num_local_experts)
+            with (gather or _whole)(p):
+                p.copy_(weights.tensor(name, experts))
+
+
+def _whole(p: torch.nn.Parameter) -> ContextManager[Any]:
+    return contextlib.nullcontext()
+
+
 def load_hf(path: PathLike, device: Union[str, torch.device] = "cpu",
             dtype: torch.dtype = torch.float32) -> Qwen3ForCausalLM:
     """Build a Qwen3ForCausalLM from an HF checkpoint directory (sharded or not); every weight must be present."""
@@ -155,50 +228,8 @@ def load_hf(path: PathLike, device: Union[str, torch.device] = "cpu",
     with torch.device("meta"):
         model = Qwen3ForCausalLM(cfg).to(dtype)
     model.to_empty(device=device)  # also recomputes the RoPE tables and re-ties the head
-    params = dict(model.named_parameters())  # a tied head appears once, as model.embed_tokens.weight
-    missing = set(params)
-    expert_parts: Dict[str, int] = {}  # stacked expert param -> slices filled
-    f_size = cfg.moe_intermediate_size
-
-    with torch.no_grad():
-        for file in _checkpoint_files(path):
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
-                    tensor = f.get_tensor(key)
-                    m = _EXPERT_KEY.match(key)
-                    if m:
-                        layer, e, kind = int(m[1]), int(m[2]), m[3]
-                        param = "down_proj" if kind == "down" else "gate_up_proj"
-                        stacked = f"model.layers.{layer}.mlp.experts.{param}"
-                        if stacked not in params or e >= cfg.num_experts:
-                            raise ValueError(f"{file.name}: unexpected key {key}")
-                        target = params[stacked][e]
-                        if kind == "gate":
-                            target = target[:f_size]
-                        elif kind == "up":
-                            target = target[f_size:]
-                        _copy(target, tensor, key)
-                        expert_parts[stacked] = expert_parts.get(stacked, 0) + 1
-                        continue
-                    if key == "lm_head.weight" and cfg.tie_word_embeddings:
-                        continue  # some exports store the tied head anyway; the embedding is the source
-                    if key not in params:
-                        raise ValueError(f"{file.name}: unexpected key {key}")
-                    _copy(params[key], tensor, key)
-                    missing.discard(key)
-    for stacked, n in expert_parts.items():
-        expected = cfg.num_experts * (1 if stacked.endswith("down_proj") else 2)
-        if n == expected:
-            missing.discard(stacked)
-    if missing:
-        raise ValueError(f"{path}: missing weights {sorted(missing)[:8]}{' ...' if len(missing) > 8 else ''}")
+    load_hf_weights(model, path)
     return model
-
-
-def _copy(target: torch.Tensor, source: torch.Tensor, key: str) -> None:
-    if target.shape != source.shape:
-        raise ValueError(f"{key}: checkpoint shape {tuple(source.shape)} != model shape {tuple(target.shape)}")
-    target.copy_(source)
 
 
 def hf_tensors(state_dict: Dict[str, torch.Tensor], cfg: Qwen3Config) -> Iterator[Tuple[str, torch.Tensor]]:

@@ -80,13 +80,9 @@ class Qwen3MoeExperts(nn.Module):
         e, d, f = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.num_experts = e  # in the whole layer, on all ranks
         self.first_expert = 0  # global index of local expert 0
+        self.num_local_experts = e  # experts held here (fewer under expert parallelism)
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * f, d))  # gate rows first, then up rows
         self.down_proj = nn.Parameter(torch.empty(e, d, f))
-
-    @property
-    def num_local_experts(self) -> int:
-        """Experts held by this module (all E without expert parallelism)."""
-        return self.gate_up_proj.shape[0]
 
     @torch.no_grad()
     def keep_experts(self, first: int, count: int) -> None:
@@ -96,7 +92,7 @@ class Qwen3MoeExperts(nn.Module):
                              f"(starting at {self.first_expert})")
         self.gate_up_proj = nn.Parameter(self.gate_up_proj[first:first + count].clone())
         self.down_proj = nn.Parameter(self.down_proj[first:first + count].clone())
-        self.first_expert = first
+        self.first_expert, self.num_local_experts = first, count
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (M, d) sorted by expert, counts (num_local_experts,) rows per expert -> (M, d)."""

@@ -13,17 +13,19 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import BlockMask
 from torch.utils.checkpoint import checkpoint
 
 from models.config import Qwen3Config
 from models.dca import DualChunkAttention, dual_chunk_attention
+from models.doc_mask import AttentionMask, document_mask, flex_document_attention
 from models.loss import fused_linear_cross_entropy
 from models.moe import ExpertBalance, Qwen3MoeExperts, Qwen3SparseMoeBlock
 from models.rope import apply_rope, rope_table_length, rope_tables
@@ -32,6 +34,11 @@ if TYPE_CHECKING:
     from models.generate import KVCache
 
 RouterStats = Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _whole(p: nn.Parameter) -> ContextManager[Any]:
+    """An unpartitioned parameter is whole already."""
+    return nullcontext()
 
 
 @dataclass
@@ -112,9 +119,9 @@ class Qwen3Attention(nn.Module):
         self.expand_kv = cfg.attention_backend == "cudnn_mha"  # cuDNN without GQA support: give it H heads
         self.sdpa_priority = sdpa_priority(cfg.attention_backend)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor],
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[AttentionMask],
                 kv_cache: Optional["KVCache"] = None) -> torch.Tensor:
-        """x (B, T, d); cos/sin (B or 1, 1, T, D/2); mask (B, 1, T, S) bool or None for plain causal."""
+        """x (B, T, d); cos/sin (B or 1, 1, T, D/2); mask (B, 1, T, S) bool, a document BlockMask, or None (causal)."""
         b, t, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(b, t, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, D)
         k = self.k_norm(self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)).transpose(1, 2)  # (B, Hkv, T, D)
@@ -125,6 +132,9 @@ class Qwen3Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D) with S = cached + T
+        if isinstance(mask, BlockMask):  # document masking through FlexAttention (models/doc_mask.py)
+            y = flex_document_attention(q, k, v, mask)  # (B, H, T, D)
+            return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
         gqa = self.n_heads != self.n_kv_heads
         if (mask is not None or self.expand_kv) and gqa:
             # Flash kernels take GQA natively but no arbitrary mask; the masked (memory-efficient) kernels
@@ -164,7 +174,7 @@ class Qwen3DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor],
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[AttentionMask],
                 kv_cache: Optional["KVCache"] = None) -> Tuple[torch.Tensor, RouterStats]:
         """x (B, T, d) -> (B, T, d) and the MoE router statistics (None for a dense block)."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
@@ -276,8 +286,13 @@ class Qwen3ForCausalLM(nn.Module):
     # ----------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def init_weights(self, seed: Optional[int] = None) -> None:
+    def init_weights(self, seed: Optional[int] = None,
+                     gather: Optional[Callable[[nn.Parameter], ContextManager[Any]]] = None) -> None:
         """Initialise every parameter; deterministic for a given seed and device (works after `to_empty`).
+
+        gather(p): a context in which a partitioned parameter is whole and what is written to it is kept
+        (ZeRO-3's partitioned construction passes one); every parameter is drawn whole, in the same order, so
+        the values do not depend on how the weights are laid out across ranks.
 
         Scheme (std = cfg.initializer_range = sigma, L = num_hidden_layers):
         - embed_tokens, untied lm_head, q/k/v_proj, gate_proj/up_proj, expert gate_up_proj, router: N(0, sigma)
@@ -294,18 +309,19 @@ class Qwen3ForCausalLM(nn.Module):
         residual_std = cfg.initializer_range / math.sqrt(2 * cfg.num_hidden_layers)
         for name, p in self.named_parameters():  # fixed order, shared (tied) weights once
             owner = self.get_submodule(name.rsplit(".", 1)[0])
-            target = p
-            if isinstance(owner, Qwen3MoeExperts) and owner.num_local_experts < owner.num_experts:
-                # expert parallelism: draw every expert, as an unsharded model does, and keep this rank's
-                target = p.new_empty((owner.num_experts, *p.shape[1:]))
-            if isinstance(owner, RMSNorm):
-                target.fill_(1.0)
-            elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
-                target.normal_(0.0, residual_std, generator=gen)
-            else:
-                target.normal_(0.0, cfg.initializer_range, generator=gen)
-            if target is not p:
-                p.copy_(target[owner.first_expert: owner.first_expert + owner.num_local_experts])
+            with (gather or _whole)(p):
+                target = p
+                if isinstance(owner, Qwen3MoeExperts) and owner.num_local_experts < owner.num_experts:
+                    # expert parallelism: draw every expert, as an unsharded model does, and keep this rank's
+                    target = p.new_empty((owner.num_experts, *p.shape[1:]))
+                if isinstance(owner, RMSNorm):
+                    target.fill_(1.0)
+                elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
+                    target.normal_(0.0, residual_std, generator=gen)
+                else:
+                    target.normal_(0.0, cfg.initializer_range, generator=gen)
+                if target is not p:
+                    p.copy_(target[owner.first_expert: owner.first_expert + owner.num_local_experts])
         self._reset_rope()
         if self.balance is not None:
             self.balance.start_step()
@@ -362,12 +378,12 @@ class Qwen3ForCausalLM(nn.Module):
         dtype = self.model.embed_tokens.weight.dtype
         cos, sin = cos.to(dtype), sin.to(dtype)
 
-        mask = None
+        mask: Optional[AttentionMask] = None
         if doc_ids is not None:
             if kv_cache is not None:
                 raise ValueError("doc_ids and kv_cache cannot be combined")
-            causal = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()
-            mask = ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
+            # Built once here, shared by every layer: (B, 1, T, T) bool for SDPA, or a FlexAttention BlockMask.
+            mask = document_mask(doc_ids, self.config.doc_mask_implementation)
         elif kv_cache is not None and kv_cache.length > 0 and t > 1:
             # Extending a non-empty cache by several tokens: causal with the queries at the end.
             s = kv_cache.length + t

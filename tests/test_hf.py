@@ -161,3 +161,55 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     save_hf(model, target)  # overwriting an existing checkpoint works
     assert not torch.equal(files_tensors(target)["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("defect", ["shape", "missing", "extra"])
+def test_a_bad_checkpoint_is_refused_before_any_weight_is_written(tmp_path, defect):
+    """Names and shapes are checked for the whole directory first: the model is untouched by a refused load."""
+    from safetensors.torch import save_file
+
+    from models.hf import load_hf_weights
+
+    hf = random_hf_model("moe")
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
+    tensors = files_tensors(tmp_path / "hf")
+    key = "model.layers.1.mlp.experts.7.up_proj.weight"  # late in the order: earlier weights would be written
+    if defect == "shape":
+        tensors[key] = tensors[key][:, :-1].contiguous()
+    elif defect == "missing":
+        del tensors[key]
+    else:
+        tensors["model.layers.1.mlp.experts.8.up_proj.weight"] = tensors[key].clone()
+    for f in (tmp_path / "hf").glob("model*"):
+        f.unlink()
+    save_file(tensors, str(tmp_path / "hf" / "model.safetensors"))
+    model = Qwen3ForCausalLM(config_from_hf(hf.config.to_dict()))
+    model.init_weights(seed=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError) as err:
+        load_hf_weights(model, tmp_path / "hf")
+    assert (key if defect != "extra" else "experts.8.up_proj") in str(err.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_expert_parallel_ranks_read_only_their_experts(tmp_path, monkeypatch):
+    """A model holding experts [4, 6) of 8 gets exactly those slices, and never reads another expert's tensor."""
+    from models.hf import HFWeights, load_hf_weights
+
+    hf = random_hf_model("moe")
+    hf.save_pretrained(tmp_path / "hf")
+    full = load_hf(tmp_path / "hf")
+    model = Qwen3ForCausalLM(config_from_hf(hf.config.to_dict()))
+    for layer in model.model.layers:
+        layer.mlp.experts.keep_experts(4, 2)
+    model.init_weights(seed=0)
+    read = []
+    original = HFWeights._read
+    monkeypatch.setattr(HFWeights, "_read", lambda self, key: read.append(key) or original(self, key))
+    load_hf_weights(model, tmp_path / "hf")
+    ours, ref = model.state_dict(), full.state_dict()
+    for name, t in ours.items():
+        want = ref[name][4:6] if ".mlp.experts." in name else ref[name]
+        assert torch.equal(t, want), name
+    experts_read = {int(k.split(".")[5]) for k in read if ".mlp.experts." in k}
+    assert experts_read == {4, 5}

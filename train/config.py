@@ -66,6 +66,8 @@ class DeepSpeedConfig:
     zero_stage: int = 1  # 0, 1, 2 or 3
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step on the CPU
     offload_param: bool = False  # ZeRO-3 only: parameters on the CPU between uses
+    # ZeRO-3 only: build the model already partitioned (DeepSpeed's zero.Init), so no rank ever holds it whole
+    partitioned_init: bool = True
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     grad_clip: float = 1.0  # global gradient-norm clip (0 disables)
     overlap_comm: bool = True  # overlap gradient reduction with the backward pass (GPU)

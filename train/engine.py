@@ -140,12 +140,47 @@ def deepspeed_config(cfg: TrainConfig, plan: StagePlan, device: torch.device, wo
     return config
 
 
+def partitioned_init(cfg: TrainConfig) -> bool:
+    """Whether the model is built already partitioned over the ranks (ZeRO-3 with deepspeed.partitioned_init)."""
+    return cfg.deepspeed.zero_stage == 3 and cfg.deepspeed.partitioned_init
+
+
+def construction(cfg: TrainConfig, plan: StagePlan, info: DistInfo) -> contextlib.AbstractContextManager:
+    """The context the model is built in: under ZeRO-3 with `partitioned_init`, DeepSpeed's `zero.Init`.
+
+    Inside it each module's weights are split over the ranks as soon as the module is built, so no rank ever
+    holds more than one module's weights whole (a 32B dense model cannot be built whole on an 80 GB GPU);
+    `whole` then makes one parameter whole again for writing. Elsewhere the model is built on the meta
+    device and materialised on each rank.
+    """
+    if not partitioned_init(cfg):
+        return torch.device("meta")
+    import deepspeed
+
+    return deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, plan, info.device, info.world_size))
+
+
+def whole(p: torch.nn.Parameter) -> contextlib.AbstractContextManager:
+    """A context in which parameter `p` is whole on every rank; a partitioned one is gathered, and what rank 0
+    writes to it is kept (broadcast, then partitioned again on leaving). Plain parameters are whole already."""
+    if not hasattr(p, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([p], modifier_rank=0)
+
+
+def local_parameter_elements(model: torch.nn.Module) -> int:
+    """Weight elements this rank holds: its partitions under ZeRO-3's partitioned construction, else all."""
+    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
+
+
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices, not norms: 1-D parameters (RMSNorm gains) get no weight decay."""
     decay, no_decay = [], []
     for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+        if p.requires_grad:  # a ZeRO-3 partition is flat: its whole shape is ds_shape
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -33,12 +33,14 @@ from data.prepare import prepare
 from data.shards import verify
 from data.tokenizer import load_tokenizer
 from models.config import Qwen3Config
+from models.doc_mask import resolve_doc_mask_implementation
 from models.params import flops_per_token
 from models.qwen3 import Qwen3ForCausalLM
 from train.checkpoint import CheckpointError, CheckpointManager, TrainerState, check_compatible
 from train.config import ConfigError, StageConfig, StagePlan, TrainConfig, validate
 from train import expert_parallel
-from train.engine import DistInfo, Engine, barrier, init_distributed, world_from_env
+from train.engine import (DistInfo, Engine, barrier, construction, init_distributed, local_parameter_elements,
+                          partitioned_init, whole, world_from_env)
 from train.faults import HUNG_EXIT_CODE, NONFINITE_EXIT_CODE, SpikeDetector, Watchdog, inject, injected
 from train.heldout import heldout_perplexity, make_eval_batches
 from train.metrics import MetricsLogger, peak_flops, redact
@@ -80,13 +82,21 @@ def model_shape(cfg: Qwen3Config) -> Dict[str, Any]:
     return {k: getattr(cfg, k) for k in _SHAPE_KEYS}
 
 
-def build_model(cfg: TrainConfig, device: torch.device) -> Qwen3ForCausalLM:
-    """Construct on the meta device, materialise on `device`, initialise from the seed."""
-    with torch.device("meta"):
+def build_model(cfg: TrainConfig, plan: StagePlan, info: DistInfo) -> Qwen3ForCausalLM:
+    """Construct, materialise on this rank's device and initialise from the seed.
+
+    The model is built on the meta device and only what this rank holds is allocated: its experts under
+    expert parallelism, its partition of every weight under ZeRO-3 (train.engine.construction). The
+    initial values are the same whatever the layout.
+    """
+    with construction(cfg, plan, info):
         model = Qwen3ForCausalLM(cfg.model)
+    if partitioned_init(cfg):
+        model.init_weights(seed=cfg.seed, gather=whole)
+        return model
     if cfg.expert_parallel_size > 1:  # only this rank's experts are ever allocated here
         expert_parallel.shard(model, cfg.expert_parallel_size)
-    model.to_empty(device=device)
+    model.to_empty(device=info.device)
     model.init_weights(seed=cfg.seed)
     return model
 
@@ -135,8 +145,16 @@ class Trainer:
             raise ConfigError(f"config key 'model.vocab_size' = {cfg.model.vocab_size}: smaller than the "
                               f"tokenizer's {self.tokenizer.vocab_size} tokens")
 
+        if (cfg.data.doc_masking and info.device.type != "cuda"
+                and resolve_doc_mask_implementation(cfg.model.doc_mask_implementation, info.device) == "flex"):
+            raise ConfigError("config key 'model.doc_mask_implementation' = 'flex': torch has no FlexAttention "
+                              "backward on the CPU; train there with 'dense' or 'auto'")
         torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg, info.device)
+        self.model = build_model(cfg, plans[0], info)
+        held = [local_parameter_elements(self.model)]  # what each rank allocated for the weights
+        if info.world_size > 1:
+            held = [0] * info.world_size
+            dist.all_gather_object(held, local_parameter_elements(self.model))
         self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint.keep, info.rank)
         self.state = TrainerState()
         latest = self.checkpoints.latest()
@@ -168,6 +186,9 @@ class Trainer:
             self.state.stage = order[self.state.stage_index]
         self.metrics = MetricsLogger(cfg, self.run_dir, info.rank, resolved)
         self.watchdog = Watchdog(info.rank, info.world_size, cfg.dist.timeout_s, "start").start()
+        self.metrics.log({"event": "model", "parameters": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                                                              for p in self.model.parameters()),
+                          "elements_per_rank": held, "partitioned_init": partitioned_init(cfg), "time": time.time()})
         if latest is not None:
             self.metrics.log({"event": "resume", "stage": self.state.stage, "global_step": self.state.global_step,
                               "checkpoint": latest, "world_size": info.world_size,
@@ -208,13 +229,13 @@ class Trainer:
         """Start a fresh run's weights from an HF directory or a tristage checkpoint folder (weights only)."""
         src = Path(path)
         if (src / "config.json").exists():
-            from models.hf import config_from_hf, load_hf
+            from models.hf import config_from_hf, load_hf_weights
 
             shape = model_shape(config_from_hf(json.loads((src / "config.json").read_text())))
             if shape != model_shape(self.cfg.model):
                 raise ConfigError(f"config key 'init_from' = {path!r}: its model shape {shape} differs from "
                                   f"model={self.cfg.model.name} {model_shape(self.cfg.model)}")
-            self.model.load_state_dict(load_hf(src, device=self.info.device).state_dict())
+            load_hf_weights(self.model, src, gather=whole)  # one parameter at a time, this rank's part
         elif (src / "meta.json").exists():
             meta = json.loads((src / "meta.json").read_text())
             check_compatible(meta, model_shape(self.cfg.model), self.tokenizer.fingerprint, str(src),
