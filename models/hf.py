@@ -202,8 +202,8 @@ def load_hf_weights(model: Qwen3ForCausalLM, path: PathLike,
     """Copy an HF checkpoint directory's weights into `model`, one parameter at a time.
 
     Expert-parallel models read only their own experts. gather(p): a context in which a partitioned (ZeRO-3)
-    parameter is whole and what is written to it is kept; the file is then read once per parameter, never
-    the whole model at once.
+    parameter is whole, yielding whether this rank's writes are kept (a rank whose are not skips the read); the
+    files are read one parameter at a time, never the whole model at once.
     """
     weights = HFWeights(path, model.config)
     with torch.no_grad():
@@ -212,12 +212,13 @@ def load_hf_weights(model: Qwen3ForCausalLM, path: PathLike,
             experts = None
             if isinstance(owner, Qwen3MoeExperts):
                 experts = range(owner.first_expert, owner.first_expert + owner.num_local_experts)
-            with (gather or _whole)(p):
-                p.copy_(weights.tensor(name, experts))
+            with (gather or _whole)(p) as writer:
+                if writer is not False:
+                    p.copy_(weights.tensor(name, experts))
 
 
 def _whole(p: torch.nn.Parameter) -> ContextManager[Any]:
-    return contextlib.nullcontext()
+    return contextlib.nullcontext(True)
 
 
 def load_hf(path: PathLike, device: Union[str, torch.device] = "cpu",

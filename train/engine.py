@@ -160,14 +160,18 @@ def construction(cfg: TrainConfig, plan: StagePlan, info: DistInfo) -> contextli
     return deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, plan, info.device, info.world_size))
 
 
-def whole(p: torch.nn.Parameter) -> contextlib.AbstractContextManager:
-    """A context in which parameter `p` is whole on every rank; a partitioned one is gathered, and what rank 0
-    writes to it is kept (broadcast, then partitioned again on leaving). Plain parameters are whole already."""
+@contextlib.contextmanager
+def whole(p: torch.nn.Parameter) -> Iterator[bool]:
+    """A context in which parameter `p` is whole on every rank; it yields whether what this rank writes to it is
+    kept. A partitioned one is gathered and rank 0's values are kept (broadcast, then partitioned again on
+    leaving), so the other ranks need not read or compute them. Plain parameters are whole already."""
     if not hasattr(p, "ds_id"):
-        return contextlib.nullcontext()
+        yield True
+        return
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters([p], modifier_rank=0)
+    with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+        yield dist.get_rank() == 0
 
 
 def local_parameter_elements(model: torch.nn.Module) -> int:
