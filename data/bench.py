@@ -1,14 +1,19 @@
-"""Data benchmark: tokenization tokens/s (num_proc 1 vs 2) and loader batches/s and tokens/s per rank.
+"""Data benchmark: tokenization tokens/s (num_proc 1 vs 2), loader batches/s and tokens/s per rank, and what a
+stage's index arrays cost a rank built in memory against memory-mapped from their cache.
 
-    python -m data.bench [--config demo] [--root .cache/tristage] [--seconds 3]
+    python -m data.bench [--config demo] [--root .cache/tristage] [--seconds 3] [--index-samples 10000000]
 
 Target: the loader must give each rank >= 1M tokens/s, 20x what an H200 consumes training Qwen3-0.6B (~50K/s).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import shutil
+import subprocess
+import sys
 import time
 
 TARGET = 1_000_000  # tokens/s per rank
@@ -51,7 +56,7 @@ def bench_loader(manifest, seconds: float, world: int = 2) -> None:
         mix = MixtureConfig(weights=MIXTURE, language_alpha=0.3, max_epochs=20)
         n = min(200_000, 20_000_000 // seq_len * world)
         t0 = time.perf_counter()
-        s = StageStream(manifest, mix, seq_len, seed=0, stage="general", num_samples=n)
+        s = StageStream(manifest, mix, seq_len, seed=0, stage="general", num_samples=n, cache=False)
         build = time.perf_counter() - t0
         steps, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
@@ -63,13 +68,66 @@ def bench_loader(manifest, seconds: float, world: int = 2) -> None:
         print(f"  {seq_len:>7} {mb:>5} {build:>7.2f} {steps / dt:>10.0f} {rate / 1e6:>12.1f}M {rate / TARGET:>8.1f}")
 
 
+def _private_mib() -> float:
+    """This process's anonymous resident memory (page-cache pages of mapped files are shared, not counted)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon")) / 1024
+
+
+def index_probe(manifest: str, mode: str, n: int) -> dict:
+    """One process: open a stage of n samples (mode memory: cache=False; build / load: through the cache), read a
+    batch spread over it; its time and the private memory it added."""
+    import numpy as np
+
+    from data.config import MixtureConfig
+    from data.loader import StageStream
+
+    base = _private_mib()
+    t0 = time.perf_counter()
+    s = StageStream(manifest, MixtureConfig(weights=MIXTURE, language_alpha=0.3, max_epochs=1e9), 64,
+                    seed=12345, stage="index_bench", num_samples=n, cache=mode != "memory")
+    seconds = time.perf_counter() - t0
+    s.batch((np.arange(64) * (n // 64)).tolist())
+    return {"mode": mode, "cached": s.index_cached, "seconds": seconds, "private_mib": _private_mib() - base}
+
+
+def bench_index(manifest, n: int) -> None:
+    """The three ways a rank gets a stage's index arrays, each in a fresh process."""
+    from data.config import MixtureConfig
+    from data.loader import index_dir
+
+    folder = index_dir(manifest, MixtureConfig(weights=MIXTURE, language_alpha=0.3, max_epochs=1e9), 64, 12345,
+                       "index_bench", n)
+    shutil.rmtree(folder, ignore_errors=True)
+    print(f"\nindex arrays of a {n:,}-sample stage (seq_len 64), per rank:")
+    print(f"  {'how':<34} {'seconds':>8} {'private MiB':>12}")
+    labels = {"memory": "built in memory (cache=False)", "build": "built and cached (first rank)",
+              "load": "memory-mapped from the cache"}
+    try:
+        for mode in ("memory", "build", "load"):
+            out = subprocess.run([sys.executable, "-m", "data.bench", "--index-probe", mode, str(n), str(manifest)],
+                                 check=True, capture_output=True, text=True).stdout
+            r = json.loads(out.strip().splitlines()[-1])
+            print(f"  {labels[mode]:<34} {r['seconds']:>8.2f} {r['private_mib']:>12.1f}")
+        size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
+        print(f"  on disk: {size:,.0f} MiB ({size * 2**20 / n:.1f} bytes per sample), shared by a node's ranks")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="demo", help="conf/data/<name>.yaml")
     ap.add_argument("--root", default=None, help="data root (default: the config's)")
     ap.add_argument("--seconds", type=float, default=3.0, help="loader time per shape")
     ap.add_argument("--skip-tokenize", action="store_true")
+    ap.add_argument("--index-samples", type=int, default=10_000_000, help="stage size for the index figures (0: skip)")
+    ap.add_argument("--index-probe", nargs=3, metavar=("MODE", "N", "MANIFEST"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.index_probe:
+        mode, n, manifest = args.index_probe
+        print(json.dumps(index_probe(manifest, mode, int(n))))
+        return
     logging.basicConfig(level=logging.WARNING)
     from data.config import compose
     from data.prepare import prepare
@@ -82,6 +140,8 @@ def main() -> None:
     if not args.skip_tokenize:
         bench_tokenize(cfg)
     bench_loader(manifest, args.seconds)
+    if args.index_samples:
+        bench_index(manifest, args.index_samples)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,21 @@ num_samples (no randomness at read time):
 
 A rank reads the indices the trainer gives it (`micro_batch_indices`), so the loader state is one integer
 (consumed samples), resume is exact and a different number of ranks neither repeats nor skips a sample.
+
+The arrays take ~36 bytes per sample (a stage of 1e9 samples: 36 GB), so, as Megatron does, they are built once
+and kept beside the manifest (`index/<stage>-<key>/`, the key hashing everything that decides them), written
+atomically, and every later StageStream of the same stage (each rank, each resume) memory-maps them: the ranks of
+a node share one copy in the page cache instead of each holding its own, and a restart does not rebuild them.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
+import os
+import shutil
+import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,11 +261,70 @@ class _PartIndex:
     shuffle: np.ndarray  # (samples,) order in which the packed samples are drawn
 
 
+INDEX_FORMAT = 1  # bump when the arrays' meaning changes: old caches are then never read
+_INDEX_ARRAYS = ("blend_part", "blend_sample", "doc_idx", "sample_doc", "sample_off", "shuffle", "offsets")
+
+
+def index_dir(manifest_path: Path, mixture: Any, seq_len: int, seed: int, stage: str, num_samples: int) -> Path:
+    """Where a stage's index arrays are cached: beside the manifest, keyed by everything that decides them."""
+    manifest_path = Path(manifest_path)
+    mix = dataclasses.asdict(to_mixture_config(mixture))
+    identity = [INDEX_FORMAT, hashlib.sha256(manifest_path.read_bytes()).hexdigest(), mix, seq_len, seed, stage,
+                num_samples]
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return manifest_path.parent / "index" / f"{stage}-{key}"
+
+
+def _load_index(folder: Path) -> Optional[Dict[str, np.ndarray]]:
+    """The cached arrays, memory-mapped read-only; None when absent or unreadable (then they are rebuilt)."""
+    if not (folder / "done").is_file():
+        return None
+    try:
+        arrays = {n: np.load(folder / f"{n}.npy", mmap_mode="r", allow_pickle=False) for n in _INDEX_ARRAYS}
+        off = arrays["offsets"]
+        if off.ndim != 2 or off.shape[1] != 3 or any(int(off[-1, j]) != len(arrays[n]) for j, n in
+                                                     enumerate(("doc_idx", "sample_doc", "shuffle"))):
+            raise ValueError("offsets do not match the arrays")
+        if len(arrays["sample_off"]) != len(arrays["sample_doc"]) or len(arrays["blend_part"]) != len(
+                arrays["blend_sample"]):
+            raise ValueError("array lengths differ")
+        return arrays
+    except (OSError, ValueError) as e:
+        log.warning("%s: unreadable index cache (%s); rebuilding it", folder, e)
+        return None
+
+
+def _save_index(folder: Path, arrays: Dict[str, np.ndarray]) -> None:
+    """Write the arrays under a temporary name and rename the folder into place: a reader sees all or nothing.
+    A failure (read-only or full disk) is a warning: the stream then works from memory."""
+    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir(parents=True)
+        for name in _INDEX_ARRAYS:
+            with open(tmp / f"{name}.npy", "wb") as f:
+                np.save(f, arrays[name], allow_pickle=False)
+                f.flush()
+                os.fsync(f.fileno())
+        (tmp / "done").write_text("")
+        if folder.exists():  # an unreadable cache: set aside, replace, remove
+            old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
+            folder.rename(old)
+            tmp.rename(folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(folder)
+    except OSError as e:
+        if not (folder / "done").is_file():  # not another process winning the race: a real failure
+            log.warning("%s: could not cache the index arrays (%s); using them from memory", folder, e)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 class StageStream:
     """Packed batches of one stage; `batch(indices)` is a pure function of (seed, stage, indices)."""
 
     def __init__(self, manifest_path: Path, mixture: Any, seq_len: int, seed: int, stage: str,
-                 num_samples: int, doc_masking: bool = False) -> None:
+                 num_samples: int, doc_masking: bool = False, cache: bool = True) -> None:
+        """cache: read the index arrays from (or write them to) `index_dir(...)` beside the manifest."""
         self.manifest_path = Path(manifest_path)
         self.seq_len, self.seed, self.stage, self.num_samples = seq_len, seed, stage, num_samples
         self.doc_masking = doc_masking
@@ -266,17 +336,44 @@ class StageStream:
         self._comps = [comps[c] for c in self.components]
         cidx = {c: i for i, c in enumerate(self.components)}
         parts = [p for p in self.plan.parts if p.samples > 0]
-        self._parts = [self._build_part(p, cidx[p.component]) for p in parts]
+        folder = index_dir(self.manifest_path, mixture, seq_len, seed, stage, num_samples) if cache else None
+        arrays = _load_index(folder) if folder is not None else None
+        self.index_cached = arrays is not None
+        if arrays is None:
+            arrays = self._build_index(parts)
+            if folder is not None:
+                _save_index(folder, arrays)
+        off = arrays["offsets"]
+        self._parts = [
+            _PartIndex(cidx[p.component], p, arrays["doc_idx"][off[i, 0]:off[i + 1, 0]],
+                       arrays["sample_doc"][off[i, 1]:off[i + 1, 1]], arrays["sample_off"][off[i, 1]:off[i + 1, 1]],
+                       arrays["shuffle"][off[i, 2]:off[i + 1, 2]])
+            for i, p in enumerate(parts)]
         self._part_component = np.array([ix.component for ix in self._parts], dtype=np.int64)
-        self.blend_part, self.blend_sample = self._blend(np.array([p.samples for p in parts]),
-                                                         _rng(seed, stage, "blend", 2).random(len(parts)))
+        self.blend_part, self.blend_sample = arrays["blend_part"], arrays["blend_sample"]
         self._arange = np.arange(seq_len + 1, dtype=np.int64)
         log.info("%s", self.plan.table())
 
     def __len__(self) -> int:
         return self.num_samples
 
-    def _build_part(self, part: Part, component: int) -> _PartIndex:
+    def _build_index(self, parts: List[Part]) -> Dict[str, np.ndarray]:
+        """Every part's arrays, concatenated (`offsets` (parts + 1, 3): where each part's doc_idx, sample_doc /
+        sample_off and shuffle start), and the blend."""
+        built = [self._build_part(p) for p in parts]
+        lengths = np.array([[len(d), len(sd), len(sh)] for d, sd, _, sh in built], dtype=np.int64).reshape(-1, 3)
+        offsets = np.concatenate([np.zeros((1, 3), np.int64), np.cumsum(lengths, axis=0)])
+        blend_part, blend_sample = self._blend(np.array([p.samples for p in parts]),
+                                               _rng(self.seed, self.stage, "blend", 2).random(len(parts)))
+
+        def cat(j: int) -> np.ndarray:
+            return np.concatenate([b[j] for b in built]) if built else np.zeros(0, np.int64)
+
+        return {"blend_part": blend_part, "blend_sample": blend_sample, "doc_idx": cat(0), "sample_doc": cat(1),
+                "sample_off": cat(2), "shuffle": cat(3), "offsets": offsets}
+
+    def _build_part(self, part: Part) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(doc_idx, sample_doc, sample_off, shuffle) of one part (see _PartIndex)."""
         name = f"{part.component}#{part.bucket}"
         lens = part.doc_len
         n_epochs = -(-(part.samples * self.seq_len + 1) // part.tokens)  # ceil: the stream needs samples*L + 1 tokens
@@ -287,7 +384,7 @@ class StageStream:
         sample_doc = np.searchsorted(ends, starts, side="right")
         sample_off = starts - (ends[sample_doc] - lens[doc_idx[sample_doc]])
         shuffle = _rng(self.seed, self.stage, name, 1).permutation(part.samples)
-        return _PartIndex(component, part, doc_idx, sample_doc, sample_off, shuffle)
+        return doc_idx, sample_doc, sample_off, shuffle
 
     @staticmethod
     def _blend(samples: np.ndarray, phase: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

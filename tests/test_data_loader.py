@@ -228,3 +228,79 @@ def test_blend_spreads_many_small_parts_over_every_batch():
     usable = len(small) // 64 * 64
     per_batch = small[:usable].reshape(-1, 64).mean(axis=1)
     assert per_batch.max() < 2 * small_share and per_batch.min() > small_share / 3
+
+
+def _same_batches(a, b, n):
+    idx = np.random.default_rng(0).choice(n, size=32, replace=False).tolist()
+    x, y = a.batch(idx), b.batch(idx)
+    return all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_index_arrays_are_cached_beside_the_manifest_and_memory_mapped(manifest, monkeypatch):
+    from data.loader import index_dir
+
+    mix = MixtureConfig(weights=WEIGHTS, language_alpha=0.3, max_epochs=50)
+    folder = index_dir(manifest, mix, 64, 11, "general", 500)
+    assert folder.parent == manifest.parent / "index" and not folder.exists()
+    built = StageStream(manifest, mix, seq_len=64, seed=11, stage="general", num_samples=500)
+    assert not built.index_cached and (folder / "done").is_file()
+    assert not list(folder.parent.glob(".*"))  # no temporary folder left behind
+    monkeypatch.setattr(StageStream, "_build_index", lambda *a: pytest.fail("rebuilt a cached index"))
+    cached = StageStream(manifest, mix, seq_len=64, seed=11, stage="general", num_samples=500)
+    assert cached.index_cached and isinstance(cached.blend_part, np.memmap)
+    monkeypatch.undo()
+    in_memory = StageStream(manifest, mix, seq_len=64, seed=11, stage="general", num_samples=500, cache=False)
+    assert not isinstance(in_memory.blend_part, np.memmap)
+    assert _same_batches(cached, in_memory, 500) and _same_batches(built, cached, 500)
+    assert cached.ledger(300) == in_memory.ledger(300)
+    # anything that decides the arrays gives another folder
+    others = {index_dir(manifest, mix, 64, 12, "general", 500), index_dir(manifest, mix, 128, 11, "general", 500),
+              index_dir(manifest, mix, 64, 11, "general", 501), index_dir(manifest, mix, 64, 11, "reasoning", 500),
+              index_dir(manifest, MixtureConfig(weights=WEIGHTS, language_alpha=0.5, max_epochs=50), 64, 11,
+                        "general", 500)}
+    assert folder not in others and len(others) == 5
+
+
+def test_an_unreadable_index_cache_is_rebuilt_and_a_failed_write_falls_back_to_memory(manifest, monkeypatch, caplog):
+    from data.loader import index_dir
+
+    mix = MixtureConfig(weights=WEIGHTS, language_alpha=0.3, max_epochs=50)
+    reference = StageStream(manifest, mix, seq_len=64, seed=21, stage="general", num_samples=300, cache=False)
+    folder = index_dir(manifest, mix, 64, 21, "general", 300)
+    StageStream(manifest, mix, seq_len=64, seed=21, stage="general", num_samples=300)
+    data = (folder / "shuffle.npy").read_bytes()
+    (folder / "shuffle.npy").write_bytes(data[: len(data) // 2])  # truncated
+    with caplog.at_level(logging.WARNING):
+        again = StageStream(manifest, mix, seq_len=64, seed=21, stage="general", num_samples=300)
+    assert not again.index_cached and "unreadable index cache" in caplog.text
+    assert (folder / "shuffle.npy").read_bytes() == data  # replaced by a whole copy
+    assert _same_batches(again, reference, 300)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "save", full_disk)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        s = StageStream(manifest, mix, seq_len=64, seed=22, stage="general", num_samples=300)
+    assert not s.index_cached and "could not cache the index arrays" in caplog.text
+    assert not index_dir(manifest, mix, 64, 22, "general", 300).exists()
+    assert not list(folder.parent.glob(".*"))
+    assert s.batch([0, 5])["input_ids"].shape == (2, 64)
+
+
+def test_memory_mapped_index_costs_a_rank_a_fraction_of_building_it(manifest):
+    """`python -m data.bench`'s index figures, small: each way in its own process, private memory compared."""
+    import json
+    import subprocess
+    import sys
+
+    def probe(mode, n=400_000):
+        out = subprocess.run([sys.executable, "-m", "data.bench", "--index-probe", mode, str(n), str(manifest)],
+                             check=True, capture_output=True, text=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    memory, build, load = probe("memory"), probe("build"), probe("load")
+    assert not memory["cached"] and not build["cached"] and load["cached"]
+    assert memory["private_mib"] > 400_000 * 30 / 2**20  # ~36 bytes a sample, held privately
+    assert load["private_mib"] < memory["private_mib"] / 4

@@ -293,9 +293,18 @@ class Trainer:
                                            if cfg.curriculum.start else 0)
         if fresh and not first and not stage.carry_optimizer:
             self.engine.reset_optimizer_state()
-        stream = StageStream(self.manifest, stage.mixture, seq_len=stage.seq_len, seed=cfg.seed, stage=stage.name,
-                             num_samples=plan.steps * plan.samples_per_step, doc_masking=cfg.data.doc_masking)
+
+        def open_stream() -> StageStream:
+            return StageStream(self.manifest, stage.mixture, seq_len=stage.seq_len, seed=cfg.seed, stage=stage.name,
+                               num_samples=plan.steps * plan.samples_per_step, doc_masking=cfg.data.doc_masking)
+
+        # rank 0 builds the stage's index arrays once (or finds them cached); the others then memory-map them
+        stream = open_stream() if self.info.rank == 0 else None
+        barrier()
+        if stream is None:
+            stream = open_stream()
         self.metrics.log({"event": "stage_start", "stage": stage.name, "global_step": self.state.global_step,
+                          "data_index": "cached" if stream.index_cached else "built",
                           "resumed_at_step": None if fresh else self.state.step, "stage_steps": plan.steps,
                           "seq_len": stage.seq_len, "rope_theta": stage.rope_theta,
                           "global_batch_tokens": stage.global_batch_tokens, "grad_accum": plan.grad_accum,
