@@ -7,7 +7,8 @@
 #   bash ../shared/gpu/wheels.sh liger-kernel==0.8.5                              # fills .whl/ (git-ignored)
 #   TRISTAGE_DATA_ROOT=$PWD/.cache/gpu_data python -m data.prepare data=fixture   # the fixture corpus, tokenized
 # then the device call: run(command="bash launch/gpu_check.sh", carry=[".whl", ".cache/gpu_data/fixture"],
-# timeout_s=600). About 9.5 minutes. PARTS picks parts (default "bench train ablate tests"), BUDGET_S (580) caps
+# timeout_s=600). About 9.5 minutes. PARTS picks parts (default "bench train ablate tests"; "extra" is the
+# FlexAttention and partitioned-build GPU tests), BUDGET_S (580) caps
 # the whole; each part stops at its own limit, and what it finished stays in $OUT (JSON written after every run).
 # A CPU rehearsal of the script itself (tests/test_bench.py): PY=python SKIP_WHEELS=1 BENCH_ARGS="--device cpu"
 # TRAIN_ARGS="model=tiny_dense device=cpu ..." launch/gpu_check.sh
@@ -82,6 +83,12 @@ run_part ablate 100 60 "$OUT/ablate.log" "$PY" -m train.bench --ablate --cases "
 # 4. The GPU tests (Inductor vs eager, attention kernels vs math, grouped GEMM vs loop, the bench with Liger).
 run_part tests 70 30 "$OUT/pytest_gpu.log" "$PY" -m pytest -q -m gpu tests/test_bench.py -p no:cacheprovider
 [[ -f "$OUT/pytest_gpu.log" ]] && tail -n 15 "$OUT/pytest_gpu.log"
+
+# 5. Not in the default PARTS (they train through `python -m train`, ~2-3 minutes): FlexAttention document
+#    masking on CUDA (model and trainer) and ZeRO-3's partitioned build in bf16. PARTS="extra" in a later session.
+run_part extra 240 60 "$OUT/pytest_extra.log" "$PY" -m pytest -q -m gpu tests/test_doc_mask.py \
+  tests/test_partitioned_init.py -p no:cacheprovider
+[[ -f "$OUT/pytest_extra.log" ]] && tail -n 15 "$OUT/pytest_extra.log"
 
 # The tables last (the device tool returns the end of the output).
 [[ -f "$OUT/ablate.json" ]] && "$PY" -m train.bench --report "$OUT/ablate.json" | awk '/^## Runs/{p=1} /^## tristage/{p=0} p'

@@ -7,7 +7,6 @@ the released checkpoints store `mlp.experts.{e}.{gate,up,down}_proj.weight` per 
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -22,7 +21,7 @@ from safetensors.torch import save_file
 
 from models.config import Qwen3Config
 from models.moe import Qwen3MoeExperts
-from models.qwen3 import Qwen3ForCausalLM
+from models.qwen3 import Qwen3ForCausalLM, whole_already
 
 PathLike = Union[str, os.PathLike]
 _SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -198,7 +197,7 @@ class HFWeights:
 
 
 def load_hf_weights(model: Qwen3ForCausalLM, path: PathLike,
-                    gather: Optional[Callable[[torch.nn.Parameter], ContextManager[Any]]] = None) -> None:
+                    gather: Optional[Callable[[torch.nn.Parameter], ContextManager[bool]]] = None) -> None:
     """Copy an HF checkpoint directory's weights into `model`, one parameter at a time.
 
     Expert-parallel models read only their own experts. gather(p): a context in which a partitioned (ZeRO-3)
@@ -212,13 +211,9 @@ def load_hf_weights(model: Qwen3ForCausalLM, path: PathLike,
             experts = None
             if isinstance(owner, Qwen3MoeExperts):
                 experts = range(owner.first_expert, owner.first_expert + owner.num_local_experts)
-            with (gather or _whole)(p) as writer:
-                if writer is not False:
+            with (gather or whole_already)(p) as kept:
+                if kept:
                     p.copy_(weights.tensor(name, experts))
-
-
-def _whole(p: torch.nn.Parameter) -> ContextManager[Any]:
-    return contextlib.nullcontext(True)
 
 
 def load_hf(path: PathLike, device: Union[str, torch.device] = "cpu",

@@ -36,9 +36,9 @@ if TYPE_CHECKING:
 RouterStats = Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-def _whole(p: nn.Parameter) -> ContextManager[Any]:
-    """An unpartitioned parameter is whole already."""
-    return nullcontext()
+def whole_already(p: nn.Parameter) -> ContextManager[bool]:
+    """The `gather` context for an unpartitioned parameter: it is whole already, and this rank's writes are kept."""
+    return nullcontext(True)
 
 
 @dataclass
@@ -287,12 +287,12 @@ class Qwen3ForCausalLM(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: Optional[int] = None,
-                     gather: Optional[Callable[[nn.Parameter], ContextManager[Any]]] = None) -> None:
+                     gather: Optional[Callable[[nn.Parameter], ContextManager[bool]]] = None) -> None:
         """Initialise every parameter; deterministic for a given seed and device (works after `to_empty`).
 
-        gather(p): a context in which a partitioned parameter is whole and what is written to it is kept
-        (ZeRO-3's partitioned construction passes one); every parameter is drawn whole, in the same order, so
-        the values do not depend on how the weights are laid out across ranks.
+        gather(p): a context in which a partitioned parameter is whole (ZeRO-3's partitioned construction passes
+        one; see `whole_already`); every parameter is drawn whole, in the same order, so the values do not depend
+        on how the weights are laid out across ranks.
 
         Scheme (std = cfg.initializer_range = sigma, L = num_hidden_layers):
         - embed_tokens, untied lm_head, q/k/v_proj, gate_proj/up_proj, expert gate_up_proj, router: N(0, sigma)
@@ -309,7 +309,7 @@ class Qwen3ForCausalLM(nn.Module):
         residual_std = cfg.initializer_range / math.sqrt(2 * cfg.num_hidden_layers)
         for name, p in self.named_parameters():  # fixed order, shared (tied) weights once
             owner = self.get_submodule(name.rsplit(".", 1)[0])
-            with (gather or _whole)(p):
+            with (gather or whole_already)(p):
                 target = p
                 if isinstance(owner, Qwen3MoeExperts) and owner.num_local_experts < owner.num_experts:
                     # expert parallelism: draw every expert, as an unsharded model does, and keep this rank's

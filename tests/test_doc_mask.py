@@ -232,3 +232,21 @@ def test_training_refuses_flex_on_the_cpu(data_root, tmp_path):
     assert proc.returncode != 0
     assert "config key 'model.doc_mask_implementation' = 'flex'" in proc.stdout
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@gpu
+@pytest.mark.gpu
+def test_doc_masking_trains_through_flex_on_cuda(tmp_path):
+    """The BlockMask through the trainer, DeepSpeed's module hooks and compiled flex: losses as the dense mask's,
+    to bf16 kernel differences. Uses the prepared fixture (launch/gpu_check.sh)."""
+    from trainutil import SMOKE, losses, run_train
+
+    got = {}
+    for impl in ("flex", "dense"):
+        proc = run_train([*SMOKE, f"run_dir={tmp_path / impl}", "model=tiny_dense", "device=cuda", "eval.enabled=false",
+                          "data.doc_masking=true", f"model.doc_mask_implementation={impl}"])
+        assert proc.returncode == 0, proc.stdout[-3000:]
+        got[impl] = losses(tmp_path / impl)
+    assert list(got["flex"]) == list(got["dense"]) and len(got["flex"]) == 8
+    for key, (loss, _) in got["flex"].items():
+        assert loss == pytest.approx(got["dense"][key][0], rel=2e-2), key

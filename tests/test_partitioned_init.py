@@ -3,6 +3,7 @@ weights, never the whole model, and training is bit for bit the run that built t
 from __future__ import annotations
 
 import pytest
+import torch
 
 from trainutil import SMOKE, losses, records, run_train, smoke_run
 
@@ -28,12 +29,17 @@ def test_zero3_builds_each_rank_its_share_and_trains_as_the_whole_model(data_roo
     assert total / 2 <= per_rank[0] <= total / 2 + 512
 
 
-def test_zero3_partitioned_model_starts_from_an_hf_export(data_root, tmp_path_factory, tmp_path):
+@pytest.mark.parametrize("model, source, source_overrides, nproc", [
+    ("tiny_dense", "dense1", ["model=tiny_dense"], 1),  # tied embeddings
+    ("tiny_moe", "tiny_moe-zero2", ["model=tiny_moe", "deepspeed=zero2"], 2),  # untied head, stacked experts
+])
+def test_zero3_partitioned_model_starts_from_an_hf_export(data_root, tmp_path_factory, tmp_path, model, source,
+                                                          source_overrides, nproc):
     """`init_from` an HF directory writes each weight into its partitions: the first Long Context loss of a
-    2-rank ZeRO-3 run started from the Reasoning export is the uninterrupted 1-rank run's."""
-    full = smoke_run(tmp_path_factory, "dense1", ["model=tiny_dense"])
+    2-rank ZeRO-3 run started from the Reasoning export is the uninterrupted run's."""
+    full = smoke_run(tmp_path_factory, source, source_overrides, nproc=nproc)
     run_dir = tmp_path / "lc_zero3"
-    proc = run_train([*SMOKE, f"run_dir={run_dir}", "model=tiny_dense", "deepspeed=zero3", "eval.enabled=false",
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", f"model={model}", "deepspeed=zero3", "eval.enabled=false",
                       "curriculum.start=long_context", f"init_from={full / 'hf' / 'reasoning'}"], nproc=2)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert model_event(run_dir)["partitioned_init"]
@@ -41,3 +47,17 @@ def test_zero3_partitioned_model_starts_from_an_hf_export(data_root, tmp_path_fa
     assert list(got) == [("long_context", 1), ("long_context", 2)]
     assert got[("long_context", 1)][0] == pytest.approx(ref[("long_context", 1)][0], rel=1e-6)
     assert got[("long_context", 1)][0] < ref[("general", 1)][0] - 1.0  # trained weights, not a fresh init
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_partitioned_build_in_bf16_on_cuda_trains_as_the_whole_build(tmp_path):
+    """On a GPU zero.Init makes the weights bf16 as they are built, the whole build rounds them later: the same
+    numbers either way, so the same losses to the last bit. Uses the prepared fixture (launch/gpu_check.sh)."""
+    got = {}
+    for flag in ("true", "false"):
+        proc = run_train([*SMOKE, f"run_dir={tmp_path / flag}", "model=tiny_moe", "deepspeed=zero3", "device=cuda",
+                          f"deepspeed.partitioned_init={flag}", "eval.enabled=false"])
+        assert proc.returncode == 0, proc.stdout[-3000:]
+        got[flag] = losses(tmp_path / flag)
+    assert len(got["true"]) == 8 and got["true"] == got["false"]

@@ -51,7 +51,10 @@ def _all_ok(ok: bool) -> bool:
     """True only if every rank says ok."""
     if not dist.is_initialized():
         return ok
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    # NCCL reduces GPU tensors only (a CPU tensor there fails: "No backend type associated with device type cpu")
+    nccl = dist.get_backend() == "nccl"
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32,
+                        device=torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 

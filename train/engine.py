@@ -170,8 +170,8 @@ def whole(p: torch.nn.Parameter) -> Iterator[bool]:
         return
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-        yield dist.get_rank() == 0
+    with deepspeed.zero.GatheredParameters([p], modifier_rank=0):  # rank 0 of the parameter's ZeRO group
+        yield dist.get_rank() == dist.get_global_rank(p.ds_process_group, 0)
 
 
 def local_parameter_elements(model: torch.nn.Module) -> int:

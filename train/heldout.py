@@ -71,7 +71,7 @@ def heldout_perplexity(model: torch.nn.Module, languages: List[str], batches: li
         counts.index_add_(0, owner, mask.sum(1))
     model.train(was_training)
     if dist.is_initialized() and world > 1:
-        both = torch.stack([sums, counts])
+        both = torch.stack([sums, counts]).to(device)  # on the model's device: NCCL reduces GPU tensors only
         dist.all_reduce(both)
-        sums, counts = both[0], both[1]
+        sums, counts = both[0].cpu(), both[1].cpu()
     return {lang: math.exp(sums[i] / counts[i]) for i, lang in enumerate(languages) if counts[i] > 0}

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import resource
 import shutil
 import signal
@@ -34,14 +33,14 @@ from data.shards import verify
 from data.tokenizer import load_tokenizer
 from models.config import Qwen3Config
 from models.doc_mask import resolve_doc_mask_implementation
-from models.params import flops_per_token
+from models.params import count_parameters, flops_per_token
 from models.qwen3 import Qwen3ForCausalLM
 from train.checkpoint import CheckpointError, CheckpointManager, TrainerState, check_compatible
 from train.config import ConfigError, StageConfig, StagePlan, TrainConfig, validate
 from train import expert_parallel
 from train.engine import (DistInfo, Engine, barrier, construction, init_distributed, local_parameter_elements,
                           partitioned_init, whole, world_from_env)
-from train.faults import HUNG_EXIT_CODE, NONFINITE_EXIT_CODE, SpikeDetector, Watchdog, inject, injected
+from train.faults import NONFINITE_EXIT_CODE, SpikeDetector, Watchdog, inject, injected
 from train.heldout import heldout_perplexity, make_eval_batches
 from train.metrics import MetricsLogger, peak_flops, redact
 from train.schedule import lr_at
@@ -186,8 +185,7 @@ class Trainer:
             self.state.stage = order[self.state.stage_index]
         self.metrics = MetricsLogger(cfg, self.run_dir, info.rank, resolved)
         self.watchdog = Watchdog(info.rank, info.world_size, cfg.dist.timeout_s, "start").start()
-        self.metrics.log({"event": "model", "parameters": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-                                                              for p in self.model.parameters()),
+        self.metrics.log({"event": "model", "parameters": count_parameters(cfg.model).total,
                           "elements_per_rank": held, "partitioned_init": partitioned_init(cfg), "time": time.time()})
         if latest is not None:
             self.metrics.log({"event": "resume", "stage": self.state.stage, "global_step": self.state.global_step,
