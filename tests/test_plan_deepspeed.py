@@ -71,6 +71,10 @@ def _rank_worker(rank: int, port: int, out_dir: str) -> None:
         result[stage] = seen
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
+    # leave together and close the group: a process exiting with gloo's threads still running can abort
+    # ("terminate called without an active exception"), which spawn reports as a failure
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
