@@ -304,3 +304,12 @@ def test_memory_mapped_index_costs_a_rank_a_fraction_of_building_it(manifest):
     assert not memory["cached"] and not build["cached"] and load["cached"]
     assert memory["private_mib"] > 400_000 * 30 / 2**20  # ~36 bytes a sample, held privately
     assert load["private_mib"] < memory["private_mib"] / 4
+
+
+def test_index_arrays_are_int32_where_the_values_fit():
+    from data.loader import _narrow
+
+    small = np.array([0, 5, 2**31 - 1], dtype=np.int64)
+    assert _narrow(small).dtype == np.int32 and _narrow(small).tolist() == small.tolist()
+    assert _narrow(np.array([0, 2**31], dtype=np.int64)).dtype == np.int64  # would wrap: kept
+    assert _narrow(np.array([-1, 3], dtype=np.int64)).dtype == np.int64
