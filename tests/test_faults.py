@@ -239,3 +239,22 @@ def test_wandb_key_never_reaches_logs_dumps_or_checkpoints(data_root, tmp_path):
         data = path.read_bytes()
         assert secret_cli.encode() not in data and secret_env.encode() not in data, path
     assert "api_key: '***'" in (run_dir / "config.yaml").read_text()
+
+
+def test_watchdog_waits_out_known_long_work_and_watches_again_after_it(monkeypatch):
+    """Building a large stage's data index makes no steps for minutes: inside `suspended` that is not a hang;
+    before and after it, no progress for timeout_s is."""
+    from train.faults import Watchdog
+
+    fired = []
+    dog = Watchdog(rank=0, world=1, timeout_s=0.3)
+    monkeypatch.setattr(dog, "_fire", lambda: fired.append(dog.where) or dog.beat("fired"))
+    dog.start()
+    try:
+        with dog.suspended("general data index"):
+            time.sleep(0.9)  # three timeouts without a beat
+        assert fired == []
+        time.sleep(0.9)  # no progress after it
+        assert fired and fired[0] == "after general data index"
+    finally:
+        dog.stop()

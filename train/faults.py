@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -19,7 +20,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from typing import Deque, Dict, Iterable, List, Optional, Tuple
+from typing import Deque, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch.distributed as dist
 
@@ -107,6 +108,7 @@ class Watchdog:
         self.last = time.monotonic()
         self.where = where
         self._stop = threading.Event()
+        self._suspended = False
         self._thread: Optional[threading.Thread] = None
         self._store = None
         if dist.is_initialized() and world > 1:
@@ -129,9 +131,21 @@ class Watchdog:
         """Stop watching."""
         self._stop.set()
 
+    @contextlib.contextmanager
+    def suspended(self, where: str) -> Iterator[None]:
+        """Known long work without steps, not a hang: rank 0 building a large stage's data index (minutes for
+        billions of samples) while the others wait for it in a barrier. Watching resumes, from now, on leaving."""
+        self.beat(where)
+        self._suspended = True
+        try:
+            yield
+        finally:
+            self._suspended = False
+            self.beat(f"after {where}")
+
     def _run(self) -> None:
         while not self._stop.wait(min(1.0, self.timeout_s / 10)):
-            if time.monotonic() - self.last > self.timeout_s:
+            if not self._suspended and time.monotonic() - self.last > self.timeout_s:
                 self._fire()
 
     def _fire(self) -> None:

@@ -297,8 +297,9 @@ class Trainer:
                                num_samples=plan.steps * plan.samples_per_step, doc_masking=cfg.data.doc_masking)
 
         # rank 0 builds the stage's index arrays once (or finds them cached); the others then memory-map them
-        stream = open_stream() if self.info.rank == 0 else None
-        barrier()
+        with self.watchdog.suspended(f"{stage.name} data index"):
+            stream = open_stream() if self.info.rank == 0 else None
+            barrier()
         if stream is None:
             stream = open_stream()
         self.metrics.log({"event": "stage_start", "stage": stage.name, "global_step": self.state.global_step,
