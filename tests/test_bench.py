@@ -234,30 +234,30 @@ def test_inductor_on_cuda_matches_eager(name):
     torch._dynamo.reset()
 
 
+def assert_bf16_cuda_models_agree(reference, model, b, t):
+    """In bf16 on CUDA, `model` gives `reference`'s loss (2e-3) and gradients (3e-2) on one random batch."""
+    reference, model = reference.to(torch.bfloat16), model.to(torch.bfloat16)
+    ids, labels = batch(reference.config, b=b, t=t, device="cuda")
+    ref, ref_grads = loss_and_grads(reference, ids, labels)
+    got, got_grads = loss_and_grads(model, ids, labels)
+    assert got.loss.item() == pytest.approx(ref.loss.item(), rel=2e-3)
+    assert_grads_close(ref_grads, got_grads, 3e-2)
+
+
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["flash", "cudnn", "cudnn_mha", "efficient"])
 def test_cuda_attention_kernels_match_math(backend):
     """Each SDPA kernel the config can pick gives the math kernel's loss and gradients (bf16)."""
-    plain = build(device="cuda", attention_backend="math").to(torch.bfloat16)
-    chosen = build(device="cuda", attention_backend=backend).to(torch.bfloat16)
-    ids, labels = batch(plain.config, b=2, t=512, device="cuda")
-    ref, ref_grads = loss_and_grads(plain, ids, labels)
-    got, got_grads = loss_and_grads(chosen, ids, labels)
-    assert got.loss.item() == pytest.approx(ref.loss.item(), rel=2e-3)
-    assert_grads_close(ref_grads, got_grads, 3e-2)
+    assert_bf16_cuda_models_agree(build(device="cuda", attention_backend="math"),
+                                  build(device="cuda", attention_backend=backend), b=2, t=512)
 
 
 @gpu
 @pytest.mark.gpu
 def test_grouped_gemm_experts_match_the_loop_on_cuda():
-    loop = build("tiny_moe", device="cuda", moe_implementation="loop").to(torch.bfloat16)
-    grouped = build("tiny_moe", device="cuda", moe_implementation="grouped_mm").to(torch.bfloat16)
-    ids, labels = batch(loop.config, b=4, t=256, device="cuda")
-    ref, ref_grads = loss_and_grads(loop, ids, labels)
-    got, got_grads = loss_and_grads(grouped, ids, labels)
-    assert got.loss.item() == pytest.approx(ref.loss.item(), rel=2e-3)
-    assert_grads_close(ref_grads, got_grads, 3e-2)
+    assert_bf16_cuda_models_agree(build("tiny_moe", device="cuda", moe_implementation="loop"),
+                                  build("tiny_moe", device="cuda", moe_implementation="grouped_mm"), b=4, t=256)
 
 
 @gpu

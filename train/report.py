@@ -67,14 +67,28 @@ def _stage_colors(order: List[str]) -> Dict[str, str]:
     return {s: COLORS[i % len(COLORS)] for i, s in enumerate(order)}
 
 
-def plot_loss(records: List[Dict[str, Any]], path: Path) -> Path:
-    """Training loss against global step, one colour per stage, a dashed line at every switch."""
+def _plot_by_stage(ax: Any, records: List[Dict[str, Any]], key: str) -> List[Dict[str, Any]]:
+    """One line per stage of step records' `key` against global step; returns the step records."""
     steps, order = step_records(records), stage_order(records)
     colors = _stage_colors(order)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
     for s in order:
         rs = [r for r in steps if r["stage"] == s]
-        ax.plot([r["global_step"] for r in rs], [r["lm_loss"] for r in rs], color=colors[s], label=s)
+        ax.plot([r["global_step"] for r in rs], [r[key] for r in rs], color=colors[s], label=s)
+    return steps
+
+
+def _save(fig: Any, path: Path, tight: bool = True) -> Path:
+    if tight:
+        fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_loss(records: List[Dict[str, Any]], path: Path) -> Path:
+    """Training loss against global step, one colour per stage, a dashed line at every switch."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    _plot_by_stage(ax, records, "lm_loss")
     evals = [r for r in records if r.get("event") == "eval" and r.get("heldout_ppl_geomean")]
     if evals:
         ax.scatter([r["global_step"] for r in evals], [math.log(r["heldout_ppl_geomean"]) for r in evals],
@@ -89,10 +103,7 @@ def plot_loss(records: List[Dict[str, Any]], path: Path) -> Path:
     ax.set_ylabel("loss (nats/token)")
     ax.set_title("Training loss by stage")
     ax.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def stage_perplexities(records: List[Dict[str, Any]],
@@ -132,10 +143,7 @@ def plot_perplexity(ppl: Dict[str, Dict[str, float]], path: Path) -> Path:
     ax.set_ylabel("held-out perplexity")
     ax.set_title("Held-out perplexity per language (UDHR art. 26-30 + held-out Bible book)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_passkey(results: Dict[str, Dict[str, Any]], order: List[str], path: Path) -> Optional[Path]:
@@ -165,9 +173,7 @@ def plot_passkey(results: Dict[str, Dict[str, Any]], order: List[str], path: Pat
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.colorbar(im, ax=axes, shrink=0.8, label="passkey accuracy")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, tight=False)
 
 
 def plot_position_loss(results: Dict[str, Dict[str, Any]], order: List[str], path: Path) -> Optional[Path]:
@@ -199,9 +205,7 @@ def plot_position_loss(results: Dict[str, Dict[str, Any]], order: List[str], pat
         ax.legend(fontsize=7, ncol=2)
     axes[0][0].set_ylabel("mean held-out loss (nats/token)")
     fig.suptitle("Held-out loss by position")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, tight=False)
 
 
 def plot_expert_load(records: List[Dict[str, Any]], path: Path) -> Optional[Path]:
@@ -220,20 +224,13 @@ def plot_expert_load(records: List[Dict[str, Any]], path: Path) -> Optional[Path
         ax.set_xlabel("expert")
         ax.set_ylabel("layer")
         fig.colorbar(im, ax=ax, label="load x experts (1 = uniform)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_throughput(records: List[Dict[str, Any]], path: Path) -> Path:
     """Tokens per second (and MFU when logged) against global step, per stage."""
-    steps, order = step_records(records), stage_order(records)
-    colors = _stage_colors(order)
     fig, ax = plt.subplots(figsize=(8, 4))
-    for s in order:
-        rs = [r for r in steps if r["stage"] == s]
-        ax.plot([r["global_step"] for r in rs], [r["tokens_per_s"] for r in rs], color=colors[s], label=s)
+    steps = _plot_by_stage(ax, records, "tokens_per_s")
     ax.set_xlabel("global step")
     ax.set_ylabel("tokens / s")
     if any(r.get("mfu") for r in steps):
@@ -245,10 +242,7 @@ def plot_throughput(records: List[Dict[str, Any]], path: Path) -> Path:
         ax.axvline(step + 0.5, color="grey", linestyle="--", linewidth=1)
     ax.set_title("Throughput")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def stage_table(records: List[Dict[str, Any]], ppl: Dict[str, Dict[str, float]]) -> List[List[Any]]:
