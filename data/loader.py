@@ -18,20 +18,18 @@ A rank reads the indices the trainer gives it (`micro_batch_indices`), so the lo
 (consumed samples), resume is exact and a different number of ranks neither repeats nor skips a sample.
 
 The arrays take ~20 bytes per sample (int32 where the values fit; a stage of 1e9 samples: 20 GB), so, as Megatron
-does, they are built once
-and kept beside the manifest (`index/<stage>-<key>/`, the key hashing everything that decides them), written
-atomically, and every later StageStream of the same stage (each rank, each resume) memory-maps them: the ranks of
-a node share one copy in the page cache instead of each holding its own, and a restart does not rebuild them.
+does, they are built once and kept beside the manifest (`index/<stage>-<key>/`, the key hashing everything that
+decides them), written atomically, and every later StageStream of the same stage (each rank, each resume)
+memory-maps them: the ranks of a node share one copy in the page cache instead of each holding its own, and a
+restart does not rebuild them.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 import shutil
-import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +40,7 @@ import torch
 
 from data.config import to_mixture_config
 from data.errors import DataError
+from data.io import atomic_path, sha256_file, sha256_text
 from data.shards import Shard, open_shard, read_manifest, resolve_in_root
 
 log = logging.getLogger(__name__)
@@ -269,6 +268,8 @@ def _narrow(a: np.ndarray) -> np.ndarray:
     """int32 when every value fits (indices below 2^31: every part but one of billions of samples), else as is:
     the same values in ~20 instead of ~37 bytes per sample, in memory, on disk and in the page cache."""
     return a.astype(np.int32) if a.size == 0 or (a.min() >= 0 and a.max() < 2**31) else a
+
+
 _INDEX_ARRAYS = ("blend_part", "blend_sample", "doc_idx", "sample_doc", "sample_off", "shuffle", "offsets")
 
 
@@ -276,9 +277,8 @@ def index_dir(manifest_path: Path, mixture: Any, seq_len: int, seed: int, stage:
     """Where a stage's index arrays are cached: beside the manifest, keyed by everything that decides them."""
     manifest_path = Path(manifest_path)
     mix = dataclasses.asdict(to_mixture_config(mixture))
-    identity = [INDEX_FORMAT, hashlib.sha256(manifest_path.read_bytes()).hexdigest(), mix, seq_len, seed, stage,
-                num_samples]
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    identity = [INDEX_FORMAT, sha256_file(manifest_path), mix, seq_len, seed, stage, num_samples]
+    key = sha256_text(json.dumps(identity, sort_keys=True, default=str))[:16]
     return manifest_path.parent / "index" / f"{stage}-{key}"
 
 
@@ -302,28 +302,22 @@ def _load_index(folder: Path) -> Optional[Dict[str, np.ndarray]]:
 
 
 def _save_index(folder: Path, arrays: Dict[str, np.ndarray]) -> None:
-    """Write the arrays under a temporary name and rename the folder into place: a reader sees all or nothing.
+    """Write the arrays to a temporary folder renamed into place (`atomic_path`): a reader sees all or nothing.
     A failure (read-only or full disk) is a warning: the stream then works from memory."""
-    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        tmp.mkdir(parents=True)
-        for name in _INDEX_ARRAYS:
-            with open(tmp / f"{name}.npy", "wb") as f:
-                np.save(f, arrays[name], allow_pickle=False)
-                f.flush()
-                os.fsync(f.fileno())
-        (tmp / "done").write_text("")
-        if folder.exists():  # an unreadable cache: set aside, replace, remove
-            old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-            folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(folder)
+        if folder.exists():  # an unreadable cache, replaced
+            shutil.rmtree(folder)
+        with atomic_path(folder) as tmp:
+            tmp.mkdir()
+            for name in _INDEX_ARRAYS:
+                with open(tmp / f"{name}.npy", "wb") as f:
+                    np.save(f, arrays[name], allow_pickle=False)
+                    f.flush()
+                    os.fsync(f.fileno())
+            (tmp / "done").write_text("")
     except OSError as e:
         if not (folder / "done").is_file():  # not another process winning the race: a real failure
             log.warning("%s: could not cache the index arrays (%s); using them from memory", folder, e)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class StageStream:

@@ -7,6 +7,7 @@ import torch
 
 from data.config import LengthBucketConfig, MixtureConfig, compose
 from data.errors import DataError
+from data.io import TMP_MARK
 from data.loader import StageStream, micro_batch_indices, open_components, plan_mixture
 from data.prepare import prepare
 from data.tokenizer import load_tokenizer
@@ -244,7 +245,7 @@ def test_index_arrays_are_cached_beside_the_manifest_and_memory_mapped(manifest,
     assert folder.parent == manifest.parent / "index" and not folder.exists()
     built = StageStream(manifest, mix, seq_len=64, seed=11, stage="general", num_samples=500)
     assert not built.index_cached and (folder / "done").is_file()
-    assert not list(folder.parent.glob(".*"))  # no temporary folder left behind
+    assert not list(folder.parent.glob(f"*{TMP_MARK}*"))  # no temporary folder left behind
     monkeypatch.setattr(StageStream, "_build_index", lambda *a: pytest.fail("rebuilt a cached index"))
     cached = StageStream(manifest, mix, seq_len=64, seed=11, stage="general", num_samples=500)
     assert cached.index_cached and isinstance(cached.blend_part, np.memmap)
@@ -285,7 +286,7 @@ def test_an_unreadable_index_cache_is_rebuilt_and_a_failed_write_falls_back_to_m
         s = StageStream(manifest, mix, seq_len=64, seed=22, stage="general", num_samples=300)
     assert not s.index_cached and "could not cache the index arrays" in caplog.text
     assert not index_dir(manifest, mix, 64, 22, "general", 300).exists()
-    assert not list(folder.parent.glob(".*"))
+    assert not list(folder.parent.glob(f"*{TMP_MARK}*"))
     assert s.batch([0, 5])["input_ids"].shape == (2, 64)
 
 

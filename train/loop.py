@@ -150,10 +150,9 @@ class Trainer:
                               "backward on the CPU; train there with 'dense' or 'auto'")
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg, plans[0], info)
-        held = [local_parameter_elements(self.model)]  # what each rank allocated for the weights
+        held = [local_parameter_elements(self.model)] * info.world_size  # what each rank allocated for the weights
         if info.world_size > 1:
-            held = [0] * info.world_size
-            dist.all_gather_object(held, local_parameter_elements(self.model))
+            dist.all_gather_object(held, held[info.rank])
         self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint.keep, info.rank)
         self.state = TrainerState()
         latest = self.checkpoints.latest()
