@@ -1,10 +1,11 @@
 """Expert parallelism for real: `python -m train` on 2 and 4 gloo ranks with expert_parallel_size 2 and 4
 against EP = 1 (losses, gradient norms, expert load, final weights, HF logits), exact resume under EP,
-refused layout changes, and the three-stage smoke curriculum with EP = 2 (what CI runs)."""
+re-sharded layout changes (weights and AdamW state), and the three-stage smoke curriculum with EP = 2 (what CI runs)."""
 from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Dict, List
 
@@ -13,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from train.engine import safe_torch_load
-from trainutil import SMOKE, losses, run_train, steps
+from trainutil import SMOKE, losses, records, run_train, steps
 
 # The General stage alone for 10 steps of 16 x 64 tokens, at the General stage's real peak LR (3e-4; the
 # smoke curriculum's 3e-3 makes 10 steps chaotic enough that fp32 rounding, which differs with any change of
@@ -92,30 +93,116 @@ def test_hf_export_under_ep_gives_ep1_logits(data_root, tmp_path_factory):
         torch.testing.assert_close(ep2(ids).logits, ref(ids).logits, rtol=0, atol=TOL)
 
 
+def resume_records(run_dir: Path) -> List[dict]:
+    """The `resume` events of a run."""
+    return [r for r in records(run_dir) if r.get("event") == "resume"]
+
+
 @pytest.mark.slow
-def test_resume_under_ep_is_exact_and_other_layouts_are_refused(data_root, tmp_path_factory, tmp_path):
+def test_resume_under_ep_is_exact_and_other_layouts_are_resharded(data_root, tmp_path_factory, tmp_path):
+    """Stopped at step 5 under EP = 2 on 2 ranks: the same layout resumes bit for bit; EP = 1 re-shards the
+    experts and their AdamW state (to rounding); ZeRO-3, which EP checkpoints cannot reach, is refused."""
     reference = ten_steps(tmp_path_factory, 2, "zero2", 2)
     run_dir = tmp_path / "resumed"
-    base = [*TEN_STEPS, f"run_dir={run_dir}", "deepspeed=zero2"]
-    proc = run_train([*base, "expert_parallel_size=2", "max_steps=5"], nproc=2)  # stops and saves at step 5
+    base = [*TEN_STEPS, f"run_dir={run_dir}"]
+    proc = run_train([*base, "deepspeed=zero2", "expert_parallel_size=2", "max_steps=5"], nproc=2)
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert len(steps(run_dir)) == 5
+    shutil.copytree(run_dir, tmp_path / "to_ep1")
 
-    # a different expert-parallel size, or the same one on another world size, is refused before loading
     saved = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    for nproc, ep, needle in [(2, 1, "this launch has expert_parallel_size=1 on 2 ranks"),
-                              (4, 2, "this launch has expert_parallel_size=2 on 4 ranks")]:
-        proc = run_train([*base, f"expert_parallel_size={ep}"], nproc=nproc)
-        assert proc.returncode != 0  # 2 from every rank; torchrun reports 1
-        assert "was saved with expert_parallel_size=2 on 2 ranks" in proc.stdout and needle in proc.stdout
+    proc = run_train([*base, "deepspeed=zero3", "expert_parallel_size=1"], nproc=2)
+    assert proc.returncode != 0  # 2 from every rank; torchrun reports 1
+    assert ("was saved with expert_parallel_size=2; re-sharding it into deepspeed.zero_stage=3 is not supported"
+            in proc.stdout)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == saved  # nothing written
     assert len(steps(run_dir)) == 5
 
-    proc = run_train([*base, "expert_parallel_size=2"], nproc=2)  # the same layout resumes
+    proc = run_train([*base, "deepspeed=zero2", "expert_parallel_size=2"], nproc=2)  # the same layout
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert losses(run_dir) == losses(reference)  # bit for bit, loss and gradient norm at every step
     ref_weights, weights = hf_weights(reference), hf_weights(run_dir)
     assert all(torch.equal(weights[k], ref_weights[k]) for k in ref_weights)
+    assert [r["resharded"] for r in resume_records(run_dir)] == [False]
+
+    # EP = 1 on the same 2 ranks: each expert's weights and moments now live in the dense optimizer groups
+    other = tmp_path / "to_ep1"
+    proc = run_train([*TEN_STEPS, f"run_dir={other}", "deepspeed=zero2", "expert_parallel_size=1"], nproc=2)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert [(r["resharded"], r["saved_world_size"]) for r in resume_records(other)] == [(True, 2)]
+    got = steps(other)
+    assert [r["step"] for r in got] == list(range(1, 11))
+    diffs = {k: max_diff(steps(reference), got, k) for k in ("loss", "grad_norm", "expert_load")}
+    # measured: loss 2e-8, gradient norm 2e-7 (the reduction order of the dense groups differs from EP = 2)
+    assert all(v <= 1e-6 for v in diffs.values()), diffs
+
+
+@pytest.mark.slow
+def test_ep1_checkpoint_resumes_under_ep2_and_zero1(data_root, tmp_path_factory, tmp_path):
+    """The other direction: experts saved inside the dense ZeRO-2 groups, resumed under EP = 2 and ZeRO-1."""
+    reference = ten_steps(tmp_path_factory, 2, "zero2", 1)
+    run_dir = tmp_path / "run"
+    proc = run_train([*TEN_STEPS, f"run_dir={run_dir}", "deepspeed=zero2", "expert_parallel_size=1",
+                      "max_steps=5"], nproc=2)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    proc = run_train([*TEN_STEPS, f"run_dir={run_dir}", "deepspeed=zero1", "expert_parallel_size=2"], nproc=2)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert [r["resharded"] for r in resume_records(run_dir)] == [True]
+    assert (run_dir / "checkpoints" / ".universal" / "ep2" / "0-general-step0000005" / "done").exists()
+    diffs = {k: max_diff(steps(reference), steps(run_dir), k) for k in ("loss", "grad_norm", "expert_load")}
+    assert all(v <= 1e-6 for v in diffs.values()), diffs
+    weights, ref_weights = hf_weights(run_dir), hf_weights(reference)
+    assert max((weights[k] - ref_weights[k]).abs().max().item() for k in weights) <= TOL
+
+
+@pytest.mark.slow
+def test_expert_parallel_conversion_reassembles_every_expert(data_root, tmp_path_factory, tmp_path):
+    """4 ranks, EP = 2: each expert stack's optimizer state is split over an expert-data-parallel group of 2
+    (ranks 0 and 2 hold experts 0-3, ranks 1 and 3 experts 4-7). The universal copy's fp32 weights equal the
+    HF export of the same step exactly, and every state holds all 8 experts."""
+    from train.reshard import convert_expert_parallel
+
+    run_dir = ten_steps(tmp_path_factory, 4, "zero1", 2)
+    convert_expert_parallel(run_dir / "checkpoints" / "0-general-step0000010", tmp_path / "u", 2, 4)
+    exported = hf_weights(run_dir)
+    zero = tmp_path / "u" / "zero"
+    names = sorted(p.name for p in zero.iterdir() if p.is_dir())
+    assert len(names) == 4 * 11 + 3  # every parameter once: 11 per layer, embedding, final norm, head
+    for name in names:
+        fp32 = torch.load(zero / name / "fp32.pt", weights_only=True)["param"]
+        if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
+            assert fp32.shape[0] == 8
+            layer = name[:-len(".gate_up_proj")] if name.endswith("gate_up_proj") else name[:-len(".down_proj")]
+            for e in range(8):
+                if name.endswith("gate_up_proj"):
+                    want = torch.cat([exported[f"{layer}.{e}.gate_proj.weight"], exported[f"{layer}.{e}.up_proj.weight"]])
+                else:
+                    want = exported[f"{layer}.{e}.down_proj.weight"]
+                assert torch.equal(fp32[e], want), (name, e)
+        else:
+            assert torch.equal(fp32, exported[name]), name
+        for key in ("exp_avg", "exp_avg_sq"):
+            moment = torch.load(zero / name / f"{key}.pt", weights_only=True)["param"]
+            assert moment.shape == fp32.shape and moment.abs().sum() > 0, (name, key)
+    assert not (tmp_path / "u" / "tmp").exists()
+
+
+@pytest.mark.slow
+def test_reshard_of_an_incomplete_checkpoint_fails_on_every_rank(data_root, tmp_path_factory, tmp_path):
+    """A missing ZeRO shard: the launch stops on both ranks naming the folder and what is missing (not a hang
+    in the barrier behind rank 0), and the checkpoint is left as it was."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(ten_steps(tmp_path_factory, 2, "zero2", 2), run_dir)
+    ckpt = run_dir / "checkpoints" / "0-general-step0000010"
+    (ckpt / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    before = sorted(p.name for p in ckpt.iterdir())
+    proc = run_train([*TEN_STEPS, f"run_dir={run_dir}", "deepspeed=zero2", "expert_parallel_size=1"], nproc=2,
+                     timeout=300)
+    assert proc.returncode != 0
+    assert (f"re-sharding {ckpt} for this launch's layout failed (FileNotFoundError: {ckpt}: expected the ZeRO "
+            "optimizer shards of ranks 0..1, found those of ranks [0])") in proc.stdout
+    assert sorted(p.name for p in ckpt.iterdir()) == before
+    assert not (run_dir / "checkpoints" / ".universal" / "ep1" / ckpt.name).exists()
 
 
 @pytest.mark.slow
@@ -134,7 +221,7 @@ def test_init_from_under_ep(data_root, tmp_path_factory, tmp_path):
     proc = run_train([*base, f"run_dir={tmp_path / 'ep1'}", "expert_parallel_size=1",
                       f"init_from={source / 'checkpoints' / '0-general-step0000010'}"], nproc=2)
     assert proc.returncode != 0
-    assert "was saved with expert_parallel_size=2 on 2 ranks; this launch has expert_parallel_size=1" in proc.stdout
+    assert "was saved with expert_parallel_size=2; this launch has expert_parallel_size=1" in proc.stdout
 
 
 def test_ep_refuses_zero3_at_launch(data_root, tmp_path):

@@ -151,6 +151,25 @@ def test_loss_spike_rolls_back_and_skips_the_batch(data_root, tmp_path_factory, 
         assert got[("general", s)]["loss"] != ref[("general", s)]["loss"]
 
 
+def test_rollback_after_a_world_size_change_reads_the_old_layout_again(data_root, tmp_path):
+    """A spike right after a re-sharded resume rolls back to the checkpoint the *earlier* launch wrote (2 ranks)
+    from this 1-process launch: the rollback goes through the re-sharded copy too."""
+    spike = ["curriculum.stages.general.tokens=12288", "faults.spike_factor=3", "faults.spike_window=5",
+             "faults.spike_min_history=3", "curriculum.stages.general.checkpoint_every=2"]
+    overrides = ["model=tiny_dense", "eval.enabled=false", "deepspeed=zero1", *spike, f"run_dir={tmp_path / 'run'}"]
+    proc = run_train([*SMOKE, *overrides, "max_steps=6"], nproc=2)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    proc = run_train([*SMOKE, *overrides, "faults.spike_action=rollback", "curriculum.order=[general]"],
+                     env=inject("spike@general:7"))
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    recs = records(tmp_path / "run")
+    assert [(r["resharded"], r["saved_world_size"]) for r in recs if r.get("event") == "resume"] == [(True, 2)]
+    rollback = [r for r in recs if r.get("event") == "rollback"]
+    assert [(r["to_checkpoint"], r["skip_steps"]) for r in rollback] == [("0-general-step0000006", ["general:7"])]
+    after = [r for r in steps(tmp_path / "run") if r["step"] > 7]
+    assert [r["step"] for r in after] == [8, 9, 10, 11, 12] and all(math.isfinite(r["loss"]) for r in after)
+
+
 def test_sigterm_to_torchrun_saves_once_and_marks_preemption(data_root, tmp_path):
     run_dir = tmp_path / "run"
     cmd = train_cmd([*SMOKE, f"run_dir={run_dir}", *BASE, "deepspeed=zero2", "curriculum.stages.general.tokens=65536"],

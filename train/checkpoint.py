@@ -47,7 +47,7 @@ class TrainerState:
     rollbacks: int = 0
 
 
-def _all_ok(ok: bool) -> bool:
+def all_ok(ok: bool) -> bool:
     """True only if every rank says ok."""
     if not dist.is_initialized():
         return ok
@@ -116,7 +116,7 @@ class CheckpointManager:
                 (tmp_root / tag).mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 ok, err = False, f"{tmp_root / tag}: {e}"
-        if _all_ok(ok):
+        if all_ok(ok):
             try:
                 engine.save(str(tmp_root), tag, client_state={"trainer_state": asdict(state)})
                 fault("enospc")
@@ -129,7 +129,7 @@ class CheckpointManager:
                 ok, err = False, f"{tmp_root / tag}: {type(e).__name__}: {e}"
         else:
             ok = False
-        if not _all_ok(ok):
+        if not all_ok(ok):
             if self.rank == 0:
                 shutil.rmtree(tmp_root / tag, ignore_errors=True)
             raise CheckpointError(f"saving checkpoint '{tag}' failed on at least one rank "
@@ -144,7 +144,7 @@ class CheckpointManager:
                 self._retain(protect=tag)
             except OSError as e:
                 ok, err = False, f"{final}: {e}"
-        if not _all_ok(ok):
+        if not all_ok(ok):
             raise CheckpointError(f"publishing checkpoint '{tag}' failed ({err or 'on rank 0'}); "
                                   f"'latest' still names '{self.latest()}'")
         return final
@@ -175,7 +175,8 @@ class CheckpointManager:
         from train.engine import CheckpointLoadError
 
         try:
-            client = engine.load(load_dir or str(self.dir), tag, load_optimizer=load_optimizer)
+            client = engine.load(load_dir or str(self.dir), tag, load_optimizer=load_optimizer,
+                                 universal=load_dir is not None)
             rng_path = self.dir / tag / f"rng_rank{self.rank}.pt"
             if rng_path.exists():
                 _set_rng_state(torch.load(rng_path, weights_only=True))
@@ -189,22 +190,20 @@ class CheckpointManager:
 
 
 def check_compatible(meta: Dict[str, Any], model_shape: Dict[str, Any], tokenizer_fingerprint: str,
-                     where: str, expert_parallel_size: int = 1, world_size: Optional[int] = None) -> None:
-    """Refuse to resume into a different model shape, tokenizer or expert-parallel layout, naming what changed.
+                     where: str, expert_parallel_size: Optional[int] = None) -> None:
+    """Refuse to load a checkpoint of another model shape or tokenizer, naming what changed.
 
-    Expert-parallel checkpoints keep each expert in its own file but the optimizer state in ZeRO shards of
-    each expert-data-parallel group, so they load only under the same expert_parallel_size and, for a
-    resume (world_size given), the same world size; an HF export (<run_dir>/hf/<stage>) loads under any.
+    `expert_parallel_size` is given for a weights-only load (`init_from` a checkpoint folder), which DeepSpeed
+    reads only under the saved expert_parallel_size: expert-parallel checkpoints keep the experts in per-expert
+    files, others in the model file. A resume re-shards any layout instead (train/reshard.py); an HF export
+    (<run_dir>/hf/<stage>) loads under any.
     """
-    saved_ep, saved_world = meta.get("expert_parallel_size", 1), meta.get("world_size")
-    if saved_ep != expert_parallel_size or (world_size is not None and max(saved_ep, expert_parallel_size) > 1
-                                            and saved_world != world_size):
-        raise CheckpointError(f"{where} was saved with expert_parallel_size={saved_ep} on {saved_world} ranks; "
-                              f"this launch has expert_parallel_size={expert_parallel_size} on "
-                              f"{world_size if world_size is not None else 'any number of'} ranks: an "
-                              f"expert-parallel checkpoint loads only into the same layout. Relaunch with "
-                              f"expert_parallel_size={saved_ep}" + (f" on {saved_world} ranks" if world_size else "")
-                              + ", or start a new run_dir with init_from=<its HF export>")
+    saved_ep = meta.get("expert_parallel_size", 1)
+    if expert_parallel_size is not None and saved_ep != expert_parallel_size:
+        raise CheckpointError(f"{where} was saved with expert_parallel_size={saved_ep}; this launch has "
+                              f"expert_parallel_size={expert_parallel_size}: a checkpoint folder gives its weights "
+                              f"only to the same expert_parallel_size. Relaunch with expert_parallel_size="
+                              f"{saved_ep}, or use init_from=<its HF export>")
     saved_shape = meta.get("model_shape", {})
     changed = {k: (saved_shape.get(k), v) for k, v in model_shape.items() if saved_shape.get(k) != v}
     if changed:

@@ -242,8 +242,7 @@ def convert_to_universal(ckpt_dir: str, out_dir: str) -> None:
 class Engine:
     """A DeepSpeed engine with the few operations the training loop needs."""
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, plan: StagePlan, info: DistInfo,
-                 load_universal: bool = False):
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, plan: StagePlan, info: DistInfo):
         import deepspeed
 
         self.cfg = cfg
@@ -257,8 +256,6 @@ class Engine:
         optimizer = torch.optim.AdamW(param_groups, lr=0.0,
                                       betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=fused)
         self.ds_config = deepspeed_config(cfg, plan, info.device, info.world_size)
-        if load_universal:  # the next load re-shards a checkpoint taken on a different world size
-            self.ds_config["checkpoint"] = {"load_universal": True}
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                              config=self.ds_config)
         self.plan = plan
@@ -323,8 +320,13 @@ class Engine:
         if self.cfg.expert_parallel_size > 1:  # DeepSpeed's writer skips our stacked experts
             expert_parallel.save_expert_files(self.ds, save_dir, tag)
 
-    def load(self, load_dir: str, tag: str, load_optimizer: bool = True, module_only: bool = False) -> Dict[str, Any]:
-        """Load load_dir/tag into the engine; returns the client state saved with it."""
+    def load(self, load_dir: str, tag: str, load_optimizer: bool = True, module_only: bool = False,
+             universal: bool = False) -> Dict[str, Any]:
+        """Load load_dir/tag into the engine; returns the client state saved with it.
+
+        `universal`: load_dir/tag is a universal (re-sharded) copy of a checkpoint saved in another layout.
+        """
+        self.ds._config.load_universal_checkpoint = universal  # DeepSpeed reads it at each load
         with safe_torch_load():
             path, client = self.ds.load_checkpoint(load_dir, tag=tag, load_optimizer_states=load_optimizer,
                                                    load_lr_scheduler_states=False, load_module_strict=True,

@@ -35,7 +35,7 @@ from models.config import Qwen3Config
 from models.doc_mask import resolve_doc_mask_implementation
 from models.params import count_parameters, flops_per_token
 from models.qwen3 import Qwen3ForCausalLM
-from train.checkpoint import CheckpointError, CheckpointManager, TrainerState, check_compatible
+from train.checkpoint import CheckpointError, CheckpointManager, TrainerState, all_ok, check_compatible
 from train.config import ConfigError, StageConfig, StagePlan, TrainConfig, validate
 from train import expert_parallel
 from train.engine import (DistInfo, Engine, barrier, construction, init_distributed, local_parameter_elements,
@@ -157,17 +157,14 @@ class Trainer:
         self.state = TrainerState()
         latest = self.checkpoints.latest()
         self._init_checkpoint: Optional[Path] = None
-        load_dir, reshard = str(self.checkpoints.dir), False
         if latest is not None:
             meta = self.checkpoints.read_meta(latest)
             check_compatible(meta, model_shape(cfg.model), self.tokenizer.fingerprint,
-                             str(self.checkpoints.dir / latest), cfg.expert_parallel_size, info.world_size)
-            reshard = self._needs_reshard(meta, latest)
-            if reshard:
-                load_dir = self._universal(latest)
+                             str(self.checkpoints.dir / latest))
+            reshard = self._needs_reshard(meta, latest)  # refuses what cannot be re-sharded, before the engine
         elif cfg.init_from:
             self._init_weights_from(cfg.init_from)
-        self.engine = Engine(self.model, cfg, plans[0], info, load_universal=reshard)
+        self.engine = Engine(self.model, cfg, plans[0], info)
         self.module = self.engine.module
         if self._init_checkpoint is not None:
             self.engine.load(str(self._init_checkpoint.parent), self._init_checkpoint.name, load_optimizer=False,
@@ -175,7 +172,7 @@ class Trainer:
         if hasattr(self.module, "set_balance_group") and cfg.model.num_experts:
             self.module.set_balance_group(dist.group.WORLD if info.world_size > 1 else None)
         if latest is not None:
-            self.state = self.checkpoints.load(self.engine, latest, load_dir=load_dir)
+            self.state = self._load_checkpoint(latest)
             self.resumed_from = latest
         else:
             self.resumed_from = None
@@ -194,33 +191,59 @@ class Trainer:
         self.eval_sets = heldout_sets(self.manifest) if cfg.eval.enabled else {}
 
     # ------------------------------------------------------------------ set-up helpers
+    def _load_checkpoint(self, tag: str) -> TrainerState:
+        """Load checkpoint `tag` into the engine, through a re-sharded copy if it was saved in another layout."""
+        meta = self.checkpoints.read_meta(tag)
+        load_dir = self._universal(tag, meta) if self._needs_reshard(meta, tag) else None
+        return self.checkpoints.load(self.engine, tag, load_dir=load_dir)
+
     def _needs_reshard(self, meta: Dict[str, Any], tag: str) -> bool:
-        """Whether the checkpoint's world size or ZeRO stage differs from this launch (then it is re-sharded)."""
-        saved_world, saved_zero = meta.get("world_size"), meta.get("zero_stage")
-        if saved_world == self.info.world_size and saved_zero == self.cfg.deepspeed.zero_stage:
+        """Whether the checkpoint's world size, ZeRO stage or expert-parallel size differs from this launch (then
+        it is re-sharded); refuses the one change that cannot be loaded."""
+        saved = (meta.get("world_size"), meta.get("zero_stage"), meta.get("expert_parallel_size", 1))
+        if saved == (self.info.world_size, self.cfg.deepspeed.zero_stage, self.cfg.expert_parallel_size):
             return False
-        saved_ep = meta.get("expert_parallel_size", 1)
-        if saved_ep != 1 or self.cfg.expert_parallel_size != 1:
-            raise CheckpointError(f"{self.checkpoints.dir / tag} was saved on {saved_world} ranks with "
-                                  f"expert_parallel_size={saved_ep}; this launch has {self.info.world_size} ranks "
-                                  f"and expert_parallel_size={self.cfg.expert_parallel_size}: re-sharding expert-"
-                                  f"parallel checkpoints is not supported, relaunch with the saved layout")
+        if saved[2] > 1 and self.cfg.deepspeed.zero_stage == 3:
+            raise CheckpointError(f"{self.checkpoints.dir / tag} was saved with expert_parallel_size={saved[2]}; "
+                                  f"re-sharding it into deepspeed.zero_stage=3 is not supported: resume with "
+                                  f"deepspeed=zero1 or zero2 (any expert_parallel_size and world size), or start a "
+                                  f"new run_dir with init_from=<its HF export>")
         return True
 
-    def _universal(self, tag: str) -> str:
-        """Convert checkpoint `tag` to DeepSpeed's universal format once (rank 0); returns the folder holding it."""
-        out_root = self.checkpoints.dir / ".universal"
-        if self.info.rank == 0 and not (out_root / tag / "done").exists():
+    def _universal(self, tag: str, meta: Dict[str, Any]) -> str:
+        """Re-shard checkpoint `tag` for this launch's layout once (rank 0); returns the folder holding it.
+
+        DeepSpeed's converter serves checkpoints without expert parallelism; train/reshard.py those with it.
+        The result is specific to this launch's optimizer groups (the experts get their own group under
+        expert parallelism), so it is kept per expert-parallel size.
+        """
+        from train import reshard
+
+        ep = self.cfg.expert_parallel_size
+        out_root = self.checkpoints.dir / ".universal" / f"ep{ep}"
+        out = out_root / tag
+        ok, err = True, ""
+        if self.info.rank == 0 and not (out / "done").exists():
             from train.engine import convert_to_universal
 
-            shutil.rmtree(out_root / tag, ignore_errors=True)
-            convert_to_universal(str(self.checkpoints.dir / tag), str(out_root / tag))
-            for rng in (self.checkpoints.dir / tag).glob("rng_rank*.pt"):
-                shutil.copy2(rng, out_root / tag / rng.name)
-            (out_root / tag / "done").write_text("")
-        barrier()
+            try:
+                shutil.rmtree(out, ignore_errors=True)
+                saved_ep = meta.get("expert_parallel_size", 1)
+                if saved_ep > 1:
+                    reshard.convert_expert_parallel(self.checkpoints.dir / tag, out, saved_ep, meta["world_size"])
+                else:
+                    convert_to_universal(str(self.checkpoints.dir / tag), str(out))
+                experts = [f"{name}.{p}" for name, _ in expert_parallel.experts_modules(self.module)
+                           for p in ("gate_up_proj", "down_proj")]
+                reshard.fit_to_layout(out, experts, self.engine.ds.optimizer.param_groups, ep)
+                (out / "done").write_text("")
+            except Exception as e:  # noqa: BLE001 - every rank must hear of it, not only this one
+                ok, err = False, f"{type(e).__name__}: {e}"
+                shutil.rmtree(out, ignore_errors=True)
+        if not all_ok(ok):  # also the barrier: the others wait here for rank 0's copy
+            raise CheckpointError(f"re-sharding {self.checkpoints.dir / tag} for this launch's layout failed "
+                                  f"({err or 'on rank 0'}); the checkpoint itself is unchanged")
         return str(out_root)
-
 
     def _init_weights_from(self, path: str) -> None:
         """Start a fresh run's weights from an HF directory or a tristage checkpoint folder (weights only)."""
@@ -275,7 +298,7 @@ class Trainer:
         tag = self.checkpoints.latest()
         assert tag is not None
         skip, history, rollbacks = self.state.skip_steps, self.state.loss_history, self.state.rollbacks
-        self.state = self.checkpoints.load(self.engine, tag)
+        self.state = self._load_checkpoint(tag)  # saved by an earlier launch in another layout, perhaps
         self.state.skip_steps = sorted(set(self.state.skip_steps) | set(skip))
         self.state.loss_history, self.state.rollbacks = history, rollbacks
         self.metrics.log({"event": "rollback", "stage": rb.stage, "global_step": self.state.global_step,
