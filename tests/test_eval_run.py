@@ -82,3 +82,39 @@ def test_report_on_the_run_directory(run_dir):
     last = steps(run_dir)[-1]
     assert f"| long_context | 2 | 8192 | 256 | 1e+06 | " in md and f"| {last['lm_loss']:.3f} |" in md
     assert "## Curriculum effect" in md and "![passkey](passkey.png)" in md
+
+
+def test_a_failing_stage_end_suite_is_logged_and_training_goes_on(data_root, tmp_path):
+    """2 ranks: the suite fails on rank 0 at the General stage's end; the failure is logged with its reason,
+    rank 1 does not hang waiting, and the Reasoning stage trains and runs its suite."""
+    from trainutil import SMOKE, run_train
+
+    run = tmp_path / "run"
+    proc = run_train([*SMOKE, f"run_dir={run}", "model=tiny_dense", "eval.stage_end_suite=true",
+                      "curriculum.order=[general,reasoning]"], nproc=2,
+                     env={"TRISTAGE_INJECT": "suite_error@general:4:0"}, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "the general evaluation suite failed (RuntimeError: injected evaluation failure)" in proc.stdout
+    suites = {r["stage"]: r for r in records(run) if r.get("event") == "eval_suite"}
+    assert suites["general"]["error"] == "RuntimeError: injected evaluation failure"
+    assert "reasoning_accuracy" not in suites["general"]
+    assert 0.0 <= suites["reasoning"]["reasoning_accuracy"] <= 1.0 and "error" not in suites["reasoning"]
+    assert [r["stage"] for r in steps(run)][-1] == "reasoning"
+
+
+def test_suite_is_skipped_when_a_second_copy_would_not_fit(monkeypatch):
+    """The estimate for Qwen3-0.6B at 4K: 1.2 GB of bf16 weights x 1.25 + 4,096 x (K/V + an fp32 logits row)."""
+    import torch
+
+    from test_train_config import compose_cfg
+    from train.eval.suite import suite_memory_shortfall
+
+    model = compose_cfg(["model=qwen3_0_6b"]).model
+    cpu = suite_memory_shortfall(model, 4096, torch.device("cpu"))
+    assert cpu == ""  # only CUDA is checked
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    gib = 2 ** 30
+    for free, expect in [(40 * gib, ""), (2 * gib, "needs ~4.1 GiB on cuda:0 for a second copy of the model, "
+                                                   "2.0 GiB free")]:
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 141 * gib))
+        assert suite_memory_shortfall(model, 4096, torch.device("cuda", 0)) == expect

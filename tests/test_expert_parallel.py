@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 
 from models import Qwen3ForCausalLM, load_preset
 from models.moe import Qwen3SparseMoeBlock
+from trainutil import end_spawned_worker
 
 N_SEQ, SEQ = 8, 16
 
@@ -51,6 +52,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             _one_expert_parallel_size(rank, world, ep, recompute, out_dir)
     finally:
         dist.destroy_process_group()
+    end_spawned_worker()
 
 
 def _one_expert_parallel_size(rank: int, world: int, ep: int, recompute: bool, out_dir: str) -> None:

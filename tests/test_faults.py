@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from trainutil import ROOT, SMOKE, losses, records, run_train, smoke_run, steps, train_cmd
 
@@ -77,6 +78,27 @@ def test_world_size_change_reshards_exactly(data_root, tmp_path_factory, tmp_pat
     # DeepSpeed ZeRO-3 universal-load bugs train/engine.py mends, showed as 1e-5 -> 2e-3 within two steps)
     for key in list(reference)[3:]:
         assert got[key][0] == pytest.approx(reference[key][0], rel=1e-6), key
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_zero_stage_change_on_cuda_resumes_with_fused_adamw(tmp_path):
+    """On a GPU the re-sharded (universal) load goes through fused AdamW, which needs each `step` on the
+    parameter's device (DeepSpeed leaves it on the CPU): 3 steps under ZeRO-1 bf16, then ZeRO-2 resumes them
+    and matches the uninterrupted ZeRO-1 run. Uses the prepared fixture (launch/gpu_check.sh)."""
+    base = [*SMOKE, "model=tiny_dense", "device=cuda", "eval.enabled=false", "curriculum.order=[general]"]
+    proc = run_train([*base, f"run_dir={tmp_path / 'ref'}", "deepspeed=zero1"])
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    run_dir = tmp_path / "run"
+    proc = run_train([*base, f"run_dir={run_dir}", "deepspeed=zero1", "max_steps=3"])
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    proc = run_train([*base, f"run_dir={run_dir}", "deepspeed=zero2"])
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert [r["resharded"] for r in records(run_dir) if r.get("event") == "resume"] == [True]
+    reference, got = losses(tmp_path / "ref"), losses(run_dir)
+    assert got.keys() == reference.keys() and len(got) == 4
+    for key in reference:
+        assert got[key][0] == pytest.approx(reference[key][0], rel=1e-3), key
 
 
 _FULL = [(z, m, w) for z in ("zero1", "zero2", "zero3") for m in ("tiny_dense", "tiny_moe") for w in (1, 4)]

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from models import Qwen3ForCausalLM, load_preset
 from models.moe import ExpertBalance, Qwen3SparseMoeBlock
+from trainutil import end_spawned_worker
 
 
 def build(seed=0, **overrides):
@@ -224,6 +225,7 @@ def _rank_worker(rank, world, port, out_dir):
                         "load": model.expert_load()}, os.path.join(out_dir, "dp.pt"))
     finally:
         dist.destroy_process_group()
+    end_spawned_worker()
 
 
 def _free_port():

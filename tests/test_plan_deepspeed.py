@@ -10,6 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 from launch.plan import ParamSplit, model_states
+from trainutil import end_spawned_worker
 
 D_IN, D_HID = 128, 256  # two bias-free linears: P = 2 * 128 * 256, evenly split over 2 ranks
 WORLD = 2
@@ -75,6 +76,7 @@ def _rank_worker(rank: int, port: int, out_dir: str) -> None:
     # ("terminate called without an active exception"), which spawn reports as a failure
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+    end_spawned_worker()
 
 
 @pytest.fixture(scope="module")

@@ -338,37 +338,46 @@ class Engine:
         for group, hparams in zip(self.ds.optimizer.param_groups, self._group_hparams):
             group.update(hparams)
         # ...and hands one `step` tensor to every parameter group, which AdamW then increments once per group
-        # (a bias correction running ahead); each state gets its own copy again
+        # (a bias correction running ahead); each state gets its own copy again. A universal load also leaves
+        # `step` on the CPU, where fused (and capturable) AdamW needs it on the parameter's device, in fp32
         inner = getattr(self.ds.optimizer, "optimizer", self.ds.optimizer)
-        for st in inner.state.values():
-            if "step" in st:
-                step = st["step"]
-                st["step"] = step.detach().clone() if torch.is_tensor(step) else torch.tensor(float(step))
+        for group in inner.param_groups:
+            on_device = bool(group.get("fused") or group.get("capturable"))
+            for p in group["params"]:
+                st = inner.state.get(p)
+                if st and "step" in st:
+                    step = st["step"]
+                    step = step.detach().clone() if torch.is_tensor(step) else torch.tensor(float(step))
+                    st["step"] = step.to(device=p.device if on_device else "cpu", dtype=torch.float32)
         return client or {}
 
     def full_state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
-        """The whole model's weights in fp32 on the CPU on rank 0 (None elsewhere), gathered under ZeRO-3."""
-        import deepspeed
+        """The whole model's weights in fp32 on the CPU on rank 0 (None elsewhere).
 
-        module = self.ds.module
-        if self.cfg.deepspeed.zero_stage == 3:
-            state: Dict[str, torch.Tensor] = {}
-            gathered: Dict[int, torch.Tensor] = {}
-            # remove_duplicate=False: a tied LM head is the embedding under a second name, and both names
-            # belong in the state dict
-            for name, param in module.named_parameters(remove_duplicate=False):
-                if id(param) not in gathered:
-                    with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                        gathered[id(param)] = param.detach().to("cpu", torch.float32).clone()
-                state[name] = gathered[id(param)]
-            return state if self.info.rank == 0 else None
-        if self.cfg.expert_parallel_size > 1:  # every rank holds a slice of the experts: all take part
-            state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()}
-            expert_parallel.gather_experts(module, state)
-            return state if self.info.rank == 0 else None
-        if self.info.rank != 0:
-            return None
-        return {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()}
+        Where ZeRO keeps fp32 master weights (ZeRO 1-3, bf16 training included) these are the masters, not the
+        bf16 copies the forward uses. One parameter at a time: every rank takes part in assembling it (a
+        collective over the parameter's ZeRO group; experts are then gathered over the expert-parallel group),
+        and only rank 0 keeps a copy, so no other rank ever holds the model in host memory.
+        """
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        keep = self.info.rank == 0
+        state: Dict[str, torch.Tensor] = {}
+        done: Dict[int, Optional[torch.Tensor]] = {}
+        experts = {id(p): m for _, m in expert_parallel.experts_modules(self.ds.module)
+                   for p in (m.gate_up_proj, m.down_proj)} if self.cfg.expert_parallel_size > 1 else {}
+        # remove_duplicate=False: a tied LM head is the embedding under a second name, and both names belong in
+        # the state dict
+        for name, param in self.ds.module.named_parameters(remove_duplicate=False):
+            if id(param) not in done:
+                full = safe_get_full_fp32_param(param)  # None without ZeRO: the parameter is the fp32 weight
+                full = (param if full is None else full).detach()
+                if id(param) in experts:  # this rank's slice of the experts: all E on rank 0
+                    full = expert_parallel.gather_to_rank0(full, experts[id(param)])
+                done[id(param)] = full.to("cpu", torch.float32).clone() if keep else None
+                del full
+            state[name] = done[id(param)]
+        return state if keep else None
 
 
 def barrier() -> None:

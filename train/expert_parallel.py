@@ -40,7 +40,7 @@ different experts.
 from __future__ import annotations
 
 import functools
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -181,14 +181,16 @@ def save_expert_files(engine: Any, save_dir: str, tag: str) -> None:
             engine.checkpoint_engine.save(state, path)
 
 
-def gather_experts(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
-    """Replace the local expert slices in `state` (fp32, CPU) by all E experts; every rank must call it."""
+def gather_to_rank0(local: torch.Tensor, experts: nn.Module) -> Optional[torch.Tensor]:
+    """All E experts of one stacked parameter on global rank 0, from each rank's slice `local`; None elsewhere.
+
+    Only the expert-parallel group holding rank 0 takes part (the other groups hold copies of the same experts).
+    """
     from deepspeed.utils import groups
 
-    for name, experts in experts_modules(model):
-        group = groups._get_expert_parallel_group(experts.expert_group_name)
-        for param in ("gate_up_proj", "down_proj"):
-            local = getattr(experts, param).detach().float()
-            parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-            dist.all_gather(parts, local.contiguous(), group=group)  # in expert-parallel rank order = expert order
-            state[f"{name}.{param}"] = torch.cat(parts).cpu()
+    group = groups._get_expert_parallel_group(experts.expert_group_name)
+    if 0 not in dist.get_process_group_ranks(group):
+        return None
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))] if dist.get_rank() == 0 else None
+    dist.gather(local.contiguous(), parts, dst=0, group=group)  # in expert-parallel rank order = expert order
+    return torch.cat(parts) if parts is not None else None

@@ -426,12 +426,11 @@ class Trainer:
                 state.stage_complete = True
                 self._save(stage)
                 self._export(stage)
-                if cfg.eval.stage_end_suite and cfg.checkpoint.export_hf and info.rank == 0:
-                    from train.eval.suite import stage_end_suite  # on the export just written; rank 0 only
-
-                    summary = stage_end_suite(cfg, stage.name, self.manifest, self.tokenizer, info.device)
-                    self.metrics.log({"event": "eval_suite", "global_step": state.global_step, **summary,
-                                      "time": time.time()})
+                if cfg.eval.stage_end_suite and cfg.checkpoint.export_hf:
+                    with self.watchdog.suspended(f"{stage.name} evaluation suite"):  # rank 0 works, the rest wait
+                        if info.rank == 0:
+                            self._stage_end_suite(stage)
+                        barrier()
                 if cfg.eval.enabled:
                     self._evaluate(stage)
                 self.metrics.log({"event": "stage_end", "stage": stage.name, "global_step": state.global_step,
@@ -548,6 +547,32 @@ class Trainer:
             save_hf(model, out)
             shutil.copy2(self.tokenizer.path, out / self.tokenizer.path.name)  # the export decodes on its own
         barrier()
+
+    def _stage_end_suite(self, stage: StageConfig) -> None:
+        """Rank 0: the evaluation suite on the export just written, as a second model beside the training one.
+
+        It is skipped, with the reason logged, when that copy would not fit in the device's free memory, and a
+        failure inside it is logged, not raised: an evaluation must not end (or, with the other ranks waiting,
+        hang) a training run. `python -m train.eval` runs the same suite on the export afterwards.
+        """
+        from train.eval.suite import stage_end_suite, suite_memory_shortfall
+
+        event: Dict[str, Any] = {"event": "eval_suite", "stage": stage.name, "global_step": self.state.global_step}
+        shortfall = suite_memory_shortfall(self.cfg.model, stage.seq_len, self.info.device)
+        if shortfall:
+            event["skipped"] = f"{shortfall}; run `python -m train.eval {self.run_dir / 'hf' / stage.name}` after"
+        else:
+            try:
+                if injected("suite_error", stage.name, self.state.step, self.info.rank):
+                    raise RuntimeError("injected evaluation failure")
+                event |= stage_end_suite(self.cfg, stage.name, self.manifest, self.tokenizer, self.info.device)
+            except Exception as e:  # noqa: BLE001 - logged and reported; training goes on
+                event["error"] = f"{type(e).__name__}: {e}"
+                print(f"[tristage] warning: the {stage.name} evaluation suite failed ({event['error']}); "
+                      f"training continues", file=sys.stderr, flush=True)
+                if self.info.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        self.metrics.log(event | {"time": time.time()})
 
     def _evaluate(self, stage: StageConfig) -> None:
         if not self.eval_sets:

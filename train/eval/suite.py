@@ -125,6 +125,28 @@ def evaluate(target: EvalTarget, sizes: Optional[Sizes] = None, which: Sequence[
     return summaries
 
 
+def suite_memory_shortfall(model_cfg: Any, seq_len: int, device: torch.device) -> str:
+    """Why the stage-end suite's copy of the model would not fit on `device` beside training ('' if it fits).
+
+    The estimate: the bf16 weights, plus a quarter for the work buffers, plus one sequence's K/V and a
+    (seq_len x vocabulary) fp32 logits row for the longest sequence the suite reads. Only CUDA is checked.
+    """
+    if device.type != "cuda":
+        return ""
+    from models.params import count_parameters
+
+    m = model_cfg
+    weights = count_parameters(m).total * 2
+    per_token = 2 * m.num_hidden_layers * m.num_key_value_heads * m.head_dim * 2 + m.vocab_size * 4
+    need = int(weights * 1.25) + seq_len * per_token
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(device)
+    if need <= free:
+        return ""
+    return (f"needs ~{need / 2**30:.1f} GiB on {device} for a second copy of the model, "
+            f"{free / 2**30:.1f} GiB free")
+
+
 def stage_end_suite(cfg: Any, stage: str, manifest: Path, tok: Tokenizer, device: torch.device) -> Dict[str, Any]:
     """The suite on <run_dir>/hf/<stage>/ at a stage's end (rank 0, sizes from cfg.eval); results in
     <run_dir>/eval/<stage>/."""
