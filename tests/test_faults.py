@@ -299,3 +299,32 @@ def test_watchdog_waits_out_known_long_work_and_watches_again_after_it(monkeypat
         assert fired and fired[0] == "after general data index"
     finally:
         dog.stop()
+
+
+def test_a_rank_waiting_for_a_collective_result_counts_as_waiting():
+    """Under NCCL the host blocks at the sync after a collective, not inside torch.distributed: the watchdog's
+    verdict must still call a rank stuck in `collective_result` waiting (healthy), and a rank stuck anywhere
+    else not."""
+    import threading
+
+    from train import faults
+
+    class SlowToReachTheHost:  # stands in for a device tensor whose collective has not finished
+        def cpu(self):
+            time.sleep(0.6)
+            return "on the host"
+
+    seen = {}
+
+    def look(key):
+        time.sleep(0.2)
+        seen[key] = faults._describe_main_thread()
+
+    for key, work in [("collective", lambda: faults.collective_result(SlowToReachTheHost())),
+                      ("elsewhere", lambda: SlowToReachTheHost().cpu())]:
+        watcher = threading.Thread(target=look, args=(key,))
+        watcher.start()
+        work()
+        watcher.join()
+    assert seen["collective"][0] is True and seen["collective"][1].startswith("cpu (test_faults.py:")
+    assert seen["elsewhere"][0] is False and seen["elsewhere"][1].startswith("cpu (test_faults.py:")

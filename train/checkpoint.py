@@ -24,6 +24,8 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from train.faults import collective_result
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or does not fit this run."""
@@ -56,7 +58,7 @@ def all_ok(ok: bool) -> bool:
     flag = torch.tensor([1 if ok else 0], dtype=torch.int32,
                         device=torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    return bool(collective_result(flag).item())
 
 
 def _rng_state() -> Dict[str, Any]:

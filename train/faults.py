@@ -20,7 +20,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from typing import Deque, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch.distributed as dist
 
@@ -89,13 +89,24 @@ _COMM_MARKERS = (os.sep + "torch" + os.sep + "distributed" + os.sep, os.sep + "d
                  os.sep + "deepspeed" + os.sep + "runtime" + os.sep + "zero" + os.sep)
 
 
+def collective_result(t: Any) -> Any:
+    """`t`, the output of a collective, on the host.
+
+    Under NCCL a collective returns before the other ranks have joined it, and the host waits at the next
+    sync instead, here; the watchdog counts a rank stuck here as waiting in a collective (a healthy rank
+    waiting for a stuck one), as it does a rank stuck inside torch.distributed under gloo.
+    """
+    return t.cpu()
+
+
 def _describe_main_thread() -> Tuple[bool, str]:
     """(waiting in a collective?, the innermost frame of the main thread) for this process."""
     frame = sys._current_frames().get(threading.main_thread().ident)
     if frame is None:
         return False, "main thread gone"
     stack = traceback.extract_stack(frame)
-    waiting = any(any(m in f.filename for m in _COMM_MARKERS) for f in stack)
+    waiting = any(any(m in f.filename for m in _COMM_MARKERS)
+                  or (f.name == collective_result.__name__ and f.filename == __file__) for f in stack)
     inner = stack[-1]
     return waiting, f"{inner.name} ({os.path.basename(inner.filename)}:{inner.lineno})"
 

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from train.faults import collective_result
+
 
 def make_eval_batches(sets: Dict[str, np.ndarray], seq_len: int, max_tokens: int, batch_size: int,
                       max_languages: int = 0) -> Tuple[List[str], List[Tuple[torch.Tensor, torch.Tensor]]]:
@@ -73,5 +75,5 @@ def heldout_perplexity(model: torch.nn.Module, languages: List[str], batches: li
     if dist.is_initialized() and world > 1:
         both = torch.stack([sums, counts]).to(device)  # on the model's device: NCCL reduces GPU tensors only
         dist.all_reduce(both)
-        sums, counts = both[0].cpu(), both[1].cpu()
+        sums, counts = collective_result(both)
     return {lang: math.exp(sums[i] / counts[i]) for i, lang in enumerate(languages) if counts[i] > 0}

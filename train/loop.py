@@ -40,7 +40,7 @@ from train.config import ConfigError, StageConfig, StagePlan, TrainConfig, valid
 from train import expert_parallel
 from train.engine import (DistInfo, Engine, barrier, construction, init_distributed, local_parameter_elements,
                           partitioned_init, whole, world_from_env)
-from train.faults import NONFINITE_EXIT_CODE, SpikeDetector, Watchdog, inject, injected
+from train.faults import NONFINITE_EXIT_CODE, SpikeDetector, Watchdog, collective_result, inject, injected
 from train.heldout import heldout_perplexity, make_eval_batches
 from train.metrics import MetricsLogger, peak_flops, redact
 from train.schedule import lr_at
@@ -390,7 +390,7 @@ class Trainer:
             packed = torch.cat([comp_sums, comp_counts, aux_sum[None], flag])
             if info.world_size > 1:
                 dist.all_reduce(packed)  # on the device: NCCL reduces GPU tensors only
-            packed = packed.cpu()  # the step's one host sync of its own
+            packed = collective_result(packed)  # the step's one host sync of its own
             n = len(components)
             comp_sums, comp_counts = packed[:n], packed[n: 2 * n]
             aux_mean = packed[2 * n].item() / (plan.grad_accum * info.world_size)
