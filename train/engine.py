@@ -340,15 +340,14 @@ class Engine:
         # ...and hands one `step` tensor to every parameter group, which AdamW then increments once per group
         # (a bias correction running ahead); each state gets its own copy again. A universal load also leaves
         # `step` on the CPU, where fused (and capturable) AdamW needs it on the parameter's device, in fp32
+        # (by the optimizer's defaults: ZeRO-3's universal load empties its groups' parameter lists)
         inner = getattr(self.ds.optimizer, "optimizer", self.ds.optimizer)
-        for group in inner.param_groups:
-            on_device = bool(group.get("fused") or group.get("capturable"))
-            for p in group["params"]:
-                st = inner.state.get(p)
-                if st and "step" in st:
-                    step = st["step"]
-                    step = step.detach().clone() if torch.is_tensor(step) else torch.tensor(float(step))
-                    st["step"] = step.to(device=p.device if on_device else "cpu", dtype=torch.float32)
+        on_device = bool(inner.defaults.get("fused") or inner.defaults.get("capturable"))
+        for p, st in inner.state.items():
+            if "step" in st:
+                step = st["step"]
+                step = step.detach().clone() if torch.is_tensor(step) else torch.tensor(float(step))
+                st["step"] = step.to(device=p.device if on_device else "cpu", dtype=torch.float32)
         return client or {}
 
     def full_state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
