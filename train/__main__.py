@@ -65,10 +65,25 @@ def main() -> None:
             traceback.print_exc()
             code = 1
         if code and HydraConfig.get().mode != RunMode.MULTIRUN:
-            sys.exit(code)
+            _exit(code)
 
     sys.argv = _strip_launcher_args(sys.argv)
     _app()
+    _exit(0)
+
+
+def _exit(code: int) -> None:
+    """End the process with `code` once Python's exit handlers have run (the process group is destroyed there,
+    wandb finishes), skipping the C++ teardown after them: a gloo or autograd thread still joinable when the
+    static destructors run aborts the process ("terminate called without an active exception", SIGABRT),
+    which torchrun then reports as a failed rank after a run that succeeded (seen on 2 gloo ranks)."""
+    import atexit
+    import os
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
