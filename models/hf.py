@@ -13,7 +13,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 from safetensors import safe_open
@@ -265,40 +265,65 @@ def save_hf(model: Qwen3ForCausalLM, path: PathLike, dtype: Optional[torch.dtype
     model.state_dict() (e.g. a ZeRO-3 consolidated one). The directory is written under a temporary name
     next to `path` and renamed into place, so a crash never leaves a half-written checkpoint at `path`.
     """
-    path = Path(path)
-    cfg = model.config
     sd = model.state_dict() if state_dict is None else state_dict
-    entries = list(hf_tensors(sd, cfg))
+    return write_hf(model.config, path, sd.items(), sd, dtype, max_shard_size)
 
-    # Plan the shards from sizes alone, then materialise one shard at a time.
+
+def write_hf(cfg: Qwen3Config, path: PathLike, tensors: Iterable[Tuple[str, torch.Tensor]],
+             layout: Dict[str, torch.Tensor], dtype: Optional[torch.dtype] = None,
+             max_shard_size: Union[int, str] = "5GB") -> Path:
+    """`save_hf` from a stream: `tensors` yields (state-dict name, tensor) in any order, `layout` (a state dict,
+    meta tensors will do) gives every name's shape and dtype. The shards are planned from `layout`; each is
+    written as soon as its last tensor has arrived and then dropped, so a stream in state-dict order (a
+    distributed gather, one parameter at a time) never has more than one shard in memory.
+    """
+    path = Path(path)
+    planned = list(hf_tensors(layout, cfg))
+
+    # Plan the shards from sizes alone, then materialise each as its tensors arrive.
     limit = _parse_size(max_shard_size)
-    shards: List[List[Tuple[str, torch.Tensor]]] = [[]]
+    shards: List[List[str]] = [[]]
     shard_bytes, total_bytes = 0, 0
-    for name, t in entries:
+    for name, t in planned:
         nbytes = t.numel() * (dtype or t.dtype).itemsize
         if shards[-1] and shard_bytes + nbytes > limit:
             shards.append([])
             shard_bytes = 0
-        shards[-1].append((name, t))
+        shards[-1].append(name)
         shard_bytes += nbytes
         total_bytes += nbytes
+    shard_of = {name: i for i, shard in enumerate(shards) for name in shard}
+    shapes = {name: t.shape for name, t in planned}
+    missing = [len(shard) for shard in shards]
+    fname = (lambda i: "model.safetensors") if len(shards) == 1 else (
+        lambda i: f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        weight_map: Dict[str, str] = {}
-        for i, shard in enumerate(shards):
-            fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            # clone(): expert slices are views of one stacked tensor, and safetensors refuses shared storage.
-            tensors = {n: t.detach().to(device="cpu", dtype=dtype or t.dtype).contiguous().clone() for n, t in shard}
-            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
-            weight_map.update({n: fname for n in tensors})
-            del tensors
+        pending: Dict[str, torch.Tensor] = {}
+        arrived = set()
+        for key, value in tensors:
+            for name, t in hf_tensors({key: value}, cfg):
+                if name not in shard_of or name in arrived or t.shape != shapes[name]:
+                    raise ValueError(f"{path}: tensor {name} {tuple(t.shape)} is not in the planned layout, "
+                                     f"or came twice")
+                # clone(): expert slices are views of one stacked tensor, and safetensors refuses shared storage
+                pending[name] = t.detach().to(device="cpu", dtype=dtype or t.dtype).contiguous().clone()
+                arrived.add(name)
+                i = shard_of[name]
+                missing[i] -= 1
+                if missing[i] == 0:
+                    save_file({n: pending.pop(n) for n in shards[i]}, str(tmp / fname(i)), metadata={"format": "pt"})
+        if any(missing):
+            absent = [n for n in shard_of if n not in arrived]
+            raise ValueError(f"{path}: the stream ended without {len(absent)} tensors, e.g. {absent[:3]}")
         if len(shards) > 1:
-            index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            weight_map = {n: fname(shard_of[n]) for n in sorted(shard_of)}
+            index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        saved_dtype = dtype or next(iter(sd.values())).dtype
+        saved_dtype = dtype or next(iter(layout.values())).dtype
         (tmp / "config.json").write_text(json.dumps(hf_config_dict(cfg, saved_dtype), indent=2) + "\n")
         if path.exists():
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"

@@ -1,5 +1,6 @@
 """HF transformers is the ground truth: weights copied both ways give the same logits, round trips are lossless."""
 import json
+import re
 
 import pytest
 import torch
@@ -161,6 +162,41 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     save_hf(model, target)  # overwriting an existing checkpoint works
     assert not torch.equal(files_tensors(target)["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
+
+
+def test_streamed_export_writes_each_shard_once_complete(tmp_path):
+    """write_hf from a stream in state-dict order (what a distributed export yields, one parameter at a time):
+    the same files as save_hf, and every shard is on disk before the stream goes past it, so no more than one
+    shard is ever held; a short or doubled stream is refused and leaves nothing at the target."""
+    model = Qwen3ForCausalLM(load_preset("tiny_moe"))
+    model.init_weights(seed=0)
+    sd = model.state_dict()
+    with torch.device("meta"):
+        layout = Qwen3ForCausalLM(load_preset("tiny_moe")).state_dict()
+    shard = 600_000  # bytes: tiny_moe's 2.6M fp32 parameters make ~17 shards
+    reference = files_tensors(save_hf(model, tmp_path / "whole", max_shard_size=shard))
+    on_disk = []
+
+    def stream():
+        for name, t in sd.items():
+            on_disk.append(len(list(tmp_path.glob(".streamed.tmp-*/*.safetensors"))))
+            yield name, t
+
+    out = hf_module.write_hf(model.config, tmp_path / "streamed", stream(), layout, max_shard_size=shard)
+    files = sorted(p.name for p in out.glob("*.safetensors"))
+    assert files == sorted(p.name for p in (tmp_path / "whole").glob("*.safetensors")) and len(files) > 10
+    got = files_tensors(out)
+    assert got.keys() == reference.keys() and all(torch.equal(got[k], reference[k]) for k in got)
+    assert on_disk[0] == 0 and on_disk[-1] >= len(files) - 2 and on_disk == sorted(on_disk)
+    assert json.loads((out / "model.safetensors.index.json").read_text()) == \
+        json.loads((tmp_path / "whole" / "model.safetensors.index.json").read_text())
+
+    items = list(sd.items())
+    for bad, needle in [(items[:-1], "the stream ended without 1 tensors, e.g. ['lm_head.weight']"),
+                        (items + items[-1:], "tensor lm_head.weight (8192, 128) is not in the planned layout")]:
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            hf_module.write_hf(model.config, tmp_path / "bad", iter(bad), layout, max_shard_size=shard)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["streamed", "whole"]
 
 
 @pytest.mark.parametrize("defect", ["shape", "missing", "extra"])

@@ -2,7 +2,7 @@
 
 This is the only module of tristage that imports deepspeed, with train/expert_parallel.py, the part that
 registers our MoE layers with DeepSpeed's expert parallelism (it imports deepspeed inside its functions). The
-loop sees an `Engine` with `micro_step`, `optimizer_step`, `save`, `load`, `full_state_dict` and nothing else,
+loop sees an `Engine` with `micro_step`, `optimizer_step`, `save`, `load`, `full_parameters` and nothing else,
 so a different engine would replace these two files only.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import os
 import pickle
 import socket
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -350,33 +350,27 @@ class Engine:
                 st["step"] = step.to(device=p.device if on_device else "cpu", dtype=torch.float32)
         return client or {}
 
-    def full_state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
-        """The whole model's weights in fp32 on the CPU on rank 0 (None elsewhere).
+    def full_parameters(self) -> Iterator[Tuple[str, Optional[torch.Tensor]]]:
+        """(name, the whole parameter in fp32 on the CPU) on rank 0 and (name, None) elsewhere, one parameter at
+        a time in state-dict order (a tied head comes again under its own name). Every rank must drain it.
 
         Where ZeRO keeps fp32 master weights (ZeRO 1-3, bf16 training included) these are the masters, not the
-        bf16 copies the forward uses. One parameter at a time: every rank takes part in assembling it (a
-        collective over the parameter's ZeRO group; experts are then gathered over the expert-parallel group),
-        and only rank 0 keeps a copy, so no other rank ever holds the model in host memory.
+        bf16 copies the forward uses. Each parameter is assembled by a collective over its ZeRO group (experts
+        then gathered over the expert-parallel group); only rank 0 keeps it, and only until the consumer
+        (`models.hf.write_hf`) has written the shard it belongs to.
         """
         from deepspeed.utils import safe_get_full_fp32_param
 
         keep = self.info.rank == 0
-        state: Dict[str, torch.Tensor] = {}
-        done: Dict[int, Optional[torch.Tensor]] = {}
         experts = {id(p): m for _, m in expert_parallel.experts_modules(self.ds.module)
                    for p in (m.gate_up_proj, m.down_proj)} if self.cfg.expert_parallel_size > 1 else {}
-        # remove_duplicate=False: a tied LM head is the embedding under a second name, and both names belong in
-        # the state dict
         for name, param in self.ds.module.named_parameters(remove_duplicate=False):
-            if id(param) not in done:
-                full = safe_get_full_fp32_param(param)  # None without ZeRO: the parameter is the fp32 weight
-                full = (param if full is None else full).detach()
-                if id(param) in experts:  # this rank's slice of the experts: all E on rank 0
-                    full = expert_parallel.gather_to_rank0(full, experts[id(param)])
-                done[id(param)] = full.to("cpu", torch.float32).clone() if keep else None
-                del full
-            state[name] = done[id(param)]
-        return state if keep else None
+            full = safe_get_full_fp32_param(param)  # None without ZeRO: the parameter is the fp32 weight
+            full = (param if full is None else full).detach()
+            if id(param) in experts:  # this rank's slice of the experts: all E on rank 0
+                full = expert_parallel.gather_to_rank0(full, experts[id(param)])
+            yield name, (full.to("cpu", torch.float32).clone() if keep else None)
+            del full
 
 
 def barrier() -> None:

@@ -534,18 +534,19 @@ class Trainer:
         """Write <run_dir>/hf/<stage>/ in the transformers layout, with the stage's RoPE base."""
         if not self.cfg.checkpoint.export_hf:
             return
-        from models.hf import save_hf
+        from models.hf import write_hf
 
-        state_dict = self.engine.full_state_dict()
-        if self.info.rank == 0:
-            assert state_dict is not None
+        parameters = self.engine.full_parameters()  # a collective per parameter: every rank drains it
+        if self.info.rank == 0:  # writes each safetensors shard as soon as its parameters have arrived
             export_cfg = dataclasses.replace(self.cfg.model, rope_theta=stage.rope_theta)
             with torch.device("meta"):
-                model = Qwen3ForCausalLM(export_cfg)
-            model.load_state_dict(state_dict, assign=True)
+                layout = Qwen3ForCausalLM(export_cfg).state_dict()
             out = self.run_dir / "hf" / stage.name
-            save_hf(model, out)
+            write_hf(export_cfg, out, parameters, layout)
             shutil.copy2(self.tokenizer.path, out / self.tokenizer.path.name)  # the export decodes on its own
+        else:
+            for _ in parameters:
+                pass
         barrier()
 
     def _stage_end_suite(self, stage: StageConfig) -> None:
