@@ -227,6 +227,31 @@ def test_full_disk_fails_every_rank_and_keeps_the_last_checkpoint(data_root, tmp
     assert losses(run_dir) == reference
 
 
+def test_full_disk_during_the_hf_export_stops_every_rank_and_the_relaunch_writes_it(data_root, tmp_path_factory,
+                                                                                   tmp_path):
+    """Rank 0's export of the General stage fails after 3 of its parameters: rank 1 finishes the gathers and both
+    stop with the reason (no hang); no half export is left; the relaunch writes the General export from the
+    stage-end checkpoint, then trains on, and ends with the uninterrupted run's exports and losses."""
+    from safetensors.torch import load_file
+
+    overrides = [*BASE, "deepspeed=zero2"]
+    reference = smoke_run(tmp_path_factory, "ref-2-zero2-faults", overrides, nproc=2)
+    run_dir = tmp_path / "run"
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides], nproc=2, env=inject("export_enospc@general:4:0"))
+    assert proc.returncode != 0  # 2 from every rank; torchrun reports 1
+    assert f"the HF export to {run_dir / 'hf' / 'general'} failed (OSError: [Errno 28] No space left on device" \
+           in proc.stdout and "the stage-end checkpoint '0-general-step0000004' is saved" in proc.stdout
+    assert not (run_dir / "hf").exists() or not any((run_dir / "hf").iterdir())
+    assert [r["stage"] for r in steps(run_dir)] == ["general"] * 4
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides], nproc=2)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert losses(run_dir) == losses(reference)
+    for stage in STAGES:
+        got = load_file(str(run_dir / "hf" / stage / "model.safetensors"))
+        want = load_file(str(reference / "hf" / stage / "model.safetensors"))
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), stage
+
+
 def test_unwritable_run_dir_is_named(data_root, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")

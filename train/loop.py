@@ -11,8 +11,10 @@ therefore the count of consumed samples, and resume is exact.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
+import os
 import resource
 import shutil
 import signal
@@ -274,6 +276,9 @@ class Trainer:
         while True:
             state = self.state
             if state.stage_complete:  # a stage-end checkpoint: the next stage starts fresh
+                done = cfg.curriculum.stages[cfg.curriculum.order[state.stage_index]]
+                if cfg.checkpoint.export_hf and not (self.run_dir / "hf" / done.name / "config.json").exists():
+                    self._export(done)  # the launch that finished the stage stopped before its export
                 state.stage_index += 1
                 state.step = state.consumed_samples = 0
                 state.stage_complete = False
@@ -531,23 +536,35 @@ class Trainer:
                           "path": str(path), "seconds": round(time.perf_counter() - t0, 3), "time": time.time()})
 
     def _export(self, stage: StageConfig) -> None:
-        """Write <run_dir>/hf/<stage>/ in the transformers layout, with the stage's RoPE base."""
+        """Write <run_dir>/hf/<stage>/ in the transformers layout, with the stage's RoPE base.
+
+        A failure on rank 0 (a full disk, say) still lets the other ranks finish the gathers, then stops every
+        rank with the reason; the stage-end checkpoint is saved already, and the relaunch writes the export
+        before it moves on (`run`).
+        """
         if not self.cfg.checkpoint.export_hf:
             return
         from models.hf import write_hf
 
         parameters = self.engine.full_parameters()  # a collective per parameter: every rank drains it
+        out = self.run_dir / "hf" / stage.name
+        ok, err = True, ""
         if self.info.rank == 0:  # writes each safetensors shard as soon as its parameters have arrived
             export_cfg = dataclasses.replace(self.cfg.model, rope_theta=stage.rope_theta)
             with torch.device("meta"):
                 layout = Qwen3ForCausalLM(export_cfg).state_dict()
-            out = self.run_dir / "hf" / stage.name
-            write_hf(export_cfg, out, parameters, layout)
-            shutil.copy2(self.tokenizer.path, out / self.tokenizer.path.name)  # the export decodes on its own
-        else:
-            for _ in parameters:
-                pass
-        barrier()
+            try:
+                fail = injected("export_enospc", stage.name, self.state.step, self.info.rank)
+                write_hf(export_cfg, out, _fail_after(parameters, 3) if fail else parameters, layout)
+                shutil.copy2(self.tokenizer.path, out / self.tokenizer.path.name)  # the export decodes alone
+            except Exception as e:  # noqa: BLE001 - every rank must hear of it, not only this one
+                ok, err = False, f"{type(e).__name__}: {e}"
+        for _ in parameters:  # the gathers left after a failure (on rank 0), or all of them (elsewhere)
+            pass
+        if not all_ok(ok):
+            raise CheckpointError(f"the HF export to {out} failed ({err or 'on rank 0'}); the stage-end "
+                                  f"checkpoint '{self.checkpoints.latest()}' is saved, and relaunching writes the "
+                                  f"export before training goes on")
 
     def _stage_end_suite(self, stage: StageConfig) -> None:
         """Rank 0: the evaluation suite on the export just written, as a second model beside the training one.
@@ -598,6 +615,14 @@ def prepare_path(data_cfg: DataConfig) -> Path:
     from data.prepare import manifest_path
 
     return manifest_path(data_cfg)
+
+
+def _fail_after(items: Any, n: int) -> Any:
+    """`items` for `n` elements, then a full disk (the export fault injected by tests)."""
+    for i, item in enumerate(items):
+        yield item
+        if i + 1 == n:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "(injected)")
 
 
 def run(cfg: TrainConfig, resolved: Dict[str, Any]) -> int:
