@@ -187,6 +187,15 @@ class _AllToAll(torch.autograd.Function):
         return _all_to_all(grad, ctx.recv, ctx.send, ctx.group), None, None, None
 
 
+def _split_sizes(counts: torch.Tensor, recv_counts: torch.Tensor) -> Tuple[List[int], List[int]]:
+    """(rows to each rank, rows from each rank) on the host, from (ep, El) counts sent and received.
+
+    The host waits here for the counts' all-to-all (on GPUs a collective returns before it is done);
+    train/faults.py's watchdog knows this frame as waiting in a collective.
+    """
+    return counts.sum(dim=1).tolist(), recv_counts.sum(dim=1).tolist()
+
+
 def _run_experts_parallel(experts: Qwen3MoeExperts, x: torch.Tensor, counts: torch.Tensor,
                           group: dist.ProcessGroup) -> torch.Tensor:
     """Apply every rank's experts to x (M, d) sorted by global expert, counts (E,) -> (M, d) in x's order.
@@ -197,8 +206,7 @@ def _run_experts_parallel(experts: Qwen3MoeExperts, x: torch.Tensor, counts: tor
     recv_counts = torch.empty_like(counts)
     dist.all_to_all_single(recv_counts, counts.contiguous(), group=group)  # (ep*El,) [source, local expert]
     recv_counts = recv_counts.view(ep, local)
-    send = counts.view(ep, local).sum(dim=1).tolist()  # rows to each rank (host sync: split sizes)
-    recv = recv_counts.sum(dim=1).tolist()  # rows from each rank
+    send, recv = _split_sizes(counts.view(ep, local), recv_counts)
     x_recv = _AllToAll.apply(x, send, recv, group)  # (R, d) grouped by source, then by local expert
 
     # Regroup by local expert (stable: sources stay in rank order), run the experts, undo the regrouping.

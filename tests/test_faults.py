@@ -334,10 +334,18 @@ def test_a_rank_waiting_for_a_collective_result_counts_as_waiting():
 
     from train import faults
 
+    from models.moe import _split_sizes
+
     class SlowToReachTheHost:  # stands in for a device tensor whose collective has not finished
         def cpu(self):
             time.sleep(0.6)
             return "on the host"
+
+        def sum(self, dim):
+            return self
+
+        def tolist(self):
+            return self.cpu()
 
     seen = {}
 
@@ -346,10 +354,12 @@ def test_a_rank_waiting_for_a_collective_result_counts_as_waiting():
         seen[key] = faults._describe_main_thread()
 
     for key, work in [("collective", lambda: faults.collective_result(SlowToReachTheHost())),
+                      ("split sizes", lambda: _split_sizes(SlowToReachTheHost(), SlowToReachTheHost())),
                       ("elsewhere", lambda: SlowToReachTheHost().cpu())]:
         watcher = threading.Thread(target=look, args=(key,))
         watcher.start()
         work()
         watcher.join()
     assert seen["collective"][0] is True and seen["collective"][1].startswith("cpu (test_faults.py:")
+    assert seen["split sizes"][0] is True  # the expert-parallel host sync after the counts' all-to-all
     assert seen["elsewhere"][0] is False and seen["elsewhere"][1].startswith("cpu (test_faults.py:")

@@ -99,6 +99,11 @@ def collective_result(t: Any) -> Any:
     return t.cpu()
 
 
+# host syncs right after a collective: collective_result, and the expert-parallel split sizes in models/moe.py
+# (models/ imports nothing from train/)
+_COLLECTIVE_SYNCS = {("faults.py", "collective_result"), ("moe.py", "_split_sizes")}
+
+
 def _describe_main_thread() -> Tuple[bool, str]:
     """(waiting in a collective?, the innermost frame of the main thread) for this process."""
     frame = sys._current_frames().get(threading.main_thread().ident)
@@ -106,7 +111,7 @@ def _describe_main_thread() -> Tuple[bool, str]:
         return False, "main thread gone"
     stack = traceback.extract_stack(frame)
     waiting = any(any(m in f.filename for m in _COMM_MARKERS)
-                  or (f.name == collective_result.__name__ and f.filename == __file__) for f in stack)
+                  or (os.path.basename(f.filename), f.name) in _COLLECTIVE_SYNCS for f in stack)
     inner = stack[-1]
     return waiting, f"{inner.name} ({os.path.basename(inner.filename)}:{inner.lineno})"
 
