@@ -373,6 +373,30 @@ class Engine:
             del full
 
 
+_RANK0_WAITS = [0]
+
+
+def rank0_outcome(what: str, error: Optional[str]) -> Optional[str]:
+    """Rank 0's `error` (None: it succeeded) on every rank, once rank 0 is done with `what`.
+
+    The other ranks wait on the rendezvous store, not in a collective: a collective times out after the process
+    group's timeout (2 x dist.timeout_s + 60 s), and rank 0's work (re-sharding a checkpoint of hundreds of GB)
+    may take longer. They wait up to a day. Every rank must call it the same number of times.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return error
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    _RANK0_WAITS[0] += 1
+    key, store = f"tristage/rank0/{_RANK0_WAITS[0]}/{what}", _get_default_store()
+    if dist.get_rank() == 0:
+        store.set(key, "" if error is None else f"error:{error}")
+        return error
+    store.wait([key], datetime.timedelta(days=1))
+    value = store.get(key).decode()
+    return value[len("error:"):] if value.startswith("error:") else None
+
+
 def barrier() -> None:
     """Wait for every rank (no-op without a process group)."""
     if dist.is_initialized():

@@ -41,7 +41,7 @@ from train.checkpoint import CheckpointError, CheckpointManager, TrainerState, a
 from train.config import ConfigError, StageConfig, StagePlan, TrainConfig, validate
 from train import expert_parallel
 from train.engine import (DistInfo, Engine, barrier, construction, init_distributed, local_parameter_elements,
-                          partitioned_init, whole, world_from_env)
+                          partitioned_init, rank0_outcome, whole, world_from_env)
 from train.faults import NONFINITE_EXIT_CODE, SpikeDetector, Watchdog, collective_result, inject, injected
 from train.heldout import heldout_perplexity, make_eval_batches
 from train.metrics import MetricsLogger, peak_flops, redact
@@ -224,7 +224,7 @@ class Trainer:
         ep = self.cfg.expert_parallel_size
         out_root = self.checkpoints.dir / ".universal" / f"ep{ep}"
         out = out_root / tag
-        ok, err = True, ""
+        err: Optional[str] = None
         if self.info.rank == 0 and not (out / "done").exists():
             from train.engine import convert_to_universal
 
@@ -240,11 +240,12 @@ class Trainer:
                 reshard.fit_to_layout(out, experts, self.engine.ds.optimizer.param_groups, ep)
                 (out / "done").write_text("")
             except Exception as e:  # noqa: BLE001 - every rank must hear of it, not only this one
-                ok, err = False, f"{type(e).__name__}: {e}"
+                err = f"{type(e).__name__}: {e}"
                 shutil.rmtree(out, ignore_errors=True)
-        if not all_ok(ok):  # also the barrier: the others wait here for rank 0's copy
+        err = rank0_outcome(f"reshard {tag}", err)  # the others wait here for rank 0's copy, however long
+        if err is not None:
             raise CheckpointError(f"re-sharding {self.checkpoints.dir / tag} for this launch's layout failed "
-                                  f"({err or 'on rank 0'}); the checkpoint itself is unchanged")
+                                  f"({err}); the checkpoint itself is unchanged")
         return str(out_root)
 
     def _init_weights_from(self, path: str) -> None:
