@@ -11,6 +11,7 @@ import atexit
 import contextlib
 import datetime
 import io
+import itertools
 import os
 import pickle
 import socket
@@ -373,7 +374,7 @@ class Engine:
             del full
 
 
-_RANK0_WAITS = [0]
+_RANK0_WAITS = itertools.count(1)  # each call's own key in the store
 
 
 def rank0_outcome(what: str, error: Optional[str]) -> Optional[str]:
@@ -387,8 +388,7 @@ def rank0_outcome(what: str, error: Optional[str]) -> Optional[str]:
         return error
     from torch.distributed.distributed_c10d import _get_default_store
 
-    _RANK0_WAITS[0] += 1
-    key, store = f"tristage/rank0/{_RANK0_WAITS[0]}/{what}", _get_default_store()
+    key, store = f"tristage/rank0/{next(_RANK0_WAITS)}/{what}", _get_default_store()
     if dist.get_rank() == 0:
         store.set(key, "" if error is None else f"error:{error}")
         return error

@@ -37,7 +37,7 @@ from models.config import Qwen3Config
 from models.doc_mask import resolve_doc_mask_implementation
 from models.params import count_parameters, flops_per_token
 from models.qwen3 import Qwen3ForCausalLM
-from train.checkpoint import CheckpointError, CheckpointManager, TrainerState, all_ok, check_compatible
+from train.checkpoint import CheckpointError, CheckpointManager, TrainerState, check_compatible
 from train.config import ConfigError, StageConfig, StagePlan, TrainConfig, validate
 from train import expert_parallel
 from train.engine import (DistInfo, Engine, barrier, construction, init_distributed, local_parameter_elements,
@@ -549,7 +549,7 @@ class Trainer:
 
         parameters = self.engine.full_parameters()  # a collective per parameter: every rank drains it
         out = self.run_dir / "hf" / stage.name
-        ok, err = True, ""
+        err: Optional[str] = None
         if self.info.rank == 0:  # writes each safetensors shard as soon as its parameters have arrived
             export_cfg = dataclasses.replace(self.cfg.model, rope_theta=stage.rope_theta)
             with torch.device("meta"):
@@ -559,11 +559,12 @@ class Trainer:
                 write_hf(export_cfg, out, _fail_after(parameters, 3) if fail else parameters, layout)
                 shutil.copy2(self.tokenizer.path, out / self.tokenizer.path.name)  # the export decodes alone
             except Exception as e:  # noqa: BLE001 - every rank must hear of it, not only this one
-                ok, err = False, f"{type(e).__name__}: {e}"
+                err = f"{type(e).__name__}: {e}"
         for _ in parameters:  # the gathers left after a failure (on rank 0), or all of them (elsewhere)
             pass
-        if not all_ok(ok):
-            raise CheckpointError(f"the HF export to {out} failed ({err or 'on rank 0'}); the stage-end "
+        err = rank0_outcome(f"export {stage.name}", err)
+        if err is not None:
+            raise CheckpointError(f"the HF export to {out} failed ({err}); the stage-end "
                                   f"checkpoint '{self.checkpoints.latest()}' is saved, and relaunching writes the "
                                   f"export before training goes on")
 
