@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainutil import ROOT, SMOKE, losses, records, run_train, smoke_run, steps, train_cmd
+from trainutil import (ROOT, SMOKE, _free_port, end_spawned_worker, losses, records, run_train, smoke_run, steps,
+                       train_cmd)
 
 STAGES = ["general", "reasoning", "long_context"]
 EVERY_STEP = [f"curriculum.stages.{s}.checkpoint_every=1" for s in STAGES]
@@ -258,6 +259,70 @@ def test_unwritable_run_dir_is_named(data_root, tmp_path):
     proc = run_train([*SMOKE, f"run_dir={blocker / 'run'}", *BASE])
     assert proc.returncode == 2
     assert f"config key 'run_dir' = '{blocker / 'run'}'" in proc.stdout
+
+
+def _rank0_work_worker(rank: int, port: int, out_dir: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    from train.engine import Rank0Failed, on_rank0
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=2))
+    seen = {}
+    try:
+        start = time.monotonic()
+        seen["result"] = on_rank0("slow work", lambda: time.sleep(6) or 42)  # 3 x the collectives' timeout
+        seen["waited"] = time.monotonic() - start
+
+        def fail():
+            raise ValueError("shard 3 is short")
+
+        try:
+            on_rank0("checking shards", fail)
+        except Exception as e:  # noqa: BLE001 - the test records what each rank raised
+            seen["error"] = f"{type(e).__name__}: {e}"
+        # control: the same wait in a barrier exceeds the timeout
+        time.sleep(6 if rank == 0 else 0)
+        try:
+            dist.barrier()
+            seen["barrier"] = "passed"
+        except Exception as e:  # noqa: BLE001
+            seen["barrier"] = type(e).__name__
+    finally:
+        Path(out_dir, f"{rank}.json").write_text(json.dumps(seen))
+        dist.destroy_process_group()
+    end_spawned_worker()
+
+
+def test_rank0_work_outlasts_the_collective_timeout_and_its_failure_reaches_every_rank(tmp_path):
+    """`on_rank0`: rank 0 works for 3 x the process group's timeout while rank 1 waits (a barrier there times
+    out: the control); an exception on rank 0 is raised there as it is, and on rank 1 naming the work."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank0_work_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
+    assert r0["result"] == 42 and r1["result"] is None
+    assert r1["waited"] >= 5.5
+    assert r0["error"] == "ValueError: shard 3 is short"
+    assert r1["error"] == "Rank0Failed: rank 0 failed at checking shards: ValueError: shard 3 is short"
+    assert r1["barrier"] != "passed"
+
+
+def test_data_that_fails_to_prepare_stops_every_rank_naming_it(data_root, tmp_path):
+    """Rank 0 prepares the data while the others wait: its error (a missing source file) ends both ranks with
+    exit 2 and the file named, without a traceback, and without waiting for any timeout."""
+    missing = tmp_path / "nowhere.jsonl"
+    start = time.time()
+    proc = run_train([*SMOKE, f"run_dir={tmp_path / 'run'}", *BASE, f"data.sources.code.options.paths=[{missing}]"],
+                     nproc=2, timeout=240)
+    assert proc.returncode != 0
+    named = f"source 'code': no file matches {missing}\n"
+    assert f"error: {named}" in proc.stdout  # rank 0, as a message (torchrun adds its own traceback)
+    assert f"error: rank 0 failed at preparing the data: DataError: {named}" in proc.stdout  # rank 1
+    assert "raise DataError" not in proc.stdout
+    assert time.time() - start < 60
 
 
 def test_hung_rank_ends_the_job_naming_it(data_root, tmp_path):

@@ -16,7 +16,7 @@ import os
 import pickle
 import socket
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -395,6 +395,33 @@ def rank0_outcome(what: str, error: Optional[str]) -> Optional[str]:
     store.wait([key], datetime.timedelta(days=1))
     value = store.get(key).decode()
     return value[len("error:"):] if value.startswith("error:") else None
+
+
+class Rank0Failed(RuntimeError):
+    """Raised on the ranks that waited for `on_rank0` work that failed on rank 0; the message is rank 0's error."""
+
+
+_T = TypeVar("_T")
+
+
+def on_rank0(what: str, work: Callable[[], _T]) -> Optional[_T]:
+    """`work()` on rank 0 (its result there, None elsewhere) while the other ranks wait for it, however long.
+
+    An exception in it is raised on rank 0 as it is and, as `Rank0Failed` naming `what` and the error, on every
+    other rank: none is left waiting behind a failed rank 0. The wait is `rank0_outcome`'s, on the store.
+    """
+    result, error = None, None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            result = work()
+        except Exception as e:  # noqa: BLE001 - every rank must hear of it, not only this one
+            error = e
+    message = rank0_outcome(what, None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if message is not None:
+        raise Rank0Failed(f"rank 0 failed at {what}: {message}")
+    return result
 
 
 def barrier() -> None:

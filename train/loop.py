@@ -27,10 +27,10 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from data.config import DataConfig
 from data.heldout import heldout_sets
+from data.errors import DataError
 from data.loader import StageStream
-from data.prepare import prepare
+from data.prepare import manifest_path, prepare
 from data.shards import verify
 from data.tokenizer import load_tokenizer
 from models.config import Qwen3Config
@@ -40,8 +40,8 @@ from models.qwen3 import Qwen3ForCausalLM
 from train.checkpoint import CheckpointError, CheckpointManager, TrainerState, check_compatible
 from train.config import ConfigError, StageConfig, StagePlan, TrainConfig, validate
 from train import expert_parallel
-from train.engine import (DistInfo, Engine, barrier, construction, init_distributed, local_parameter_elements,
-                          partitioned_init, rank0_outcome, whole, world_from_env)
+from train.engine import (DistInfo, Engine, Rank0Failed, barrier, construction, init_distributed,
+                          local_parameter_elements, on_rank0, partitioned_init, rank0_outcome, whole, world_from_env)
 from train.faults import NONFINITE_EXIT_CODE, SpikeDetector, Watchdog, collective_result, inject, injected
 from train.heldout import heldout_perplexity, make_eval_batches
 from train.metrics import MetricsLogger, peak_flops, redact
@@ -135,11 +135,10 @@ class Trainer:
         self.config_yaml = OmegaConf.to_yaml(OmegaConf.create(redact(resolved)))
         self.preemption = _Preemption()
 
-        # data: rank 0 prepares (idempotent, cached), everyone verifies the manifest against the tokenizer
-        if info.rank == 0:
-            self.manifest = prepare(cfg.data)
-        barrier()
-        self.manifest = Path(prepare_path(cfg.data)) if info.rank != 0 else self.manifest
+        # data: rank 0 prepares (idempotent, cached; tokenizing a large corpus takes hours, longer than any
+        # collective's timeout), then everyone verifies the manifest against the tokenizer
+        on_rank0("preparing the data", lambda: prepare(cfg.data))
+        self.manifest = manifest_path(cfg.data)
         self.tokenizer = load_tokenizer(cfg.data)
         verify(self.manifest, tokenizer_fingerprint=self.tokenizer.fingerprint, vocab_size=cfg.model.vocab_size)
         if self.tokenizer.vocab_size > cfg.model.vocab_size:
@@ -224,10 +223,12 @@ class Trainer:
         ep = self.cfg.expert_parallel_size
         out_root = self.checkpoints.dir / ".universal" / f"ep{ep}"
         out = out_root / tag
-        err: Optional[str] = None
-        if self.info.rank == 0 and not (out / "done").exists():
+
+        def convert() -> None:
             from train.engine import convert_to_universal
 
+            if (out / "done").exists():
+                return
             try:
                 shutil.rmtree(out, ignore_errors=True)
                 saved_ep = meta.get("expert_parallel_size", 1)
@@ -239,13 +240,12 @@ class Trainer:
                            for p in ("gate_up_proj", "down_proj")]
                 reshard.fit_to_layout(out, experts, self.engine.ds.optimizer.param_groups, ep)
                 (out / "done").write_text("")
-            except Exception as e:  # noqa: BLE001 - every rank must hear of it, not only this one
-                err = f"{type(e).__name__}: {e}"
+            except Exception as e:
                 shutil.rmtree(out, ignore_errors=True)
-        err = rank0_outcome(f"reshard {tag}", err)  # the others wait here for rank 0's copy, however long
-        if err is not None:
-            raise CheckpointError(f"re-sharding {self.checkpoints.dir / tag} for this launch's layout failed "
-                                  f"({err}); the checkpoint itself is unchanged")
+                raise CheckpointError(f"re-sharding {self.checkpoints.dir / tag} for this launch's layout failed "
+                                      f"({type(e).__name__}: {e}); the checkpoint itself is unchanged") from e
+
+        on_rank0(f"re-sharding checkpoint {tag}", convert)  # the others wait for rank 0's copy, however long
         return str(out_root)
 
     def _init_weights_from(self, path: str) -> None:
@@ -326,8 +326,7 @@ class Trainer:
 
         # rank 0 builds the stage's index arrays once (or finds them cached); the others then memory-map them
         with self.watchdog.suspended(f"{stage.name} data index"):
-            stream = open_stream() if self.info.rank == 0 else None
-            barrier()
+            stream = on_rank0(f"building the {stage.name} data index", open_stream)
         if stream is None:
             stream = open_stream()
         self.metrics.log({"event": "stage_start", "stage": stage.name, "global_step": self.state.global_step,
@@ -434,9 +433,7 @@ class Trainer:
                 self._export(stage)
                 if cfg.eval.stage_end_suite and cfg.checkpoint.export_hf:
                     with self.watchdog.suspended(f"{stage.name} evaluation suite"):  # rank 0 works, the rest wait
-                        if info.rank == 0:
-                            self._stage_end_suite(stage)
-                        barrier()
+                        on_rank0(f"the {stage.name} evaluation suite", lambda: self._stage_end_suite(stage))
                 if cfg.eval.enabled:
                     self._evaluate(stage)
                 self.metrics.log({"event": "stage_end", "stage": stage.name, "global_step": state.global_step,
@@ -612,13 +609,6 @@ class Trainer:
                           "heldout_ppl": ppl, "seconds": round(time.perf_counter() - t0, 3), "time": time.time()})
 
 
-def prepare_path(data_cfg: DataConfig) -> Path:
-    """The manifest path that `prepare` writes (read by ranks other than 0 after the barrier)."""
-    from data.prepare import manifest_path
-
-    return manifest_path(data_cfg)
-
-
 def _fail_after(items: Any, n: int) -> Any:
     """`items` for `n` elements, then a full disk (the export fault injected by tests)."""
     for i, item in enumerate(items):
@@ -633,19 +623,21 @@ def run(cfg: TrainConfig, resolved: Dict[str, Any]) -> int:
     plans = validate(cfg, world)  # before any process group: a bad key fails fast, on every rank alike
     info = init_distributed(cfg)
     run_dir = Path(cfg.run_dir)
-    if info.rank == 0:
+
+    def make_run_dir() -> None:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "preempted").unlink(missing_ok=True)  # the marker of an earlier preemption is spent
         except OSError as e:
             raise ConfigError(f"config key 'run_dir' = {str(run_dir)!r}: cannot be created or written ({e})") from None
-    barrier()
+
     try:
+        on_rank0("creating run_dir", make_run_dir)
         trainer = Trainer(cfg, resolved, plans, info)
         if info.rank == 0:
             (run_dir / "config.yaml").write_text(trainer.config_yaml)
         code = trainer.run()
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, DataError, Rank0Failed) as e:  # named, with what to do: no traceback
         print(f"error: {e}", file=sys.stderr, flush=True)
         code = 2
     except NonFiniteError as e:

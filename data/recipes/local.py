@@ -27,14 +27,15 @@ def resolve(paths: List[str], source: str) -> List[Path]:
     """Expand globs; a relative path is looked up in the cwd first, then in the repository root."""
     out: List[Path] = []
     for p in paths:
-        for base in (Path.cwd(), REPO):
-            pattern = p if Path(p).is_absolute() else str(base / p)
-            hits = sorted(glob.glob(pattern, recursive=True))
+        bases = [Path("/")] if Path(p).is_absolute() else list(dict.fromkeys([Path.cwd(), REPO]))
+        for base in bases:
+            hits = sorted(glob.glob(str(base / p), recursive=True))
             if hits:
                 out += [Path(h) for h in hits]
                 break
         else:
-            raise DataError(f"source '{source}': no file matches {p} (looked in {Path.cwd()} and {REPO})")
+            where = "" if Path(p).is_absolute() else f" (looked in {' and '.join(map(str, bases))})"
+            raise DataError(f"source '{source}': no file matches {p}{where}")
     return out
 
 
