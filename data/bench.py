@@ -68,27 +68,31 @@ def bench_loader(manifest, seconds: float, world: int = 2) -> None:
         print(f"  {seq_len:>7} {mb:>5} {build:>7.2f} {steps / dt:>10.0f} {rate / 1e6:>12.1f}M {rate / TARGET:>8.1f}")
 
 
-def _private_mib() -> float:
-    """This process's anonymous resident memory (page-cache pages of mapped files are shared, not counted)."""
+def _status_mib(key: str) -> float:
+    """A /proc/self/status figure: RssAnon (anonymous resident memory; page-cache pages of mapped files are shared,
+    not counted), VmRSS or VmHWM (the peak of VmRSS)."""
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon")) / 1024
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
 
 
 def index_probe(manifest: str, mode: str, n: int) -> dict:
     """One process: open a stage of n samples (mode memory: cache=False; build / load: through the cache), read a
-    batch spread over it; its time and the private memory it added."""
+    batch spread over it; its time, the private memory it added and the peak above the start (while building)."""
     import numpy as np
 
     from data.config import MixtureConfig
     from data.loader import StageStream
 
-    base = _private_mib()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # restart VmHWM from the current resident size
+    base, base_rss = _status_mib("RssAnon"), _status_mib("VmRSS")
     t0 = time.perf_counter()
     s = StageStream(manifest, MixtureConfig(weights=MIXTURE, language_alpha=0.3, max_epochs=1e9), 64,
                     seed=12345, stage="index_bench", num_samples=n, cache=mode != "memory")
     seconds = time.perf_counter() - t0
     s.batch((np.arange(64) * (n // 64)).tolist())
-    return {"mode": mode, "cached": s.index_cached, "seconds": seconds, "private_mib": _private_mib() - base}
+    return {"mode": mode, "cached": s.index_cached, "seconds": seconds, "private_mib": _status_mib("RssAnon") - base,
+            "peak_mib": _status_mib("VmHWM") - base_rss}
 
 
 def bench_index(manifest, n: int) -> None:
@@ -100,7 +104,7 @@ def bench_index(manifest, n: int) -> None:
                        "index_bench", n)
     shutil.rmtree(folder, ignore_errors=True)
     print(f"\nindex arrays of a {n:,}-sample stage (seq_len 64), per rank:")
-    print(f"  {'how':<34} {'seconds':>8} {'private MiB':>12}")
+    print(f"  {'how':<34} {'seconds':>8} {'private MiB':>12} {'peak MiB':>9}")
     labels = {"memory": "built in memory (cache=False)", "build": "built and cached (first rank)",
               "load": "memory-mapped from the cache"}
     try:
@@ -108,7 +112,7 @@ def bench_index(manifest, n: int) -> None:
             out = subprocess.run([sys.executable, "-m", "data.bench", "--index-probe", mode, str(n), str(manifest)],
                                  check=True, capture_output=True, text=True).stdout
             r = json.loads(out.strip().splitlines()[-1])
-            print(f"  {labels[mode]:<34} {r['seconds']:>8.2f} {r['private_mib']:>12.1f}")
+            print(f"  {labels[mode]:<34} {r['seconds']:>8.2f} {r['private_mib']:>12.1f} {r['peak_mib']:>9.1f}")
         size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
         print(f"  on disk: {size:,.0f} MiB ({size * 2**20 / n:.1f} bytes per sample), shared by a node's ranks")
     finally:

@@ -21,7 +21,8 @@ The arrays take ~20 bytes per sample (int32 where the values fit; a stage of 1e9
 does, they are built once and kept beside the manifest (`index/<stage>-<key>/`, the key hashing everything that
 decides them), written atomically, and every later StageStream of the same stage (each rank, each resume)
 memory-maps them: the ranks of a node share one copy in the page cache instead of each holding its own, and a
-restart does not rebuild them.
+restart does not rebuild them. The build itself streams them to disk a piece at a time (an epoch's documents, a
+window of the blend), so it holds one part's permutations, not the whole stage's arrays, in memory.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ import shutil
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -262,12 +263,50 @@ class _PartIndex:
 
 
 INDEX_FORMAT = 2  # bump when the arrays' meaning or layout changes: old caches are then never read
+BUILD_DOCS = 1 << 22  # documents per piece of a part's stream in the build (2^22: ~100 MB of temporaries)
+BUILD_BLEND = 1 << 24  # samples per window of the blend's sort (2^24: ~450 MB of temporaries)
 
 
-def _narrow(a: np.ndarray) -> np.ndarray:
-    """int32 when every value fits (indices below 2^31: every part but one of billions of samples), else as is:
-    the same values in ~20 instead of ~37 bytes per sample, in memory, on disk and in the page cache."""
-    return a.astype(np.int32) if a.size == 0 or (a.min() >= 0 and a.max() < 2**31) else a
+def _index_dtype(bound: int) -> np.dtype:
+    """int32 for values in [0, bound) when they fit (indices below 2^31: every part but one of billions of
+    samples), else int64: ~20 instead of ~37 bytes per sample, in memory, on disk and in the page cache."""
+    return np.dtype(np.int32 if bound <= 2**31 else np.int64)
+
+
+class _Sink:
+    """One index array, filled front to back by `append` (a chunk at a time): in memory, or (`path` given) written
+    to a .npy file as it comes, so that the build never holds the whole array."""
+
+    def __init__(self, shape: tuple, dtype: np.dtype, path: Optional[Path] = None) -> None:
+        self.shape, self.length, self.dtype, self.at = shape, int(np.prod(shape)), np.dtype(dtype), 0
+        if path is None:
+            self.array: Optional[np.ndarray] = np.empty(self.length, self.dtype)
+        else:
+            self.array, self.file = None, open(path, "wb")
+            np.lib.format.write_array_header_1_0(self.file, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                             "fortran_order": False, "shape": shape})
+
+    def append(self, values: np.ndarray) -> None:
+        """Write the next len(values) elements."""
+        n = len(values)
+        if self.at + n > self.length:
+            raise ValueError(f"index array overflows its {self.length} elements")
+        if self.array is not None:
+            self.array[self.at:self.at + n] = values
+        else:
+            self.file.write(np.ascontiguousarray(values, dtype=self.dtype).tobytes())
+        self.at += n
+
+    def close(self) -> Optional[np.ndarray]:
+        """The array (in memory), or None after the file is complete and synced."""
+        if self.at != self.length:
+            raise ValueError(f"index array has {self.at} of its {self.length} elements")
+        if self.array is None:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            return None
+        return self.array.reshape(self.shape)
 
 
 _INDEX_ARRAYS = ("blend_part", "blend_sample", "doc_idx", "sample_doc", "sample_off", "shuffle", "offsets")
@@ -301,23 +340,50 @@ def _load_index(folder: Path) -> Optional[Dict[str, np.ndarray]]:
         return None
 
 
-def _save_index(folder: Path, arrays: Dict[str, np.ndarray]) -> None:
-    """Write the arrays to a temporary folder renamed into place (`atomic_path`): a reader sees all or nothing.
-    A failure (read-only or full disk) is a warning: the stream then works from memory."""
-    try:
-        if folder.exists():  # an unreadable cache, replaced
-            shutil.rmtree(folder)
-        with atomic_path(folder) as tmp:
-            tmp.mkdir()
-            for name in _INDEX_ARRAYS:
-                with open(tmp / f"{name}.npy", "wb") as f:
-                    np.save(f, arrays[name], allow_pickle=False)
-                    f.flush()
-                    os.fsync(f.fileno())
-            (tmp / "done").write_text("")
-    except OSError as e:
-        if not (folder / "done").is_file():  # not another process winning the race: a real failure
-            log.warning("%s: could not cache the index arrays (%s); using them from memory", folder, e)
+Sinks = Callable[[str, tuple, np.dtype], _Sink]  # (array name, shape, dtype) -> where its elements go
+
+
+def _build_arrays(folder: Optional[Path], build: Callable[[Sinks], None]) -> Dict[str, np.ndarray]:
+    """Run `build`, which fills a `_Sink` per index array, and return the arrays.
+
+    With a folder, the sinks are .npy files in a temporary folder renamed onto it when complete (`atomic_path`: a
+    reader sees all or nothing), then memory-mapped. A failure to write there (read-only or full disk) is a warning:
+    the arrays are then built again, in memory.
+    """
+    if folder is not None:
+        opened: List[_Sink] = []
+
+        def to_file(tmp: Path, name: str, shape: tuple, dtype: np.dtype) -> _Sink:
+            opened.append(_Sink(shape, dtype, tmp / f"{name}.npy"))
+            return opened[-1]
+
+        try:
+            if folder.exists():  # an unreadable cache, replaced
+                shutil.rmtree(folder)
+            with atomic_path(folder) as tmp:
+                tmp.mkdir()
+                build(lambda *a: to_file(tmp, *a))
+                for sink in opened:
+                    sink.close()
+                (tmp / "done").write_text("")
+        except OSError as e:
+            if not (folder / "done").is_file():  # not another process winning the race: a real failure
+                log.warning("%s: could not cache the index arrays (%s); building them in memory", folder, e)
+        finally:
+            for sink in opened:
+                if not sink.file.closed:
+                    sink.file.close()
+        arrays = _load_index(folder)
+        if arrays is not None:
+            return arrays
+    sinks: Dict[str, _Sink] = {}
+
+    def to_memory(name: str, shape: tuple, dtype: np.dtype) -> _Sink:
+        sinks[name] = _Sink(shape, dtype)
+        return sinks[name]
+
+    build(to_memory)
+    return {name: sink.close() for name, sink in sinks.items()}
 
 
 class StageStream:
@@ -341,9 +407,7 @@ class StageStream:
         arrays = _load_index(folder) if folder is not None else None
         self.index_cached = arrays is not None
         if arrays is None:
-            arrays = self._build_index(parts)
-            if folder is not None:
-                _save_index(folder, arrays)
+            arrays = _build_arrays(folder, lambda sinks: self._build_index(parts, sinks))
         off = arrays["offsets"]
         self._parts = [
             _PartIndex(cidx[p.component], p, arrays["doc_idx"][off[i, 0]:off[i + 1, 0]],
@@ -358,47 +422,86 @@ class StageStream:
     def __len__(self) -> int:
         return self.num_samples
 
-    def _build_index(self, parts: List[Part]) -> Dict[str, np.ndarray]:
-        """Every part's arrays, concatenated (`offsets` (parts + 1, 3): where each part's doc_idx, sample_doc /
-        sample_off and shuffle start), and the blend."""
-        built = [self._build_part(p) for p in parts]
-        lengths = np.array([[len(d), len(sd), len(sh)] for d, sd, _, sh in built], dtype=np.int64).reshape(-1, 3)
-        offsets = np.concatenate([np.zeros((1, 3), np.int64), np.cumsum(lengths, axis=0)])
-        blend_part, blend_sample = self._blend(np.array([p.samples for p in parts]),
-                                               _rng(self.seed, self.stage, "blend", 2).random(len(parts)))
+    def _build_index(self, parts: List[Part], sinks: Sinks) -> None:
+        """Every part's arrays, one after the other (`offsets` (parts + 1, 3): where each part's doc_idx,
+        sample_doc / sample_off and shuffle start), and the blend, each into its sink."""
+        epochs = [-(-(p.samples * self.seq_len + 1) // p.tokens) for p in parts]  # ceil: samples*L + 1 tokens
+        docs = [e * len(p.doc_len) for e, p in zip(epochs, parts)]
+        lengths = np.array([[d, p.samples + 1, p.samples] for d, p in zip(docs, parts)], dtype=np.int64)
+        offsets = np.concatenate([np.zeros((1, 3), np.int64), np.cumsum(lengths.reshape(-1, 3), axis=0)])
+        sinks("offsets", offsets.shape, np.dtype(np.int64)).append(offsets.ravel())
+        samples = np.array([p.samples for p in parts], dtype=np.int64)
+        most = int(samples.max(initial=0))
+        total = [(int(t),) for t in offsets[-1]]
+        doc_idx = sinks("doc_idx", total[0], _index_dtype(max((len(p.doc_len) for p in parts), default=0)))
+        sample_doc = sinks("sample_doc", total[1], _index_dtype(max(docs, default=0) + 1))
+        sample_off = sinks("sample_off", total[1], _index_dtype(max((int(p.doc_len.max()) for p in parts), default=0)))
+        shuffle = sinks("shuffle", total[2], _index_dtype(most))
+        for part, n_epochs in zip(parts, epochs):
+            self._build_part(part, n_epochs, doc_idx, sample_doc, sample_off)
+        for part in parts:  # after all the parts' documents: each sink is written front to back
+            shuffle.append(_rng(self.seed, self.stage, f"{part.component}#{part.bucket}", 1).permutation(part.samples))
+        self._blend(samples, _rng(self.seed, self.stage, "blend", 2).random(len(parts)),
+                    sinks("blend_part", (int(samples.sum()),), np.dtype(np.int32)),
+                    sinks("blend_sample", (int(samples.sum()),), _index_dtype(most)))
 
-        def cat(j: int) -> np.ndarray:
-            return _narrow(np.concatenate([b[j] for b in built]) if built else np.zeros(0, np.int64))
+    def _build_part(self, part: Part, n_epochs: int, doc_idx: _Sink, sample_doc: _Sink, sample_off: _Sink) -> None:
+        """One part's doc_idx, sample_doc and sample_off (see _PartIndex), about BUILD_DOCS documents at a time.
 
-        return {"blend_part": blend_part, "blend_sample": _narrow(blend_sample), "doc_idx": cat(0),
-                "sample_doc": cat(1), "sample_off": cat(2), "shuffle": cat(3), "offsets": offsets}
-
-    def _build_part(self, part: Part) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(doc_idx, sample_doc, sample_off, shuffle) of one part (see _PartIndex)."""
-        name = f"{part.component}#{part.bucket}"
-        lens = part.doc_len
-        n_epochs = -(-(part.samples * self.seq_len + 1) // part.tokens)  # ceil: the stream needs samples*L + 1 tokens
-        doc_idx = np.concatenate([_rng(self.seed, self.stage, name, 0, e).permutation(len(lens))
-                                  for e in range(n_epochs)])
-        ends = np.cumsum(lens[doc_idx])  # token position just past each document of the stream
-        starts = np.arange(part.samples + 1, dtype=np.int64) * self.seq_len
-        sample_doc = np.searchsorted(ends, starts, side="right")
-        sample_off = starts - (ends[sample_doc] - lens[doc_idx[sample_doc]])
-        shuffle = _rng(self.seed, self.stage, name, 1).permutation(part.samples)
-        return doc_idx, sample_doc, sample_off, shuffle
+        Its document stream is `n_epochs` permutations of its documents; packed sample k starts at token k * seq_len
+        of it, in the first document that ends after that token.
+        """
+        name, lens, L = f"{part.component}#{part.bucket}", part.doc_len, self.seq_len
+        n, k, before = len(lens), 0, 0  # documents per epoch; next sample to place; tokens before this piece
+        per = max(1, BUILD_DOCS // n)  # epochs per piece: a small part's many epochs go a batch at a time
+        for e0 in range(0, n_epochs, per):
+            order = np.concatenate([_rng(self.seed, self.stage, name, 0, e).permutation(n)
+                                    for e in range(e0, min(e0 + per, n_epochs))])
+            doc_idx.append(order)
+            for j0 in range(0, len(order), BUILD_DOCS):
+                ln = lens[order[j0:j0 + BUILD_DOCS]]
+                ends = before + np.cumsum(ln, dtype=np.int64)  # (piece,) token position just past each document
+                k1 = min(part.samples + 1, -(-int(ends[-1]) // L))  # the samples that start in this piece
+                starts = np.arange(k, k1, dtype=np.int64) * L
+                j = np.searchsorted(ends, starts, side="right")
+                sample_doc.append(e0 * n + j0 + j)
+                sample_off.append(starts - (ends[j] - ln[j]))
+                k, before = k1, int(ends[-1])
 
     @staticmethod
-    def _blend(samples: np.ndarray, phase: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _blend(samples: np.ndarray, phase: np.ndarray, part_out: _Sink, k_out: _Sink) -> None:
         """Interleave the parts evenly: part p's k-th sample sits at 'time' (k + phase_p) / samples_p.
 
         Each part is spread evenly over the stage; the random phase in [0, 1) keeps parts of equal size apart.
         With one fixed phase, hundreds of small parts (UDHR's 440 languages with a few samples each) would all
         fall at the same times, and whole global batches would be made of one source and none of the others.
+
+        Sorted a window of times at a time (about BUILD_BLEND samples each), not all at once: every sample of a
+        window comes before every sample of the next, so the order is the one a global stable sort would give.
         """
-        part = np.repeat(np.arange(len(samples), dtype=np.int32), samples)
-        k = np.concatenate([np.arange(n, dtype=np.int64) for n in samples])
-        order = np.argsort((k + phase[part]) / samples[part], kind="stable")
-        return part[order], k[order]
+        n = np.asarray(samples, dtype=np.int64)
+
+        def first_at(t: float) -> np.ndarray:
+            """Per part, how many of its samples have a time below t (the same float expression as the sort's)."""
+            k = np.clip(np.ceil(t * n - phase), 0, n).astype(np.int64)
+            while True:  # the estimate may be off by one where the rounding differs
+                down = (k > 0) & ((k - 1 + phase) / n >= t)
+                up = (k < n) & ((k + phase) / n < t)
+                if not (down.any() or up.any()):
+                    return k
+                k = k - down + up
+
+        windows = max(1, -(-int(n.sum()) // BUILD_BLEND))
+        lo = np.zeros_like(n)
+        for w in range(windows):
+            hi = n if w == windows - 1 else first_at((w + 1) / windows)
+            count = hi - lo
+            part = np.repeat(np.arange(len(n), dtype=np.int32), count)
+            k = np.arange(int(count.sum()), dtype=np.int64) - np.repeat(np.cumsum(count) - count - lo, count)
+            order = np.argsort((k + phase[part]) / n[part], kind="stable")
+            part_out.append(part[order])
+            k_out.append(k[order])
+            lo = hi
 
     def batch(self, indices: Sequence[int]) -> Dict[str, torch.Tensor]:
         """Packed samples at these global indices: input_ids, labels, position_ids, doc_ids, component_ids (B, T)."""

@@ -216,12 +216,10 @@ def test_blend_spreads_many_small_parts_over_every_batch():
     """
     import numpy as np
 
-    from data.loader import StageStream
-
     samples = np.array([3] * 440 + [600] * 4)
     small_share = 3 * 440 / samples.sum()
     phase = np.random.default_rng(0).random(len(samples))
-    part, k = StageStream._blend(samples, phase)
+    part, k = _blend(samples, phase)
     assert len(part) == samples.sum() and np.array_equal(np.bincount(part), samples)
     for p in (0, 440):  # each part's samples keep their order
         assert list(k[part == p]) == list(range(samples[p]))
@@ -229,6 +227,61 @@ def test_blend_spreads_many_small_parts_over_every_batch():
     usable = len(small) // 64 * 64
     per_batch = small[:usable].reshape(-1, 64).mean(axis=1)
     assert per_batch.max() < 2 * small_share and per_batch.min() > small_share / 3
+
+
+def _blend(samples, phase):
+    from data.loader import StageStream, _Sink
+
+    part, k = _Sink((int(samples.sum()),), np.int32), _Sink((int(samples.sum()),), np.int64)
+    StageStream._blend(samples, phase, part, k)
+    return part.close(), k.close()
+
+
+def _reference_arrays(s: StageStream):
+    """The index arrays by their definition, each whole array at once (how the build worked before it streamed):
+    per part (doc_idx, sample_doc, sample_off, shuffle), and the blend (part, sample)."""
+    from data.loader import _rng
+
+    parts = []
+    for ix in s._parts:
+        part, name, L = ix.part, f"{ix.part.component}#{ix.part.bucket}", s.seq_len
+        epochs = -(-(part.samples * L + 1) // part.tokens)
+        doc_idx = np.concatenate([_rng(s.seed, s.stage, name, 0, e).permutation(len(part.doc_len))
+                                  for e in range(epochs)])
+        ends = np.cumsum(part.doc_len[doc_idx])
+        starts = np.arange(part.samples + 1) * L
+        sample_doc = np.searchsorted(ends, starts, side="right")
+        sample_off = starts - (ends[sample_doc] - part.doc_len[doc_idx[sample_doc]])
+        parts.append((doc_idx, sample_doc, sample_off, _rng(s.seed, s.stage, name, 1).permutation(part.samples)))
+    samples = np.array([ix.part.samples for ix in s._parts])
+    phase = _rng(s.seed, s.stage, "blend", 2).random(len(samples))
+    part = np.repeat(np.arange(len(samples)), samples)
+    k = np.concatenate([np.arange(n) for n in samples])
+    order = np.argsort((k + phase[part]) / samples[part], kind="stable")
+    return parts, (part[order], k[order])
+
+
+@pytest.mark.parametrize("docs, window", [(3, 7), (1 << 22, 1 << 24)])
+@pytest.mark.parametrize("cache", [True, False])
+def test_streamed_build_gives_the_arrays_of_their_definition(manifest, monkeypatch, docs, window, cache):
+    """The build writes an epoch's documents and a window of the blend at a time (to disk, or in memory): pieces of
+    3 documents and windows of 7 samples, many boundaries, still give exactly the whole-array arrays."""
+    import data.loader
+
+    monkeypatch.setattr(data.loader, "BUILD_DOCS", docs)
+    monkeypatch.setattr(data.loader, "BUILD_BLEND", window)
+    mix = MixtureConfig(weights=WEIGHTS, language_alpha=0.3, max_epochs=50,
+                        length_buckets=[LengthBucketConfig(min_tokens=0, max_tokens=40, weight=1.0),
+                                        LengthBucketConfig(min_tokens=41, max_tokens=300, weight=2.0)])
+    s = StageStream(manifest, mix, seq_len=32, seed=5, stage=f"streamed{docs}", num_samples=3000, cache=cache)
+    assert not s.index_cached and len(s._parts) > 10
+    assert isinstance(s.blend_part, np.memmap) == cache
+    parts, (part, k) = _reference_arrays(s)
+    assert sum(len(d) > len(ix.part.doc_len) for (d, *_), ix in zip(parts, s._parts)) > 0  # parts of many epochs
+    for ix, want in zip(s._parts, parts):
+        for got, ref in zip((ix.doc_idx, ix.sample_doc, ix.sample_off, ix.shuffle), want):
+            assert np.array_equal(got, ref) and got.dtype == np.int32
+    assert np.array_equal(s.blend_part, part) and np.array_equal(s.blend_sample, k)
 
 
 def _same_batches(a, b, n):
@@ -277,10 +330,16 @@ def test_an_unreadable_index_cache_is_rebuilt_and_a_failed_write_falls_back_to_m
     assert (folder / "shuffle.npy").read_bytes() == data  # replaced by a whole copy
     assert _same_batches(again, reference, 300)
 
-    def full_disk(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+    from data.loader import _Sink
 
-    monkeypatch.setattr(np, "save", full_disk)
+    append = _Sink.append
+
+    def full_disk(sink, values):  # the disk fills up once the build has written to a file
+        if sink.array is None and sink.at:
+            raise OSError(28, "No space left on device")
+        append(sink, values)
+
+    monkeypatch.setattr(_Sink, "append", full_disk)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         s = StageStream(manifest, mix, seq_len=64, seed=22, stage="general", num_samples=300)
@@ -296,21 +355,30 @@ def test_memory_mapped_index_costs_a_rank_a_fraction_of_building_it(manifest):
     import subprocess
     import sys
 
-    def probe(mode, n=400_000):
+    n = 2_000_000
+
+    def probe(mode):
         out = subprocess.run([sys.executable, "-m", "data.bench", "--index-probe", mode, str(n), str(manifest)],
                              check=True, capture_output=True, text=True).stdout
         return json.loads(out.strip().splitlines()[-1])
 
     memory, build, load = probe("memory"), probe("build"), probe("load")
     assert not memory["cached"] and not build["cached"] and load["cached"]
-    assert memory["private_mib"] > 400_000 * 30 / 2**20  # ~36 bytes a sample, held privately
-    assert load["private_mib"] < memory["private_mib"] / 4
+    assert memory["private_mib"] > n * 20 / 2**20  # int32 arrays, ~20 bytes a sample, held privately
+    # the rank that built them streamed them to the cache and maps them too: it keeps no private copy either
+    assert build["private_mib"] < memory["private_mib"] / 4 and load["private_mib"] < memory["private_mib"] / 4
 
 
-def test_index_arrays_are_int32_where_the_values_fit():
-    from data.loader import _narrow
+def test_index_arrays_are_int32_where_the_values_fit(tmp_path):
+    from data.loader import _index_dtype, _Sink
 
-    small = np.array([0, 5, 2**31 - 1], dtype=np.int64)
-    assert _narrow(small).dtype == np.int32 and _narrow(small).tolist() == small.tolist()
-    assert _narrow(np.array([0, 2**31], dtype=np.int64)).dtype == np.int64  # would wrap: kept
-    assert _narrow(np.array([-1, 3], dtype=np.int64)).dtype == np.int64
+    assert _index_dtype(2**31) == np.int32 and _index_dtype(2**31 + 1) == np.int64  # values below the bound
+    sink = _Sink((2, 3), np.int32, tmp_path / "a.npy")
+    sink.append(np.arange(4))
+    with pytest.raises(ValueError, match="has 4 of its 6 elements"):
+        sink.close()
+    with pytest.raises(ValueError, match="overflows its 6 elements"):
+        sink.append(np.arange(3))
+    sink.append(np.arange(4, 6))
+    assert sink.close() is None
+    assert np.array_equal(np.load(tmp_path / "a.npy"), np.arange(6, dtype=np.int32).reshape(2, 3))
