@@ -310,6 +310,50 @@ def test_rank0_work_outlasts_the_collective_timeout_and_its_failure_reaches_ever
     assert r1["barrier"] != "passed"
 
 
+def _node_work_worker(rank: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from train.engine import on_rank0
+
+    # 2 "nodes" of 2 ranks, as torchrun numbers them
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="4",
+                      LOCAL_RANK=str(rank % 2), LOCAL_WORLD_SIZE="2")
+    dist.init_process_group("gloo", rank=rank, world_size=4)
+    seen = {}
+    try:
+        start = time.monotonic()
+        seen["result"] = on_rank0("node work", lambda: time.sleep(3 if rank == 2 else 0) or rank, node=True)
+        seen["waited"] = time.monotonic() - start
+
+        def fail_on_node_1():
+            if rank == 2:
+                raise OSError("disk full")
+            return rank
+
+        try:
+            seen["second"] = on_rank0("node work 2", fail_on_node_1, node=True)
+        except Exception as e:  # noqa: BLE001 - the test records what each rank raised
+            seen["second"] = f"{type(e).__name__}: {e}"
+        dist.barrier()  # rank 0 hosts the store the others wait on
+    finally:
+        Path(out_dir, f"{rank}.json").write_text(json.dumps(seen))
+        dist.destroy_process_group()
+    end_spawned_worker()
+
+
+def test_node_work_runs_once_per_node_and_its_failure_reaches_that_node(tmp_path):
+    """`on_rank0(node=True)` (each node's copy of a stage's index, where data roots are not shared): local rank 0
+    of each node works while its node-mates wait for it, and only for it."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_node_work_worker, args=(_free_port(), str(tmp_path)), nprocs=4, join=True)
+    seen = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(4)]
+    assert [s["result"] for s in seen] == [0, None, 2, None]
+    assert seen[3]["waited"] >= 2.9 and seen[1]["waited"] < 2.0  # rank 1 did not wait for node 1's leader
+    assert [s["second"] for s in seen] == [0, None, "OSError: disk full",
+                                           "Rank0Failed: rank 2 failed at node work 2: OSError: disk full"]
+
+
 def test_data_that_fails_to_prepare_stops_every_rank_naming_it(data_root, tmp_path):
     """Rank 0 prepares the data while the others wait: its error (a missing source file) ends both ranks with
     exit 2 and the file named, without a traceback, and without waiting for any timeout."""

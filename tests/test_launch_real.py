@@ -4,6 +4,7 @@ curriculum to the end with the losses of a single-process run of the same global
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -38,16 +39,23 @@ def _assert_same_losses(run_dir: Path, reference: dict, world: int) -> None:
 
 
 def test_two_nodes_of_two_processes_with_torchrun_c10d(data_root, tmp_path_factory, tmp_path):
+    """One "node" reads the shared data root, the other a copy of its own (data copied to each node's disk, no
+    index there yet): that node's first rank builds its index."""
     reference = losses(smoke_run(tmp_path_factory, "ref-1-launch", OVERRIDES))
     run_dir = tmp_path / "run"
+    own_root = tmp_path / "node_data"
+    shutil.copytree(data_root, own_root, ignore=shutil.ignore_patterns("index"))
     env = {**_env(), "NNODES": "2", "NPROC": "2", "HEAD_ADDR": "127.0.0.1", "HEAD_PORT": str(_port()),
            "RDZV_ID": f"test{os.getpid()}"}
     args = ["bash", "launch/torchrun_multi_node.sh", *SMOKE, *OVERRIDES, f"run_dir={run_dir}"]
-    nodes = [subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(2)]
+    nodes = [subprocess.Popen(args, cwd=ROOT, env={**env, **extra}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for extra in ({}, {"TRISTAGE_DATA_ROOT": str(own_root)})]
     outs = [n.communicate(timeout=600)[0] for n in nodes]
     assert [n.returncode for n in nodes] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     _assert_same_losses(run_dir, reference, world=4)
+    built = sorted(p.name.split("-")[0] for p in own_root.glob("*/index/*"))
+    assert built == ["general", "long_context", "reasoning"]
     assert len(list((run_dir / "checkpoints" / "2-long_context-step0000002").glob("rng_rank*.pt"))) == 4
 
 

@@ -377,8 +377,8 @@ class Engine:
 _RANK0_WAITS = itertools.count(1)  # each call's own key in the store
 
 
-def rank0_outcome(what: str, error: Optional[str]) -> Optional[str]:
-    """Rank 0's `error` (None: it succeeded) on every rank, once rank 0 is done with `what`.
+def rank0_outcome(what: str, error: Optional[str], leader: int = 0) -> Optional[str]:
+    """Rank 0's (or rank `leader`'s) `error` (None: it succeeded) on every rank, once it is done with `what`.
 
     The other ranks wait on the rendezvous store, not in a collective: a collective times out after the process
     group's timeout (2 x dist.timeout_s + 60 s), and rank 0's work (re-sharding a checkpoint of hundreds of GB)
@@ -388,8 +388,8 @@ def rank0_outcome(what: str, error: Optional[str]) -> Optional[str]:
         return error
     from torch.distributed.distributed_c10d import _get_default_store
 
-    key, store = f"tristage/rank0/{next(_RANK0_WAITS)}/{what}", _get_default_store()
-    if dist.get_rank() == 0:
+    key, store = f"tristage/rank{leader}/{next(_RANK0_WAITS)}/{what}", _get_default_store()
+    if dist.get_rank() == leader:
         store.set(key, "" if error is None else f"error:{error}")
         return error
     store.wait([key], datetime.timedelta(days=1))
@@ -404,23 +404,26 @@ class Rank0Failed(RuntimeError):
 _T = TypeVar("_T")
 
 
-def on_rank0(what: str, work: Callable[[], _T]) -> Optional[_T]:
+def on_rank0(what: str, work: Callable[[], _T], node: bool = False) -> Optional[_T]:
     """`work()` on rank 0 (its result there, None elsewhere) while the other ranks wait for it, however long.
+    With `node`, on each node's first rank (local rank 0) while the rest of that node waits for it.
 
-    An exception in it is raised on rank 0 as it is and, as `Rank0Failed` naming `what` and the error, on every
-    other rank: none is left waiting behind a failed rank 0. The wait is `rank0_outcome`'s, on the store.
+    An exception in it is raised there as it is and, as `Rank0Failed` naming `what` and the error, on every rank
+    that waited: none is left waiting behind a failed rank. The wait is `rank0_outcome`'s, on the store.
     """
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    leader = rank - world_from_env()[2] if node else 0  # ranks are numbered node by node
     result, error = None, None
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if not dist.is_initialized() or rank == leader:
         try:
             result = work()
         except Exception as e:  # noqa: BLE001 - every rank must hear of it, not only this one
             error = e
-    message = rank0_outcome(what, None if error is None else f"{type(error).__name__}: {error}")
+    message = rank0_outcome(what, None if error is None else f"{type(error).__name__}: {error}", leader)
     if error is not None:
         raise error
     if message is not None:
-        raise Rank0Failed(f"rank 0 failed at {what}: {message}")
+        raise Rank0Failed(f"rank {leader} failed at {what}: {message}")
     return result
 
 

@@ -324,9 +324,13 @@ class Trainer:
             return StageStream(self.manifest, stage.mixture, seq_len=stage.seq_len, seed=cfg.seed, stage=stage.name,
                                num_samples=plan.steps * plan.samples_per_step, doc_masking=cfg.data.doc_masking)
 
-        # rank 0 builds the stage's index arrays once (or finds them cached); the others then memory-map them
+        # rank 0 builds the stage's index arrays once (or finds them cached); each node's first rank then opens
+        # them (where every node has a data root of its own, not a shared one, it builds its node's copy once),
+        # and the node's other ranks memory-map them
         with self.watchdog.suspended(f"{stage.name} data index"):
-            stream = on_rank0(f"building the {stage.name} data index", open_stream)
+            built = on_rank0(f"building the {stage.name} data index", open_stream)
+            stream = on_rank0(f"opening the {stage.name} data index on this node",
+                              (lambda: built) if built is not None else open_stream, node=True)
         if stream is None:
             stream = open_stream()
         self.metrics.log({"event": "stage_start", "stage": stage.name, "global_step": self.state.global_step,
