@@ -21,8 +21,8 @@ The arrays take ~20 bytes per sample (int32 where the values fit; a stage of 1e9
 does, they are built once and kept beside the manifest (`index/<stage>-<key>/`, the key hashing everything that
 decides them), written atomically, and every later StageStream of the same stage (each rank, each resume)
 memory-maps them: the ranks of a node share one copy in the page cache instead of each holding its own, and a
-restart does not rebuild them. The build itself streams them to disk a piece at a time (an epoch's documents, a
-window of the blend), so it holds one part's permutations, not the whole stage's arrays, in memory.
+restart does not rebuild them. The build itself streams them to disk a piece at a time (a few million documents
+of a part's stream, a window of the blend), so it holds one part's permutations, not the stage's arrays, in memory.
 """
 from __future__ import annotations
 

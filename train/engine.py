@@ -398,7 +398,8 @@ def rank0_outcome(what: str, error: Optional[str], leader: int = 0) -> Optional[
 
 
 class Rank0Failed(RuntimeError):
-    """Raised on the ranks that waited for `on_rank0` work that failed on rank 0; the message is rank 0's error."""
+    """Raised on the ranks that waited for `on_rank0` work that failed where it ran (rank 0, or their node's first
+    rank); the message names that rank and its error."""
 
 
 _T = TypeVar("_T")

@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from data.heldout import heldout_sets
 from data.errors import DataError
+from data.heldout import heldout_sets
 from data.loader import StageStream
 from data.prepare import manifest_path, prepare
 from data.shards import verify
