@@ -327,6 +327,7 @@ class Trainer:
         # rank 0 builds the stage's index arrays once (or finds them cached); each node's first rank then opens
         # them (where every node has a data root of its own, not a shared one, it builds its node's copy once),
         # and the node's other ranks memory-map them
+        t0 = time.perf_counter()
         with self.watchdog.suspended(f"{stage.name} data index"):
             built = on_rank0(f"building the {stage.name} data index", open_stream)
             stream = on_rank0(f"opening the {stage.name} data index on this node",
@@ -335,6 +336,7 @@ class Trainer:
             stream = open_stream()
         self.metrics.log({"event": "stage_start", "stage": stage.name, "global_step": self.state.global_step,
                           "data_index": "cached" if stream.index_cached else "built",
+                          "data_index_seconds": round(time.perf_counter() - t0, 3),
                           "resumed_at_step": None if fresh else self.state.step, "stage_steps": plan.steps,
                           "seq_len": stage.seq_len, "rope_theta": stage.rope_theta,
                           "global_batch_tokens": stage.global_batch_tokens, "grad_accum": plan.grad_accum,
