@@ -57,15 +57,18 @@ def test_killed_during_checkpoint_save_resumes_from_the_previous_one(data_root, 
     assert losses(run_dir) == reference
 
 
-@pytest.mark.parametrize("zero, model, new_world", [
-    ("zero1", "tiny_dense", 1), ("zero2", "tiny_dense", 4), ("zero3", "tiny_dense", 1), ("zero3", "tiny_moe", 4)])
-def test_world_size_change_reshards_exactly(data_root, tmp_path_factory, tmp_path, zero, model, new_world):
+@pytest.mark.parametrize("zero, model, new_world, new_zero", [
+    ("zero1", "tiny_dense", 1, None), ("zero2", "tiny_dense", 4, None), ("zero3", "tiny_dense", 1, None),
+    ("zero3", "tiny_moe", 4, None), ("zero3", "tiny_dense", 2, "zero1"), ("zero1", "tiny_dense", 1, "zero3")])
+def test_world_size_change_reshards_exactly(data_root, tmp_path_factory, tmp_path, zero, model, new_world, new_zero):
+    """A checkpoint of 2 ranks resumes on new_world ranks (and under new_zero: ZeRO-3 and ZeRO-1/2 save and read
+    different universal forms, which `reshard.fit_to_layout` reconciles) as if never stopped."""
     overrides = reshard_overrides(zero, model)
     reference = losses(smoke_run(tmp_path_factory, f"ref-2-{zero}-{model}", overrides, nproc=2))
     run_dir = tmp_path / "run"
     proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides, "max_steps=3"], nproc=2)
     assert proc.returncode == 0, proc.stdout[-3000:]
-    proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides], nproc=new_world)
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides, f"deepspeed={new_zero or zero}"], nproc=new_world)
     assert proc.returncode == 0, proc.stdout[-3000:]
     resume = [r for r in records(run_dir) if r.get("event") == "resume"]
     assert resume[0]["resharded"] and resume[0]["saved_world_size"] == 2 and resume[0]["world_size"] == new_world
@@ -79,6 +82,20 @@ def test_world_size_change_reshards_exactly(data_root, tmp_path_factory, tmp_pat
     # DeepSpeed ZeRO-3 universal-load bugs train/engine.py mends, showed as 1e-5 -> 2e-3 within two steps)
     for key in list(reference)[3:]:
         assert got[key][0] == pytest.approx(reference[key][0], rel=1e-6), key
+
+
+def test_init_from_a_zero3_checkpoint_folder_of_another_layout(data_root, tmp_path_factory, tmp_path):
+    """`init_from=<a ZeRO-3 checkpoint folder>` of 2 ranks into 1 rank under ZeRO-1: its partitions are
+    re-sharded and give the same weights as its HF export (before, DeepSpeed failed on a missing model file)."""
+    source = reference_dir(tmp_path_factory, "zero3", "tiny_dense")
+    ckpt = sorted((source / "checkpoints").glob("0-general-*"))[-1]
+    first = {}
+    for name, init in [("hf", source / "hf" / "general"), ("ckpt", ckpt)]:
+        proc = run_train([*SMOKE, f"run_dir={tmp_path / name}", *BASE, "deepspeed=zero1", "max_steps=1",
+                          f"init_from={init}"])
+        assert proc.returncode == 0, proc.stdout[-3000:]
+        first[name] = steps(tmp_path / name)[0]["loss"]
+    assert first["ckpt"] == first["hf"] < steps(source)[0]["loss"] - 0.3
 
 
 @pytest.mark.gpu
@@ -102,15 +119,18 @@ def test_zero_stage_change_on_cuda_resumes_with_fused_adamw(tmp_path):
         assert got[key][0] == pytest.approx(reference[key][0], rel=1e-3), key
 
 
-_FULL = [(z, m, w) for z in ("zero1", "zero2", "zero3") for m in ("tiny_dense", "tiny_moe") for w in (1, 4)]
-_CI = {("zero1", "tiny_dense", 1), ("zero2", "tiny_dense", 4), ("zero3", "tiny_dense", 1), ("zero3", "tiny_moe", 4)}
+_FULL = [(z, m, w, None) for z in ("zero1", "zero2", "zero3") for m in ("tiny_dense", "tiny_moe") for w in (1, 4)]
+_FULL += [("zero3", "tiny_moe", 4, "zero2"), ("zero2", "tiny_moe", 1, "zero3"), ("zero2", "tiny_dense", 2, "zero3")]
+_CI = {("zero1", "tiny_dense", 1, None), ("zero2", "tiny_dense", 4, None), ("zero3", "tiny_dense", 1, None),
+       ("zero3", "tiny_moe", 4, None)}
 
 
 @pytest.mark.matrix
-@pytest.mark.parametrize("zero, model, new_world", [c for c in _FULL if c not in _CI])
-def test_world_size_change_full_matrix(data_root, tmp_path_factory, tmp_path, zero, model, new_world):
-    """The rest of ZeRO-1/2/3 x dense/MoE x 2 -> 1/4 ranks (`pytest -m matrix`; ~10 minutes on 2 cores)."""
-    test_world_size_change_reshards_exactly(data_root, tmp_path_factory, tmp_path, zero, model, new_world)
+@pytest.mark.parametrize("zero, model, new_world, new_zero", [c for c in _FULL if c not in _CI])
+def test_world_size_change_full_matrix(data_root, tmp_path_factory, tmp_path, zero, model, new_world, new_zero):
+    """The rest of ZeRO-1/2/3 x dense/MoE x 2 -> 1/4 ranks, and more ZeRO-3 <-> ZeRO-1/2 changes (`pytest -m
+    matrix`; ~12 minutes on 2 cores)."""
+    test_world_size_change_reshards_exactly(data_root, tmp_path_factory, tmp_path, zero, model, new_world, new_zero)
 
 
 def reshard_overrides(zero: str, model: str) -> list:

@@ -192,20 +192,9 @@ class CheckpointManager:
 
 
 def check_compatible(meta: Dict[str, Any], model_shape: Dict[str, Any], tokenizer_fingerprint: str,
-                     where: str, expert_parallel_size: Optional[int] = None) -> None:
-    """Refuse to load a checkpoint of another model shape or tokenizer, naming what changed.
-
-    `expert_parallel_size` is given for a weights-only load (`init_from` a checkpoint folder), which DeepSpeed
-    reads only under the saved expert_parallel_size: expert-parallel checkpoints keep the experts in per-expert
-    files, others in the model file. A resume re-shards any layout instead (train/reshard.py); an HF export
-    (<run_dir>/hf/<stage>) loads under any.
-    """
-    saved_ep = meta.get("expert_parallel_size", 1)
-    if expert_parallel_size is not None and saved_ep != expert_parallel_size:
-        raise CheckpointError(f"{where} was saved with expert_parallel_size={saved_ep}; this launch has "
-                              f"expert_parallel_size={expert_parallel_size}: a checkpoint folder gives its weights "
-                              f"only to the same expert_parallel_size. Relaunch with expert_parallel_size="
-                              f"{saved_ep}, or use init_from=<its HF export>")
+                     where: str) -> None:
+    """Refuse to load a checkpoint of another model shape or tokenizer, naming what changed (a different layout,
+    world size, ZeRO stage or expert_parallel_size, is re-sharded instead: train/reshard.py)."""
     saved_shape = meta.get("model_shape", {})
     changed = {k: (saved_shape.get(k), v) for k, v in model_shape.items() if saved_shape.get(k) != v}
     if changed:

@@ -162,14 +162,13 @@ class Trainer:
             meta = self.checkpoints.read_meta(latest)
             check_compatible(meta, model_shape(cfg.model), self.tokenizer.fingerprint,
                              str(self.checkpoints.dir / latest))
-            reshard = self._needs_reshard(meta, latest)  # refuses what cannot be re-sharded, before the engine
+            reshard = self._needs_reshard(meta, self.checkpoints.dir / latest)  # refuses what cannot be, early
         elif cfg.init_from:
             self._init_weights_from(cfg.init_from)
         self.engine = Engine(self.model, cfg, plans[0], info)
         self.module = self.engine.module
         if self._init_checkpoint is not None:
-            self.engine.load(str(self._init_checkpoint.parent), self._init_checkpoint.name, load_optimizer=False,
-                             module_only=True)
+            self._load_weights_from(self._init_checkpoint)
         if hasattr(self.module, "set_balance_group") and cfg.model.num_experts:
             self.module.set_balance_group(dist.group.WORLD if info.world_size > 1 else None)
         if latest is not None:
@@ -195,24 +194,48 @@ class Trainer:
     def _load_checkpoint(self, tag: str) -> TrainerState:
         """Load checkpoint `tag` into the engine, through a re-sharded copy if it was saved in another layout."""
         meta = self.checkpoints.read_meta(tag)
-        load_dir = self._universal(tag, meta) if self._needs_reshard(meta, tag) else None
+        src = self.checkpoints.dir / tag
+        load_dir = self._universal(src, meta, tag) if self._needs_reshard(meta, src) else None
         return self.checkpoints.load(self.engine, tag, load_dir=load_dir)
 
-    def _needs_reshard(self, meta: Dict[str, Any], tag: str) -> bool:
-        """Whether the checkpoint's world size, ZeRO stage or expert-parallel size differs from this launch (then
+    def _load_weights_from(self, src: Path) -> None:
+        """`init_from` a checkpoint folder: its weights, from whatever layout it was saved in, and no other state.
+
+        Where the folder holds the whole weights as this launch reads them (the same layout; or ZeRO-1/2 to ZeRO-1/2
+        with the same expert_parallel_size: the model file holds them, the experts per expert-parallel rank),
+        DeepSpeed reads them directly. Otherwise (to or from ZeRO-3's partitions, another expert_parallel_size)
+        the checkpoint is re-sharded as a resume would be, loaded, and its AdamW state dropped; the re-sharded
+        copy is removed once every rank has loaded it.
+        """
+        meta = json.loads((src / "meta.json").read_text())
+        whole = meta.get("zero_stage") < 3 and self.cfg.deepspeed.zero_stage < 3
+        if not self._needs_reshard(meta, src) or (whole and meta.get("expert_parallel_size", 1) ==
+                                                   self.cfg.expert_parallel_size):
+            self.engine.load(str(src.parent), src.name, load_optimizer=False, module_only=True)
+            return
+        name = f"init_from-{src.name}"
+        load_dir = self._universal(src, meta, name)
+        self.engine.load(load_dir, name, load_optimizer=True, universal=True)
+        self.engine.reset_optimizer_state()
+        barrier()
+        if self.info.rank == 0:
+            shutil.rmtree(Path(load_dir) / name, ignore_errors=True)
+
+    def _needs_reshard(self, meta: Dict[str, Any], src: Path) -> bool:
+        """Whether checkpoint `src`'s world size, ZeRO stage or expert-parallel size differs from this launch (then
         it is re-sharded); refuses the one change that cannot be loaded."""
         saved = (meta.get("world_size"), meta.get("zero_stage"), meta.get("expert_parallel_size", 1))
         if saved == (self.info.world_size, self.cfg.deepspeed.zero_stage, self.cfg.expert_parallel_size):
             return False
         if saved[2] > 1 and self.cfg.deepspeed.zero_stage == 3:
-            raise CheckpointError(f"{self.checkpoints.dir / tag} was saved with expert_parallel_size={saved[2]}; "
-                                  f"re-sharding it into deepspeed.zero_stage=3 is not supported: resume with "
-                                  f"deepspeed=zero1 or zero2 (any expert_parallel_size and world size), or start a "
-                                  f"new run_dir with init_from=<its HF export>")
+            raise CheckpointError(f"{src} was saved with expert_parallel_size={saved[2]}; re-sharding it into "
+                                  f"deepspeed.zero_stage=3 is not supported: use deepspeed=zero1 or zero2 (any "
+                                  f"expert_parallel_size and world size), or a new run_dir with "
+                                  f"init_from=<its HF export>")
         return True
 
-    def _universal(self, tag: str, meta: Dict[str, Any]) -> str:
-        """Re-shard checkpoint `tag` for this launch's layout once (rank 0); returns the folder holding it.
+    def _universal(self, src: Path, meta: Dict[str, Any], name: str) -> str:
+        """Re-shard checkpoint `src` for this launch's layout once (rank 0), as <returned folder>/<name>.
 
         DeepSpeed's converter serves checkpoints without expert parallelism; train/reshard.py those with it.
         The result is specific to this launch's optimizer groups (the experts get their own group under
@@ -222,7 +245,7 @@ class Trainer:
 
         ep = self.cfg.expert_parallel_size
         out_root = self.checkpoints.dir / ".universal" / f"ep{ep}"
-        out = out_root / tag
+        out = out_root / name
 
         def convert() -> None:
             from train.engine import convert_to_universal
@@ -233,19 +256,20 @@ class Trainer:
                 shutil.rmtree(out, ignore_errors=True)
                 saved_ep = meta.get("expert_parallel_size", 1)
                 if saved_ep > 1:
-                    reshard.convert_expert_parallel(self.checkpoints.dir / tag, out, saved_ep, meta["world_size"])
+                    reshard.convert_expert_parallel(src, out, saved_ep, meta["world_size"])
                 else:
-                    convert_to_universal(str(self.checkpoints.dir / tag), str(out))
+                    convert_to_universal(str(src), str(out))
                 experts = [f"{name}.{p}" for name, _ in expert_parallel.experts_modules(self.module)
                            for p in ("gate_up_proj", "down_proj")]
-                reshard.fit_to_layout(out, experts, self.engine.ds.optimizer.param_groups, ep)
+                reshard.fit_to_layout(out, experts, self.engine.ds.optimizer.param_groups, ep,
+                                      zero3=self.cfg.deepspeed.zero_stage == 3)
                 (out / "done").write_text("")
             except Exception as e:
                 shutil.rmtree(out, ignore_errors=True)
-                raise CheckpointError(f"re-sharding {self.checkpoints.dir / tag} for this launch's layout failed "
+                raise CheckpointError(f"re-sharding {src} for this launch's layout failed "
                                       f"({type(e).__name__}: {e}); the checkpoint itself is unchanged") from e
 
-        on_rank0(f"re-sharding checkpoint {tag}", convert)  # the others wait for rank 0's copy, however long
+        on_rank0(f"re-sharding checkpoint {src.name}", convert)  # the others wait for rank 0's copy, however long
         return str(out_root)
 
     def _init_weights_from(self, path: str) -> None:
@@ -261,9 +285,9 @@ class Trainer:
             load_hf_weights(self.model, src, gather=whole)  # one parameter at a time, this rank's part
         elif (src / "meta.json").exists():
             meta = json.loads((src / "meta.json").read_text())
-            check_compatible(meta, model_shape(self.cfg.model), self.tokenizer.fingerprint, str(src),
-                             self.cfg.expert_parallel_size)  # weights only: any world size
-            self._init_checkpoint = src  # loaded into the engine once it exists (ZeRO shards need it)
+            check_compatible(meta, model_shape(self.cfg.model), self.tokenizer.fingerprint, str(src))
+            self._needs_reshard(meta, src)  # refuses what cannot be re-sharded, before the engine
+            self._init_checkpoint = src  # loaded into the engine once it exists (`_load_weights_from`)
         else:
             raise ConfigError(f"config key 'init_from' = {path!r}: neither an HF directory (config.json) "
                               f"nor a tristage checkpoint folder (meta.json)")

@@ -124,27 +124,82 @@ def convert_expert_parallel(ckpt_dir: str | Path, out_dir: str | Path, expert_pa
 
 
 def fit_to_layout(universal_dir: str | Path, expert_params: List[str], param_groups: List[Dict[str, Any]],
-                  expert_parallel_size: int) -> None:
-    """Make a universal checkpoint (ours or DeepSpeed's) load into a launch with these optimizer groups.
+                  expert_parallel_size: int, zero3: bool) -> None:
+    """Make a universal checkpoint (ours, or DeepSpeed's of any ZeRO stage) load into a launch with these optimizer
+    groups, this expert_parallel_size and ZeRO-3 or not.
 
-    DeepSpeed's universal loader copies the saved groups' hyper-parameters onto the loading optimizer's groups
-    pairwise and loads state only for groups it pairs, so the saved list must be the loading layout's own;
-    with expert_parallel_size > 1 every expert stack is tagged so that the loader keeps this rank's experts.
+    DeepSpeed 0.19.8 writes it in two forms, and each stage's loader reads only its own. ZeRO-1/2: each state
+    `{param: whole tensor}`, a `step.pt` beside them, and a global state whose `param_groups` the loader pairs
+    with its own groups (copying their hyper-parameters, loading state only for the groups it pairs). ZeRO-3: flat
+    tensors, no `step.pt`, the step in the saved optimizer's state dict, and the model-states file of ZeRO-3's name.
+    The copy is rewritten so that both loaders read it: states as `{param: tensor}` in their shapes with a
+    `step.pt`, a global state with the loading layout's own groups in both places, and the model-states file
+    the loading stage asks for (`_fit_model_states`). With expert_parallel_size > 1 every expert stack is tagged
+    so that the loader keeps this rank's experts.
     """
-    from deepspeed.checkpoint.constants import EP_IS_EXPERT_PARAM, EP_NUM_EXPERTS, PARAM
+    from deepspeed.checkpoint.constants import DS_VERSION, EP_IS_EXPERT_PARAM, EP_NUM_EXPERTS, OPTIMIZER_STATE_DICT, PARAM
 
-    zero = Path(universal_dir) / "zero"
+    out = Path(universal_dir)
+    zero = out / "zero"
+    model_states = _model_states(out)
+    shapes = {name: torch.Size(shape) for group in model_states["param_shapes"] for name, shape in group.items()}
     state_path = zero / "optimizer_state.pt"
     with safe_torch_load():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
-    state["param_groups"] = [{k: v for k, v in g.items() if k != "params"} for g in param_groups]
-    torch.save(state, state_path)
-    if expert_parallel_size == 1:
-        return
-    for name in expert_params:
+    saved = state.pop(OPTIMIZER_STATE_DICT, None)  # ZeRO-3's form: rank 0's whole optimizer state dict
+    state.pop("fp32_flat_groups", None)  # ZeRO-3's form: rank 0's partition of the weights, read from zero/ instead
+    step = saved["state"][0]["step"] if saved is not None else None
+    experts = set(expert_params) if expert_parallel_size > 1 else set()
+    for name, shape in shapes.items():
+        if step is None:  # every parameter has the same step
+            with safe_torch_load():
+                step = torch.load(zero / name / "step.pt", map_location="cpu", weights_only=True)
         for key in STATES:
             path = zero / name / f"{key}.pt"
             with safe_torch_load():
                 entry = torch.load(path, map_location="cpu", weights_only=True)
-            entry |= {EP_IS_EXPERT_PARAM: True, EP_NUM_EXPERTS: entry[PARAM].shape[0]}
-            torch.save(entry, path)
+            if not isinstance(entry, dict):  # ZeRO-3's flat form (never expert-parallel)
+                torch.save({PARAM: entry.view(shape)}, path)
+            elif name in experts:  # the whole stack of every expert
+                torch.save(entry | {EP_IS_EXPERT_PARAM: True, EP_NUM_EXPERTS: entry[PARAM].shape[0]}, path)
+        if not (zero / name / "step.pt").exists():
+            torch.save(step, zero / name / "step.pt")
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in param_groups]
+    state["param_groups"] = groups
+    state[OPTIMIZER_STATE_DICT] = {"state": {0: {"step": step}}, "param_groups": groups}
+    state.setdefault(DS_VERSION, model_states.get(DS_VERSION))
+    torch.save(state, state_path)
+    _fit_model_states(out, model_states, zero3)
+
+
+_PARTITIONED, _WHOLE = "zero_pp_rank_0_mp_rank_00_model_states.pt", "mp_rank_00_model_states.pt"
+
+
+def _model_states(universal_dir: Path) -> Dict[str, Any]:
+    """The universal copy's model-states file (either stage's name), its tensors memory-mapped."""
+    path = universal_dir / (_WHOLE if (universal_dir / _WHOLE).exists() else _PARTITIONED)
+    with safe_torch_load():
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def _fit_model_states(out: Path, states: Dict[str, Any], zero3: bool) -> None:
+    """Write the model-states file the loading stage reads, when the copy was saved under the other kind:
+    `zero_pp_rank_0_...` for ZeRO-3 (module entries as empty placeholders, as ZeRO-3 saves them), `mp_rank_00_...`
+    otherwise (whole weights, from the fp32 files, memory-mapped). The weights DeepSpeed trains from are the fp32
+    files either way; the module entries only have to match the model's parameters."""
+    from deepspeed.checkpoint.constants import PARAM
+
+    want = out / (_PARTITIONED if zero3 else _WHOLE)
+    if want.exists():
+        return
+    buffers, shared = set(states.get("buffer_names") or ()), states.get("shared_params") or {}
+    for name, value in states["module"].items():
+        if name in buffers:
+            continue
+        if zero3:
+            states["module"][name] = torch.empty(0, dtype=value.dtype)
+        else:
+            with safe_torch_load():
+                states["module"][name] = torch.load(out / "zero" / shared.get(name, name) / "fp32.pt",
+                                                    map_location="cpu", weights_only=True, mmap=True)[PARAM]
+    torch.save(states, want)
