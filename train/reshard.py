@@ -148,18 +148,20 @@ def fit_to_layout(universal_dir: str | Path, expert_params: List[str], param_gro
         state = torch.load(state_path, map_location="cpu", weights_only=True)
     saved = state.pop(OPTIMIZER_STATE_DICT, None)  # ZeRO-3's form: rank 0's whole optimizer state dict
     state.pop("fp32_flat_groups", None)  # ZeRO-3's form: rank 0's partition of the weights, read from zero/ instead
-    step = saved["state"][0]["step"] if saved is not None else None
+    if saved is not None:
+        step = saved["state"][0]["step"]
+    else:  # every parameter has the same step
+        with safe_torch_load():
+            step = torch.load(zero / next(iter(shapes)) / "step.pt", map_location="cpu", weights_only=True)
     experts = set(expert_params) if expert_parallel_size > 1 else set()
-    for name, shape in shapes.items():
-        if step is None:  # every parameter has the same step
-            with safe_torch_load():
-                step = torch.load(zero / name / "step.pt", map_location="cpu", weights_only=True)
+    # the files to rewrite: all in ZeRO-3's form (flat, never expert-parallel), else the expert stacks only
+    for name in shapes if saved is not None else sorted(experts):
         for key in STATES:
             path = zero / name / f"{key}.pt"
             with safe_torch_load():
                 entry = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(entry, dict):  # ZeRO-3's flat form (never expert-parallel)
-                torch.save({PARAM: entry.view(shape)}, path)
+            if not isinstance(entry, dict):
+                torch.save({PARAM: entry.view(shapes[name])}, path)
             elif name in experts:  # the whole stack of every expert
                 torch.save(entry | {EP_IS_EXPERT_PARAM: True, EP_NUM_EXPERTS: entry[PARAM].shape[0]}, path)
         if not (zero / name / "step.pt").exists():
