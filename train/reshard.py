@@ -1,5 +1,6 @@
-"""Re-sharding an expert-parallel ZeRO-1/2 checkpoint for another layout (expert_parallel_size, world size or
-ZeRO stage), weights and AdamW state both.
+"""Re-sharding a checkpoint for another layout (expert_parallel_size, world size or ZeRO stage), weights and AdamW
+state both: `convert_expert_parallel` for expert-parallel ZeRO-1/2 checkpoints (DeepSpeed's converter serves the
+others), then `fit_to_layout` for the launch that loads the universal copy, whichever converter wrote it.
 
 DeepSpeed's own converter (`ds_to_universal`) merges each parameter's ZeRO fragments across all ranks by name.
 Under expert parallelism that is wrong for the experts: every expert-parallel rank holds *other* experts under
