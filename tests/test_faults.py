@@ -72,6 +72,7 @@ def test_world_size_change_reshards_exactly(data_root, tmp_path_factory, tmp_pat
     assert proc.returncode == 0, proc.stdout[-3000:]
     resume = [r for r in records(run_dir) if r.get("event") == "resume"]
     assert resume[0]["resharded"] and resume[0]["saved_world_size"] == 2 and resume[0]["world_size"] == new_world
+    assert not (run_dir / "checkpoints" / ".universal").exists()  # the re-sharded copy went at the next save
     got = losses(run_dir)
     assert got.keys() == reference.keys()
     # the data stream continues where it stopped: every step's samples are the uninterrupted run's

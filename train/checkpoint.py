@@ -152,7 +152,13 @@ class CheckpointManager:
         return final
 
     def _retain(self, protect: str) -> None:
-        """Keep the newest `keep` periodic checkpoints; stage-end checkpoints and `protect` always stay."""
+        """Keep the newest `keep` periodic checkpoints; stage-end checkpoints and `protect` always stay.
+
+        The re-sharded copies in `.universal/` go: a resume or a rollback loads the newest checkpoint, `protect`,
+        which is in this launch's layout. Each is as large as the checkpoint it came from (weights and AdamW
+        state), and one would be stale if its tag were ever saved again.
+        """
+        shutil.rmtree(self.dir / ".universal", ignore_errors=True)
         periodic = []
         for path in self.dir.iterdir():
             meta = path / "meta.json"
