@@ -208,8 +208,8 @@ class Trainer:
         copy is removed once every rank has loaded it.
         """
         meta = json.loads((src / "meta.json").read_text())
-        whole = meta.get("zero_stage") < 3 and self.cfg.deepspeed.zero_stage < 3
-        if not self._needs_reshard(meta, src) or (whole and meta.get("expert_parallel_size", 1) ==
+        unpartitioned = meta["zero_stage"] < 3 and self.cfg.deepspeed.zero_stage < 3
+        if not self._needs_reshard(meta, src) or (unpartitioned and meta.get("expert_parallel_size", 1) ==
                                                    self.cfg.expert_parallel_size):
             self.engine.load(str(src.parent), src.name, load_optimizer=False, module_only=True)
             return
