@@ -86,7 +86,7 @@ run_part tests 70 30 "$OUT/pytest_gpu.log" "$PY" -m pytest -q -m gpu tests/test_
 
 # 5. Not in the default PARTS (they train through `python -m train`, ~2-3 minutes): FlexAttention document
 #    masking on CUDA (model and trainer), ZeRO-3's partitioned build in bf16 and a re-sharded resume through fused
-#    AdamW. PARTS="extra" in a later session.
+#    AdamW (ZeRO-1 -> 2 and ZeRO-3 -> 1). PARTS="extra" in a later session.
 run_part extra 300 60 "$OUT/pytest_extra.log" "$PY" -m pytest -q -m gpu tests/test_doc_mask.py \
   tests/test_partitioned_init.py tests/test_faults.py -p no:cacheprovider
 [[ -f "$OUT/pytest_extra.log" ]] && tail -n 15 "$OUT/pytest_extra.log"

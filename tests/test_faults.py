@@ -101,17 +101,19 @@ def test_init_from_a_zero3_checkpoint_folder_of_another_layout(data_root, tmp_pa
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_zero_stage_change_on_cuda_resumes_with_fused_adamw(tmp_path):
+@pytest.mark.parametrize("zero, new_zero", [("zero1", "zero2"), ("zero3", "zero1")])
+def test_zero_stage_change_on_cuda_resumes_with_fused_adamw(tmp_path, zero, new_zero):
     """On a GPU the re-sharded (universal) load goes through fused AdamW, which needs each `step` on the
-    parameter's device (DeepSpeed leaves it on the CPU): 3 steps under ZeRO-1 bf16, then ZeRO-2 resumes them
-    and matches the uninterrupted ZeRO-1 run. Uses the prepared fixture (launch/gpu_check.sh)."""
+    parameter's device (DeepSpeed leaves it on the CPU): 3 steps under one ZeRO stage in bf16, then another
+    resumes them (ZeRO-3's universal form, rewritten for ZeRO-1, too) and matches the uninterrupted run. Uses the
+    prepared fixture (launch/gpu_check.sh)."""
     base = [*SMOKE, "model=tiny_dense", "device=cuda", "eval.enabled=false", "curriculum.order=[general]"]
-    proc = run_train([*base, f"run_dir={tmp_path / 'ref'}", "deepspeed=zero1"])
+    proc = run_train([*base, f"run_dir={tmp_path / 'ref'}", f"deepspeed={zero}"])
     assert proc.returncode == 0, proc.stdout[-3000:]
     run_dir = tmp_path / "run"
-    proc = run_train([*base, f"run_dir={run_dir}", "deepspeed=zero1", "max_steps=3"])
+    proc = run_train([*base, f"run_dir={run_dir}", f"deepspeed={zero}", "max_steps=3"])
     assert proc.returncode == 0, proc.stdout[-3000:]
-    proc = run_train([*base, f"run_dir={run_dir}", "deepspeed=zero2"])
+    proc = run_train([*base, f"run_dir={run_dir}", f"deepspeed={new_zero}"])
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert [r["resharded"] for r in records(run_dir) if r.get("event") == "resume"] == [True]
     reference, got = losses(tmp_path / "ref"), losses(run_dir)
