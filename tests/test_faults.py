@@ -85,6 +85,29 @@ def test_world_size_change_reshards_exactly(data_root, tmp_path_factory, tmp_pat
         assert got[key][0] == pytest.approx(reference[key][0], rel=1e-6), key
 
 
+def test_zero0_checkpoint_resumes_on_another_world_size_and_gives_its_weights(data_root, tmp_path_factory, tmp_path):
+    """ZeRO-0 in fp32 keeps everything whole in the model file (no optimizer shards, which DeepSpeed's universal
+    format needs): 2 ranks -> 1 rank resumes it as it is; ZeRO-1 refuses to resume it, naming what to do, and
+    takes its weights through init_from."""
+    overrides = reshard_overrides("zero0", "tiny_dense")
+    reference = losses(smoke_run(tmp_path_factory, "ref-2-zero0-tiny_dense", overrides, nproc=2))
+    run_dir = tmp_path / "run"
+    assert run_train([*SMOKE, f"run_dir={run_dir}", *overrides, "max_steps=3"], nproc=2).returncode == 0
+    assert run_train([*SMOKE, f"run_dir={run_dir}", *overrides, "max_steps=5"]).returncode == 0
+    assert [r["resharded"] for r in records(run_dir) if r.get("event") == "resume"] == [False]
+    got = losses(run_dir)
+    for key in list(reference)[3:8]:
+        assert got[key][0] == pytest.approx(reference[key][0], rel=1e-6), key
+    ckpt = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", *BASE, "deepspeed=zero1"])
+    assert proc.returncode == 2
+    assert f"{ckpt} was saved under deepspeed.zero_stage=0" in proc.stdout and "resume it with deepspeed=zero0" in proc.stdout
+    proc = run_train([*SMOKE, f"run_dir={tmp_path / 'init'}", *BASE, "deepspeed=zero1", "max_steps=1",
+                      f"init_from={ckpt}"])
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert steps(tmp_path / "init")[0]["loss"] < steps(run_dir)[0]["loss"] - 0.3  # trained weights
+
+
 def test_init_from_a_zero3_checkpoint_folder_of_another_layout(data_root, tmp_path_factory, tmp_path):
     """`init_from=<a ZeRO-3 checkpoint folder>` of 2 ranks into 1 rank under ZeRO-1: its partitions are
     re-sharded and give the same weights as its HF export (before, DeepSpeed failed on a missing model file)."""

@@ -201,16 +201,13 @@ class Trainer:
     def _load_weights_from(self, src: Path) -> None:
         """`init_from` a checkpoint folder: its weights, from whatever layout it was saved in, and no other state.
 
-        Where the folder holds the whole weights as this launch reads them (the same layout; or ZeRO-1/2 to ZeRO-1/2
-        with the same expert_parallel_size: the model file holds them, the experts per expert-parallel rank),
-        DeepSpeed reads them directly. Otherwise (to or from ZeRO-3's partitions, another expert_parallel_size)
-        the checkpoint is re-sharded as a resume would be, loaded, and its AdamW state dropped; the re-sharded
-        copy is removed once every rank has loaded it.
+        Where the folder holds the whole weights as this launch reads them (`_weights_read_directly`: the model
+        file holds them, the experts per expert-parallel rank), DeepSpeed reads them directly. Otherwise (to or
+        from ZeRO-3's partitions, another expert_parallel_size) the checkpoint is re-sharded as a resume would be,
+        loaded, and its AdamW state dropped; the re-sharded copy is removed once every rank has loaded it.
         """
         meta = json.loads((src / "meta.json").read_text())
-        unpartitioned = meta["zero_stage"] < 3 and self.cfg.deepspeed.zero_stage < 3
-        if not self._needs_reshard(meta, src) or (unpartitioned and meta.get("expert_parallel_size", 1) ==
-                                                   self.cfg.expert_parallel_size):
+        if self._weights_read_directly(meta, src):
             self.engine.load(str(src.parent), src.name, load_optimizer=False, module_only=True)
             return
         name = f"init_from-{src.name}"
@@ -221,12 +218,28 @@ class Trainer:
         if self.info.rank == 0:
             shutil.rmtree(Path(load_dir) / name, ignore_errors=True)
 
+    def _weights_read_directly(self, meta: Dict[str, Any], src: Path) -> bool:
+        """Whether DeepSpeed reads checkpoint `src`'s weights into this launch as they are (`init_from`): ZeRO-0/1/2
+        to ZeRO-0/1/2 under the same expert_parallel_size, or the same layout; else they are re-sharded (and
+        what cannot be is refused)."""
+        unpartitioned = meta["zero_stage"] < 3 and self.cfg.deepspeed.zero_stage < 3
+        if unpartitioned and meta.get("expert_parallel_size", 1) == self.cfg.expert_parallel_size:
+            return True
+        return not self._needs_reshard(meta, src)
+
     def _needs_reshard(self, meta: Dict[str, Any], src: Path) -> bool:
         """Whether checkpoint `src`'s world size, ZeRO stage or expert-parallel size differs from this launch (then
         it is re-sharded); refuses the one change that cannot be loaded."""
         saved = (meta.get("world_size"), meta.get("zero_stage"), meta.get("expert_parallel_size", 1))
         if saved == (self.info.world_size, self.cfg.deepspeed.zero_stage, self.cfg.expert_parallel_size):
             return False
+        if not any(src.glob("*optim_states.pt")):  # ZeRO-0 without bf16: all of it, whole, in the model file
+            if self.cfg.deepspeed.zero_stage == 0:
+                return False  # nothing is partitioned: any number of ranks reads it as it is
+            raise CheckpointError(f"{src} was saved under deepspeed.zero_stage=0, its optimizer state whole in the "
+                                  f"model file, which DeepSpeed's universal format cannot take: resume it with "
+                                  f"deepspeed=zero0 (any number of ranks), or for its weights under another stage "
+                                  f"use init_from=<its HF export>")
         if saved[2] > 1 and self.cfg.deepspeed.zero_stage == 3:
             raise CheckpointError(f"{src} was saved with expert_parallel_size={saved[2]}; re-sharding it into "
                                   f"deepspeed.zero_stage=3 is not supported: use deepspeed=zero1 or zero2 (any "
@@ -286,7 +299,7 @@ class Trainer:
         elif (src / "meta.json").exists():
             meta = json.loads((src / "meta.json").read_text())
             check_compatible(meta, model_shape(self.cfg.model), self.tokenizer.fingerprint, str(src))
-            self._needs_reshard(meta, src)  # refuses what cannot be re-sharded, before the engine
+            self._weights_read_directly(meta, src)  # refuses what cannot be re-sharded, before the engine
             self._init_checkpoint = src  # loaded into the engine once it exists (`_load_weights_from`)
         else:
             raise ConfigError(f"config key 'init_from' = {path!r}: neither an HF directory (config.json) "
