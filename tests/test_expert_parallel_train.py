@@ -138,6 +138,23 @@ def test_resume_under_ep_is_exact_and_other_layouts_are_resharded(data_root, tmp
 
 
 @pytest.mark.slow
+def test_zero2_offload_under_ep_trains_and_reshards(data_root, tmp_path_factory, tmp_path):
+    """The 235B-A22B recipe's layout in miniature (ZeRO-2 with the optimizer offloaded, EP = 2): it trains as
+    ZeRO-2 does, and its checkpoint of step 5 resumes under EP = 1, offloaded still, to the same losses."""
+    reference = ten_steps(tmp_path_factory, 2, "zero2", 2)
+    run_dir = tmp_path / "run"
+    base = [*TEN_STEPS, f"run_dir={run_dir}", "deepspeed=zero2_offload"]
+    proc = run_train([*base, "expert_parallel_size=2", "max_steps=5"], nproc=2)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    proc = run_train([*base, "expert_parallel_size=1"], nproc=2)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert [r["resharded"] for r in resume_records(run_dir)] == [True]
+    assert [r["step"] for r in steps(run_dir)] == list(range(1, 11))
+    diffs = {k: max_diff(steps(reference), steps(run_dir), k) for k in ("loss", "grad_norm")}
+    assert all(v <= 1e-6 for v in diffs.values()), diffs
+
+
+@pytest.mark.slow
 def test_ep1_checkpoint_resumes_under_ep2_and_zero1(data_root, tmp_path_factory, tmp_path):
     """The other direction: experts saved inside the dense ZeRO-2 groups, resumed under EP = 2 and ZeRO-1."""
     reference = ten_steps(tmp_path_factory, 2, "zero2", 1)
