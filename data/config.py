@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,9 +65,12 @@ class DataConfig:
 
     name: str = "demo"  # names the prepared data set: shards go to <root>/<name>/
     root: str = ".cache/tristage"  # cache for downloads, corpora, tokenizers and shards (relative = to the cwd)
-    sources: Dict[str, SourceConfig] = field(default_factory=dict)  # source name -> recipe
+    # source name -> recipe: SourceConfig fields, checked against it by `to_data_config`. Typed Any because OmegaConf
+    # refuses to add a plain dict to a dict of dataclasses, so `+data.sources.wiki={kind: hub, ...}` would fail.
+    sources: Dict[str, Any] = field(default_factory=dict)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  # tokenizer to train or load
     num_proc: Optional[int] = None  # tokenization processes; None = all cores
+    index_workers: Optional[int] = None  # threads building a stage's index arrays; None = one per core, up to 16
     shard_tokens: int = 1 << 28  # most tokens in one shard file; a larger component gets several files
     doc_masking: bool = False  # restart position ids and block attention at each document boundary
 
@@ -76,9 +80,46 @@ def to_data_config(node: Any) -> DataConfig:
     from omegaconf import OmegaConf
 
     if isinstance(node, DataConfig):
+        out = node
+    else:
+        out = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), node))
+    if any(not isinstance(src, SourceConfig) for src in out.sources.values()):
+        out = dataclasses.replace(out, sources={name: to_source_config(name, src) for name, src in out.sources.items()})
+    return out
+
+
+def to_source_config(name: str, node: Any) -> SourceConfig:
+    """`data.sources.<name>` as a `SourceConfig`; an unknown key or a wrong type is a DataError naming it."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from data.errors import DataError
+
+    if isinstance(node, SourceConfig):
         return node
-    merged = OmegaConf.merge(OmegaConf.structured(DataConfig), node)
-    return OmegaConf.to_object(merged)
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SourceConfig), node))
+    except (OmegaConfBaseException, ValueError) as e:
+        raise DataError(f"data.sources.{name}: {str(e).splitlines()[0]}") from None
+
+
+def check_mixture(mix: "MixtureConfig", key: str) -> None:
+    """Refuse weights a stage cannot sample by (negative, infinite, NaN, all zero), naming the key (ValueError)."""
+    import math
+
+    for src, w in mix.weights.items():
+        if not (math.isfinite(w) and w >= 0):
+            raise ValueError(f"{key}.weights.{src} = {w}: must be a finite weight >= 0")
+    if mix.weights and not any(w > 0 for w in mix.weights.values()):
+        raise ValueError(f"{key}.weights = {dict(mix.weights)}: every weight is 0 (leave it empty to weigh the "
+                         f"sources by their tokens)")
+    for i, b in enumerate(mix.length_buckets):
+        if not (math.isfinite(b.weight) and b.weight > 0):
+            raise ValueError(f"{key}.length_buckets[{i}].weight = {b.weight}: must be a finite weight > 0")
+    if not math.isfinite(mix.language_alpha):
+        raise ValueError(f"{key}.language_alpha = {mix.language_alpha}: must be finite")
+    if not (math.isfinite(mix.max_epochs) and mix.max_epochs > 0):
+        raise ValueError(f"{key}.max_epochs = {mix.max_epochs}: must be finite and > 0")
 
 
 def to_mixture_config(node: Any) -> MixtureConfig:

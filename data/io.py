@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -36,7 +37,13 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
     try:
         yield tmp
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            # a folder cannot replace a non-empty one: another process published `path` first. Both wrote the same
+            # content (every cached folder is keyed by what decides it), so theirs stays and ours is dropped.
+            if not (tmp.is_dir() and path.is_dir() and e.errno in (errno.ENOTEMPTY, errno.EEXIST)):
+                raise
     finally:
         if tmp.exists():
             if tmp.is_dir():
@@ -54,11 +61,25 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def remove_stale_tmp(folder: Path) -> None:
-    """Delete temporary files an interrupted run left in `folder` (they were never renamed, so never trusted)."""
+    """Delete temporary files an interrupted run left in `folder` (they were never renamed, so never trusted); those
+    of a process still running here (another `prepare` writing the same files) are left to it."""
     if folder.is_dir():
         for p in folder.iterdir():
-            if TMP_MARK in p.name and p.is_file():
-                p.unlink()
+            if TMP_MARK in p.name and p.is_file() and not _running(p.name.rsplit(TMP_MARK, 1)[1]):
+                p.unlink(missing_ok=True)
+
+
+def _running(pid: str) -> bool:
+    """Whether the process that named a temporary file is alive on this machine."""
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
 
 
 def read_json(path: Path) -> Any:

@@ -21,17 +21,23 @@ The arrays take ~20 bytes per sample (int32 where the values fit; a stage of 1e9
 does, they are built once and kept beside the manifest (`index/<stage>-<key>/`, the key hashing everything that
 decides them), written atomically, and every later StageStream of the same stage (each rank, each resume)
 memory-maps them: the ranks of a node share one copy in the page cache instead of each holding its own, and a
-restart does not rebuild them. The build itself streams them to disk a piece at a time (a few million documents
-of a part's stream, a window of the blend), so it holds one part's permutations, not the stage's arrays, in memory.
+restart does not rebuild them. The build itself writes them to disk a piece at a time (a few million documents
+of a part's stream, a window of the blend), on several threads, so it holds a few pieces and the largest part's
+permutations, not the stage's arrays, in memory.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
+import io
 import json
 import logging
 import os
 import shutil
+import threading
 import zlib
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -39,7 +45,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from data.config import to_mixture_config
+from data.config import check_mixture, to_mixture_config
 from data.errors import DataError
 from data.io import atomic_path, sha256_file, sha256_text
 from data.shards import Shard, open_shard, read_manifest, resolve_in_root
@@ -186,6 +192,10 @@ def plan_mixture(manifest_path: Path, mixture: Any, seq_len: int, num_samples: i
                  components: Optional[Dict[str, Component]] = None) -> MixturePlan:
     """How many samples each part of a stage gives, with caps applied; DataError if the data cannot fill the stage."""
     mix = to_mixture_config(mixture)
+    try:
+        check_mixture(mix, f"stage {stage!r} mixture")
+    except ValueError as e:
+        raise DataError(f"{manifest_path}: {e}") from None
     comps = components if components is not None else open_components(manifest_path)
     tokens_by_source: Dict[str, int] = {}
     for c in comps.values():
@@ -274,39 +284,93 @@ def _index_dtype(bound: int) -> np.dtype:
 
 
 class _Sink:
-    """One index array, filled front to back by `append` (a chunk at a time): in memory, or (`path` given) written
-    to a .npy file as it comes, so that the build never holds the whole array."""
+    """One index array, filled a slice at a time (`write(at, values)`, from any thread, in any order): in memory,
+    or (`path` given) written straight into its place in a .npy file, so that the build never holds the whole
+    array."""
 
     def __init__(self, shape: tuple, dtype: np.dtype, path: Optional[Path] = None) -> None:
-        self.shape, self.length, self.dtype, self.at = shape, int(np.prod(shape)), np.dtype(dtype), 0
+        self.shape, self.length, self.dtype = shape, int(np.prod(shape)), np.dtype(dtype)
+        self.filled, self._lock, self.fd = 0, threading.Lock(), None
         if path is None:
             self.array: Optional[np.ndarray] = np.empty(self.length, self.dtype)
-        else:
-            self.array, self.file = None, open(path, "wb")
-            np.lib.format.write_array_header_1_0(self.file, {"descr": np.lib.format.dtype_to_descr(self.dtype),
-                                                             "fortran_order": False, "shape": shape})
+            return
+        self.array, header = None, io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                      "fortran_order": False, "shape": shape})
+        self.base = len(header.getvalue())
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._pwrite(header.getvalue(), 0)
 
-    def append(self, values: np.ndarray) -> None:
-        """Write the next len(values) elements."""
+    def _pwrite(self, data: bytes, at: int) -> None:
+        view = memoryview(data)
+        while view:  # pwrite may write less than asked (above 2 GiB at once, say)
+            n = os.pwrite(self.fd, view, at)
+            view, at = view[n:], at + n
+
+    def write(self, at: int, values: np.ndarray) -> None:
+        """Elements [at, at + len(values))."""
         n = len(values)
-        if self.at + n > self.length:
-            raise ValueError(f"index array overflows its {self.length} elements")
+        if at < 0 or at + n > self.length:
+            raise ValueError(f"index array slice [{at}, {at + n}) overflows its {self.length} elements")
         if self.array is not None:
-            self.array[self.at:self.at + n] = values
+            self.array[at:at + n] = values
         else:
-            self.file.write(np.ascontiguousarray(values, dtype=self.dtype).tobytes())
-        self.at += n
+            self._pwrite(np.ascontiguousarray(values, dtype=self.dtype).tobytes(), self.base + at * self.dtype.itemsize)
+        with self._lock:
+            self.filled += n
 
     def close(self) -> Optional[np.ndarray]:
         """The array (in memory), or None after the file is complete and synced."""
-        if self.at != self.length:
-            raise ValueError(f"index array has {self.at} of its {self.length} elements")
+        if self.filled != self.length:
+            raise ValueError(f"index array has {self.filled} of its {self.length} elements")
         if self.array is None:
-            self.file.flush()
-            os.fsync(self.file.fileno())
-            self.file.close()
+            os.fsync(self.fd)
+            self.release()
             return None
         return self.array.reshape(self.shape)
+
+    def release(self) -> None:
+        """Close the file, if one is open (after a failure too)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def index_workers(requested: Optional[int] = None) -> int:
+    """Threads that build a stage's index: `requested`, or this process's cores, at most 16 (each thread holds
+    about a piece of a part or a window of the blend, a few hundred MB at most)."""
+    if requested is not None:
+        if requested < 1:
+            raise DataError(f"data.index_workers = {requested}: must be at least 1 (or null: one per core, up to 16)")
+        return requested
+    return max(1, min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def _run_all(tasks: List[Callable[[], None]], workers: int) -> None:
+    """Run independent tasks on `workers` threads (numpy's permutations, sorts and gathers release the GIL); the
+    first failure cancels what has not started, waits for what has, and is raised."""
+    if workers <= 1:
+        for task in tasks:
+            task()
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="index-build") as pool:
+        futures = [pool.submit(task) for task in tasks]
+        try:
+            for f in as_completed(futures):
+                f.result()
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
+def _trim_heap() -> None:
+    """Hand the build's freed temporaries back to the system: glibc keeps freed heap pages otherwise, and the
+    building rank would hold tens of MB it no longer uses for the rest of the run."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 _INDEX_ARRAYS = ("blend_part", "blend_sample", "doc_idx", "sample_doc", "sample_off", "shuffle", "offsets")
@@ -371,8 +435,7 @@ def _build_arrays(folder: Optional[Path], build: Callable[[Sinks], None]) -> Dic
                 log.warning("%s: could not cache the index arrays (%s); building them in memory", folder, e)
         finally:
             for sink in opened:
-                if not sink.file.closed:
-                    sink.file.close()
+                sink.release()
         arrays = _load_index(folder)
         if arrays is not None:
             return arrays
@@ -390,11 +453,14 @@ class StageStream:
     """Packed batches of one stage; `batch(indices)` is a pure function of (seed, stage, indices)."""
 
     def __init__(self, manifest_path: Path, mixture: Any, seq_len: int, seed: int, stage: str,
-                 num_samples: int, doc_masking: bool = False, cache: bool = True) -> None:
-        """cache: read the index arrays from (or write them to) `index_dir(...)` beside the manifest."""
+                 num_samples: int, doc_masking: bool = False, cache: bool = True,
+                 workers: Optional[int] = None) -> None:
+        """cache: read the index arrays from (or write them to) `index_dir(...)` beside the manifest; workers:
+        threads that build them (`index_workers`)."""
         self.manifest_path = Path(manifest_path)
         self.seq_len, self.seed, self.stage, self.num_samples = seq_len, seed, stage, num_samples
-        self.doc_masking = doc_masking
+        self.doc_masking, self.workers = doc_masking, index_workers(workers)
+        self.build_threads = 0  # threads the index build used (0: read from the cache)
         comps = open_components(self.manifest_path)
         self.plan = plan_mixture(self.manifest_path, mixture, seq_len, num_samples, stage, comps)
         self.components: List[str] = sorted({p.component for p in self.plan.parts})
@@ -424,12 +490,17 @@ class StageStream:
 
     def _build_index(self, parts: List[Part], sinks: Sinks) -> None:
         """Every part's arrays, one after the other (`offsets` (parts + 1, 3): where each part's doc_idx,
-        sample_doc / sample_off and shuffle start), and the blend, each into its sink."""
+        sample_doc / sample_off and shuffle start), and the blend, each into its sink.
+
+        The work is cut into independent tasks that write disjoint slices, run on `self.workers` threads: each part's
+        epochs (about BUILD_DOCS documents a task; every epoch holds all of the part's tokens, so where its samples
+        start is known without the epochs before it), each part's shuffle, and each window of the blend.
+        """
         epochs = [-(-(p.samples * self.seq_len + 1) // p.tokens) for p in parts]  # ceil: samples*L + 1 tokens
         docs = [e * len(p.doc_len) for e, p in zip(epochs, parts)]
         lengths = np.array([[d, p.samples + 1, p.samples] for d, p in zip(docs, parts)], dtype=np.int64)
         offsets = np.concatenate([np.zeros((1, 3), np.int64), np.cumsum(lengths.reshape(-1, 3), axis=0)])
-        sinks("offsets", offsets.shape, np.dtype(np.int64)).append(offsets.ravel())
+        sinks("offsets", offsets.shape, np.dtype(np.int64)).write(0, offsets.ravel())
         samples = np.array([p.samples for p in parts], dtype=np.int64)
         most = int(samples.max(initial=0))
         total = [(int(t),) for t in offsets[-1]]
@@ -437,47 +508,64 @@ class StageStream:
         sample_doc = sinks("sample_doc", total[1], _index_dtype(max(docs, default=0) + 1))
         sample_off = sinks("sample_off", total[1], _index_dtype(max((int(p.doc_len.max()) for p in parts), default=0)))
         shuffle = sinks("shuffle", total[2], _index_dtype(most))
-        for part, n_epochs in zip(parts, epochs):
-            self._build_part(part, n_epochs, doc_idx, sample_doc, sample_off)
-        for part in parts:  # after all the parts' documents: each sink is written front to back
-            shuffle.append(_rng(self.seed, self.stage, f"{part.component}#{part.bucket}", 1).permutation(part.samples))
-        self._blend(samples, _rng(self.seed, self.stage, "blend", 2).random(len(parts)),
-                    sinks("blend_part", (int(samples.sum()),), np.dtype(np.int32)),
-                    sinks("blend_sample", (int(samples.sum()),), _index_dtype(most)))
+        tasks: List[tuple] = []  # (cost, task): the largest first, so that no long task starts last
+        for part, n_epochs, (d0, s0, h0) in zip(parts, epochs, offsets[:-1].tolist()):
+            per = max(1, BUILD_DOCS // len(part.doc_len))  # epochs per task: a small part's many go together
+            for e0 in range(0, n_epochs, per):
+                e1 = min(e0 + per, n_epochs)
+                tasks.append(((e1 - e0) * len(part.doc_len), functools.partial(
+                    self._build_epochs, part, e0, e1, (doc_idx, d0), (sample_doc, sample_off, s0))))
+            tasks.append((part.samples, functools.partial(self._build_shuffle, part, (shuffle, h0))))
+        tasks += self._blend_tasks(samples, _rng(self.seed, self.stage, "blend", 2).random(len(parts)),
+                                   sinks("blend_part", (int(samples.sum()),), np.dtype(np.int32)),
+                                   sinks("blend_sample", (int(samples.sum()),), _index_dtype(most)))
+        tasks.sort(key=lambda t: -t[0])
+        work = sum(cost for cost, _ in tasks)  # a thread per BUILD_DOCS of it at most: a small stage builds on one
+        self.build_threads = min(self.workers, max(1, work // BUILD_DOCS))
+        _run_all([task for _, task in tasks], self.build_threads)
+        _trim_heap()
 
-    def _build_part(self, part: Part, n_epochs: int, doc_idx: _Sink, sample_doc: _Sink, sample_off: _Sink) -> None:
-        """One part's doc_idx, sample_doc and sample_off (see _PartIndex), about BUILD_DOCS documents at a time.
+    def _build_epochs(self, part: Part, e0: int, e1: int, doc_out: tuple, sample_out: tuple) -> None:
+        """Epochs [e0, e1) of one part: their doc_idx, and sample_doc / sample_off of the samples that start in them
+        (see _PartIndex), about BUILD_DOCS documents at a time.
 
-        Its document stream is `n_epochs` permutations of its documents; packed sample k starts at token k * seq_len
-        of it, in the first document that ends after that token.
+        The part's document stream is its epochs' permutations of its documents; packed sample k starts at token
+        k * seq_len of it, in the first document that ends after that token. Epoch e starts at token e * tokens.
         """
-        name, lens, L = f"{part.component}#{part.bucket}", part.doc_len, self.seq_len
-        n, k, before = len(lens), 0, 0  # documents per epoch; next sample to place; tokens before this piece
-        per = max(1, BUILD_DOCS // n)  # epochs per piece: a small part's many epochs go a batch at a time
-        for e0 in range(0, n_epochs, per):
-            order = np.concatenate([_rng(self.seed, self.stage, name, 0, e).permutation(n)
-                                    for e in range(e0, min(e0 + per, n_epochs))])
-            doc_idx.append(order)
-            for j0 in range(0, len(order), BUILD_DOCS):
-                ln = lens[order[j0:j0 + BUILD_DOCS]]
-                ends = before + np.cumsum(ln, dtype=np.int64)  # (piece,) token position just past each document
-                k1 = min(part.samples + 1, -(-int(ends[-1]) // L))  # the samples that start in this piece
-                starts = np.arange(k, k1, dtype=np.int64) * L
-                j = np.searchsorted(ends, starts, side="right")
-                sample_doc.append(e0 * n + j0 + j)
-                sample_off.append(starts - (ends[j] - ln[j]))
-                k, before = k1, int(ends[-1])
+        (doc_idx, d0), (sample_doc, sample_off, s0) = doc_out, sample_out
+        name, lens, L, last = f"{part.component}#{part.bucket}", part.doc_len, self.seq_len, part.samples + 1
+        n = len(lens)
+        order = np.concatenate([_rng(self.seed, self.stage, name, 0, e).permutation(n) for e in range(e0, e1)])
+        doc_idx.write(d0 + e0 * n, order)
+        before = e0 * part.tokens  # tokens of the stream before this piece
+        k = min(last, -(-before // L))  # the first sample that starts in it
+        for j0 in range(0, len(order), BUILD_DOCS):
+            ln = lens[order[j0:j0 + BUILD_DOCS]]
+            ends = before + np.cumsum(ln, dtype=np.int64)  # (piece,) token position just past each document
+            k1 = min(last, -(-int(ends[-1]) // L))  # the samples that start in this piece
+            starts = np.arange(k, k1, dtype=np.int64) * L
+            j = np.searchsorted(ends, starts, side="right")
+            sample_doc.write(s0 + k, e0 * n + j0 + j)
+            sample_off.write(s0 + k, starts - (ends[j] - ln[j]))
+            k, before = k1, int(ends[-1])
+
+    def _build_shuffle(self, part: Part, out: tuple) -> None:
+        """One part's shuffle: the order in which its packed samples are drawn."""
+        shuffle, at = out
+        shuffle.write(at, _rng(self.seed, self.stage, f"{part.component}#{part.bucket}", 1).permutation(part.samples))
 
     @staticmethod
-    def _blend(samples: np.ndarray, phase: np.ndarray, part_out: _Sink, k_out: _Sink) -> None:
-        """Interleave the parts evenly: part p's k-th sample sits at 'time' (k + phase_p) / samples_p.
+    def _blend_tasks(samples: np.ndarray, phase: np.ndarray, part_out: _Sink, k_out: _Sink) -> List[tuple]:
+        """(cost, task)s that interleave the parts evenly: part p's k-th sample sits at 'time' (k + phase_p) /
+        samples_p.
 
         Each part is spread evenly over the stage; the random phase in [0, 1) keeps parts of equal size apart.
         With one fixed phase, hundreds of small parts (UDHR's 440 languages with a few samples each) would all
         fall at the same times, and whole global batches would be made of one source and none of the others.
 
-        Sorted a window of times at a time (about BUILD_BLEND samples each), not all at once: every sample of a
-        window comes before every sample of the next, so the order is the one a global stable sort would give.
+        Each task sorts one window of times (about BUILD_BLEND samples), not all at once: every sample of a window
+        comes before every sample of the next, so the order is the one a global stable sort would give, and a
+        window's place in the output is the count of the samples before its start time.
         """
         n = np.asarray(samples, dtype=np.int64)
 
@@ -491,17 +579,17 @@ class StageStream:
                     return k
                 k = k - down + up
 
-        windows = max(1, -(-int(n.sum()) // BUILD_BLEND))
-        lo = np.zeros_like(n)
-        for w in range(windows):
-            hi = n if w == windows - 1 else first_at((w + 1) / windows)
+        def window(lo: np.ndarray, hi: np.ndarray) -> None:
             count = hi - lo
             part = np.repeat(np.arange(len(n), dtype=np.int32), count)
             k = np.arange(int(count.sum()), dtype=np.int64) - np.repeat(np.cumsum(count) - count - lo, count)
             order = np.argsort((k + phase[part]) / n[part], kind="stable")
-            part_out.append(part[order])
-            k_out.append(k[order])
-            lo = hi
+            part_out.write(int(lo.sum()), part[order])
+            k_out.write(int(lo.sum()), k[order])
+
+        windows = max(1, -(-int(n.sum()) // BUILD_BLEND))
+        bounds = [np.zeros_like(n)] + [first_at((w + 1) / windows) for w in range(windows - 1)] + [n]
+        return [(int((hi - lo).sum()), functools.partial(window, lo, hi)) for lo, hi in zip(bounds, bounds[1:])]
 
     def batch(self, indices: Sequence[int]) -> Dict[str, torch.Tensor]:
         """Packed samples at these global indices: input_ids, labels, position_ids, doc_ids, component_ids (B, T)."""

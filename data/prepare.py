@@ -99,6 +99,7 @@ def load_source(name: str, src: SourceConfig, cfg: DataConfig):
         opts = parse_options(LOADED[src.kind].Options, src.options, name)
         ds, identity, prov = LOADED[src.kind].load(opts, root / "hf", name)
         fields = (opts.text_field, opts.language_field, opts.split_field, opts.language)
+        identity = _key([identity, fields])  # which column is text, language, split: the same files, other data
     else:
         raise DataError(f"source '{name}': unknown kind {src.kind!r}; known: {KINDS}")
     return _normalize(ds, name, *fields), identity, {"kind": src.kind, **prov}
@@ -106,19 +107,32 @@ def load_source(name: str, src: SourceConfig, cfg: DataConfig):
 
 def _normalize(ds, name: str, text: str, language: str, split: str, default_language: str):
     """Rename/add columns so every source has text, language and split."""
+    import pyarrow as pa
+
     if text not in ds.column_names:
         raise DataError(f"source '{name}': no column {text!r} (columns: {ds.column_names})")
+    col = ds.data.column(text)
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_null(col.type)):
+        raise DataError(f"source '{name}': column {text!r} holds {col.type}, not text")
+    if col.null_count:
+        row = next(i for i, x in enumerate(ds[text]) if x is None)
+        raise DataError(f"source '{name}': document {row} (counting from 0 over its files in order) has no text "
+                        f"(null in column {text!r})")
     ds = ds.rename_column(text, "__text")
     n = len(ds)
     lang = ds[language] if language in ds.column_names else [default_language] * n
     spl = ds[split] if split in ds.column_names else ["train"] * n
     ds = ds.select_columns(["__text"]).rename_column("__text", "text")
-    ds = ds.add_column("language", [str(x) for x in lang]).add_column("split", [str(x) for x in spl])
+    # a row without a value (null, or the key absent in a JSONL line) takes the default, as a file without the column
+    ds = ds.add_column("language", [default_language if x is None else str(x) for x in lang])
+    ds = ds.add_column("split", ["train" if x is None else str(x) for x in spl])
     bad = sorted(set(ds.unique("split")) - set(SPLITS))
     if bad:
         raise DataError(f"source '{name}': split values {bad}; use 'train' or 'heldout'")
     for lang in ds.unique("language"):
         _check_name(lang, f"source '{name}': language")
+        if lang.startswith("heldout-"):  # its shard files would be named like the held-out ones of another language
+            raise DataError(f"source '{name}': language {lang!r}: names starting with 'heldout-' are reserved")
     return ds
 
 
@@ -238,6 +252,23 @@ def _write_component(folder: Path, stem: str, tokens: np.ndarray, offsets: np.nd
     return files
 
 
+def _check_has_training_text(name: str, ds, languages: Optional[List[str]]) -> None:
+    """Refuse a source (after its `languages` filter) without a single training document, naming what it has."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = ds.data  # as `_normalize` left it: no indices mapping over it
+    train = pc.equal(table.column("split"), "train")
+    if languages is not None:
+        train = pc.and_(train, pc.is_in(table.column("language"), value_set=pa.array(list(map(str, languages)))))
+    if not pc.any(train).as_py():
+        found = sorted(ds.unique("language"))
+        if languages is not None:
+            raise DataError(f"source '{name}': data.sources.{name}.languages={list(languages)} keeps no training "
+                            f"document; its languages are {found}")
+        raise DataError(f"source '{name}': no training document ({len(ds)} documents, none with split 'train')")
+
+
 def ensure_source_shards(name: str, ds, identity: str, tok: Tokenizer, cfg: DataConfig) -> dict:
     """Shards of one source (per language and split); reused if a finished, intact set exists."""
     out = dataset_dir(cfg)
@@ -253,6 +284,7 @@ def ensure_source_shards(name: str, ds, identity: str, tok: Tokenizer, cfg: Data
         log.info("source %s: shards up to date in %s", name, folder)
         return rec
     remove_stale_tmp(folder)
+    _check_has_training_text(name, ds, src.languages)
     if src.languages is not None:
         keep = set(map(str, src.languages))
         ds = ds.filter(lambda ls: [l in keep for l in ls], input_columns="language", batched=True)
@@ -290,6 +322,38 @@ def config_key(cfg: DataConfig) -> str:
                  cfg.shard_tokens, versions, MANIFEST_VERSION])
 
 
+def input_files(cfg: DataConfig) -> Dict[str, Optional[Dict[str, List[int]]]]:
+    """What each local source and `tokenizer.path` read now: {file: [bytes, mtime_ns]}, or None where the files
+    cannot be found (prepared data copied to a cluster without its raw files still trains)."""
+    from data.recipes import local
+
+    def stats(files: List[Path]) -> Dict[str, List[int]]:
+        return {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+
+    out: Dict[str, Optional[Dict[str, List[int]]]] = {}
+    for name, src in cfg.sources.items():
+        if src.kind == "local":
+            try:
+                out[f"data.sources.{name}"] = stats(local.resolve(parse_options(local.Options, src.options, name).paths,
+                                                                  name))
+            except (DataError, OSError):
+                out[f"data.sources.{name}"] = None
+    if cfg.tokenizer.path:
+        p = Path(cfg.tokenizer.path)
+        for f in ([p / n for n in ("tokenizer.model", "tokenizer.json")] if p.is_dir() else [p]):
+            if f.is_file():
+                out["data.tokenizer.path"] = stats([f])
+                break
+        else:
+            out["data.tokenizer.path"] = None
+    return out
+
+
+def _changed(recorded: Dict[str, Any], now: Dict[str, Any]) -> List[str]:
+    """The inputs whose files differ (in name, size or modification time) from those the manifest recorded."""
+    return [k for k, files in recorded.items() if now.get(k) is not None and now[k] != files]
+
+
 def prepare(data_cfg: Any) -> Path:
     """Fetch, tokenize and shard the configured sources; returns the manifest path. Idempotent and cached."""
     cfg = to_data_config(data_cfg)
@@ -299,13 +363,15 @@ def prepare(data_cfg: Any) -> Path:
         _check_name(name, "source name")
     _check_name(cfg.name, "data set name")
     mpath = manifest_path(cfg)
-    key = config_key(cfg)
+    key, inputs = config_key(cfg), input_files(cfg)
     if mpath.exists():
         manifest = verify(mpath)  # refuse a damaged data set before touching anything
-        if manifest.get("config_key") == key:
+        changed = _changed(manifest.get("inputs", {}), inputs)
+        if manifest.get("config_key") == key and not changed:
             log.info("data set %s is prepared and verified: %s", cfg.name, mpath)
             return mpath
-        log.info("data set %s: config changed, preparing again (finished shards are reused)", cfg.name)
+        log.info("data set %s: %s changed, preparing again (finished shards are reused)", cfg.name,
+                 ", ".join(f"the files of {k}" for k in changed) or "config")
     t0 = time.time()
     loaded = {name: load_source(name, src, cfg) for name, src in cfg.sources.items()}
     sources = {n: v[0] for n, v in loaded.items()}
@@ -313,6 +379,7 @@ def prepare(data_cfg: Any) -> Path:
     tok = ensure_tokenizer(cfg, sources, identities)
     recs = {n: ensure_source_shards(n, sources[n], identities[n], tok, cfg) for n in cfg.sources}
     manifest = build_manifest(cfg, key, tok, recs, {n: v[2] for n, v in loaded.items()})
+    manifest["inputs"] = {k: v for k, v in inputs.items() if v is not None}
     write_json(mpath, manifest)
     log.info("data set %s: %d tokens, %d documents, %d languages in %.1fs -> %s", cfg.name,
              manifest["totals"]["tokens"], manifest["totals"]["documents"], len(manifest["languages"]),

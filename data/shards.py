@@ -19,7 +19,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Tuple
+from typing import Any, Iterator, Optional, Tuple
 
 import numpy as np
 
@@ -136,7 +136,43 @@ def read_manifest(path: Path) -> dict:
         raise DataError(f"{path}: not a tristage manifest (format {m.get('format') if isinstance(m, dict) else m!r})")
     if m.get("version") != MANIFEST_VERSION:
         raise DataError(f"{path}: manifest version {m.get('version')}; this code reads version {MANIFEST_VERSION}")
+    _check_fields(m, _MANIFEST, path, "")
+    if m["dtype"] not in {d.name for d in DTYPES.values()}:
+        raise DataError(f"{path}: dtype {m['dtype']!r}: expected one of {sorted(d.name for d in DTYPES.values())}")
     return m
+
+
+_FILE = {"path": str, "sha256": str, "tokens": int, "documents": int}
+_COMPONENT = {"source": str, "language": str, "tokens": int, "documents": int, "files": [_FILE]}
+_MANIFEST = {"dtype": str, "tokenizer": {"path": str, "fingerprint": str, "vocab_size": int},
+             "components": {str: _COMPONENT}, "heldout": {str: _COMPONENT}}
+
+
+def _check_fields(value: Any, spec: Any, path: Path, where: str) -> None:
+    """Refuse a manifest (edited by hand, or written by something else) whose fields lack what readers use: `spec` is
+    a type, {key: spec} for required keys, {str: spec} for a mapping of any keys, or [spec] for a list."""
+    def fail(why: str) -> None:
+        raise DataError(f"{path}: malformed manifest: {where or 'the top level'} {why}")
+
+    if isinstance(spec, type):
+        if not isinstance(value, spec) or (spec is int and (isinstance(value, bool) or value < 0)):
+            fail(f"is {value!r}, expected a{'' if spec is str else ' non-negative'} {spec.__name__}")
+    elif isinstance(spec, list):
+        if not isinstance(value, list):
+            fail(f"is {type(value).__name__}, expected a list")
+        for i, item in enumerate(value):
+            _check_fields(item, spec[0], path, f"{where}[{i}]")
+    else:
+        if not isinstance(value, dict):
+            fail(f"is {type(value).__name__}, expected an object")
+        if str in spec:
+            for key, item in value.items():
+                _check_fields(item, spec[str], path, f"{where}.{key}" if where else key)
+        else:
+            for key, item_spec in spec.items():
+                if key not in value:
+                    fail(f"lacks {key!r}")
+                _check_fields(value[key], item_spec, path, f"{where}.{key}" if where else key)
 
 
 def manifest_files(manifest: dict) -> Iterator[Tuple[str, str, dict]]:
@@ -185,6 +221,13 @@ def verify(manifest_path: Path, tokenizer_fingerprint: Optional[str] = None, voc
     if checksums and not tok["fingerprint"].endswith(sha256_file(tok_path)[:16]):
         raise DataError(f"{tok_path}: tokenizer file changed: its fingerprint no longer matches "
                         f"{tok['fingerprint']} in {manifest_path}")
+    if checksums:
+        from data.tokenizer import load_tokenizer
+
+        actual_vocab = load_tokenizer(tok_path).vocab_size
+        if actual_vocab != tok["vocab_size"]:
+            raise DataError(f"{manifest_path}: tokenizer.vocab_size is {tok['vocab_size']}, but {tok_path} has "
+                            f"{actual_vocab} ids")
     limit = vocab_size if vocab_size is not None else tok["vocab_size"]
     for _, _, entry in manifest_files(m):
         verify_file(root, entry, manifest_path, m["dtype"], limit, checksums)

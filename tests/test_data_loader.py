@@ -8,7 +8,7 @@ import torch
 from data.config import LengthBucketConfig, MixtureConfig, compose
 from data.errors import DataError
 from data.io import TMP_MARK
-from data.loader import StageStream, micro_batch_indices, open_components, plan_mixture
+from data.loader import StageStream, index_workers, micro_batch_indices, open_components, plan_mixture
 from data.prepare import prepare
 from data.tokenizer import load_tokenizer
 
@@ -233,7 +233,8 @@ def _blend(samples, phase):
     from data.loader import StageStream, _Sink
 
     part, k = _Sink((int(samples.sum()),), np.int32), _Sink((int(samples.sum()),), np.int64)
-    StageStream._blend(samples, phase, part, k)
+    for _, task in StageStream._blend_tasks(samples, phase, part, k):
+        task()
     return part.close(), k.close()
 
 
@@ -261,11 +262,12 @@ def _reference_arrays(s: StageStream):
     return parts, (part[order], k[order])
 
 
-@pytest.mark.parametrize("docs, window", [(3, 7), (1 << 22, 1 << 24)])
+@pytest.mark.parametrize("docs, window, workers", [(3, 7, 1), (3, 7, 4), (1 << 22, 1 << 24, None)])
 @pytest.mark.parametrize("cache", [True, False])
-def test_streamed_build_gives_the_arrays_of_their_definition(manifest, monkeypatch, docs, window, cache):
-    """The build writes an epoch's documents and a window of the blend at a time (to disk, or in memory): pieces of
-    3 documents and windows of 7 samples, many boundaries, still give exactly the whole-array arrays."""
+def test_streamed_build_gives_the_arrays_of_their_definition(manifest, monkeypatch, docs, window, workers, cache):
+    """The build writes an epoch's documents and a window of the blend at a time (to disk, or in memory), as tasks
+    on several threads: pieces of 3 documents and windows of 7 samples, many boundaries, written in whatever order
+    4 threads finish them, still give exactly the whole-array arrays."""
     import data.loader
 
     monkeypatch.setattr(data.loader, "BUILD_DOCS", docs)
@@ -273,8 +275,9 @@ def test_streamed_build_gives_the_arrays_of_their_definition(manifest, monkeypat
     mix = MixtureConfig(weights=WEIGHTS, language_alpha=0.3, max_epochs=50,
                         length_buckets=[LengthBucketConfig(min_tokens=0, max_tokens=40, weight=1.0),
                                         LengthBucketConfig(min_tokens=41, max_tokens=300, weight=2.0)])
-    s = StageStream(manifest, mix, seq_len=32, seed=5, stage=f"streamed{docs}", num_samples=3000, cache=cache)
-    assert not s.index_cached and len(s._parts) > 10
+    s = StageStream(manifest, mix, seq_len=32, seed=5, stage=f"streamed{docs}-{workers}", num_samples=3000,
+                    cache=cache, workers=workers)
+    assert not s.index_cached and len(s._parts) > 10 and s.workers == (workers or index_workers())
     assert isinstance(s.blend_part, np.memmap) == cache
     parts, (part, k) = _reference_arrays(s)
     assert sum(len(d) > len(ix.part.doc_len) for (d, *_), ix in zip(parts, s._parts)) > 0  # parts of many epochs
@@ -332,14 +335,14 @@ def test_an_unreadable_index_cache_is_rebuilt_and_a_failed_write_falls_back_to_m
 
     from data.loader import _Sink
 
-    append = _Sink.append
+    write = _Sink.write
 
-    def full_disk(sink, values):  # the disk fills up once the build has written to a file
-        if sink.array is None and sink.at:
+    def full_disk(sink, at, values):  # the disk fills up once the build has written to a file
+        if sink.array is None and sink.filled:
             raise OSError(28, "No space left on device")
-        append(sink, values)
+        write(sink, at, values)
 
-    monkeypatch.setattr(_Sink, "append", full_disk)
+    monkeypatch.setattr(_Sink, "write", full_disk)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         s = StageStream(manifest, mix, seq_len=64, seed=22, stage="general", num_samples=300)
@@ -374,11 +377,11 @@ def test_index_arrays_are_int32_where_the_values_fit(tmp_path):
 
     assert _index_dtype(2**31) == np.int32 and _index_dtype(2**31 + 1) == np.int64  # values below the bound
     sink = _Sink((2, 3), np.int32, tmp_path / "a.npy")
-    sink.append(np.arange(4))
+    sink.write(2, np.arange(2, 6))  # in any order
     with pytest.raises(ValueError, match="has 4 of its 6 elements"):
         sink.close()
-    with pytest.raises(ValueError, match="overflows its 6 elements"):
-        sink.append(np.arange(3))
-    sink.append(np.arange(4, 6))
+    with pytest.raises(ValueError, match=r"slice \[4, 7\) overflows its 6 elements"):
+        sink.write(4, np.arange(3))
+    sink.write(0, np.arange(2))
     assert sink.close() is None
     assert np.array_equal(np.load(tmp_path / "a.npy"), np.arange(6, dtype=np.int32).reshape(2, 3))

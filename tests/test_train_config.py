@@ -62,6 +62,9 @@ def test_any_key_overrides():
     (["deepspeed.offload_param=true"], 1, "deepspeed.offload_param"),
     (["+deepspeed.extra._target_=os.system"], 1, "deepspeed.extra._target_"),
     (["model.num_key_value_heads=3"], 1, "num_key_value_heads"),
+    (["data.index_workers=0"], 1, "data.index_workers"),
+    (["curriculum.stages.general.mixture.weights.udhr=-1"], 1, "curriculum.stages.general.mixture.weights.udhr"),
+    (["+data.sources.x={kind: local, langauges: [eng]}"], 1, "data.sources.x: Key 'langauges'"),
 ])
 def test_inconsistent_values_name_the_key(overrides, world, key):
     cfg = compose_cfg(overrides)

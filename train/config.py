@@ -13,7 +13,8 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from data.config import DataConfig, MixtureConfig
+from data.config import DataConfig, MixtureConfig, check_mixture, to_source_config
+from data.errors import DataError
 from models.config import Qwen3Config
 
 
@@ -278,6 +279,13 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int) -> List[StagePlan]:
         _fail("deepspeed.offload_optimizer", True, "needs deepspeed.zero_stage >= 1")
     if ds.precision not in ("auto", "bf16", "fp32"):
         _fail("deepspeed.precision", ds.precision, "must be auto, bf16 or fp32")
+    for name, src in cfg.data.sources.items():
+        try:
+            to_source_config(name, src)
+        except DataError as e:
+            raise ConfigError(f"config key {e}") from None
+    if cfg.data.index_workers is not None and cfg.data.index_workers < 1:
+        _fail("data.index_workers", cfg.data.index_workers, "must be at least 1 (or null: one per core, up to 16)")
     if cfg.device not in ("auto", "cpu", "cuda"):
         _fail("device", cfg.device, "must be auto, cpu or cuda")
     if cfg.dist.backend not in ("auto", "nccl", "gloo"):
@@ -312,6 +320,10 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int) -> List[StagePlan]:
         key = f"curriculum.stages.{name}"
         if stage.name != name:
             _fail(f"{key}.name", stage.name, f"must equal its key '{name}'")
+        try:
+            check_mixture(stage.mixture, f"{key}.mixture")
+        except ValueError as e:
+            raise ConfigError(f"config key {e}") from None
         for src in stage.mixture.weights:
             if src not in cfg.data.sources:
                 _fail(f"{key}.mixture.weights.{src}", stage.mixture.weights[src],

@@ -359,7 +359,8 @@ class Trainer:
 
         def open_stream() -> StageStream:
             return StageStream(self.manifest, stage.mixture, seq_len=stage.seq_len, seed=cfg.seed, stage=stage.name,
-                               num_samples=plan.steps * plan.samples_per_step, doc_masking=cfg.data.doc_masking)
+                               num_samples=plan.steps * plan.samples_per_step, doc_masking=cfg.data.doc_masking,
+                               workers=cfg.data.index_workers)
 
         # rank 0 builds the stage's index arrays once (or finds them cached); each node's first rank then opens
         # them (where every node has a data root of its own, not a shared one, it builds its node's copy once),

@@ -39,6 +39,27 @@ def resolve(paths: List[str], source: str) -> List[Path]:
     return out
 
 
+def _reason(e: BaseException) -> str:
+    """The innermost cause of an exception (datasets wraps a parse error in 'An error occurred while generating')."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    return f"{type(e).__name__}: {e}".rstrip(": ")
+
+
+def _unreadable(source: str, builder: str, files: List[Path], cache_dir: Path, kwargs: dict,
+                error: Exception) -> DataError:
+    """A DataError naming the first file that fails on its own (or all of them) and the reason."""
+    import datasets
+
+    for f in files if len(files) > 1 else []:
+        try:
+            datasets.load_dataset(builder, data_files=[str(f)], split="train", cache_dir=str(cache_dir), **kwargs)
+        except Exception as e:  # noqa: BLE001 - this is the one to name
+            return DataError(f"source '{source}': could not read {f}: {_reason(e)}")
+    where = files[0] if len(files) == 1 else [str(f) for f in files]
+    return DataError(f"source '{source}': could not read {where}: {_reason(error)}")
+
+
 def load(opts: Options, cache_dir: Path, source: str):
     """(`datasets.Dataset` of the files in the order given, identity (their checksums), provenance)."""
     import datasets
@@ -54,8 +75,8 @@ def load(opts: Options, cache_dir: Path, source: str):
     try:
         ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
                                    cache_dir=str(cache_dir), **kwargs)
-    except Exception as e:  # a malformed file: name it
-        raise DataError(f"source '{source}': could not read {[str(f) for f in files]}: {e}") from e
+    except Exception as e:  # a malformed file: name it, and what is wrong with it
+        raise _unreadable(source, builder, files, cache_dir, kwargs, e) from e
     identity = sha256_text(json.dumps([[str(f), sha256_file(f)] for f in files]))
     return ds, identity, {"files": [str(f) for f in files]}
 

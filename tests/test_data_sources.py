@@ -1,0 +1,212 @@
+"""Local sources and reruns of `prepare`: what changed is prepared again, what cannot be read is named, and the
+command line can add a source. Each case here was a wrong data set or a traceback before it was fixed."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data.config import LengthBucketConfig, MixtureConfig, compose
+from data.errors import DataError
+from data.heldout import heldout_sets
+from data.io import TMP_MARK, atomic_path, remove_stale_tmp
+from data.loader import plan_mixture
+from data.prepare import prepare
+from data.shards import verify
+from data.tokenizer import load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def fixture_manifest(tmp_path_factory):
+    return prepare(compose("fixture", [f"root={tmp_path_factory.mktemp('fixture')}"]))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(fixture_manifest):
+    """The fixture's trained tokenizer, given by `tokenizer.path` so that no test here trains one."""
+    return str(fixture_manifest.parent / verify(fixture_manifest)["tokenizer"]["path"])
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def local(tmp_path, tokenizer, options: str, extra=()):
+    return compose("fixture", [f"root={tmp_path / 'root'}", f"tokenizer.path={tokenizer}", "~sources",
+                               f"+sources.j={{kind: local, options: {{{options}}}}}", *extra])
+
+
+def decoded(manifest, tokenizer, section="components"):
+    """Text of every document per component of a prepared data set."""
+    from data.shards import open_shard
+
+    tok, m, out = load_tokenizer(tokenizer), verify(manifest), {}
+    for key, comp in m[section].items():
+        for f in comp["files"]:
+            s = open_shard(manifest.parent / f["path"])
+            out.setdefault(key, []).extend(tok.decode(s.tokens[a:b].tolist())
+                                           for a, b in zip(s.offsets[:-1], s.offsets[1:]))
+    return out
+
+
+def test_changed_column_options_prepare_again_and_keep_heldout_text_out_of_training(tmp_path, tokenizer):
+    """The same files read with another split / language / text column are other data: before, the first
+    preparation's shards were reused, and a document meant to be held out stayed in training."""
+    f = write_jsonl(tmp_path / "d.jsonl", [{"text": "training document one", "part": "train", "body": "b one"},
+                                           {"text": "SECRET heldout document", "part": "heldout", "body": "b two"}])
+    first = decoded(prepare(local(tmp_path, tokenizer, f"paths: ['{f}'], language: eng")), tokenizer)
+    assert any("SECRET" in d for d in first["j/eng"])
+    m = prepare(local(tmp_path, tokenizer, f"paths: ['{f}'], language: eng, split_field: part"))
+    assert not any("SECRET" in d for d in decoded(m, tokenizer)["j/eng"])
+    assert [d.removesuffix("<|endoftext|>") for d in decoded(m, tokenizer, "heldout")["j/eng"]] == [
+        "SECRET heldout document"]
+    m = prepare(local(tmp_path, tokenizer, f"paths: ['{f}'], language: fra, split_field: part, text_field: body"))
+    assert list(decoded(m, tokenizer)) == ["j/fra"] and decoded(m, tokenizer)["j/fra"][0].startswith("b one")
+
+
+def test_an_edited_local_file_or_tokenizer_file_is_prepared_again(tmp_path, tokenizer):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"text": "one short document"}])
+    cfg = local(tmp_path, tokenizer, f"paths: ['{f}']")
+    before = verify(prepare(cfg))["totals"]["tokens"]
+    write_jsonl(f, [{"text": "one short document"}, {"text": "and a second, longer document than the first"}])
+    after = verify(prepare(cfg))
+    assert after["totals"]["tokens"] > before and after["totals"]["documents"] == 2
+    # the raw files gone (the prepared data set copied elsewhere): it still opens as it is
+    f.unlink()
+    assert verify(prepare(cfg))["totals"] == after["totals"]
+
+    own = tmp_path / "own.model"
+    own.write_bytes(Path(tokenizer).read_bytes())
+    g = write_jsonl(tmp_path / "g.jsonl", [{"text": "text"}])
+    cfg = compose("fixture", [f"root={tmp_path / 'root2'}", f"tokenizer.path={own}", "~sources",
+                              f"+sources.j={{kind: local, options: {{paths: ['{g}']}}}}"])
+    first = verify(prepare(cfg))["tokenizer"]["fingerprint"]
+    other = prepare(compose("fixture", [f"root={tmp_path / 'other'}", "tokenizer.vocab_size=600"]))
+    own.write_bytes(Path(other.parent / verify(other)["tokenizer"]["path"]).read_bytes())
+    second = verify(prepare(cfg))["tokenizer"]
+    assert second["fingerprint"] != first and second["vocab_size"] == 600
+
+
+def test_a_source_added_on_the_command_line_is_prepared(tmp_path, tokenizer):
+    """`python -m data.prepare '+data.sources.x={...}'` (the README's way): OmegaConf refused to add a plain dict to a
+    dict of dataclasses, so this failed with 'dict is not a subclass of SourceConfig'."""
+    f = write_jsonl(tmp_path / "d.jsonl", [{"text": "a document added from the command line", "language": "eng"}])
+    env = {**os.environ, "TRISTAGE_DATA_ROOT": str(tmp_path / "root")}
+    args = [sys.executable, "-m", "data.prepare", "data=fixture", f"data.root={tmp_path / 'root'}",
+            f"data.tokenizer.path={tokenizer}"]
+    proc = subprocess.run([*args, f"+data.sources.x={{kind: local, options: {{paths: ['{f}']}}}}"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "x/eng" in verify(Path(proc.stdout.strip().splitlines()[-1]))["components"]
+    proc = subprocess.run([*args, "+data.sources.x={kind: local, langauges: [eng]}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "data.sources.x: Key 'langauges' not in 'SourceConfig'" in proc.stderr
+
+
+@pytest.mark.parametrize("rows, extra, message", [
+    ([{"text": "a"}, {"text": None}], [], r"source 'j': document 1 .* has no text \(null in column 'text'\)"),
+    ([{"text": 5}], [], "column 'text' holds int64, not text"),
+    ([{"text": "a", "language": "heldout-eng"}], [], "language 'heldout-eng': names starting with 'heldout-'"),
+    ([{"text": "a", "language": "eng"}], ["+sources.j.languages=[fr]"],
+     r"data.sources.j.languages=\['fr'\] keeps no training document; its languages are \['eng'\]"),
+    ([{"text": "a", "split": "heldout"}], [], "no training document"),
+])
+def test_local_values_that_make_no_training_data_are_named(tmp_path, tokenizer, rows, extra, message):
+    f = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError, match=message):
+        prepare(local(tmp_path, tokenizer, f"paths: ['{f}']", extra))
+
+
+def test_rows_without_a_language_take_the_default(tmp_path, tokenizer):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "language": "deu"}, {"text": "b", "language": None},
+                                           {"text": "c"}])
+    m = verify(prepare(local(tmp_path, tokenizer, f"paths: ['{f}'], language: eng")))
+    assert {k: c["documents"] for k, c in m["components"].items()} == {"j/deu": 1, "j/eng": 2}
+
+
+def test_a_file_that_cannot_be_read_is_named_with_the_reason(tmp_path, tokenizer):
+    good = write_jsonl(tmp_path / "a.jsonl", [{"text": "fine"}])
+    bad = tmp_path / "b.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": broken\n')
+    with pytest.raises(DataError, match=rf"could not read {bad}: .*\S"):
+        prepare(local(tmp_path, tokenizer, f"paths: ['{good}', '{bad}']"))
+    empty = tmp_path / "c.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match=rf"could not read {empty}: .*\S"):
+        prepare(local(tmp_path, tokenizer, f"paths: ['{empty}']"))
+
+
+@pytest.mark.parametrize("mixture, message", [
+    (MixtureConfig(weights={"udhr": -1.0, "bible": 1.0}), r"weights.udhr = -1.0: must be a finite weight >= 0"),
+    (MixtureConfig(weights={"udhr": float("nan")}), "weights.udhr = nan"),
+    (MixtureConfig(weights={"udhr": float("inf")}), "weights.udhr = inf"),
+    (MixtureConfig(weights={"udhr": 0.0, "bible": 0.0}), "weights = .*: every weight is 0"),
+    (MixtureConfig(length_buckets=[LengthBucketConfig(0, 256, 1.0), LengthBucketConfig(257, 1024, -0.5)]),
+     r"length_buckets\[1\].weight = -0.5"),
+    (MixtureConfig(length_buckets=[LengthBucketConfig(0, 256, 0.0)]), r"length_buckets\[0\].weight = 0.0"),
+    (MixtureConfig(max_epochs=float("inf")), "max_epochs = inf"),
+])
+def test_mixture_weights_a_stage_cannot_sample_by_are_refused(fixture_manifest, mixture, message):
+    """Before, a negative bucket weight gave negative sample counts and a blend longer than the stage; all-zero
+    weights gave INT64_MIN samples and an IndexError at the first batch."""
+    with pytest.raises(DataError, match=f"stage 'general' mixture.{message}"):
+        plan_mixture(fixture_manifest, mixture, 64, 100, "general")
+
+
+def test_a_cached_folder_published_meanwhile_by_another_process_wins(tmp_path):
+    """Two `prepare` runs on one root: the later rename of a folder onto an existing one failed (ENOTEMPTY)."""
+    dest = tmp_path / "tokenizer-x"
+    with atomic_path(dest) as tmp:
+        tmp.mkdir()
+        (tmp / "f").write_text("ours")
+        dest.mkdir()  # the other process finishes first
+        (dest / "f").write_text("theirs")
+    assert (dest / "f").read_text() == "theirs" and not list(tmp_path.glob(f"*{TMP_MARK}*"))
+    with pytest.raises(OSError):  # anything else still fails
+        with atomic_path(tmp_path / "missing" / "deeper" / "x") as tmp:
+            pass  # nothing written at tmp: the rename fails
+
+
+def test_stale_temporary_files_of_a_running_process_are_left_to_it(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live, dead = tmp_path / f"eng.000.tok{TMP_MARK}{child.pid}", tmp_path / f"eng.001.tok{TMP_MARK}999999999"
+        live.write_text("being written")
+        dead.write_text("left by a killed run")
+        remove_stale_tmp(tmp_path)
+        assert live.exists() and not dead.exists()
+    finally:
+        child.kill()
+        child.wait()
+    remove_stale_tmp(tmp_path)
+    assert not live.exists()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.pop("tokenizer"), "the top level lacks 'tokenizer'"),
+    (lambda m: m["tokenizer"].update(fingerprint=None), "tokenizer.fingerprint is None, expected a str"),
+    (lambda m: m.update(dtype="int7"), "dtype 'int7': expected one of"),
+    (lambda m: m.update(components=None), "components is NoneType, expected an object"),
+    (lambda m: next(iter(m["components"].values())).pop("source"), r"components\.\S+ lacks 'source'"),
+    (lambda m: next(iter(m["components"].values()))["files"][0].pop("sha256"), r"components\.\S+\.files\[0\] lacks 'sha256'"),
+    (lambda m: next(iter(m["heldout"].values()))["files"][0].update(tokens=-3), r"heldout\.\S+\.files\[0\]\.tokens is -3, expected a non-negative int"),
+    (lambda m: m["tokenizer"].update(vocab_size=10**9), "tokenizer.vocab_size is 1000000000, but .* has 1024 ids"),
+])
+def test_a_hand_edited_manifest_is_refused_naming_the_field(tmp_path, edit, message):
+    mpath = prepare(compose("fixture", [f"root={tmp_path}"]))
+    m = json.loads(mpath.read_text())
+    edit(m)
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(DataError, match=f"{mpath}: (malformed manifest: )?{message}"):
+        verify(mpath)
+
+
+def test_heldout_sets_still_read_the_prepared_fixture(tmp_path):
+    """The schema check accepts what `prepare` writes (every reader goes through it)."""
+    m = prepare(compose("fixture", [f"root={tmp_path}"]))
+    assert sum(len(v) for v in heldout_sets(m).values()) > 0
