@@ -66,10 +66,12 @@ def main() -> None:
             code = 1
         if code and HydraConfig.get().mode != RunMode.MULTIRUN:
             _exit(code)
+        codes.append(code)
 
+    codes: list = []  # the sweep's exit codes, job by job
     sys.argv = _strip_launcher_args(sys.argv)
     _app()
-    _exit(0)
+    _exit(next((c for c in codes if c), 0))  # a sweep fails with its first failed job's code
 
 
 def _exit(code: int) -> None:

@@ -140,7 +140,9 @@ class Trainer:
         on_rank0("preparing the data", lambda: prepare(cfg.data))
         self.manifest = manifest_path(cfg.data)
         self.tokenizer = load_tokenizer(cfg.data)
-        verify(self.manifest, tokenizer_fingerprint=self.tokenizer.fingerprint, vocab_size=cfg.model.vocab_size)
+        manifest = verify(self.manifest, tokenizer_fingerprint=self.tokenizer.fingerprint,
+                          vocab_size=cfg.model.vocab_size)
+        self.data_fingerprint = data_fingerprint(manifest)
         if self.tokenizer.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"config key 'model.vocab_size' = {cfg.model.vocab_size}: smaller than the "
                               f"tokenizer's {self.tokenizer.vocab_size} tokens")
@@ -162,6 +164,7 @@ class Trainer:
             meta = self.checkpoints.read_meta(latest)
             check_compatible(meta, model_shape(cfg.model), self.tokenizer.fingerprint,
                              str(self.checkpoints.dir / latest))
+            check_resumable(meta, cfg, plans, self.data_fingerprint, str(self.checkpoints.dir / latest))
             reshard = self._needs_reshard(meta, self.checkpoints.dir / latest)  # refuses what cannot be, early
         elif cfg.init_from:
             self._init_weights_from(cfg.init_from)
@@ -179,6 +182,8 @@ class Trainer:
             order = cfg.curriculum.order
             self.state.stage_index = order.index(cfg.curriculum.start) if cfg.curriculum.start else 0
             self.state.stage = order[self.state.stage_index]
+        self.peak = peak_flops(cfg, info.device)
+        self.eval_sets = heldout_sets(self.manifest) if cfg.eval.enabled else {}
         self.metrics = MetricsLogger(cfg, self.run_dir, info.rank, resolved)
         self.watchdog = Watchdog(info.rank, info.world_size, cfg.dist.timeout_s, "start").start()
         self.metrics.log({"event": "model", "parameters": count_parameters(cfg.model).total,
@@ -187,8 +192,6 @@ class Trainer:
             self.metrics.log({"event": "resume", "stage": self.state.stage, "global_step": self.state.global_step,
                               "checkpoint": latest, "world_size": info.world_size,
                               "saved_world_size": meta.get("world_size"), "resharded": reshard, "time": time.time()})
-        self.peak = peak_flops(cfg, info.device)
-        self.eval_sets = heldout_sets(self.manifest) if cfg.eval.enabled else {}
 
     # ------------------------------------------------------------------ set-up helpers
     def _load_checkpoint(self, tag: str) -> TrainerState:
@@ -332,9 +335,14 @@ class Trainer:
             if code is not None:
                 exit_code = code
                 break
+        self.close()
+        return exit_code
+
+    def close(self) -> None:
+        """Stop the watchdog and close the metrics file (also after a failure: in a --multirun sweep the next job
+        runs in this process, and a watchdog left running would later name it as hung)."""
         self.watchdog.stop()
         self.metrics.close()
-        return exit_code
 
     def _rollback(self, rb: "_Rollback") -> None:
         """Reload the last checkpoint, keeping the new skip list, and carry on from there."""
@@ -482,6 +490,8 @@ class Trainer:
                     self._evaluate(stage)
                 self.metrics.log({"event": "stage_end", "stage": stage.name, "global_step": state.global_step,
                                   "tokens": state.tokens, "time": time.time()})
+                if cfg.max_steps and self.steps_this_launch >= cfg.max_steps:
+                    return 0  # the stage-end checkpoint is saved: the next launch starts the next stage
                 return None
             if stage.checkpoint_every and state.step % stage.checkpoint_every == 0:
                 self._save(stage)
@@ -567,7 +577,7 @@ class Trainer:
         meta = {"stage": stage.name, "model_shape": model_shape(self.cfg.model),
                 "tokenizer_fingerprint": self.tokenizer.fingerprint, "world_size": self.info.world_size,
                 "zero_stage": self.cfg.deepspeed.zero_stage, "expert_parallel_size": self.cfg.expert_parallel_size,
-                "rope_theta": stage.rope_theta}
+                "rope_theta": stage.rope_theta, "stage_data": stage_data(self.cfg, stage, self.data_fingerprint)}
         t0 = time.perf_counter()
         self.watchdog.beat(f"{stage.name} checkpoint save")
         step, rank = self.state.step, self.info.rank
@@ -653,6 +663,51 @@ class Trainer:
                           "heldout_ppl": ppl, "seconds": round(time.perf_counter() - t0, 3), "time": time.time()})
 
 
+def data_fingerprint(manifest: Dict[str, Any]) -> str:
+    """What the training data is: every component's shard checksums (not the manifest's own bytes, which a
+    rerun of `prepare` rewrites with the same data)."""
+    import hashlib
+
+    files = {k: [f["sha256"] for f in c["files"]] for k, c in sorted(manifest["components"].items())}
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stage_data(cfg: TrainConfig, stage: StageConfig, fingerprint: str) -> Dict[str, Any]:
+    """The config values that decide which samples each step of a stage reads (its index arrays and the global
+    batch), keyed by their config key; a checkpoint in the middle of the stage resumes only under the same."""
+    key = f"curriculum.stages.{stage.name}"
+    return {"seed": cfg.seed, f"{key}.tokens": stage.tokens, f"{key}.global_batch_tokens": stage.global_batch_tokens,
+            f"{key}.seq_len": stage.seq_len, f"{key}.mixture": dataclasses.asdict(stage.mixture),
+            "data (the prepared shards)": fingerprint}
+
+
+def check_resumable(meta: Dict[str, Any], cfg: TrainConfig, plans: List[StagePlan], fingerprint: str,
+                    where: str) -> None:
+    """Refuse a resume the curriculum as configured now cannot continue exactly, naming the key: another stage at
+    the checkpoint's place in `curriculum.order`, or, in the middle of a stage, another value of what decides the
+    stage's samples (its budget, batch, seq_len, mixture, the seed or the data), which would repeat or skip data
+    and could leave the stage with no step to run."""
+    st = meta.get("state", {})
+    order, index, name = cfg.curriculum.order, st.get("stage_index", 0), st.get("stage")
+    restart = (f"keep the value it had, or start a new run_dir with init_from={where} "
+               f"curriculum.start=<stage>")
+    if index >= len(order) or order[index] != name:
+        raise ConfigError(f"config key 'curriculum.order' = {list(order)}: {where} was saved in stage {name!r} at "
+                          f"position {index} of the curriculum, where this order has "
+                          f"{order[index] if index < len(order) else 'nothing'!r}; {restart}")
+    if st.get("stage_complete"):
+        return  # the next stage starts fresh: its config may change freely
+    saved, now = meta.get("stage_data"), stage_data(cfg, cfg.curriculum.stages[name], fingerprint)
+    for key, value in (now.items() if saved is not None else []):
+        if saved.get(key) != value:
+            raise ConfigError(f"config key '{key}' = {value!r}: {where} is at step {st.get('step')} of stage "
+                              f"{name!r}, which started with {saved.get(key)!r}; a stage's samples are fixed once "
+                              f"it has started (this would repeat or skip data); {restart}")
+    if st.get("step", 0) >= plans[index].steps:  # a checkpoint from before stage_data was recorded
+        raise ConfigError(f"config key 'curriculum.stages.{name}.tokens': {where} is at step {st.get('step')} of "
+                          f"stage {name!r}, which now has {plans[index].steps} steps; {restart}")
+
+
 def _fail_after(items: Any, n: int) -> Any:
     """`items` for `n` elements, then a full disk (the export fault injected by tests)."""
     for i, item in enumerate(items):
@@ -675,6 +730,7 @@ def run(cfg: TrainConfig, resolved: Dict[str, Any]) -> int:
         except OSError as e:
             raise ConfigError(f"config key 'run_dir' = {str(run_dir)!r}: cannot be created or written ({e})") from None
 
+    trainer: Optional[Trainer] = None
     try:
         on_rank0("creating run_dir", make_run_dir)
         trainer = Trainer(cfg, resolved, plans, info)
@@ -687,6 +743,9 @@ def run(cfg: TrainConfig, resolved: Dict[str, Any]) -> int:
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         code = NONFINITE_EXIT_CODE
+    finally:
+        if trainer is not None:
+            trainer.close()
     if code == 0:
         barrier()
     return code

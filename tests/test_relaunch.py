@@ -1,0 +1,74 @@
+"""Relaunching a run with a changed config, `max_steps` at a stage end, and `--multirun` sweeps with a failed job.
+
+Each was found broken by a probe: a lowered budget made the relaunch loop forever (filling metrics.jsonl, deaf to
+SIGTERM), a reordered curriculum trained the wrong stage from the wrong step, a changed global batch repeated
+samples, a sweep with failed jobs exited 0, and a failed job's watchdog later killed a healthy job of the sweep.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from trainutil import SMOKE, records, run_train, steps
+
+BASE = [*SMOKE, "model=tiny_dense", "eval.enabled=false", "checkpoint.export_hf=false"]
+
+
+@pytest.fixture(scope="module")
+def mid_reasoning(data_root, tmp_path_factory):
+    """A run stopped by max_steps=5: General's 4 steps done, Reasoning at step 1 of 2."""
+    run_dir = tmp_path_factory.mktemp("mid") / "run"
+    proc = run_train([*BASE, f"run_dir={run_dir}", "max_steps=5"])
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    return run_dir
+
+
+def test_max_steps_at_a_stage_end_stops_there(data_root, tmp_path):
+    """max_steps=4 is General's last step: before, the launch ran one more step (into Reasoning)."""
+    run_dir = tmp_path / "run"
+    proc = run_train([*BASE, f"run_dir={run_dir}", "max_steps=4"])
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert [(r["stage"], r["step"]) for r in steps(run_dir)] == [("general", i) for i in range(1, 5)]
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert json.loads((run_dir / "checkpoints" / latest / "meta.json").read_text())["state"]["stage_complete"]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("curriculum.stages.reasoning.tokens=1024", "curriculum.stages.reasoning.tokens"),  # the budget it is past
+    ("curriculum.stages.reasoning.global_batch_tokens=512", "curriculum.stages.reasoning.global_batch_tokens"),
+    ("curriculum.stages.reasoning.mixture.weights.code=0.9", "curriculum.stages.reasoning.mixture"),
+    ("seed=7", "seed"),
+    ("curriculum.order=[general,long_context]", "curriculum.order"),
+])
+def test_a_relaunch_that_cannot_continue_the_stage_is_refused_naming_the_key(mid_reasoning, tmp_path, override,
+                                                                             key):
+    run_dir = tmp_path / "run"
+    shutil.copytree(mid_reasoning, run_dir)
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    proc = run_train([*BASE, f"run_dir={run_dir}", override], timeout=300)
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert f"config key '{key}'" in proc.stdout and "1-reasoning-step0000001" in proc.stdout
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before  # nothing written
+
+
+def test_a_relaunch_may_change_the_stages_not_yet_started(mid_reasoning, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(mid_reasoning, run_dir)
+    proc = run_train([*BASE, f"run_dir={run_dir}", "curriculum.stages.long_context.tokens=1024"], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert [(r["stage"], r["step"]) for r in steps(run_dir)][4:] == [
+        ("reasoning", 1), ("reasoning", 2), ("long_context", 1)]
+
+
+def test_a_sweep_with_a_failed_job_fails_and_its_other_jobs_finish(data_root, tmp_path):
+    """Job 0 diverges (exit 4); job 1 trains for longer than dist.timeout_s after that: before, job 0's watchdog
+    was left running and killed job 1 as 'hung', and the sweep exited 0."""
+    sweep = tmp_path / "sweep"
+    proc = run_train(["--multirun", *BASE, "curriculum.stages.general.lr.peak=1e30,3e-3",
+                      "faults.max_consecutive_skips=0", "dist.timeout_s=6", f"hydra.sweep.dir={sweep}"], timeout=600)
+    assert proc.returncode == 4, proc.stdout[-3000:]
+    assert "consecutive steps had a non-finite loss" in proc.stdout and "no progress" not in proc.stdout
+    assert [r["stage"] for r in records(sweep / "1") if r.get("event") == "stage_end"] == [
+        "general", "reasoning", "long_context"]
