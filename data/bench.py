@@ -109,7 +109,8 @@ def bench_index(manifest, n: int) -> None:
     print(f"\nindex arrays of a {n:,}-sample stage (seq_len 64), per rank:")
     print(f"  {'how':<38} {'seconds':>8} {'private MiB':>12} {'peak MiB':>9}")
     ways = [("memory", None, "built in memory (cache=False)"), ("build", 1, "built and cached, 1 thread"),
-            ("build", threads, f"built and cached, {threads} threads"), ("load", None, "memory-mapped from the cache")]
+            *([("build", threads, f"built and cached, {threads} threads")] if threads > 1 else []),
+            ("load", None, "memory-mapped from the cache")]
     seconds = {}
     try:
         for mode, workers, label in ways:
@@ -122,8 +123,9 @@ def bench_index(manifest, n: int) -> None:
             seconds[label] = r["seconds"]
             used = f" ({r['threads']} used)" if mode == "build" and r["threads"] != workers else ""
             print(f"  {label + used:<38} {r['seconds']:>8.2f} {r['private_mib']:>12.1f} {r['peak_mib']:>9.1f}")
-        one, many = seconds["built and cached, 1 thread"], seconds[f"built and cached, {threads} threads"]
-        print(f"  {threads} threads build {one / many:.2f}x as fast as 1 thread")
+        if threads > 1:
+            one, many = seconds["built and cached, 1 thread"], seconds[f"built and cached, {threads} threads"]
+            print(f"  {threads} threads build {one / many:.2f}x as fast as 1 thread")
         size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
         print(f"  on disk: {size:,.0f} MiB ({size * 2**20 / n:.1f} bytes per sample), shared by a node's ranks")
     finally:

@@ -21,9 +21,10 @@ The arrays take ~20 bytes per sample (int32 where the values fit; a stage of 1e9
 does, they are built once and kept beside the manifest (`index/<stage>-<key>/`, the key hashing everything that
 decides them), written atomically, and every later StageStream of the same stage (each rank, each resume)
 memory-maps them: the ranks of a node share one copy in the page cache instead of each holding its own, and a
-restart does not rebuild them. The build itself writes them to disk a piece at a time (a few million documents
-of a part's stream, a window of the blend), on several threads, so it holds a few pieces and the largest part's
-permutations, not the stage's arrays, in memory.
+restart does not rebuild them. The parts' document tables (which shard, first token, length) and the plan are
+cached with them, so a rank that maps a built index holds no per-document memory of its own. The build itself
+writes them to disk a piece at a time (a few million documents of a part's stream, a window of the blend), on
+several threads, so it holds a few pieces and the largest part's permutations, not the stage's arrays, in memory.
 """
 from __future__ import annotations
 
@@ -94,6 +95,15 @@ def open_components(manifest_path: Path, section: str = "components") -> Dict[st
     return out
 
 
+def open_component_shards(manifest_path: Path, names: Sequence[str]) -> Dict[str, List[Shard]]:
+    """The shard files of these components with their tokens memory-mapped, and no document tables: what a rank
+    reads batches from once a stage's index holds the tables (O(files) memory, not O(documents))."""
+    manifest_path = Path(manifest_path)
+    m = read_manifest(manifest_path)
+    return {k: [open_shard(resolve_in_root(manifest_path.parent, f["path"], manifest_path), m["dtype"],
+                           check_offsets=False) for f in m["components"][k]["files"]] for k in names}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The plan: how many samples each part gives
 
@@ -148,6 +158,25 @@ class MixturePlan:
             rows.append(f"  {s:<16} tokens {d['tokens']:>11,}  samples {d['samples']:>9,}  epochs {d['epochs']:6.2f}  "
                         f"capacity {d['capacity']:>10,}  capped parts {d['capped']}/{d['parts']}")
         return "\n".join(rows)
+
+
+_PART_FIELDS = ("component", "source", "language", "bucket", "tokens", "weight", "capacity", "samples", "epochs",
+                "capped")
+
+
+def _plan_json(plan: MixturePlan) -> str:
+    """The plan without its document tables (those go into the index arrays)."""
+    return json.dumps({"stage": plan.stage, "seq_len": plan.seq_len, "num_samples": plan.num_samples,
+                       "max_epochs": plan.max_epochs,
+                       "parts": [{k: getattr(p, k) for k in _PART_FIELDS} for p in plan.parts]})
+
+
+def _plan_from_json(text: str) -> MixturePlan:
+    d = json.loads(text)
+    empty = np.zeros(0, np.int64)
+    parts = [Part(**{k: p[k] for k in _PART_FIELDS}, doc_file=empty, doc_start=empty, doc_len=empty)
+             for p in d["parts"]]
+    return MixturePlan(d["stage"], d["seq_len"], d["num_samples"], d["max_epochs"], parts)
 
 
 def _capacity(tokens: int, seq_len: int, max_epochs: float) -> int:
@@ -272,7 +301,7 @@ class _PartIndex:
     shuffle: np.ndarray  # (samples,) order in which the packed samples are drawn
 
 
-INDEX_FORMAT = 2  # bump when the arrays' meaning or layout changes: old caches are then never read
+INDEX_FORMAT = 3  # bump when the arrays' meaning or layout changes: old caches are then never read
 BUILD_DOCS = 1 << 22  # documents per piece of a part's stream in the build (2^22: ~100 MB of temporaries)
 BUILD_BLEND = 1 << 24  # samples per window of the blend's sort (2^24: ~450 MB of temporaries)
 
@@ -299,7 +328,11 @@ class _Sink:
                                                       "fortran_order": False, "shape": shape})
         self.base = len(header.getvalue())
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self._pwrite(header.getvalue(), 0)
+        try:
+            self._pwrite(header.getvalue(), 0)
+        except OSError:
+            self.release()
+            raise
 
     def _pwrite(self, data: bytes, at: int) -> None:
         view = memoryview(data)
@@ -373,7 +406,9 @@ def _trim_heap() -> None:
         pass
 
 
-_INDEX_ARRAYS = ("blend_part", "blend_sample", "doc_idx", "sample_doc", "sample_off", "shuffle", "offsets")
+_INDEX_ARRAYS = ("blend_part", "blend_sample", "doc_idx", "sample_doc", "sample_off", "shuffle", "offsets",
+                 "part_file", "part_start", "part_len")
+PLAN = "plan.json"  # beside the arrays: the stage's MixturePlan without its document tables
 
 
 def index_dir(manifest_path: Path, mixture: Any, seq_len: int, seed: int, stage: str, num_samples: int) -> Path:
@@ -385,21 +420,26 @@ def index_dir(manifest_path: Path, mixture: Any, seq_len: int, seed: int, stage:
     return manifest_path.parent / "index" / f"{stage}-{key}"
 
 
-def _load_index(folder: Path) -> Optional[Dict[str, np.ndarray]]:
-    """The cached arrays, memory-mapped read-only; None when absent or unreadable (then they are rebuilt)."""
+def _load_index(folder: Path) -> Optional[tuple[Dict[str, np.ndarray], MixturePlan]]:
+    """The cached arrays, memory-mapped read-only, and the plan; None when absent or unreadable (then they are
+    rebuilt)."""
     if not (folder / "done").is_file():
         return None
     try:
         arrays = {n: np.load(folder / f"{n}.npy", mmap_mode="r", allow_pickle=False) for n in _INDEX_ARRAYS}
         off = arrays["offsets"]
-        if off.ndim != 2 or off.shape[1] != 3 or any(int(off[-1, j]) != len(arrays[n]) for j, n in
-                                                     enumerate(("doc_idx", "sample_doc", "shuffle"))):
+        if off.ndim != 2 or off.shape[1] != 4 or any(int(off[-1, j]) != len(arrays[n]) for j, n in
+                                                     enumerate(("doc_idx", "sample_doc", "shuffle", "part_len"))):
             raise ValueError("offsets do not match the arrays")
         if len(arrays["sample_off"]) != len(arrays["sample_doc"]) or len(arrays["blend_part"]) != len(
-                arrays["blend_sample"]):
+                arrays["blend_sample"]) or not len(arrays["part_file"]) == len(arrays["part_start"]) == len(
+                arrays["part_len"]):
             raise ValueError("array lengths differ")
-        return arrays
-    except (OSError, ValueError) as e:
+        plan = _plan_from_json((folder / PLAN).read_text())
+        if sum(p.samples > 0 for p in plan.parts) != len(off) - 1:
+            raise ValueError(f"{PLAN} does not match the arrays")
+        return arrays, plan
+    except (OSError, ValueError, KeyError, TypeError) as e:
         log.warning("%s: unreadable index cache (%s); rebuilding it", folder, e)
         return None
 
@@ -407,12 +447,14 @@ def _load_index(folder: Path) -> Optional[Dict[str, np.ndarray]]:
 Sinks = Callable[[str, tuple, np.dtype], _Sink]  # (array name, shape, dtype) -> where its elements go
 
 
-def _build_arrays(folder: Optional[Path], build: Callable[[Sinks], None]) -> Dict[str, np.ndarray]:
-    """Run `build`, which fills a `_Sink` per index array, and return the arrays.
+def _build_arrays(folder: Optional[Path], build: Callable[[Sinks, bool], None],
+                  plan: MixturePlan) -> tuple[Dict[str, np.ndarray], MixturePlan]:
+    """Run `build(sinks, threaded)`, which fills a `_Sink` per index array, and return the arrays and the plan
+    (written beside them).
 
     With a folder, the sinks are .npy files in a temporary folder renamed onto it when complete (`atomic_path`: a
     reader sees all or nothing), then memory-mapped. A failure to write there (read-only or full disk) is a warning:
-    the arrays are then built again, in memory.
+    the arrays are then built again, in memory, on one thread (every rank of the node does the same then).
     """
     if folder is not None:
         opened: List[_Sink] = []
@@ -426,9 +468,10 @@ def _build_arrays(folder: Optional[Path], build: Callable[[Sinks], None]) -> Dic
                 shutil.rmtree(folder)
             with atomic_path(folder) as tmp:
                 tmp.mkdir()
-                build(lambda *a: to_file(tmp, *a))
+                build(lambda *a: to_file(tmp, *a), True)
                 for sink in opened:
                     sink.close()
+                (tmp / PLAN).write_text(_plan_json(plan))
                 (tmp / "done").write_text("")
         except OSError as e:
             if not (folder / "done").is_file():  # not another process winning the race: a real failure
@@ -436,17 +479,17 @@ def _build_arrays(folder: Optional[Path], build: Callable[[Sinks], None]) -> Dic
         finally:
             for sink in opened:
                 sink.release()
-        arrays = _load_index(folder)
-        if arrays is not None:
-            return arrays
+        loaded = _load_index(folder)
+        if loaded is not None:
+            return loaded
     sinks: Dict[str, _Sink] = {}
 
     def to_memory(name: str, shape: tuple, dtype: np.dtype) -> _Sink:
         sinks[name] = _Sink(shape, dtype)
         return sinks[name]
 
-    build(to_memory)
-    return {name: sink.close() for name, sink in sinks.items()}
+    build(to_memory, False)
+    return {name: sink.close() for name, sink in sinks.items()}, plan
 
 
 class StageStream:
@@ -461,20 +504,27 @@ class StageStream:
         self.seq_len, self.seed, self.stage, self.num_samples = seq_len, seed, stage, num_samples
         self.doc_masking, self.workers = doc_masking, index_workers(workers)
         self.build_threads = 0  # threads the index build used (0: read from the cache)
-        comps = open_components(self.manifest_path)
-        self.plan = plan_mixture(self.manifest_path, mixture, seq_len, num_samples, stage, comps)
+        folder = index_dir(self.manifest_path, mixture, seq_len, seed, stage, num_samples) if cache else None
+        loaded = _load_index(folder) if folder is not None else None
+        self.index_cached = loaded is not None
+        if loaded is None:  # the documents' tables of the whole mixture, in memory while the index is built
+            plan = plan_mixture(self.manifest_path, mixture, seq_len, num_samples, stage)
+            loaded = _build_arrays(folder, lambda sinks, threaded: self._build_index(
+                [p for p in plan.parts if p.samples > 0], sinks, self.workers if threaded else 1), plan)
+        arrays, self.plan = loaded
         self.components: List[str] = sorted({p.component for p in self.plan.parts})
-        self.component_source = {c: comps[c].source for c in self.components}
-        self.component_language = {c: comps[c].language for c in self.components}
-        self._comps = [comps[c] for c in self.components]
+        self.component_source = {p.component: p.source for p in self.plan.parts}
+        self.component_language = {p.component: p.language for p in self.plan.parts}
+        shards = open_component_shards(self.manifest_path, self.components)
+        self._shards = [shards[c] for c in self.components]
         cidx = {c: i for i, c in enumerate(self.components)}
         parts = [p for p in self.plan.parts if p.samples > 0]
-        folder = index_dir(self.manifest_path, mixture, seq_len, seed, stage, num_samples) if cache else None
-        arrays = _load_index(folder) if folder is not None else None
-        self.index_cached = arrays is not None
-        if arrays is None:
-            arrays = _build_arrays(folder, lambda sinks: self._build_index(parts, sinks))
         off = arrays["offsets"]
+        for p in self.plan.parts:  # the tables of parts that give no sample are never read
+            p.doc_file = p.doc_start = p.doc_len = np.zeros(0, np.int64)
+        for i, p in enumerate(parts):  # their documents' tables: memory-mapped from the index, like its arrays
+            p.doc_file, p.doc_start, p.doc_len = (arrays[n][off[i, 3]:off[i + 1, 3]]
+                                                  for n in ("part_file", "part_start", "part_len"))
         self._parts = [
             _PartIndex(cidx[p.component], p, arrays["doc_idx"][off[i, 0]:off[i + 1, 0]],
                        arrays["sample_doc"][off[i, 1]:off[i + 1, 1]], arrays["sample_off"][off[i, 1]:off[i + 1, 1]],
@@ -488,19 +538,22 @@ class StageStream:
     def __len__(self) -> int:
         return self.num_samples
 
-    def _build_index(self, parts: List[Part], sinks: Sinks) -> None:
-        """Every part's arrays, one after the other (`offsets` (parts + 1, 3): where each part's doc_idx,
-        sample_doc / sample_off and shuffle start), and the blend, each into its sink.
+    def _build_index(self, parts: List[Part], sinks: Sinks, workers: int) -> None:
+        """Every part's arrays, one after the other (`offsets` (parts + 1, 4): where each part's doc_idx,
+        sample_doc / sample_off, shuffle and document tables start), and the blend, each into its sink.
 
-        The work is cut into independent tasks that write disjoint slices, run on `self.workers` threads: each part's
+        The work is cut into independent tasks that write disjoint slices, run on `workers` threads: each part's
         epochs (about BUILD_DOCS documents a task; every epoch holds all of the part's tokens, so where its samples
         start is known without the epochs before it), each part's shuffle, and each window of the blend.
         """
         epochs = [-(-(p.samples * self.seq_len + 1) // p.tokens) for p in parts]  # ceil: samples*L + 1 tokens
         docs = [e * len(p.doc_len) for e, p in zip(epochs, parts)]
-        lengths = np.array([[d, p.samples + 1, p.samples] for d, p in zip(docs, parts)], dtype=np.int64)
-        offsets = np.concatenate([np.zeros((1, 3), np.int64), np.cumsum(lengths.reshape(-1, 3), axis=0)])
+        lengths = np.array([[d, p.samples + 1, p.samples, len(p.doc_len)] for d, p in zip(docs, parts)],
+                           dtype=np.int64)
+        offsets = np.concatenate([np.zeros((1, 4), np.int64), np.cumsum(lengths.reshape(-1, 4), axis=0)])
         sinks("offsets", offsets.shape, np.dtype(np.int64)).write(0, offsets.ravel())
+        tables = [sinks(f"part_{n}", (int(offsets[-1, 3]),), _index_dtype(max(
+            (int(getattr(p, f"doc_{n}").max()) + 1 for p in parts), default=0))) for n in ("file", "start", "len")]
         samples = np.array([p.samples for p in parts], dtype=np.int64)
         most = int(samples.max(initial=0))
         total = [(int(t),) for t in offsets[-1]]
@@ -509,7 +562,8 @@ class StageStream:
         sample_off = sinks("sample_off", total[1], _index_dtype(max((int(p.doc_len.max()) for p in parts), default=0)))
         shuffle = sinks("shuffle", total[2], _index_dtype(most))
         tasks: List[tuple] = []  # (cost, task): the largest first, so that no long task starts last
-        for part, n_epochs, (d0, s0, h0) in zip(parts, epochs, offsets[:-1].tolist()):
+        for part, n_epochs, (d0, s0, h0, t0) in zip(parts, epochs, offsets[:-1].tolist()):
+            tasks.append((len(part.doc_len), functools.partial(self._build_tables, part, (tables, t0))))
             per = max(1, BUILD_DOCS // len(part.doc_len))  # epochs per task: a small part's many go together
             for e0 in range(0, n_epochs, per):
                 e1 = min(e0 + per, n_epochs)
@@ -521,7 +575,7 @@ class StageStream:
                                    sinks("blend_sample", (int(samples.sum()),), _index_dtype(most)))
         tasks.sort(key=lambda t: -t[0])
         work = sum(cost for cost, _ in tasks)  # a thread per BUILD_DOCS of it at most: a small stage builds on one
-        self.build_threads = min(self.workers, max(1, work // BUILD_DOCS))
+        self.build_threads = min(workers, max(1, work // BUILD_DOCS))
         _run_all([task for _, task in tasks], self.build_threads)
         _trim_heap()
 
@@ -548,6 +602,14 @@ class StageStream:
             sample_doc.write(s0 + k, e0 * n + j0 + j)
             sample_off.write(s0 + k, starts - (ends[j] - ln[j]))
             k, before = k1, int(ends[-1])
+
+    @staticmethod
+    def _build_tables(part: Part, out: tuple) -> None:
+        """One part's documents: their shard file, first token in it and length (part_file / part_start /
+        part_len), so that a rank opening the index maps them instead of rebuilding them from the shards."""
+        tables, at = out
+        for table, values in zip(tables, (part.doc_file, part.doc_start, part.doc_len)):
+            table.write(at, values)
 
     def _build_shuffle(self, part: Part, out: tuple) -> None:
         """One part's shuffle: the order in which its packed samples are drawn."""
@@ -603,7 +665,7 @@ class StageStream:
         comp = self._part_component[self.blend_part[idx]]
         for b, (p, k) in enumerate(zip(self.blend_part[idx].tolist(), self.blend_sample[idx].tolist())):
             ix = self._parts[p]
-            shards, part = self._comps[ix.component].shards, ix.part
+            shards, part = self._shards[ix.component], ix.part
             s = int(ix.shuffle[k])
             j0, j1 = int(ix.sample_doc[s]), int(ix.sample_doc[s + 1])
             off0, off1 = int(ix.sample_off[s]), int(ix.sample_off[s + 1])

@@ -350,8 +350,15 @@ def input_files(cfg: DataConfig) -> Dict[str, Optional[Dict[str, List[int]]]]:
 
 
 def _changed(recorded: Dict[str, Any], now: Dict[str, Any]) -> List[str]:
-    """The inputs whose files differ (in name, size or modification time) from those the manifest recorded."""
-    return [k for k, files in recorded.items() if now.get(k) is not None and now[k] != files]
+    """The inputs whose files differ from those the manifest recorded: other names or sizes, or another mtime and
+    other content (a copy with new mtimes, a `git clone`, is the same data)."""
+    def differs(old: Dict[str, list], new: Dict[str, list]) -> bool:
+        if sorted(old) != sorted(new):
+            return True
+        return any(old[f][0] != new[f][0] or (old[f][1] != new[f][1] and old[f][2:] != [sha256_file(Path(f))])
+                   for f in new)
+
+    return [k for k, files in recorded.items() if now.get(k) is not None and differs(files, now[k])]
 
 
 def prepare(data_cfg: Any) -> Path:
@@ -365,7 +372,7 @@ def prepare(data_cfg: Any) -> Path:
     mpath = manifest_path(cfg)
     key, inputs = config_key(cfg), input_files(cfg)
     if mpath.exists():
-        manifest = verify(mpath)  # refuse a damaged data set before touching anything
+        manifest = verify(mpath, remember=True)  # refuse a damaged data set before touching anything
         changed = _changed(manifest.get("inputs", {}), inputs)
         if manifest.get("config_key") == key and not changed:
             log.info("data set %s is prepared and verified: %s", cfg.name, mpath)
@@ -379,8 +386,12 @@ def prepare(data_cfg: Any) -> Path:
     tok = ensure_tokenizer(cfg, sources, identities)
     recs = {n: ensure_source_shards(n, sources[n], identities[n], tok, cfg) for n in cfg.sources}
     manifest = build_manifest(cfg, key, tok, recs, {n: v[2] for n, v in loaded.items()})
-    manifest["inputs"] = {k: v for k, v in inputs.items() if v is not None}
-    write_json(mpath, manifest)
+    manifest["inputs"] = {k: {f: [*st, sha256_file(Path(f))] for f, st in v.items()}
+                          for k, v in inputs.items() if v is not None}
+    try:
+        write_json(mpath, manifest)
+    except OSError as e:
+        raise DataError(f"{mpath}: cannot write the manifest ({e})") from None
     log.info("data set %s: %d tokens, %d documents, %d languages in %.1fs -> %s", cfg.name,
              manifest["totals"]["tokens"], manifest["totals"]["documents"], len(manifest["languages"]),
              time.time() - t0, mpath)

@@ -15,21 +15,25 @@ sha256, so a reader never trusts a half-written shard.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
 from data.errors import DataError
-from data.io import atomic_path, read_json, sha256_file
+from data.io import atomic_path, read_json, sha256_file, write_json
 
 MAGIC = b"TRISTAGE"
 VERSION = 1
 HEADER = struct.Struct("<8sIIQQQ")
 HEADER_BYTES = 64
+log = logging.getLogger(__name__)
 DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 MANIFEST_FORMAT = "tristage-shards"
 MANIFEST_VERSION = 1
@@ -73,7 +77,7 @@ class Shard:
 
     path: Path
     tokens: np.ndarray  # (n_tokens,) uint16 | uint32 memmap
-    offsets: np.ndarray  # (n_docs + 1,) int64
+    offsets: Optional[np.ndarray]  # (n_docs + 1,) int64; None when opened without them
     vocab_size: int  # of the tokenizer that wrote it
 
     @property
@@ -81,8 +85,9 @@ class Shard:
         return np.diff(self.offsets)
 
 
-def open_shard(path: Path, dtype: Optional[str] = None) -> Shard:
-    """Open a shard, checking magic, version, dtype, size and offsets; errors name the file and byte offset."""
+def _header(path: Path, dtype: Optional[str] = None) -> Tuple[int, int, int, int, int]:
+    """(bytes per token, tokens, documents, vocab size, byte offset of the document offsets) of a shard, after
+    checking magic, version, dtype and the file's size against its header; errors name the file and byte offset."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -102,7 +107,18 @@ def open_shard(path: Path, dtype: Optional[str] = None) -> Shard:
         what = "truncated" if size < expected else "has trailing bytes"
         raise DataError(f"{path}: {what}: the header promises {expected} bytes, the file has {size} "
                         f"(data ends at byte offset {min(size, expected)})")
+    return itemsize, n_tokens, n_docs, vocab, off
+
+
+def open_shard(path: Path, dtype: Optional[str] = None, check_offsets: bool = True) -> Shard:
+    """Open a shard, checking magic, version, dtype, size and offsets; errors name the file and byte offset.
+
+    check_offsets=False: the tokens only, `offsets` None (a full check of the data passed them already, and the
+    reader has the documents' tables elsewhere): O(1) memory, not 8 bytes per document, and one mapping per shard."""
+    itemsize, n_tokens, n_docs, vocab, off = _header(path, dtype)
     tokens = np.memmap(path, dtype=DTYPES[itemsize], mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
+    if not check_offsets:
+        return Shard(path, tokens, None, int(vocab))
     offsets = np.fromfile(path, dtype="<u8", count=n_docs + 1, offset=off).astype(np.int64)
     bad = np.flatnonzero(np.diff(offsets) < 0)
     if offsets[0] != 0 or offsets[-1] != n_tokens or len(bad):
@@ -183,15 +199,18 @@ def manifest_files(manifest: dict) -> Iterator[Tuple[str, str, dict]]:
                 yield section, key, entry
 
 
+def _counts_match(path: Path, n_tok: int, n_doc: int, entry: dict) -> None:
+    if (n_tok, n_doc) != (entry["tokens"], entry["documents"]):
+        raise DataError(f"{path}: header has {n_tok} tokens / {n_doc} documents (byte offset 16), "
+                        f"the manifest says {entry['tokens']} / {entry['documents']}")
+
+
 def verify_file(root: Path, entry: dict, manifest_path: Path, dtype: str, vocab_size: int,
                 checksums: bool = True) -> Shard:
     """Check one listed shard against its manifest entry: location, header, size, counts, token range, sha256."""
     path = resolve_in_root(root, entry["path"], manifest_path)
     shard = open_shard(path, dtype)
-    n_tok, n_doc = len(shard.tokens), len(shard.offsets) - 1
-    if (n_tok, n_doc) != (entry["tokens"], entry["documents"]):
-        raise DataError(f"{path}: header has {n_tok} tokens / {n_doc} documents (byte offset 16), "
-                        f"the manifest says {entry['tokens']} / {entry['documents']}")
+    _counts_match(path, len(shard.tokens), len(shard.offsets) - 1, entry)
     check_token_range(shard, vocab_size)
     if checksums:
         actual = sha256_file(path)
@@ -200,13 +219,55 @@ def verify_file(root: Path, entry: dict, manifest_path: Path, dtype: str, vocab_
     return shard
 
 
+VERIFIED = "verified.json"  # beside the manifest: the shards a full check passed, by size, mtime and inode
+RACY_NS = 2 * 10**9  # a file changed this close to its check is read again next time: a write within the same
+# clock tick as the check would leave its mtime unchanged
+_VERIFIED_HERE: Dict[str, Dict[str, List[int]]] = {}  # the same, for this process (where the record cannot be written)
+
+
+def _stamp(path: Path) -> Optional[List[int]]:
+    """[size, mtime_ns, inode]: a copy of the data set (even one that keeps mtimes) has other inodes."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _verified(manifest_path: Path, manifest_sha: str) -> Dict[str, List[int]]:
+    """The shards an earlier full check of this manifest passed: {path: [size, mtime_ns, inode, vocab limit]}."""
+    known = {}
+    try:
+        rec = json.loads((manifest_path.parent / VERIFIED).read_text())
+        if rec.get("manifest") == manifest_sha:
+            known = {p: list(v) for p, v in rec["files"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return {**known, **_VERIFIED_HERE.get(f"{manifest_path}:{manifest_sha}", {})}
+
+
+def _remember(manifest_path: Path, manifest_sha: str, passed: Dict[str, List[int]]) -> None:
+    now = time.time_ns()
+    files = {p: v for p, v in passed.items() if v[1] < now - RACY_NS}
+    _VERIFIED_HERE[f"{manifest_path}:{manifest_sha}"] = files
+    try:
+        write_json(manifest_path.parent / VERIFIED, {"manifest": manifest_sha, "files": files})
+    except OSError as e:  # a read-only data root: later checks in this process still use the record
+        log.info("%s: cannot record the verified shards (%s)", manifest_path.parent / VERIFIED, e)
+
+
 def verify(manifest_path: Path, tokenizer_fingerprint: Optional[str] = None, vocab_size: Optional[int] = None,
-           checksums: bool = True) -> dict:
+           checksums: bool = True, remember: bool = False) -> dict:
     """Check a prepared data set before training reads it; returns the manifest or raises DataError.
 
     Refuses: a missing or truncated shard, a wrong magic/version/dtype, a sha256 mismatch, a token id >= vocab_size
     (default: the tokenizer's), a tokenizer whose fingerprint differs from the manifest's, and any listed path that
     leads outside the data root. `checksums=False` skips the sha256 pass (a full read) for very large data sets.
+
+    remember: record the shards a full check passed in `verified.json` beside the manifest (size, mtime, inode and
+    the vocab limit their ids are below), and next time read in full only those that changed since (or were new, or
+    were checked against a larger limit); the others get the header and size checks.
+    A data set of many TB is then read once, not by every rank at every launch.
     """
     manifest_path = Path(manifest_path)
     m = read_manifest(manifest_path)
@@ -229,6 +290,21 @@ def verify(manifest_path: Path, tokenizer_fingerprint: Optional[str] = None, voc
             raise DataError(f"{manifest_path}: tokenizer.vocab_size is {tok['vocab_size']}, but {tok_path} has "
                             f"{actual_vocab} ids")
     limit = vocab_size if vocab_size is not None else tok["vocab_size"]
+    remember = remember and checksums
+    manifest_sha = sha256_file(manifest_path) if remember else ""
+    known = _verified(manifest_path, manifest_sha) if remember else {}
+    passed: Dict[str, List[int]] = {}
     for _, _, entry in manifest_files(m):
-        verify_file(root, entry, manifest_path, m["dtype"], limit, checksums)
+        path = resolve_in_root(root, entry["path"], manifest_path)
+        stamp, before = _stamp(path), known.get(entry["path"])
+        if stamp is not None and before is not None and before[:3] == stamp and before[3] <= limit:
+            _, n_tok, n_doc, _, _ = _header(path, m["dtype"])  # passed a full check (ids below a limit at most
+            _counts_match(path, n_tok, n_doc, entry)  # this one), unchanged since: header and size only
+            passed[entry["path"]] = before
+        else:
+            verify_file(root, entry, manifest_path, m["dtype"], limit, checksums)
+            if stamp is not None:
+                passed[entry["path"]] = [*stamp, limit]
+    if remember and passed != known:
+        _remember(manifest_path, manifest_sha, passed)
     return m

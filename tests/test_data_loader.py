@@ -372,6 +372,31 @@ def test_memory_mapped_index_costs_a_rank_a_fraction_of_building_it(manifest):
     assert build["private_mib"] < memory["private_mib"] / 4 and load["private_mib"] < memory["private_mib"] / 4
 
 
+def test_a_rank_opening_a_cached_index_holds_no_document_tables(tmp_path):
+    """A corpus shaped like a real one (5 sources x 400K documents): a rank that maps a built index keeps less than
+    8 bytes per document privately. Before, every rank rebuilt the mixture's document tables from the shards,
+    ~50 bytes per document: 100 MiB here, hundreds of GB per rank for a web-scale corpus."""
+    import json
+    import subprocess
+    import sys
+
+    from data.bench import synthetic_manifest
+
+    docs, n = 400_000, 1_000_000
+    manifest = synthetic_manifest(tmp_path / "synthetic", docs)
+
+    def probe(mode):
+        out = subprocess.run([sys.executable, "-m", "data.bench", "--index-probe", mode, str(n), str(manifest)],
+                             check=True, capture_output=True, text=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    memory, build, load = probe("memory"), probe("build"), probe("load")
+    assert load["cached"] and not build["cached"]
+    below = 5 * docs * 8 / 2**20  # MiB: 8 bytes per document, what the shard offsets alone took before
+    assert load["private_mib"] < below and build["private_mib"] < below
+    assert memory["private_mib"] > n * 20 / 2**20  # the control: arrays built in memory are held privately
+
+
 def test_index_arrays_are_int32_where_the_values_fit(tmp_path):
     from data.loader import _index_dtype, _Sink
 

@@ -76,6 +76,11 @@ def test_an_edited_local_file_or_tokenizer_file_is_prepared_again(tmp_path, toke
     write_jsonl(f, [{"text": "one short document"}, {"text": "and a second, longer document than the first"}])
     after = verify(prepare(cfg))
     assert after["totals"]["tokens"] > before and after["totals"]["documents"] == 2
+    # the same files with new mtimes (a copy, a git clone): nothing to prepare, the manifest stays as it is
+    manifest = (tmp_path / "root" / "fixture" / "manifest.json").read_bytes()
+    os.utime(f, (1e9, 1e9))
+    prepare(cfg)
+    assert (tmp_path / "root" / "fixture" / "manifest.json").read_bytes() == manifest
     # the raw files gone (the prepared data set copied elsewhere): it still opens as it is
     f.unlink()
     assert verify(prepare(cfg))["totals"] == after["totals"]

@@ -72,3 +72,22 @@ def test_a_sweep_with_a_failed_job_fails_and_its_other_jobs_finish(data_root, tm
     assert "consecutive steps had a non-finite loss" in proc.stdout and "no progress" not in proc.stdout
     assert [r["stage"] for r in records(sweep / "1") if r.get("event") == "stage_end"] == [
         "general", "reasoning", "long_context"]
+
+
+def test_the_data_a_stage_is_pinned_to_is_that_of_its_own_sources():
+    """A source added for a later stage (with a fixed tokenizer) does not stop a resume in the middle of this one;
+    new shards of a source it reads do."""
+    from data.config import MixtureConfig
+    from train.config import StageConfig
+    from train.loop import data_fingerprint
+
+    def manifest(**shas):
+        return {"components": {f"{s}/eng": {"source": s, "files": [{"sha256": h}]} for s, h in shas.items()}}
+
+    stage = StageConfig(name="general", mixture=MixtureConfig(weights={"udhr": 0.5, "bible": 0.5}))
+    base = data_fingerprint(manifest(udhr="a", bible="b"), stage)
+    assert data_fingerprint(manifest(udhr="a", bible="b", wiki="c"), stage) == base
+    assert data_fingerprint(manifest(udhr="a", bible="B"), stage) != base
+    every = StageConfig(name="general", mixture=MixtureConfig())  # no weights: by tokens over every source
+    assert data_fingerprint(manifest(udhr="a", bible="b", wiki="c"), every) != data_fingerprint(
+        manifest(udhr="a", bible="b"), every)

@@ -140,9 +140,16 @@ class Trainer:
         on_rank0("preparing the data", lambda: prepare(cfg.data))
         self.manifest = manifest_path(cfg.data)
         self.tokenizer = load_tokenizer(cfg.data)
-        manifest = verify(self.manifest, tokenizer_fingerprint=self.tokenizer.fingerprint,
-                          vocab_size=cfg.model.vocab_size)
-        self.data_fingerprint = data_fingerprint(manifest)
+
+        def check_data() -> Dict[str, Any]:
+            return verify(self.manifest, tokenizer_fingerprint=self.tokenizer.fingerprint,
+                          vocab_size=cfg.model.vocab_size, remember=True)
+
+        # the full read (every shard's checksum and token range) once, by rank 0, and by each node's first rank
+        # where nodes have data roots of their own; then every rank checks headers and sizes against the record
+        on_rank0("verifying the data", check_data)
+        on_rank0("verifying this node's copy of the data", check_data, node=True)
+        self.data_manifest = check_data()
         if self.tokenizer.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"config key 'model.vocab_size' = {cfg.model.vocab_size}: smaller than the "
                               f"tokenizer's {self.tokenizer.vocab_size} tokens")
@@ -164,7 +171,7 @@ class Trainer:
             meta = self.checkpoints.read_meta(latest)
             check_compatible(meta, model_shape(cfg.model), self.tokenizer.fingerprint,
                              str(self.checkpoints.dir / latest))
-            check_resumable(meta, cfg, plans, self.data_fingerprint, str(self.checkpoints.dir / latest))
+            check_resumable(meta, cfg, plans, self.data_manifest, str(self.checkpoints.dir / latest))
             reshard = self._needs_reshard(meta, self.checkpoints.dir / latest)  # refuses what cannot be, early
         elif cfg.init_from:
             self._init_weights_from(cfg.init_from)
@@ -186,6 +193,7 @@ class Trainer:
         self.eval_sets = heldout_sets(self.manifest) if cfg.eval.enabled else {}
         self.metrics = MetricsLogger(cfg, self.run_dir, info.rank, resolved)
         self.watchdog = Watchdog(info.rank, info.world_size, cfg.dist.timeout_s, "start").start()
+        self.closed = False
         self.metrics.log({"event": "model", "parameters": count_parameters(cfg.model).total,
                           "elements_per_rank": held, "partitioned_init": partitioned_init(cfg), "time": time.time()})
         if latest is not None:
@@ -341,8 +349,10 @@ class Trainer:
     def close(self) -> None:
         """Stop the watchdog and close the metrics file (also after a failure: in a --multirun sweep the next job
         runs in this process, and a watchdog left running would later name it as hung)."""
-        self.watchdog.stop()
-        self.metrics.close()
+        if not self.closed:
+            self.closed = True
+            self.watchdog.stop()
+            self.metrics.close()
 
     def _rollback(self, rb: "_Rollback") -> None:
         """Reload the last checkpoint, keeping the new skip list, and carry on from there."""
@@ -577,7 +587,7 @@ class Trainer:
         meta = {"stage": stage.name, "model_shape": model_shape(self.cfg.model),
                 "tokenizer_fingerprint": self.tokenizer.fingerprint, "world_size": self.info.world_size,
                 "zero_stage": self.cfg.deepspeed.zero_stage, "expert_parallel_size": self.cfg.expert_parallel_size,
-                "rope_theta": stage.rope_theta, "stage_data": stage_data(self.cfg, stage, self.data_fingerprint)}
+                "rope_theta": stage.rope_theta, "stage_data": stage_data(self.cfg, stage, self.data_manifest)}
         t0 = time.perf_counter()
         self.watchdog.beat(f"{stage.name} checkpoint save")
         step, rank = self.state.step, self.info.rank
@@ -663,25 +673,27 @@ class Trainer:
                           "heldout_ppl": ppl, "seconds": round(time.perf_counter() - t0, 3), "time": time.time()})
 
 
-def data_fingerprint(manifest: Dict[str, Any]) -> str:
-    """What the training data is: every component's shard checksums (not the manifest's own bytes, which a
-    rerun of `prepare` rewrites with the same data)."""
+def data_fingerprint(manifest: Dict[str, Any], stage: StageConfig) -> str:
+    """What a stage trains on: the shard checksums of the components its mixture reads (not the manifest's own
+    bytes, which a rerun of `prepare` rewrites with the same data; not sources only later stages read)."""
     import hashlib
 
-    files = {k: [f["sha256"] for f in c["files"]] for k, c in sorted(manifest["components"].items())}
+    sources = {s for s, w in stage.mixture.weights.items() if w > 0} or None  # empty weights: every source
+    files = {k: [f["sha256"] for f in c["files"]] for k, c in sorted(manifest["components"].items())
+             if sources is None or c["source"] in sources}
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def stage_data(cfg: TrainConfig, stage: StageConfig, fingerprint: str) -> Dict[str, Any]:
+def stage_data(cfg: TrainConfig, stage: StageConfig, manifest: Dict[str, Any]) -> Dict[str, Any]:
     """The config values that decide which samples each step of a stage reads (its index arrays and the global
     batch), keyed by their config key; a checkpoint in the middle of the stage resumes only under the same."""
     key = f"curriculum.stages.{stage.name}"
     return {"seed": cfg.seed, f"{key}.tokens": stage.tokens, f"{key}.global_batch_tokens": stage.global_batch_tokens,
             f"{key}.seq_len": stage.seq_len, f"{key}.mixture": dataclasses.asdict(stage.mixture),
-            "data (the prepared shards)": fingerprint}
+            "data (the prepared shards)": data_fingerprint(manifest, stage)}
 
 
-def check_resumable(meta: Dict[str, Any], cfg: TrainConfig, plans: List[StagePlan], fingerprint: str,
+def check_resumable(meta: Dict[str, Any], cfg: TrainConfig, plans: List[StagePlan], manifest: Dict[str, Any],
                     where: str) -> None:
     """Refuse a resume the curriculum as configured now cannot continue exactly, naming the key: another stage at
     the checkpoint's place in `curriculum.order`, or, in the middle of a stage, another value of what decides the
@@ -697,7 +709,7 @@ def check_resumable(meta: Dict[str, Any], cfg: TrainConfig, plans: List[StagePla
                           f"{order[index] if index < len(order) else 'nothing'!r}; {restart}")
     if st.get("stage_complete"):
         return  # the next stage starts fresh: its config may change freely
-    saved, now = meta.get("stage_data"), stage_data(cfg, cfg.curriculum.stages[name], fingerprint)
+    saved, now = meta.get("stage_data"), stage_data(cfg, cfg.curriculum.stages[name], manifest)
     for key, value in (now.items() if saved is not None else []):
         if saved.get(key) != value:
             raise ConfigError(f"config key '{key}' = {value!r}: {where} is at step {st.get('step')} of stage "
