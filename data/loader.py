@@ -75,11 +75,13 @@ class Component:
 
     @property
     def tokens(self) -> int:
-        return int(self.doc_len.sum())
+        return int(self.doc_len.sum(dtype=np.int64))
 
 
-def open_components(manifest_path: Path, section: str = "components") -> Dict[str, Component]:
-    """Every component the manifest lists (header-checked; `data.shards.verify` does the full check)."""
+def open_components(manifest_path: Path, section: str = "components",
+                    keep_offsets: bool = True) -> Dict[str, Component]:
+    """Every component the manifest lists (header-checked; `data.shards.verify` does the full check).
+    keep_offsets=False: the shards' document offsets are dropped once the tables hold what they said."""
     manifest_path = Path(manifest_path)
     m = read_manifest(manifest_path)
     out = {}
@@ -87,11 +89,16 @@ def open_components(manifest_path: Path, section: str = "components") -> Dict[st
         shards = [open_shard(resolve_in_root(manifest_path.parent, f["path"], manifest_path), m["dtype"])
                   for f in c["files"]]
         lens = [s.doc_lengths for s in shards]
+        # int32 where the values fit (a document's start within one shard file, its length): 12 bytes per document
+        # instead of 20 on the rank that builds a stage's index, which holds these for every source of the mixture
+        starts = [s.offsets[:-1] for s in shards]
         out[key] = Component(
             key, c["source"], c["language"], shards,
             doc_file=np.concatenate([np.full(len(l), i, np.int32) for i, l in enumerate(lens)]),
-            doc_start=np.concatenate([s.offsets[:-1] for s in shards]),
-            doc_len=np.concatenate(lens))
+            doc_start=np.concatenate(starts).astype(_index_dtype(max((len(s.tokens) for s in shards), default=0))),
+            doc_len=np.concatenate(lens).astype(_index_dtype(max((len(s.tokens) + 1 for s in shards), default=0))))
+        for shard in shards if not keep_offsets else []:
+            shard.offsets = None
     return out
 
 
@@ -225,7 +232,7 @@ def plan_mixture(manifest_path: Path, mixture: Any, seq_len: int, num_samples: i
         check_mixture(mix, f"stage {stage!r} mixture")
     except ValueError as e:
         raise DataError(f"{manifest_path}: {e}") from None
-    comps = components if components is not None else open_components(manifest_path)
+    comps = components if components is not None else open_components(manifest_path, keep_offsets=False)
     tokens_by_source: Dict[str, int] = {}
     for c in comps.values():
         tokens_by_source[c.source] = tokens_by_source.get(c.source, 0) + c.tokens
@@ -249,9 +256,9 @@ def plan_mixture(manifest_path: Path, mixture: Any, seq_len: int, num_samples: i
             f, st, ln = docs[key]
             keep = ~taken[key] & (ln >= lo) & (ln <= (hi if hi is not None else np.iinfo(np.int64).max))
             taken[key] |= keep
-            n_tok = int(ln[keep].sum())
-            if n_tok:
-                candidates.append((comps[key], (f[keep], st[keep], ln[keep]), n_tok))
+            n_tok = int(ln[keep].sum(dtype=np.int64))
+            if n_tok:  # every document (no length buckets): the component's own tables, not copies
+                candidates.append((comps[key], (f, st, ln) if keep.all() else (f[keep], st[keep], ln[keep]), n_tok))
         if not candidates:
             raise DataError(f"{manifest_path}: stage {stage!r}: no document of the mixture's sources is "
                             f"{lo} <= length <= {hi} tokens (length bucket {bi})")
@@ -507,10 +514,8 @@ class StageStream:
         folder = index_dir(self.manifest_path, mixture, seq_len, seed, stage, num_samples) if cache else None
         loaded = _load_index(folder) if folder is not None else None
         self.index_cached = loaded is not None
-        if loaded is None:  # the documents' tables of the whole mixture, in memory while the index is built
-            plan = plan_mixture(self.manifest_path, mixture, seq_len, num_samples, stage)
-            loaded = _build_arrays(folder, lambda sinks, threaded: self._build_index(
-                [p for p in plan.parts if p.samples > 0], sinks, self.workers if threaded else 1), plan)
+        if loaded is None:
+            loaded = self._build(folder, mixture)
         arrays, self.plan = loaded
         self.components: List[str] = sorted({p.component for p in self.plan.parts})
         self.component_source = {p.component: p.source for p in self.plan.parts}
@@ -525,6 +530,8 @@ class StageStream:
         for i, p in enumerate(parts):  # their documents' tables: memory-mapped from the index, like its arrays
             p.doc_file, p.doc_start, p.doc_len = (arrays[n][off[i, 3]:off[i + 1, 3]]
                                                   for n in ("part_file", "part_start", "part_len"))
+        if not self.index_cached:
+            _trim_heap()  # the build's temporaries and the mixture's tables it read from the shards are gone now
         self._parts = [
             _PartIndex(cidx[p.component], p, arrays["doc_idx"][off[i, 0]:off[i + 1, 0]],
                        arrays["sample_doc"][off[i, 1]:off[i + 1, 1]], arrays["sample_off"][off[i, 1]:off[i + 1, 1]],
@@ -537,6 +544,13 @@ class StageStream:
 
     def __len__(self) -> int:
         return self.num_samples
+
+    def _build(self, folder: Optional[Path], mixture: Any) -> tuple[Dict[str, np.ndarray], MixturePlan]:
+        """Plan the stage and build its index (into `folder`, or in memory): the documents' tables of the whole
+        mixture are read from the shards and held until this returns."""
+        plan = plan_mixture(self.manifest_path, mixture, self.seq_len, self.num_samples, self.stage)
+        return _build_arrays(folder, lambda sinks, threaded: self._build_index(
+            [p for p in plan.parts if p.samples > 0], sinks, self.workers if threaded else 1), plan)
 
     def _build_index(self, parts: List[Part], sinks: Sinks, workers: int) -> None:
         """Every part's arrays, one after the other (`offsets` (parts + 1, 4): where each part's doc_idx,
@@ -577,7 +591,6 @@ class StageStream:
         work = sum(cost for cost, _ in tasks)  # a thread per BUILD_DOCS of it at most: a small stage builds on one
         self.build_threads = min(workers, max(1, work // BUILD_DOCS))
         _run_all([task for _, task in tasks], self.build_threads)
-        _trim_heap()
 
     def _build_epochs(self, part: Part, e0: int, e1: int, doc_out: tuple, sample_out: tuple) -> None:
         """Epochs [e0, e1) of one part: their doc_idx, and sample_doc / sample_off of the samples that start in them
