@@ -349,16 +349,38 @@ def input_files(cfg: DataConfig) -> Dict[str, Optional[Dict[str, List[int]]]]:
     return out
 
 
-def _changed(recorded: Dict[str, Any], now: Dict[str, Any]) -> List[str]:
-    """The inputs whose files differ from those the manifest recorded: other names or sizes, or another mtime and
-    other content (a copy with new mtimes, a `git clone`, is the same data)."""
-    def differs(old: Dict[str, list], new: Dict[str, list]) -> bool:
-        if sorted(old) != sorted(new):
-            return True
-        return any(old[f][0] != new[f][0] or (old[f][1] != new[f][1] and old[f][2:] != [sha256_file(Path(f))])
-                   for f in new)
+INPUTS = "inputs.json"  # beside the manifest: the files the data set was prepared from, {input: {file: stamp}}
 
-    return [k for k, files in recorded.items() if now.get(k) is not None and differs(files, now[k])]
+
+def _changed(mpath: Path, now: Dict[str, Any]) -> List[str]:
+    """The inputs whose files differ from those recorded in inputs.json: other names or sizes, or another mtime and
+    other content. A copy with new mtimes (a `git clone`) is the same data: its new stamps are recorded, so the
+    files are hashed once, not at every launch."""
+    try:
+        recorded = json.loads((mpath.parent / INPUTS).read_text())
+    except (OSError, ValueError):
+        return []  # a data set prepared before inputs were recorded, or copied without them
+    changed, restamped = [], False
+    for key, files in recorded.items():
+        new = now.get(key)
+        if new is None:
+            continue
+        if sorted(files) != sorted(new) or any(files[f][0] != new[f][0] for f in new):
+            changed.append(key)
+            continue
+        for f in new:
+            if files[f][1] != new[f][1]:
+                sha = sha256_file(Path(f))
+                if files[f][2] != sha:
+                    changed.append(key)
+                    break
+                files[f], restamped = [*new[f], sha], True
+    if restamped and not changed:
+        try:
+            write_json(mpath.parent / INPUTS, recorded)
+        except OSError:  # a read-only root: hashed again next time
+            pass
+    return changed
 
 
 def prepare(data_cfg: Any) -> Path:
@@ -373,7 +395,7 @@ def prepare(data_cfg: Any) -> Path:
     key, inputs = config_key(cfg), input_files(cfg)
     if mpath.exists():
         manifest = verify(mpath, remember=True)  # refuse a damaged data set before touching anything
-        changed = _changed(manifest.get("inputs", {}), inputs)
+        changed = _changed(mpath, inputs)
         if manifest.get("config_key") == key and not changed:
             log.info("data set %s is prepared and verified: %s", cfg.name, mpath)
             return mpath
@@ -386,10 +408,10 @@ def prepare(data_cfg: Any) -> Path:
     tok = ensure_tokenizer(cfg, sources, identities)
     recs = {n: ensure_source_shards(n, sources[n], identities[n], tok, cfg) for n in cfg.sources}
     manifest = build_manifest(cfg, key, tok, recs, {n: v[2] for n, v in loaded.items()})
-    manifest["inputs"] = {k: {f: [*st, sha256_file(Path(f))] for f, st in v.items()}
-                          for k, v in inputs.items() if v is not None}
     try:
         write_json(mpath, manifest)
+        write_json(mpath.parent / INPUTS, {k: {f: [*st, sha256_file(Path(f))] for f, st in v.items()}
+                                           for k, v in inputs.items() if v is not None})
     except OSError as e:
         raise DataError(f"{mpath}: cannot write the manifest ({e})") from None
     log.info("data set %s: %d tokens, %d documents, %d languages in %.1fs -> %s", cfg.name,

@@ -76,11 +76,14 @@ def test_an_edited_local_file_or_tokenizer_file_is_prepared_again(tmp_path, toke
     write_jsonl(f, [{"text": "one short document"}, {"text": "and a second, longer document than the first"}])
     after = verify(prepare(cfg))
     assert after["totals"]["tokens"] > before and after["totals"]["documents"] == 2
-    # the same files with new mtimes (a copy, a git clone): nothing to prepare, the manifest stays as it is
+    # the same files with new mtimes (a copy, a git clone): nothing to prepare, the manifest stays as it is, and
+    # the new mtime is recorded, so the file is hashed once, not at every launch
     manifest = (tmp_path / "root" / "fixture" / "manifest.json").read_bytes()
     os.utime(f, (1e9, 1e9))
     prepare(cfg)
     assert (tmp_path / "root" / "fixture" / "manifest.json").read_bytes() == manifest
+    inputs = json.loads((tmp_path / "root" / "fixture" / "inputs.json").read_text())
+    assert inputs["data.sources.j"][str(f)][1] == 10**18
     # the raw files gone (the prepared data set copied elsewhere): it still opens as it is
     f.unlink()
     assert verify(prepare(cfg))["totals"] == after["totals"]
