@@ -374,6 +374,10 @@ class Qwen3ForCausalLM(nn.Module):
                                      "positions); raise max_position_embeddings, set YaRN rope_scaling or use DCA")
                 cos, sin = self.rope_cos[:t][None, None], self.rope_sin[:t][None, None]  # (1, 1, T, D/2)
             else:
+                if kv_cache is not None and kv_cache.length + t > self.rope_cos.shape[0]:  # decoding past them
+                    raise ValueError(f"position {kv_cache.length + t - 1} is beyond the RoPE tables "
+                                     f"({self.rope_cos.shape[0]} positions); raise max_position_embeddings, set "
+                                     "YaRN rope_scaling or use DCA")
                 cos, sin = self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None]  # (B, 1, T, D/2)
         dtype = self.model.embed_tokens.weight.dtype
         cos, sin = cos.to(dtype), sin.to(dtype)

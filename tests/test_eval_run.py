@@ -118,3 +118,26 @@ def test_suite_is_skipped_when_a_second_copy_would_not_fit(monkeypatch):
                                                    "2.0 GiB free")]:
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 141 * gib))
         assert suite_memory_shortfall(model, 4096, torch.device("cuda", 0)) == expect
+
+
+def test_a_mid_stage_checkpoint_and_bad_sizes_leave_the_stage_results_alone(run_dir, tmp_path):
+    """Evaluating a checkpoint from the middle of a stage used to overwrite eval/<stage>/ (read as "after the
+    stage" by the summary and the report); bad sizes were tracebacks; a DCA window as long as a stage's trained
+    length failed halfway through `all`, leaving some stages' results and no summary."""
+    import shutil
+
+    mid = tmp_path / "checkpoints" / "0-general-step0000001"
+    shutil.copytree(run_dir / "checkpoints" / "0-general-step0000004", mid)
+    shutil.copy(run_dir / "config.yaml", tmp_path / "config.yaml")
+    meta = json.loads((mid / "meta.json").read_text())
+    meta["state"]["stage_complete"] = False
+    (mid / "meta.json").write_text(json.dumps(meta))
+    assert eval_main(["ppl", str(mid), "--max-tokens", "64", "--device", "cpu"]) == 0
+    assert (tmp_path / "eval" / mid.name / "ppl.json").exists() and not (tmp_path / "eval" / "general").exists()
+    for bad in (["--trials", "0"], ["--batch-size", "0"], ["--depths", "1.5"], ["--lengths", "0"]):
+        with pytest.raises(SystemExit) as e:
+            eval_main(["passkey", str(run_dir), *bad])
+        assert e.value.code == 2
+    out = tmp_path / "dca"
+    assert eval_main(["all", str(run_dir), "--dca-local-size", "64", "--out", str(out), "--device", "cpu"]) == 2
+    assert not out.exists()

@@ -81,3 +81,12 @@ def test_eos_stops_and_pads_finished_sequences():
         assert (out[row, end:] == eos).all()
     ended = all((free[r, 4:] == eos).any() for r in range(2))
     assert out.shape[1] == (max(4 + (free[r, 4:] == eos).nonzero()[0].item() + 1 for r in range(2)) if ended else 14)
+
+
+def test_decoding_past_the_rope_tables_is_named():
+    """An IndexError from deep inside the RoPE lookup before; now the limit and the ways past it."""
+    model = build("tiny_dense", max_position_embeddings=16)
+    prompt = torch.randint(0, 8192, (1, 14), generator=torch.Generator().manual_seed(0))
+    assert generate(model, prompt, max_new_tokens=3).shape == (1, 17)  # the 17th is predicted at position 15
+    with pytest.raises(ValueError, match=r"position 16 is beyond the RoPE tables \(16 positions\).*YaRN.*DCA"):
+        generate(model, prompt, max_new_tokens=4)

@@ -49,3 +49,16 @@ def test_moe_run_report(tmp_path):
 
 def test_missing_metrics_is_an_error(tmp_path):
     assert report.main([str(tmp_path)]) == 2
+
+
+def test_a_line_cut_short_is_skipped_and_an_empty_file_is_an_error(tmp_path, capsys):
+    """A kill or a full disk mid-write leaves half a line, and the relaunch appends after it: the report used to be
+    lost to a JSONDecodeError; an empty file gave a ValueError traceback."""
+    good = [step("general", 1, 1, 5.0), step("general", 2, 2, 4.0)]
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(good[0]) + "\n" + json.dumps(good[1])[:40]
+                                            + json.dumps(good[1]) + "\n")
+    assert [r["lm_loss"] for r in report.step_records(report.read_metrics(tmp_path))] == [5.0]
+    assert "metrics.jsonl:2: not a JSON record" in capsys.readouterr().err
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert report.main([str(tmp_path)]) == 2
+    assert "has no step records yet" in capsys.readouterr().err

@@ -28,11 +28,17 @@ COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
 
 def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
-    """Every record of metrics.jsonl; a resumed run logs some steps twice and the later record wins."""
+    """Every record of metrics.jsonl; a resumed run logs some steps twice and the later record wins. A line that
+    is not JSON (cut short by a full disk or a kill mid-write, with the relaunch appending after it) is skipped,
+    with a warning naming it."""
     out: List[Dict[str, Any]] = []
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+    path = Path(run_dir) / "metrics.jsonl"
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if line.strip():
-            out.append(json.loads(line))
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                print(f"warning: {path}:{n}: not a JSON record (cut short?); skipped", file=sys.stderr)
     steps: Dict[Tuple[str, int], Dict[str, Any]] = {}
     events = []
     for r in out:
@@ -317,7 +323,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not (args.run_dir / "metrics.jsonl").exists():
         print(f"error: {args.run_dir}/metrics.jsonl not found", file=sys.stderr)
         return 2
-    written = report(args.run_dir, args.out)
+    try:
+        written = report(args.run_dir, args.out)
+    except ValueError as e:  # no step records yet
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print("\n".join(str(p) for p in written.values()))
     return 0
 

@@ -29,6 +29,29 @@ def _names(text: str) -> List[str]:
     return [x for x in text.split(",") if x]
 
 
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value}: must be at least {low}")
+        return value
+    return parse
+
+
+def _depths(text: str) -> List[float]:
+    values = _floats(text)
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text}: needle depths must lie in [0, 1]")
+    return values
+
+
+def _lengths(text: str) -> List[int]:
+    values = _ints(text)
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text}: lengths must be positive")
+    return values
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line."""
     d = Sizes()
@@ -41,19 +64,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", type=Path, default=None, help="data set manifest (default: the run's)")
     p.add_argument("--seq-len", type=int, default=None, help="trained length of an HF directory outside a run")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--max-tokens", type=int, default=d.ppl_max_tokens, help="ppl: held-out tokens per component")
+    p.add_argument("--max-tokens", type=_at_least(1), default=d.ppl_max_tokens, help="ppl: held-out tokens per component")
     p.add_argument("--tasks", type=_names, default=list(d.tasks), help=f"reasoning tasks (default {','.join(TASKS)})")
-    p.add_argument("--problems", type=int, default=d.problems, help="reasoning: problems per task")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="reasoning: generation budget")
-    p.add_argument("--depths", type=_floats, default=list(d.depths), help="passkey: needle depths in [0, 1]")
-    p.add_argument("--trials", type=int, default=d.trials, help="passkey: keys per (length, depth)")
-    p.add_argument("--windows", type=int, default=d.windows, help="position_loss: windows per length")
-    p.add_argument("--lengths", type=_ints, default=[], help="passkey / position_loss lengths (default: planned "
+    p.add_argument("--problems", type=_at_least(1), default=d.problems, help="reasoning: problems per task")
+    p.add_argument("--max-new-tokens", type=_at_least(1), default=d.max_new_tokens, help="reasoning: generation budget")
+    p.add_argument("--depths", type=_depths, default=list(d.depths), help="passkey: needle depths in [0, 1]")
+    p.add_argument("--trials", type=_at_least(1), default=d.trials, help="passkey: keys per (length, depth)")
+    p.add_argument("--windows", type=_at_least(1), default=d.windows, help="position_loss: windows per length")
+    p.add_argument("--lengths", type=_lengths, default=[], help="passkey / position_loss lengths (default: planned "
                    "from the General and the stage's trained lengths, out to 4x)")
     p.add_argument("--modes", type=_names, default=list(MODES), help="plain,yarn,dca")
-    p.add_argument("--dca-local-size", type=int, default=0, help="DCA local window (default: trained length / 8)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="ppl windows / reasoning prompts per forward")
-    p.add_argument("--long-batch-size", type=int, default=d.long_batch_size,
+    p.add_argument("--dca-local-size", type=_at_least(0), default=0, help="DCA local window (default: trained length / 8)")
+    p.add_argument("--batch-size", type=_at_least(1), default=d.batch_size, help="ppl windows / reasoning prompts per forward")
+    p.add_argument("--long-batch-size", type=_at_least(1), default=d.long_batch_size,
                    help="passkey prompts / position_loss windows per forward")
     return p
 
@@ -69,6 +92,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         target = resolve(args.target, args.out, args.manifest, args.stage, args.seq_len)
     except EvalError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    short = {s.name: s.seq_len for s in target.stages if "dca" in args.modes and args.dca_local_size >= s.seq_len}
+    if short:  # checked before any stage runs: a failure halfway left some stages' results and no summary
+        print(f"error: --dca-local-size {args.dca_local_size}: must be below the trained length (the DCA chunk) of "
+              f"every stage evaluated; trained lengths {short}", file=sys.stderr)
         return 2
     sizes = Sizes(ppl_max_tokens=args.max_tokens, tasks=tuple(args.tasks), problems=args.problems,
                   max_new_tokens=args.max_new_tokens, depths=tuple(args.depths), trials=args.trials,

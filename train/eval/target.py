@@ -140,8 +140,11 @@ def resolve(target: Path, out: Optional[Path] = None, manifest: Optional[Path] =
             raise EvalError(f"{target}: no hf/<stage>/ exports and no finished stage checkpoints")
     elif (target / "meta.json").exists():  # a checkpoint folder carries its run's config
         cfg = OmegaConf.to_container(OmegaConf.load(target / "config.yaml"), resolve=True)
-        stage = json.loads((target / "meta.json").read_text())["stage"]
-        found = [StageModel(stage, target, _seq_len(cfg, stage))]
+        meta = json.loads((target / "meta.json").read_text())
+        # a checkpoint from the middle of a stage gets results of its own (eval/<its tag>/), so that they never
+        # replace the stage's: the summary and the report read eval/<stage>/ as "after <stage>"
+        name = meta["stage"] if meta.get("state", {}).get("stage_complete", True) else target.name
+        found = [StageModel(name, target, _seq_len(cfg, meta["stage"]))]
         run_dir = target.parent.parent if (target.parent.parent / "config.yaml").exists() else None
     elif (target / "config.json").exists():  # an HF directory, maybe <run_dir>/hf/<stage>
         parent = target.parent.parent
