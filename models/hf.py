@@ -53,6 +53,8 @@ def config_from_hf(d: Dict[str, Any], name: Optional[str] = None) -> Qwen3Config
         rope.pop("rope_theta", None)
     kind = rope.get("rope_type", rope.get("type", "default"))
     scaling = None if kind == "default" else {k: v for k, v in rope.items() if k != "type"} | {"rope_type": kind}
+    if kind == "yarn" and "original_max_position_embeddings" not in scaling:  # as transformers reads it
+        scaling["original_max_position_embeddings"] = d.get("max_position_embeddings", 40960)
 
     def token_id(v: Any) -> Optional[int]:
         return v[0] if isinstance(v, list) and v else (v if isinstance(v, int) else None)
@@ -84,6 +86,16 @@ def config_from_hf(d: Dict[str, Any], name: Optional[str] = None) -> Qwen3Config
     return cfg.validate()
 
 
+def _hf_max_positions(cfg: Qwen3Config) -> int:
+    """max_position_embeddings as transformers reads it: under YaRN, factor x the original length (transformers
+    4.x derives the YaRN factor from max_position_embeddings / original_max_position_embeddings, so any other value
+    would scale RoPE differently from this model)."""
+    s = cfg.rope_scaling
+    if s is not None and s.get("rope_type", s.get("type")) == "yarn" and "original_max_position_embeddings" in s:
+        return int(round(float(s["factor"]) * int(s["original_max_position_embeddings"])))
+    return cfg.max_position_embeddings
+
+
 def hf_config_dict(cfg: Qwen3Config, dtype: Optional[torch.dtype] = None) -> Dict[str, Any]:
     """HF config.json dict for cfg, readable by transformers 4.x (rope_theta/rope_scaling) and 5.x (rope_parameters)."""
     rope_parameters: Dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
@@ -101,7 +113,7 @@ def hf_config_dict(cfg: Qwen3Config, dtype: Optional[torch.dtype] = None) -> Dic
         "head_dim": cfg.head_dim,
         "hidden_act": "silu",
         "rms_norm_eps": cfg.rms_norm_eps,
-        "max_position_embeddings": cfg.max_position_embeddings,
+        "max_position_embeddings": _hf_max_positions(cfg),
         "rope_theta": cfg.rope_theta,
         "rope_scaling": None if cfg.rope_scaling is None else dict(cfg.rope_scaling),
         "rope_parameters": rope_parameters,

@@ -249,3 +249,27 @@ def test_expert_parallel_ranks_read_only_their_experts(tmp_path, monkeypatch):
         assert torch.equal(t, want), name
     experts_read = {int(k.split(".")[5]) for k in read if ".mlp.experts." in k}
     assert experts_read == {4, 5}
+
+
+def test_yarn_export_is_read_by_transformers_4_and_a_missing_original_length_is_the_configured_one(tmp_path):
+    """transformers 4.x takes the YaRN factor as max_position_embeddings / original_max_position_embeddings: the
+    export wrote the base model's 8,192 with factor 4 over 64 (4.51 scaled RoPE by 128, logits off by 0.58);
+    a config without original_max_position_embeddings failed to load with a KeyError (transformers reads it as
+    max_position_embeddings)."""
+    transformers = pytest.importorskip("transformers")
+    model = Qwen3ForCausalLM(load_preset("tiny_dense"))
+    model.init_weights(seed=0)
+    model.set_rope_scaling({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})
+    save_hf(model, tmp_path / "m")
+    d = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert d["max_position_embeddings"] == 256 and d["rope_scaling"]["original_max_position_embeddings"] == 64
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    x = torch.randint(0, 8192, (1, 200), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x).logits, hf(x).logits, rtol=0, atol=1e-4)
+    d["max_position_embeddings"] = 64
+    for key in ("rope_scaling", "rope_parameters"):
+        d[key].pop("original_max_position_embeddings")
+    (tmp_path / "m" / "config.json").write_text(json.dumps(d))
+    cfg = load_hf(tmp_path / "m").config
+    assert cfg.rope_scaling["original_max_position_embeddings"] == 64 and cfg.max_position_embeddings == 64
