@@ -93,7 +93,8 @@ def index_probe(manifest: str, mode: str, n: int, workers: Optional[int] = None)
                     seed=12345, stage="index_bench", num_samples=n, cache=mode != "memory", workers=workers)
     seconds = time.perf_counter() - t0
     s.batch((np.arange(64) * (n // 64)).tolist())
-    return {"mode": mode, "threads": s.build_threads, "cached": s.index_cached, "seconds": seconds, "private_mib": _status_mib("RssAnon") - base,
+    return {"mode": mode, "threads": s.build_threads, "cached": s.index_cached, "seconds": seconds,
+            "private_mib": _status_mib("RssAnon") - base,
             "peak_mib": _status_mib("VmHWM") - base_rss}
 
 

@@ -201,8 +201,10 @@ def test_stale_temporary_files_of_a_running_process_are_left_to_it(tmp_path):
     (lambda m: m.update(dtype="int7"), "dtype 'int7': expected one of"),
     (lambda m: m.update(components=None), "components is NoneType, expected an object"),
     (lambda m: next(iter(m["components"].values())).pop("source"), r"components\.\S+ lacks 'source'"),
-    (lambda m: next(iter(m["components"].values()))["files"][0].pop("sha256"), r"components\.\S+\.files\[0\] lacks 'sha256'"),
-    (lambda m: next(iter(m["heldout"].values()))["files"][0].update(tokens=-3), r"heldout\.\S+\.files\[0\]\.tokens is -3, expected a non-negative int"),
+    (lambda m: next(iter(m["components"].values()))["files"][0].pop("sha256"),
+     r"components\.\S+\.files\[0\] lacks 'sha256'"),
+    (lambda m: next(iter(m["heldout"].values()))["files"][0].update(tokens=-3),
+     r"heldout\.\S+\.files\[0\]\.tokens is -3, expected a non-negative int"),
     (lambda m: m["tokenizer"].update(vocab_size=10**9), "tokenizer.vocab_size is 1000000000, but .* has 1024 ids"),
 ])
 def test_a_hand_edited_manifest_is_refused_naming_the_field(tmp_path, edit, message):

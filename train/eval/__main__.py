@@ -64,7 +64,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", type=Path, default=None, help="data set manifest (default: the run's)")
     p.add_argument("--seq-len", type=int, default=None, help="trained length of an HF directory outside a run")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--max-tokens", type=_at_least(1), default=d.ppl_max_tokens, help="ppl: held-out tokens per component")
+    p.add_argument("--max-tokens", type=_at_least(1), default=d.ppl_max_tokens,
+                   help="ppl: held-out tokens per component")
     p.add_argument("--tasks", type=_names, default=list(d.tasks), help=f"reasoning tasks (default {','.join(TASKS)})")
     p.add_argument("--problems", type=_at_least(1), default=d.problems, help="reasoning: problems per task")
     p.add_argument("--max-new-tokens", type=_at_least(1), default=d.max_new_tokens, help="reasoning: generation budget")
@@ -74,8 +75,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", type=_lengths, default=[], help="passkey / position_loss lengths (default: planned "
                    "from the General and the stage's trained lengths, out to 4x)")
     p.add_argument("--modes", type=_names, default=list(MODES), help="plain,yarn,dca")
-    p.add_argument("--dca-local-size", type=_at_least(0), default=0, help="DCA local window (default: trained length / 8)")
-    p.add_argument("--batch-size", type=_at_least(1), default=d.batch_size, help="ppl windows / reasoning prompts per forward")
+    p.add_argument("--dca-local-size", type=_at_least(0), default=0,
+                   help="DCA local window (default: trained length / 8)")
+    p.add_argument("--batch-size", type=_at_least(1), default=d.batch_size,
+                   help="ppl windows / reasoning prompts per forward")
     p.add_argument("--long-batch-size", type=_at_least(1), default=d.long_batch_size,
                    help="passkey prompts / position_loss windows per forward")
     return p
