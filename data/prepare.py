@@ -328,7 +328,7 @@ def input_files(cfg: DataConfig) -> Dict[str, Optional[Dict[str, List[int]]]]:
     from data.recipes import local
 
     def stats(files: List[Path]) -> Dict[str, List[int]]:
-        return {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+        return {str(f): [st.st_size, st.st_mtime_ns] for f in files for st in [f.stat()]}
 
     out: Dict[str, Optional[Dict[str, List[int]]]] = {}
     for name, src in cfg.sources.items():

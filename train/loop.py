@@ -29,6 +29,7 @@ from omegaconf import OmegaConf
 
 from data.errors import DataError
 from data.heldout import heldout_sets
+from data.io import sha256_text
 from data.loader import StageStream
 from data.prepare import manifest_path, prepare
 from data.shards import verify
@@ -146,10 +147,12 @@ class Trainer:
                           vocab_size=cfg.model.vocab_size, remember=True)
 
         # the full read (every shard's checksum and token range) once, by rank 0, and by each node's first rank
-        # where nodes have data roots of their own; then every rank checks headers and sizes against the record
-        on_rank0("verifying the data", check_data)
-        on_rank0("verifying this node's copy of the data", check_data, node=True)
-        self.data_manifest = check_data()
+        # where nodes have data roots of their own; then every other rank checks headers and sizes against the
+        # record (each rank verifies once: a check also hashes the manifest and loads the tokenizer)
+        checked = on_rank0("verifying the data", check_data)
+        checked = on_rank0("verifying this node's copy of the data",
+                           (lambda: checked) if checked is not None else check_data, node=True)
+        self.data_manifest = checked if checked is not None else check_data()
         if self.tokenizer.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"config key 'model.vocab_size' = {cfg.model.vocab_size}: smaller than the "
                               f"tokenizer's {self.tokenizer.vocab_size} tokens")
@@ -676,12 +679,10 @@ class Trainer:
 def data_fingerprint(manifest: Dict[str, Any], stage: StageConfig) -> str:
     """What a stage trains on: the shard checksums of the components its mixture reads (not the manifest's own
     bytes, which a rerun of `prepare` rewrites with the same data; not sources only later stages read)."""
-    import hashlib
-
     sources = {s for s, w in stage.mixture.weights.items() if w > 0} or None  # empty weights: every source
     files = {k: [f["sha256"] for f in c["files"]] for k, c in sorted(manifest["components"].items())
              if sources is None or c["source"] in sources}
-    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+    return sha256_text(json.dumps(files, sort_keys=True))[:16]
 
 
 def stage_data(cfg: TrainConfig, stage: StageConfig, manifest: Dict[str, Any]) -> Dict[str, Any]:
