@@ -141,3 +141,20 @@ def test_a_mid_stage_checkpoint_and_bad_sizes_leave_the_stage_results_alone(run_
     out = tmp_path / "dca"
     assert eval_main(["all", str(run_dir), "--dca-local-size", "64", "--out", str(out), "--device", "cpu"]) == 2
     assert not out.exists()
+
+
+def test_a_model_outside_a_run_gets_its_results_beside_it(run_dir, tmp_path):
+    """Results used to go into the HF folder itself (<hf>/eval/), where the next save_hf to that path deleted
+    them; now <folder>-eval/ beside it, and the model's folder is left as it was."""
+    import shutil
+
+    from train.eval.target import _manifest_of, _run_config
+
+    hf = tmp_path / "exported"
+    shutil.copytree(run_dir / "hf" / "general", hf)
+    before = sorted(p.name for p in hf.iterdir())
+    manifest = _manifest_of(_run_config(run_dir))
+    assert eval_main(["ppl", str(hf), "--seq-len", "64", "--manifest", str(manifest), "--max-tokens", "64",
+                      "--device", "cpu"]) == 0
+    assert sorted(p.name for p in hf.iterdir()) == before
+    assert json.loads((tmp_path / "exported-eval" / "exported" / "ppl.json").read_text())["seq_len"] == 64

@@ -174,5 +174,7 @@ def resolve(target: Path, out: Optional[Path] = None, manifest: Optional[Path] =
     else:
         order, seq_lens = [found[0].name], {found[0].name: found[0].seq_len}
     if out is None:
-        out = (run_dir / "eval") if run_dir is not None else target / "eval"
+        # outside a run, beside the model rather than in it: a later save_hf or checkpoint prune replaces the
+        # model's folder whole, results and all
+        out = (run_dir / "eval") if run_dir is not None else target.with_name(f"{target.name}-eval")
     return EvalTarget(found, Path(manifest), seq_lens[order[0]], Path(out), order, seq_lens, run_dir)
