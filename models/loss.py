@@ -48,14 +48,19 @@ def _compiled_softmax_xent_grad():
 
 
 def _chunked_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int,
-                with_grads: bool, compiled: bool = False
+                with_grads: bool, compiled: bool = False, grad_scale: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Mean loss, per-token losses (N,) fp32 and, if asked, gradients of the mean loss w.r.t. hidden and weight."""
+    """Mean loss, per-token losses (N,) fp32 and, if asked, gradients of the mean loss w.r.t. hidden and weight.
+
+    grad_scale: an fp32 scalar the gradients are multiplied by in fp32, before they are rounded to the input
+    dtype (the loss scale under fp16, whose small gradients would otherwise underflow).
+    """
     n_tokens = hidden.shape[0]
     w = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)  # (V, d) in the compute dtype
     valid = labels != IGNORE_INDEX  # (N,)
     # Mean over the non-ignored tokens; an all-ignored batch gives loss 0 (not NaN) so a step never poisons.
     inv_count = 1.0 / valid.sum().clamp(min=1).to(torch.float32)
+    grad_unit = inv_count if grad_scale is None else inv_count * grad_scale.to(torch.float32)
     safe_labels = labels.masked_fill(~valid, 0)
     token_losses = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if with_grads else None
@@ -66,7 +71,7 @@ def _chunked_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
         end = min(start + chunk_size, n_tokens)
         h = hidden[start:end]  # (C, d)
         if with_grads and compiled:
-            scale = valid[start:end].to(torch.float32) * inv_count  # (C,)
+            scale = valid[start:end].to(torch.float32) * grad_unit  # (C,)
             token_losses[start:end], g = _compiled_softmax_xent_grad()(h @ w.T, safe_labels[start:end],
                                                                        valid[start:end], scale)
             grad_hidden[start:end] = g @ w  # (C, d)
@@ -89,7 +94,7 @@ def _chunked_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
             probs = exp.div_(sum_exp)  # (C, V), still the same buffer
             rows = torch.arange(end - start, device=hidden.device)
             probs[rows, safe_labels[start:end]] -= 1.0
-            probs.mul_((valid[start:end].to(torch.float32) * inv_count)[:, None])
+            probs.mul_((valid[start:end].to(torch.float32) * grad_unit)[:, None])
             g = probs.to(hidden.dtype)  # (C, V) back in the input dtype for the two matmuls
             grad_hidden[start:end] = g @ w  # (C, d)
             if g.dtype == grad_weight.dtype:
@@ -104,21 +109,37 @@ def _chunked_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
-    """Autograd wrapper: gradients are computed in the forward chunks, the backward only scales them."""
+    """Autograd wrapper: gradients are computed in the forward chunks, the backward only scales them.
+
+    fp16 is the exception: its gradients must be multiplied by the loss scale before they are rounded, or the
+    small ones underflow to 0 and a large scale overflows, and the scale is known only in the backward. There the
+    forward computes the loss alone and the backward runs the chunks again (one more head matmul).
+    """
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                 chunk_size: int, compiled: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-        loss, token_losses, grad_hidden, grad_weight = _chunked_ce(hidden, weight, labels, chunk_size, True,
-                                                                   compiled)
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        ctx.chunk_size, ctx.compiled = chunk_size, compiled
+        ctx.recompute = hidden.dtype == torch.float16
+        if ctx.recompute:
+            loss, token_losses, _, _ = _chunked_ce(hidden, weight, labels, chunk_size, False)
+            ctx.save_for_backward(hidden, weight, labels)
+        else:
+            loss, token_losses, grad_hidden, grad_weight = _chunked_ce(hidden, weight, labels, chunk_size, True,
+                                                                       compiled)
+            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         ctx.mark_non_differentiable(token_losses)
         return loss, token_losses
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_token_losses: Optional[torch.Tensor]):
+        if ctx.recompute:
+            hidden, weight, labels = ctx.saved_tensors
+            _, _, grad_hidden, grad_weight = _chunked_ce(hidden, weight, labels, ctx.chunk_size, True,
+                                                         ctx.compiled, grad_scale=grad_loss)
+            return grad_hidden, grad_weight.to(weight.dtype), None, None, None
         grad_hidden, grad_weight = ctx.saved_tensors
-        # grad_loss is a scalar (1 in plain training, the loss scale under fp16, a factor under accumulation).
+        # grad_loss is a scalar (1 in plain training, a factor under gradient accumulation).
         return (grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype), None,
                 None, None)
 
