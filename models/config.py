@@ -155,9 +155,49 @@ class Qwen3Config:
             raise ValueError(f"doc_mask_implementation must be one of {DOC_MASK_IMPLEMENTATIONS}, "
                              f"got {self.doc_mask_implementation!r}")
         if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            if kind not in ("yarn", "default"):
-                raise ValueError(f"rope_scaling: only rope_type 'yarn' is supported, got {kind!r}")
-            if kind == "yarn" and float(self.rope_scaling.get("factor", 0)) < 1.0:
-                raise ValueError(f"rope_scaling: yarn factor must be >= 1, got {self.rope_scaling.get('factor')}")
+            self.rope_scaling = checked_rope_scaling(self.rope_scaling, self.max_position_embeddings)
         return self
+
+
+YARN_KEYS = ("rope_type", "type", "factor", "original_max_position_embeddings", "attention_factor", "beta_fast",
+             "beta_slow", "mscale", "mscale_all_dim", "truncate", "partial_rotary_factor")
+
+
+def checked_rope_scaling(scaling: Mapping[str, Any], max_position_embeddings: int) -> Dict[str, Any]:
+    """A YaRN scaling dict with every key this model reads checked, and the two HF leaves implicit filled in as
+    transformers does: `original_max_position_embeddings` defaults to max_position_embeddings, and a null
+    `factor` is max_position_embeddings / original. Raises ValueError naming the key."""
+    s = {k: scaling[k] for k in scaling}
+    kind = s.get("rope_type", s.get("type"))
+    if kind == "default":
+        return s
+    if kind != "yarn":
+        raise ValueError(f"rope_scaling: only rope_type 'yarn' is supported, got {kind!r}")
+    unknown = sorted(set(s) - set(YARN_KEYS))
+    if unknown:
+        raise ValueError(f"rope_scaling: unsupported keys {unknown} (known: {list(YARN_KEYS)})")
+
+    def number(key: str) -> Optional[float]:
+        v = s.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ValueError(f"rope_scaling: {key} must be a number, got {v!r}")
+        return v
+
+    for key in ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+        number(key)
+    if number("partial_rotary_factor") not in (None, 1, 1.0):
+        raise ValueError(f"rope_scaling: partial_rotary_factor {s['partial_rotary_factor']} is not supported "
+                         f"(Qwen3 rotates the whole head)")
+    original = s.get("original_max_position_embeddings")
+    if original is None:
+        original = max_position_embeddings
+    if isinstance(original, bool) or not isinstance(original, int) or original <= 0:
+        raise ValueError(f"rope_scaling: original_max_position_embeddings must be a positive integer, "
+                         f"got {original!r}")
+    factor = number("factor")
+    if factor is None:
+        factor = max_position_embeddings / original
+    if factor < 1.0:
+        raise ValueError(f"rope_scaling: yarn factor must be >= 1, got {factor}")
+    s["original_max_position_embeddings"], s["factor"] = original, float(factor)
+    return s

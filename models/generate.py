@@ -40,11 +40,18 @@ class KVCache:
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[int] = None,
                 top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Next token ids (B,) from last-position logits (B, V): argmax at temperature 0, else filtered sampling."""
+    """Next token ids (B,) from last-position logits (B, V): argmax at temperature 0, else filtered sampling.
+
+    top_k None or 0 and top_p None or 1 filter nothing (as in transformers); the most likely token always stays.
+    """
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0: no top-k filter), got {top_k}")
+    if top_p is not None and not 0.0 <= top_p <= 1.0:
+        raise ValueError(f"top_p must be in [0, 1], got {top_p}")
     if temperature <= 0.0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
+    if top_k and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
@@ -52,6 +59,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         # Drop a token when the ones ranked above it already reach top_p; the first token always stays.
         drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
+        drop_sorted[:, 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)

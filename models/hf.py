@@ -30,10 +30,35 @@ _SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20
 # --------------------------------------------------------------------------------------------------------
 # config.json
 
-def config_from_hf(d: Dict[str, Any], name: Optional[str] = None) -> Qwen3Config:
-    """Qwen3Config from an HF config.json dict (4.x `rope_theta` / `rope_scaling` or 5.x `rope_parameters`)."""
+# What transformers 5 reads for a key config.json leaves out (Qwen3Config / Qwen3MoeConfig defaults), so that a
+# sparse config builds the same shapes here as there. The MoE config has no head_dim: hidden_size / heads.
+_HF_DEFAULTS = {
+    "qwen3": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128,
+              "max_position_embeddings": 32768},
+    "qwen3_moe": {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 24,
+                  "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": None,
+                  "max_position_embeddings": 32768, "num_experts": 128, "num_experts_per_tok": 8,
+                  "moe_intermediate_size": 768, "norm_topk_prob": False},
+}
+
+
+def config_from_hf(d: Dict[str, Any], name: Optional[str] = None, source: str = "config.json") -> Qwen3Config:
+    """Qwen3Config from an HF config.json dict (4.x `rope_theta` / `rope_scaling` or 5.x `rope_parameters`).
+
+    Missing keys take transformers' defaults. `router_aux_loss_coef` is converted: transformers' balance loss
+    counts each token k times (it is k at an even load), this model's counts assignments (1 at an even load), so
+    the same strength is k x the HF coefficient. Errors are ValueErrors that start with `source`.
+    """
+    try:
+        return _config_from_hf(d, name)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{source}: {e}") from e
+
+
+def _config_from_hf(d: Dict[str, Any], name: Optional[str]) -> Qwen3Config:
     model_type = d.get("model_type")
-    if model_type not in ("qwen3", "qwen3_moe"):
+    if model_type not in _HF_DEFAULTS:
         raise ValueError(f"model_type must be qwen3 or qwen3_moe, got {model_type!r}")
     if d.get("use_sliding_window"):
         raise ValueError("use_sliding_window: sliding-window attention is not supported")
@@ -44,6 +69,11 @@ def config_from_hf(d: Dict[str, Any], name: Optional[str] = None) -> Qwen3Config
     moe = model_type == "qwen3_moe"
     if moe and (d.get("mlp_only_layers") or d.get("decoder_sparse_step", 1) != 1):
         raise ValueError("mlp_only_layers / decoder_sparse_step: only all-MoE layer stacks are supported")
+    defaults = _HF_DEFAULTS[model_type]
+
+    def get(key: str) -> Any:
+        v = d.get(key)
+        return defaults.get(key) if v is None else v
 
     rope = dict(d.get("rope_parameters") or {})
     legacy = d.get("rope_scaling")
@@ -53,37 +83,49 @@ def config_from_hf(d: Dict[str, Any], name: Optional[str] = None) -> Qwen3Config
         rope.pop("rope_theta", None)
     kind = rope.get("rope_type", rope.get("type", "default"))
     scaling = None if kind == "default" else {k: v for k, v in rope.items() if k != "type"} | {"rope_type": kind}
-    if kind == "yarn" and "original_max_position_embeddings" not in scaling:  # as transformers reads it
-        scaling["original_max_position_embeddings"] = d.get("max_position_embeddings", 40960)
 
     def token_id(v: Any) -> Optional[int]:
         return v[0] if isinstance(v, list) and v else (v if isinstance(v, int) else None)
 
-    heads = d["num_attention_heads"]
+    heads = get("num_attention_heads")
+    top_k = get("num_experts_per_tok") if moe else 0
     cfg = Qwen3Config(
         name=name or d.get("_name_or_path") or model_type,
-        vocab_size=d["vocab_size"],
-        hidden_size=d["hidden_size"],
-        intermediate_size=d.get("intermediate_size", 0),
-        num_hidden_layers=d["num_hidden_layers"],
+        vocab_size=get("vocab_size"),
+        hidden_size=get("hidden_size"),
+        intermediate_size=get("intermediate_size"),
+        num_hidden_layers=get("num_hidden_layers"),
         num_attention_heads=heads,
-        num_key_value_heads=d.get("num_key_value_heads") or heads,
-        head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+        num_key_value_heads=get("num_key_value_heads"),
+        head_dim=get("head_dim") or get("hidden_size") // heads,
         rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
         rope_theta=float(theta),
         rope_scaling=scaling,
-        max_position_embeddings=d.get("max_position_embeddings", 40960),
+        max_position_embeddings=get("max_position_embeddings"),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        num_experts=(d.get("num_experts") or d.get("num_local_experts") or 0) if moe else 0,
-        num_experts_per_tok=d.get("num_experts_per_tok", 0) if moe else 0,
-        moe_intermediate_size=d.get("moe_intermediate_size", 0) if moe else 0,
-        norm_topk_prob=bool(d.get("norm_topk_prob", False)) if moe else True,
-        router_aux_loss_coef=float(d.get("router_aux_loss_coef", 0.001)),
+        num_experts=(d.get("num_experts") or d.get("num_local_experts") or defaults["num_experts"]) if moe else 0,
+        num_experts_per_tok=top_k,
+        moe_intermediate_size=get("moe_intermediate_size") if moe else 0,
+        norm_topk_prob=bool(get("norm_topk_prob")) if moe else True,
+        router_aux_loss_coef=float(d.get("router_aux_loss_coef", 0.001)) * max(top_k, 1),
         initializer_range=float(d.get("initializer_range", 0.02)),
         bos_token_id=token_id(d.get("bos_token_id")),
         eos_token_id=token_id(d.get("eos_token_id")),
     )
     return cfg.validate()
+
+
+def read_hf_config(path: PathLike) -> Qwen3Config:
+    """The Qwen3Config of an HF checkpoint directory; a missing, unreadable or unusable config.json is a
+    ValueError naming the file."""
+    file = Path(path) / "config.json"
+    try:
+        d = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{file}: cannot read it as JSON ({type(e).__name__}: {e})") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(d).__name__}")
+    return config_from_hf(d, name=Path(path).name, source=str(file))
 
 
 def _hf_max_positions(cfg: Qwen3Config) -> int:
@@ -133,7 +175,7 @@ def hf_config_dict(cfg: Qwen3Config, dtype: Optional[torch.dtype] = None) -> Dic
             "num_experts_per_tok": cfg.num_experts_per_tok,
             "moe_intermediate_size": cfg.moe_intermediate_size,
             "norm_topk_prob": cfg.norm_topk_prob,
-            "router_aux_loss_coef": cfg.router_aux_loss_coef,
+            "router_aux_loss_coef": cfg.router_aux_loss_coef / cfg.num_experts_per_tok,  # see config_from_hf
             "decoder_sparse_step": 1,
             "mlp_only_layers": [],
             "output_router_logits": False,
@@ -151,61 +193,89 @@ def hf_config_dict(cfg: Qwen3Config, dtype: Optional[torch.dtype] = None) -> Dic
 def _checkpoint_files(path: Path) -> List[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [path / f for f in sorted(set(weight_map.values()))]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return [path / f for f in sorted(set(weight_map.values()))]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from e
     single = path / "model.safetensors"
     if single.is_file():
         return [single]
     raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
+_STACKED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+
 class HFWeights:
     """The weights of an HF checkpoint directory, read one parameter at a time under this model's names.
 
-    Every key's name and shape is checked against `cfg` when the reader is made, before anything is read
-    or written: a bad checkpoint fails with nothing loaded. `tensor(name)` then reads one parameter (for
-    stacked MoE experts, optionally only some experts) from disk; nothing else is held in memory.
+    Experts may be stored per expert (`mlp.experts.{e}.{gate,up,down}_proj.weight`, the released layout) or
+    stacked as this model holds them (`mlp.experts.gate_up_proj`, what transformers 5 writes with
+    `save_original_format=False`). Every key's name and shape is checked against `cfg` when the reader is made,
+    before anything is read or written: a bad checkpoint fails with nothing loaded. `tensor(name)` then reads
+    one parameter (for stacked MoE experts, optionally only some experts) from disk; nothing else is held in
+    memory.
     """
 
     def __init__(self, path: PathLike, cfg: Qwen3Config) -> None:
         self.path = Path(path)
         self.cfg = cfg
         with torch.device("meta"):
-            expected = {k: tuple(t.shape) for k, t in hf_tensors(Qwen3ForCausalLM(cfg).state_dict(), cfg)}
+            state = Qwen3ForCausalLM(cfg).state_dict()
+        required = {k: tuple(t.shape) for k, t in hf_tensors(state, cfg)}
+        # a stacked key stands for its per-expert keys
+        stacked_of = {k: name for name, t in state.items() if name.endswith(_STACKED)
+                      for k, _ in hf_tensors({name: t}, cfg)}
+        expected = {**required, **{name: tuple(t.shape) for name, t in state.items() if name.endswith(_STACKED)}}
         self.files: Dict[str, Path] = {}
-        for file in _checkpoint_files(self.path):
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
-                    if key == "lm_head.weight" and cfg.tie_word_embeddings:
-                        continue  # some exports store the tied head anyway; the embedding is the source
-                    if key not in expected:
-                        raise ValueError(f"{file.name}: unexpected key {key}")
-                    shape = tuple(f.get_slice(key).get_shape())
-                    if shape != expected[key]:
-                        raise ValueError(f"{file.name}: {key}: checkpoint shape {shape} != model shape "
-                                         f"{expected[key]}")
-                    self.files[key] = file
         self._open: Dict[Path, Any] = {}
-        missing = sorted(set(expected) - set(self.files))
+        for file in _checkpoint_files(self.path):
+            for key, shape in self._keys(file):
+                if key == "lm_head.weight" and cfg.tie_word_embeddings:
+                    continue  # some exports store the tied head anyway; the embedding is the source
+                if key not in expected:
+                    raise ValueError(f"{file}: unexpected key {key}")
+                if shape != expected[key]:
+                    raise ValueError(f"{file}: {key}: checkpoint shape {shape} != model shape {expected[key]}")
+                self.files[key] = file
+        both = sorted(k for k in stacked_of if k in self.files and stacked_of[k] in self.files)
+        if both:
+            raise ValueError(f"{self.path}: {both[0]} is stored both per expert and stacked as {stacked_of[both[0]]}")
+        missing = sorted(k for k in required if k not in self.files and stacked_of.get(k) not in self.files)
         if missing:
             raise ValueError(f"{self.path}: missing weights {missing[:8]}{' ...' if len(missing) > 8 else ''}")
 
-    def _read(self, key: str) -> torch.Tensor:
+    @staticmethod
+    def _keys(file: Path) -> List[Tuple[str, tuple]]:
+        """(key, shape) of every tensor in a safetensors file; an unreadable file is a ValueError naming it."""
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                return [(key, tuple(f.get_slice(key).get_shape())) for key in f.keys()]
+        except Exception as e:  # safetensors raises its own error types (SafetensorError, OSError, ...)
+            raise ValueError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+
+    def _file(self, key: str) -> Any:
         file = self.files[key]
         if file not in self._open:  # memory-mapped; kept open for the (many) per-expert reads
             self._open[file] = safe_open(str(file), framework="pt")
-        return self._open[file].get_tensor(key)
+        return self._open[file]
 
     def tensor(self, name: str, experts: Optional[range] = None) -> torch.Tensor:
         """Parameter `name` (a state_dict key of Qwen3ForCausalLM); `experts` picks slices of stacked experts."""
-        for stacked in ("gate_up_proj", "down_proj"):
-            if name.endswith(f"mlp.experts.{stacked}"):
-                prefix = name[: -len(stacked)]
-                parts = ("down",) if stacked == "down_proj" else ("gate", "up")
-                chosen = experts if experts is not None else range(self.cfg.num_experts)
-                return torch.stack([torch.cat([self._read(f"{prefix}{e}.{kind}_proj.weight") for kind in parts])
-                                    for e in chosen])
+        if name.endswith(_STACKED):
+            chosen = experts if experts is not None else range(self.cfg.num_experts)
+            if name in self.files:  # stored stacked: read the experts' rows only
+                return self._file(name).get_slice(name)[chosen.start:chosen.stop]
+            stacked = name.rsplit(".", 1)[1]
+            prefix = name[: -len(stacked)]
+            parts = ("down",) if stacked == "down_proj" else ("gate", "up")
+            return torch.stack([torch.cat([self._read(f"{prefix}{e}.{kind}_proj.weight") for kind in parts])
+                                for e in chosen])
         return self._read(name)
+
+    def _read(self, key: str) -> torch.Tensor:
+        return self._file(key).get_tensor(key)
 
 
 def load_hf_weights(model: Qwen3ForCausalLM, path: PathLike,
@@ -232,7 +302,7 @@ def load_hf(path: PathLike, device: Union[str, torch.device] = "cpu",
             dtype: torch.dtype = torch.float32) -> Qwen3ForCausalLM:
     """Build a Qwen3ForCausalLM from an HF checkpoint directory (sharded or not); every weight must be present."""
     path = Path(path)
-    cfg = config_from_hf(json.loads((path / "config.json").read_text()), name=path.name)
+    cfg = read_hf_config(path)
     with torch.device("meta"):
         model = Qwen3ForCausalLM(cfg).to(dtype)
     model.to_empty(device=device)  # also recomputes the RoPE tables and re-ties the head
@@ -290,6 +360,11 @@ def write_hf(cfg: Qwen3Config, path: PathLike, tensors: Iterable[Tuple[str, torc
     distributed gather, one parameter at a time) never has more than one shard in memory.
     """
     path = Path(path)
+    for name, t in layout.items():
+        if name.endswith(_STACKED) and t.shape[0] != cfg.num_experts:
+            raise ValueError(f"{path}: {name} holds {t.shape[0]} of the model's {cfg.num_experts} experts (an "
+                             f"expert-parallel shard); an export needs every expert (the trainer's hf/<stage> "
+                             f"export gathers them)")
     planned = list(hf_tensors(layout, cfg))
 
     # Plan the shards from sizes alone, then materialise each as its tensors arrive.

@@ -265,8 +265,8 @@ class Qwen3ForCausalLM(nn.Module):
 
     def set_rope_scaling(self, scaling: Optional[Dict[str, Any]]) -> None:
         """Set (e.g. YaRN for evaluation beyond the trained length) or clear RoPE scaling; recompute the tables."""
-        self.config.rope_scaling = None if scaling is None else dict(scaling)
-        self.config.validate()
+        checked = Qwen3Config.from_dict({**self.config.to_dict(), "rope_scaling": scaling})  # before any change
+        self.config.rope_scaling = checked.rope_scaling
         self._reset_rope()
 
     def set_attention_mode(self, mode: str = "full", chunk_size: int = 0, local_size: int = 0) -> None:
@@ -378,6 +378,13 @@ class Qwen3ForCausalLM(nn.Module):
                     raise ValueError(f"position {kv_cache.length + t - 1} is beyond the RoPE tables "
                                      f"({self.rope_cos.shape[0]} positions); raise max_position_embeddings, set "
                                      "YaRN rope_scaling or use DCA")
+                # Positions given by the caller are checked where that costs no host sync on an accelerator
+                # (the training loop's come from the loader and stay below the sequence length).
+                if (not self.training or position_ids.device.type == "cpu") and position_ids.numel() and (
+                        int(position_ids.max()) >= self.rope_cos.shape[0] or int(position_ids.min()) < 0):
+                    raise ValueError(f"position_ids span {int(position_ids.min())}..{int(position_ids.max())}, "
+                                     f"outside the RoPE tables (0..{self.rope_cos.shape[0] - 1}); raise "
+                                     "max_position_embeddings or set YaRN rope_scaling")
                 cos, sin = self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None]  # (B, 1, T, D/2)
         dtype = self.model.embed_tokens.weight.dtype
         cos, sin = cos.to(dtype), sin.to(dtype)

@@ -41,9 +41,16 @@ def yarn_inv_freq(head_dim: int, theta: float, scaling: Dict[str, Any]) -> Tuple
     keep = 1.0 - ramp  # 1 for fast-rotating dims (keep), 0 for slow ones (interpolate)
     inv_freq = interpolated * (1 - keep) + extrapolated * keep
 
+    def mscale(weight: float = 1.0) -> float:  # the paper's sqrt(1/t) = 0.1 ln(s) + 1, optionally weighted
+        return 0.1 * weight * math.log(factor) + 1.0 if factor > 1 else 1.0
+
     attention_factor = scaling.get("attention_factor")
     if attention_factor is None:
-        attention_factor = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+        # DeepSeek-style configs give the ratio of two weighted ones (as transformers reads them: both or neither)
+        if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+            attention_factor = mscale(scaling["mscale"]) / mscale(scaling["mscale_all_dim"])
+        else:
+            attention_factor = mscale()
     return inv_freq, float(attention_factor)
 
 

@@ -90,3 +90,20 @@ def test_decoding_past_the_rope_tables_is_named():
     assert generate(model, prompt, max_new_tokens=3).shape == (1, 17)  # the 17th is predicted at position 15
     with pytest.raises(ValueError, match=r"position 16 is beyond the RoPE tables \(16 positions\).*YaRN.*DCA"):
         generate(model, prompt, max_new_tokens=4)
+
+
+def test_edge_filters_and_explicit_positions():
+    """top_p=0 kept nothing (NaN probabilities), top_k=0 was a shape error; transformers reads top_k=0 as off.
+    Positions the caller gives past the RoPE tables were a bare IndexError."""
+    logits = torch.tensor([[0.0, 1.0, 0.9, 0.5, -0.3]])
+    draws = lambda **kw: [sample_next(logits, 1.0, generator=torch.Generator().manual_seed(s), **kw).item()
+                          for s in range(60)]
+    assert set(draws(top_p=0.0)) == {1}
+    assert draws(top_k=0) == draws() and len(set(draws())) == 5
+    for bad in ({"top_k": -1}, {"top_p": 1.5}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            sample_next(logits, 1.0, **bad)
+    model = build("tiny_dense", max_position_embeddings=16).eval()
+    x = torch.randint(0, 8192, (1, 4))
+    with pytest.raises(ValueError, match=r"position_ids span 14..17, outside the RoPE tables \(0..15\)"):
+        model(x, position_ids=torch.arange(14, 18)[None])

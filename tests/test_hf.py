@@ -273,3 +273,106 @@ def test_yarn_export_is_read_by_transformers_4_and_a_missing_original_length_is_
     (tmp_path / "m" / "config.json").write_text(json.dumps(d))
     cfg = load_hf(tmp_path / "m").config
     assert cfg.rope_scaling["original_max_position_embeddings"] == 64 and cfg.max_position_embeddings == 64
+
+
+@pytest.mark.parametrize("extra", [{"mscale": 1.0, "mscale_all_dim": 0.5}, {"attention_factor": 1.3},
+                                   {"mscale": 0.7}, {"factor": None}])
+def test_yarn_attention_factor_variants_match_transformers(extra, tmp_path):
+    """mscale / mscale_all_dim (DeepSeek-style) were ignored: the attention factor was 0.1 ln(s) + 1 whatever the
+    config said, and logits differed from transformers by 0.05-2.4. A null factor is max / original positions."""
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 1e6, **extra}
+    hf = random_hf_model("dense_untied", rope_parameters=yarn)
+    hf.save_pretrained(tmp_path / "hf")
+    model = load_hf(tmp_path / "hf").eval()
+    x = torch.randint(0, 512, (1, 200), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, hf(x).logits, rtol=0, atol=1e-4)
+    assert model.config.rope_scaling["factor"] == (4.0 if extra.get("factor", 4.0) else 256 / 64)
+
+
+def test_rope_scaling_is_checked_whole_before_the_model_changes():
+    model = Qwen3ForCausalLM(dict(load_preset("tiny_dense").to_dict(), max_position_embeddings=128))
+    model.init_weights(seed=0)
+    x = torch.randint(0, 8192, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model.eval()(x).logits
+    for bad, needle in [({"factor": 4.0, "partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5"),
+                        ({"factor": 4.0, "mscale": "big"}, "mscale must be a number"),
+                        ({"factor": 4.0, "low_freq_factor": 1.0}, "unsupported keys ['low_freq_factor']"),
+                        ({"factor": 0.5}, "factor must be >= 1"),
+                        ({"factor": 4.0, "original_max_position_embeddings": 0}, "original_max_position_embeddings")]:
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            model.set_rope_scaling({"rope_type": "yarn", **bad})
+        assert model.config.rope_scaling is None and model.rope_cos.shape[0] == 128
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, before)
+    # no original length: the configured maximum, as transformers reads it (a KeyError here before)
+    model.set_rope_scaling({"rope_type": "yarn", "factor": 4.0})
+    assert model.config.rope_scaling["original_max_position_embeddings"] == 128 and model.rope_cos.shape[0] == 512
+
+
+def test_transformers_stacked_expert_layout_loads(tmp_path):
+    """transformers 5 writes experts stacked (`mlp.experts.gate_up_proj`) with save_original_format=False; that
+    was refused as an unexpected key. Expert-parallel ranks still read only their rows."""
+    from models.hf import load_hf_weights
+
+    hf = random_hf_model("moe")
+    hf.save_pretrained(tmp_path / "hf", save_original_format=False)
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in files_tensors(tmp_path / "hf"))
+    model = load_hf(tmp_path / "hf").eval()
+    x = torch.randint(0, 512, (2, 30), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, hf(x).logits, rtol=0, atol=1e-4)
+    part = Qwen3ForCausalLM(config_from_hf(hf.config.to_dict()))
+    for layer in part.model.layers:
+        layer.mlp.experts.keep_experts(2, 3)
+    part.init_weights(seed=0)
+    load_hf_weights(part, tmp_path / "hf")
+    assert torch.equal(part.model.layers[1].mlp.experts.down_proj, model.model.layers[1].mlp.experts.down_proj[2:5])
+
+
+def test_an_expert_parallel_shard_is_not_exported(tmp_path):
+    """save_hf on a model holding experts 4..7 of 8 wrote them as experts 0..3 under num_experts 8."""
+    model = Qwen3ForCausalLM(load_preset("tiny_moe"))
+    model.init_weights(seed=0)
+    for layer in model.model.layers:
+        layer.mlp.experts.keep_experts(4, 4)
+    with pytest.raises(ValueError, match=r"holds 4 of the model's 8 experts"):
+        save_hf(model, tmp_path / "m")
+    assert not (tmp_path / "m").exists() and not list(tmp_path.iterdir())
+
+
+def test_bad_directories_are_named_and_missing_keys_take_transformers_defaults(tmp_path):
+    from models.hf import read_hf_config
+
+    hf = random_hf_model("dense_untied")
+    hf.save_pretrained(tmp_path / "hf")
+    cfg_file = tmp_path / "hf" / "config.json"
+    d = json.loads(cfg_file.read_text())
+    cfg_file.write_text("{not json")
+    with pytest.raises(ValueError, match=re.escape(f"{cfg_file}: cannot read it as JSON")):
+        load_hf(tmp_path / "hf")
+    cfg_file.write_text(json.dumps(dict(d, num_key_value_heads=3)))
+    with pytest.raises(ValueError, match=re.escape(f"{cfg_file}: num_attention_heads (4) must be a multiple")):
+        load_hf(tmp_path / "hf")
+    # keys left out read as transformers reads them (head_dim 128 for a dense model, not hidden / heads)
+    sparse = {k: v for k, v in d.items() if k not in ("head_dim", "max_position_embeddings", "vocab_size")}
+    cfg_file.write_text(json.dumps(sparse))
+    ours, theirs = read_hf_config(tmp_path / "hf"), transformers.Qwen3Config.from_pretrained(tmp_path / "hf")
+    assert (ours.head_dim, ours.max_position_embeddings, ours.vocab_size) == (
+        theirs.head_dim, theirs.max_position_embeddings, theirs.vocab_size) == (128, 32768, 151936)
+    cfg_file.write_text(json.dumps(d))
+    weights = tmp_path / "hf" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=re.escape(f"{weights}: not a readable safetensors file")):
+        load_hf(tmp_path / "hf")
+
+
+def test_balance_loss_coefficient_is_converted_to_and_from_transformers_meaning():
+    """transformers' balance loss is k at an even load, this model's 1: the released 0.001 is 0.001 * k here."""
+    released = {"model_type": "qwen3_moe", "num_experts_per_tok": 8, "router_aux_loss_coef": 0.001,
+                "num_hidden_layers": 2}
+    cfg = config_from_hf(released)
+    assert cfg.router_aux_loss_coef == pytest.approx(0.008)
+    assert load_preset("qwen3_30b_a3b").router_aux_loss_coef == pytest.approx(0.008)
+    assert hf_config_dict(cfg)["router_aux_loss_coef"] == pytest.approx(0.001)

@@ -303,9 +303,12 @@ class Trainer:
         """Start a fresh run's weights from an HF directory or a tristage checkpoint folder (weights only)."""
         src = Path(path)
         if (src / "config.json").exists():
-            from models.hf import config_from_hf, load_hf_weights
+            from models.hf import load_hf_weights, read_hf_config
 
-            shape = model_shape(config_from_hf(json.loads((src / "config.json").read_text())))
+            try:
+                shape = model_shape(read_hf_config(src))
+            except ValueError as e:
+                raise ConfigError(f"config key 'init_from' = {path!r}: {e}") from e
             if shape != model_shape(self.cfg.model):
                 raise ConfigError(f"config key 'init_from' = {path!r}: its model shape {shape} differs from "
                                   f"model={self.cfg.model.name} {model_shape(self.cfg.model)}")
