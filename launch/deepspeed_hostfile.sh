@@ -17,6 +17,17 @@
 # hosts (pdsh -S), so 75 after a SIGTERM checkpoint comes through: relaunch the same command to resume.
 set -euo pipefail
 
+# The deepspeed launcher prints its whole command line (and pdsh the environment it exports): a secret given as an
+# override would reach the console and the job's log. wandb reads WANDB_API_KEY from each node's environment.
+for arg in "$@"; do
+  key=${arg%%=*}
+  if [[ "$arg" == *=* && "${key##*.}" =~ ([Aa][Pp][Ii][_-]?[Kk][Ee][Yy]|[Tt][Oo][Kk][Ee][Nn]|[Ss][Ee][Cc][Rr][Ee][Tt]|[Pp][Aa][Ss][Ss][Ww][Oo][Rr][Dd])$ ]]; then
+    echo "error: ${key#[+~]} on the deepspeed launcher's command line would be printed by the launcher; set it in" \
+      "each node's environment instead (WANDB_API_KEY for logging.wandb.api_key)" >&2
+    exit 2
+  fi
+done
+
 HOSTFILE=${HOSTFILE:-launch/hostfile}
 if [[ ! -f "$HOSTFILE" ]]; then
   echo "no hostfile at $HOSTFILE: copy launch/hostfile.example and list your hosts" >&2

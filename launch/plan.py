@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Tuple
@@ -333,8 +334,8 @@ def activation_memory(m: Qwen3Config, micro_batch_size: int, seq_len: int, check
 def _positive(key: str, value: Any, integer: bool = False) -> None:
     if integer and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError(f"config key '{key}' = {value!r}: must be a positive integer")
-    if not value > 0:
-        raise ConfigError(f"config key '{key}' = {value!r}: must be positive")
+    if not 0 < value < math.inf:
+        raise ConfigError(f"config key '{key}' = {value!r}: must be a positive finite number")
 
 
 def check_launch(cfg: TrainConfig) -> None:
@@ -607,6 +608,7 @@ def main() -> None:
 
     @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
     def _app(dcfg: DictConfig) -> None:
+        started.append(True)
         try:
             cfg = OmegaConf.to_object(dcfg)
         except Exception as e:  # an interpolation or type error found at resolution time
@@ -623,7 +625,13 @@ def main() -> None:
     # Planning writes nothing: keep Hydra from creating the run directory (config.yaml sets it to run_dir).
     if not any(a.startswith("hydra.run.dir=") for a in sys.argv[1:]):
         sys.argv.append("hydra.run.dir=.")
-    _app()
+    started: list = []
+    try:
+        _app()
+    except SystemExit as e:
+        if not started and e.code == 1:  # Hydra could not compose an override: a config error, not "does not fit"
+            sys.exit(2)
+        raise
 
 
 if __name__ == "__main__":

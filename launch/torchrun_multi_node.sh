@@ -19,7 +19,11 @@ set -euo pipefail
 : "${HEAD_ADDR:?set HEAD_ADDR to the address of node 0 (the c10d rendezvous host)}"
 if [[ -z "${NPROC:-}" ]]; then
   if command -v nvidia-smi >/dev/null 2>&1; then
-    NPROC=$(nvidia-smi -L | wc -l)
+    if ! gpus=$(nvidia-smi -L) || [[ -z "$gpus" ]]; then
+      echo "nvidia-smi lists no GPU (driver or device problem?); set NPROC to the ranks to start" >&2
+      exit 2
+    fi
+    NPROC=$(wc -l <<< "$gpus")
   else
     NPROC=1
   fi

@@ -54,7 +54,7 @@ class Qwen3Config:
     norm_topk_prob: bool = True
     """Renormalise the top-k router probabilities to sum to 1 (Qwen3-MoE does)."""
     router_aux_loss_coef: float = 0.001
-    """Weight of the load-balancing loss in the training loss."""
+    """Weight of the load-balancing loss (1 at an even load; transformers' is k times it: see models/hf.py)."""
     router_z_loss_coef: float = 0.0
     """Weight of the router z-loss (mean squared logsumexp of router logits); 0 turns it off."""
     balance_loss_granularity: str = "global"

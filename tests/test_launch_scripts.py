@@ -222,3 +222,26 @@ exit $rc
 def test_deepspeed_hostfile_missing(fake_train, tmp_path):
     r, _ = fake_train("deepspeed_hostfile.sh", HOSTFILE=str(tmp_path / "nope"))
     assert r.returncode == 2 and "hostfile.example" in r.stderr
+
+
+def test_deepspeed_hostfile_refuses_a_secret_on_its_command_line(fake_train, tmp_path):
+    """The deepspeed launcher logs its command line: a wandb key there reached the console three times."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n")
+    r, ranks = fake_train("deepspeed_hostfile.sh", "run_dir=runs/z", "logging.wandb.api_key=SUPERSECRET42",
+                          HOSTFILE=str(hostfile))
+    assert r.returncode == 2 and not ranks
+    assert "logging.wandb.api_key on the deepspeed launcher's command line" in r.stderr
+    assert "SUPERSECRET42" not in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("script", ["torchrun_single_node.sh", "torchrun_multi_node.sh"])
+def test_a_failing_nvidia_smi_is_named(fake_train, tmp_path, script):
+    """`set -e -o pipefail` around `$(nvidia-smi -L | wc -l)` exited with nvidia-smi's code and no message."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    _executable(stubs / "nvidia-smi", "#!/usr/bin/env bash\necho 'NVIDIA-SMI has failed' >&2\nexit 6\n")
+    r, ranks = fake_train(script, "run_dir=runs/x", NNODES="1", HEAD_ADDR="127.0.0.1",
+                          PATH=f"{stubs}:{VENV_BIN}:{os.environ['PATH']}")
+    assert r.returncode == 2 and not ranks
+    assert "nvidia-smi lists no GPU" in r.stderr and "NPROC" in r.stderr

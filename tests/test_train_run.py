@@ -139,6 +139,28 @@ def test_sigterm_saves_exits_75_and_resumes_exactly(data_root, tmp_path_factory,
     assert losses(run_dir) == reference
 
 
+def test_sigusr1_at_a_stage_end_leaves_at_once_and_the_relaunch_finishes_the_stage(data_root, tmp_path_factory,
+                                                                                      tmp_path):
+    """SIGUSR1 (SLURM's `--signal=USR1@...`) is a preemption like SIGTERM. Received in a stage's last step, the
+    run used to go on through the export, the evaluation, the next stage's index build and one more step before
+    it left; now the stage-end checkpoint is written once and the process exits 75, and the relaunch writes the
+    export before the next stage."""
+    overrides = ["model=tiny_dense", "deepspeed=zero1", "eval.enabled=false", *EVERY_STEP]
+    reference = losses(smoke_run(tmp_path_factory, "ref-1-zero1", overrides))
+    run_dir = tmp_path / "preempted"
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides], env={"TRISTAGE_INJECT": "sigusr1@general:4"})
+    assert proc.returncode == 75, proc.stdout[-3000:]
+    saves = [Path(r["path"]).name for r in records(run_dir) if r.get("event") == "checkpoint"]
+    assert saves[-2:] == ["0-general-step0000003", "0-general-step0000004"]  # one save for the last step
+    assert not (run_dir / "hf" / "general").exists() and steps(run_dir)[-1]["stage"] == "general"
+    assert (run_dir / "preempted").read_text().strip() == "0-general-step0000004"
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides])
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert (run_dir / "hf" / "general" / "config.json").exists()
+    assert [r["stage"] for r in records(run_dir) if r.get("event") == "stage_end"] == STAGES
+    assert losses(run_dir) == reference
+
+
 @pytest.mark.parametrize("override, needle", [
     ("model.hidden_size=64", "different model shape"),
     ("data.tokenizer.vocab_size=768", "tokenizer"),

@@ -1,6 +1,7 @@
 """`python -m train [key=value ...]`: run the configured curriculum (the CPU demo with no arguments)."""
 from __future__ import annotations
 
+import contextlib
 import sys
 import traceback
 
@@ -21,12 +22,34 @@ def _strip_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
-def redact_override(arg: str) -> str:
-    """`key=value` with the value replaced when the key names a secret (api_key, token, secret, password)."""
+def _is_secret_override(arg: str) -> bool:
     from train.metrics import is_secret_key
 
     key, sep, _ = arg.partition("=")
-    return f"{key}=***" if sep and is_secret_key(key.lstrip("+~").split(".")[-1]) else arg
+    return bool(sep) and not arg.startswith("-") and is_secret_key(key.lstrip("+~").split(".")[-1])
+
+
+def redact_override(arg: str) -> str:
+    """`key=value` with the value replaced when the key names a secret (api_key, token, secret, password)."""
+    return f"{arg.partition('=')[0]}=***" if _is_secret_override(arg) else arg
+
+
+def take_secrets(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(argv without its secret overrides, those overrides). Hydra never sees a secret: it would print it when a
+    sweep starts a job and write it to multirun.yaml and .hydra/overrides.yaml. They are applied to the composed
+    config instead, in the job (`_apply_secrets`)."""
+    return [a for a in argv if not _is_secret_override(a)], [a for a in argv if _is_secret_override(a)]
+
+
+def _apply_secrets(dcfg, secrets: list[str]) -> None:
+    from omegaconf import OmegaConf, open_dict
+
+    for arg in secrets:
+        key, _, value = arg.partition("=")
+        if key.startswith("~"):
+            raise ValueError(f"{key.lstrip('~')}: a secret cannot be deleted from the command line")
+        with open_dict(dcfg) if key.startswith("+") else contextlib.nullcontext():
+            OmegaConf.update(dcfg, key.lstrip("+"), value, merge=False)
 
 
 def main() -> None:
@@ -45,16 +68,18 @@ def main() -> None:
         from train.config import ConfigError
         from train.loop import run
 
+        started.append(True)
         # the command line may carry a secret (logging.wandb.api_key=...): tools that record argv (wandb,
         # crash reports) must only ever see it redacted
-        sys.argv = [redact_override(a) for a in sys.argv]
+        sys.argv = [redact_override(a) for a in [*sys.argv, *secrets]]
         if HydraConfig.get().mode == RunMode.MULTIRUN:  # each sweep job trains in its own folder
             dcfg.run_dir = HydraConfig.get().runtime.output_dir
         try:
+            _apply_secrets(dcfg, secrets)
             resolved = OmegaConf.to_container(dcfg, resolve=True)
             cfg = OmegaConf.to_object(dcfg)
         except Exception as e:  # an interpolation or type error found at resolution time
-            print(f"error: config: {e}", file=sys.stderr, flush=True)
+            print(f"error: config: {redact_text(str(e), secrets)}", file=sys.stderr, flush=True)
             sys.exit(2)
         try:
             code = run(cfg, resolved)
@@ -69,9 +94,26 @@ def main() -> None:
         codes.append(code)
 
     codes: list = []  # the sweep's exit codes, job by job
-    sys.argv = _strip_launcher_args(sys.argv)
-    _app()
+    started: list = []  # set once Hydra has composed a config and called the job
+    sys.argv, secrets = take_secrets(_strip_launcher_args(sys.argv))
+    try:
+        _app()
+    except SystemExit as e:
+        # Hydra exits 1 on an override it cannot compose (an unknown key, a value of the wrong type): a config
+        # error, which is exit 2 everywhere else
+        if not started and e.code == 1:
+            _exit(2)
+        raise
     _exit(next((c for c in codes if c), 0))  # a sweep fails with its first failed job's code
+
+
+def redact_text(text: str, secrets: list[str]) -> str:
+    """`text` with every secret value in it replaced by ***."""
+    for arg in secrets:
+        value = arg.partition("=")[2]
+        if value:
+            text = text.replace(value, "***")
+    return text
 
 
 def _exit(code: int) -> None:

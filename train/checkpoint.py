@@ -3,12 +3,14 @@
 Layout under `<run_dir>/checkpoints/`:
 
     <tag>/                 one complete checkpoint (DeepSpeed shards + meta.json + rng_rank<r>.pt + config.yaml)
-    .tmp/<tag>/            a checkpoint being written; never read
+    .tmp/<tag>/            a checkpoint being written; never read (a save clears what killed saves left here)
     latest                 the tag of the newest complete checkpoint, written last with an atomic rename
 
 A save writes everything into `.tmp/<tag>`, every rank reports success, rank 0 renames the folder into place
 and only then replaces `latest`. A crash at any point leaves `latest` naming the previous complete checkpoint.
-A failed write on any rank (a full disk, say) fails every rank together and keeps what was there.
+A failed write on any rank (a full disk, say) fails every rank together and keeps what was there. Saving a tag
+that exists (a relaunch that reached the step again) moves the old folder aside only once the new one is
+complete; were a crash to fall between those two renames, `latest()` goes back to the newest complete checkpoint.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import os
 import pickle
 import random
 import shutil
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -94,14 +97,37 @@ class CheckpointManager:
         self.rank = rank
 
     def latest(self) -> Optional[str]:
-        """The newest complete checkpoint's tag, or None for a fresh run."""
+        """The newest complete checkpoint's tag, or None for a fresh run.
+
+        When `latest` names a folder that is gone, the newest complete one left is taken, with a warning; when none
+        is left that is an error naming the pointer.
+        """
         pointer = self.dir / "latest"
         if not pointer.exists():
             return None
         tag = pointer.read_text().strip()
-        if not (self.dir / tag / "meta.json").exists():
-            raise CheckpointError(f"{pointer} names '{tag}', but {self.dir / tag / 'meta.json'} is missing")
-        return tag
+        if (self.dir / tag / "meta.json").exists():
+            return tag
+        others = self.complete()
+        if not others:
+            raise CheckpointError(f"{pointer} names '{tag}', but {self.dir / tag / 'meta.json'} is missing, and no "
+                                  f"other complete checkpoint is left in {self.dir}")
+        if self.rank == 0:
+            print(f"[tristage] warning: {pointer} names '{tag}', which is missing; taking the newest complete "
+                  f"checkpoint, '{others[-1]}'", file=sys.stderr, flush=True)
+        return others[-1]
+
+    def complete(self) -> List[str]:
+        """Tags of the complete checkpoints (a readable meta.json), oldest first by global step."""
+        found = []
+        for path in self.dir.iterdir() if self.dir.is_dir() else ():
+            try:
+                step = json.loads((path / "meta.json").read_text())["state"]["global_step"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if not path.name.startswith("."):
+                found.append((step, path.name))
+        return [tag for _, tag in sorted(found)]
 
     def save(self, engine: Any, tag: str, state: TrainerState, meta: Dict[str, Any], config_yaml: str,
              fault: Callable[[str], None] = lambda kind: None) -> Path:
@@ -114,7 +140,7 @@ class CheckpointManager:
         ok, err = True, ""
         if self.rank == 0:
             try:
-                shutil.rmtree(tmp_root / tag, ignore_errors=True)
+                shutil.rmtree(tmp_root, ignore_errors=True)  # and the partial checkpoints of killed saves
                 (tmp_root / tag).mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 ok, err = False, f"{tmp_root / tag}: {e}"
@@ -139,10 +165,13 @@ class CheckpointManager:
                                   f"'{self.latest()}' is kept")
         if self.rank == 0:
             try:
-                if final.exists():  # a re-save of the same tag (a resumed run reaching the same step)
-                    shutil.rmtree(final)
+                aside = self.dir / f".replaced-{tag}"
+                if final.exists():  # a re-save of the same tag (a relaunch reaching the same step)
+                    shutil.rmtree(aside, ignore_errors=True)
+                    os.rename(final, aside)  # the old copy goes only once the new one is complete
                 os.replace(tmp_root / tag, final)
                 _write_atomic(self.dir / "latest", tag)
+                shutil.rmtree(aside, ignore_errors=True)
                 self._retain(protect=tag)
             except OSError as e:
                 ok, err = False, f"{final}: {e}"
@@ -173,7 +202,19 @@ class CheckpointManager:
 
     def read_meta(self, tag: str) -> Dict[str, Any]:
         """meta.json of a checkpoint (stage, step, model shape, tokenizer fingerprint)."""
-        return json.loads((self.dir / tag / "meta.json").read_text())
+        path = self.dir / tag / "meta.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {e}){self._way_out(tag)}") from None
+
+    def _way_out(self, tag: str) -> str:
+        """The hint for a damaged checkpoint: the complete checkpoints older than it, to resume from instead."""
+        older = [t for t in self.complete() if t != tag]
+        if not older:
+            return ""
+        return (f"; to resume from an older checkpoint instead, write its tag into {self.dir / 'latest'} "
+                f"(complete: {', '.join(older[-3:])})")
 
     def load(self, engine: Any, tag: str, load_optimizer: bool = True, load_dir: Optional[str] = None) -> TrainerState:
         """Load weights, optimizer and this rank's RNG state; returns the trainer state.
@@ -189,9 +230,12 @@ class CheckpointManager:
             if rng_path.exists():
                 _set_rng_state(torch.load(rng_path, weights_only=True))
         except CheckpointLoadError as e:
-            raise CheckpointError(str(e)) from None
+            raise CheckpointError(f"{e}{self._way_out(tag)}") from None
         except pickle.UnpicklingError as e:
             raise CheckpointError(f"{self.dir / tag}: refused to load ({str(e).splitlines()[0]})") from None
+        except (OSError, AssertionError, KeyError, ValueError) as e:  # a missing or damaged DeepSpeed file
+            raise CheckpointError(f"{load_dir or self.dir / tag}: cannot be loaded ({type(e).__name__}: "
+                                  f"{str(e) or 'a file is missing'}){self._way_out(tag)}") from None
         if "trainer_state" not in client:
             raise CheckpointError(f"{self.dir / tag} holds no tristage trainer state")
         return TrainerState(**client["trainer_state"])

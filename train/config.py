@@ -150,7 +150,7 @@ class FaultsConfig:
     spike_min_history: int = 10  # steps seen before the detector judges
     spike_action: str = "log"  # log | rollback (to the last checkpoint, skipping the spike's batch)
     spike_skip_before: int = 0  # on rollback, also skip this many batches before the spike (PaLM skipped ~200-500)
-    max_rollbacks: int = 3  # rollbacks per launch before spikes are only logged
+    max_rollbacks: int = 3  # rollbacks per run (the count is saved in checkpoints) before spikes are only logged
 
 
 @dataclass

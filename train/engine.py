@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import io
 import itertools
+import math
 import os
 import pickle
 import socket
@@ -216,6 +217,9 @@ def safe_torch_load() -> Iterator[None]:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise CheckpointLoadError(f"{f}: refused to load (it holds pickled objects other than tensors and "
                                       f"DeepSpeed's state; {first})") from None
+        except (RuntimeError, EOFError) as e:  # a truncated or overwritten file: torch's message names no file
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointLoadError(f"{f}: cannot be read, truncated or damaged ({first})") from None
 
     torch.load = load  # type: ignore[assignment]
     try:
@@ -305,14 +309,17 @@ class Engine:
         norm being global); without ZeRO the gradients are already all-reduced, so every rank sees the same
         non-finite values and skips alike here.
         """
+        own_norm = None
         if self.cfg.deepspeed.zero_stage == 0:
             grads = [p.grad for p in self.ds.module.parameters() if p.grad is not None]
-            if grads and not torch.isfinite(torch.stack([g.norm() for g in grads]).sum()):
+            # the global L2 norm (DeepSpeed reports none without ZeRO); one host sync, as ZeRO's own check
+            own_norm = float(torch.stack([g.float().norm() for g in grads]).norm()) if grads else 0.0
+            if not math.isfinite(own_norm):
                 self.ds.zero_grad()
                 return float("nan"), False
         self.ds.step()
         norm = self.ds.get_global_grad_norm()
-        norm = float(norm) if norm is not None else float("nan")
+        norm = float(norm) if norm is not None else own_norm if own_norm is not None else float("nan")
         return norm, bool(self.ds.was_step_applied())
 
     def save(self, save_dir: str, tag: str, client_state: Dict[str, Any]) -> None:

@@ -52,13 +52,19 @@ def injected(kind: str, stage: str, step: int, rank: int) -> bool:
 
 
 def inject(kind: str, stage: str, step: int, rank: int) -> None:
-    """Carry out the process-level faults: `stall` (sleep forever), `enospc` (a full disk), `kill` / `kill_in_save`
-    (SIGKILL at the start of a step / in the middle of a checkpoint save)."""
+    """Carry out the process-level faults: `stall` (sleep forever), `slow_export` (an HF export that takes
+    TRISTAGE_SLOW_S seconds more, default 10), `enospc` (a full disk), `kill` / `kill_in_save` (SIGKILL at the
+    start of a step / in the middle of a checkpoint save), `sigusr1` (the signal, to this process, at the start of
+    a step)."""
     if not injected(kind, stage, step, rank):
         return
     if kind == "stall":
         while True:
             time.sleep(3600)
+    if kind == "slow_export":
+        time.sleep(float(os.environ.get("TRISTAGE_SLOW_S", "10")))
+    if kind == "sigusr1":
+        os.kill(os.getpid(), signal.SIGUSR1)
     if kind == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "(injected)")
     if kind in ("kill", "kill_in_save"):

@@ -69,11 +69,13 @@ class _Rollback(Exception):
 
 
 class _Preemption:
-    """Remembers a SIGTERM so the loop can finish its step, agree with the other ranks, save and leave."""
+    """Remembers a SIGTERM or SIGUSR1 (what SLURM's `--signal=` sends before the time limit) so the loop can
+    finish its step, agree with the other ranks, save and leave."""
 
     def __init__(self) -> None:
         self.requested = False
         signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGUSR1, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
@@ -333,7 +335,9 @@ class Trainer:
             if state.stage_complete:  # a stage-end checkpoint: the next stage starts fresh
                 done = cfg.curriculum.stages[cfg.curriculum.order[state.stage_index]]
                 if cfg.checkpoint.export_hf and not (self.run_dir / "hf" / done.name / "config.json").exists():
-                    self._export(done)  # the launch that finished the stage stopped before its export
+                    # the launch that finished the stage stopped before its export (preempted, or the export
+                    # failed): the stage-end work, then the next stage
+                    self._finish_stage(done)
                 state.stage_index += 1
                 state.step = state.consumed_samples = 0
                 state.stage_complete = False
@@ -427,6 +431,7 @@ class Trainer:
                                   "samples": [first_sample, first_sample + plan.samples_per_step]})
                 continue
             inject("kill", stage.name, step, info.rank)
+            inject("sigusr1", stage.name, step, info.rank)
             t0 = time.perf_counter()
             lr = lr_at(stage.lr, state.step, plan.steps)
             self.engine.set_lr(lr)
@@ -498,30 +503,40 @@ class Trainer:
             if last:
                 state.stage_complete = True
                 self._save(stage)
-                self._export(stage)
-                if cfg.eval.stage_end_suite and cfg.checkpoint.export_hf:
-                    with self.watchdog.suspended(f"{stage.name} evaluation suite"):  # rank 0 works, the rest wait
-                        on_rank0(f"the {stage.name} evaluation suite", lambda: self._stage_end_suite(stage))
-                if cfg.eval.enabled:
-                    self._evaluate(stage)
-                self.metrics.log({"event": "stage_end", "stage": stage.name, "global_step": state.global_step,
-                                  "tokens": state.tokens, "time": time.time()})
+                if preempt:  # out within the grace period: the relaunch does the stage-end work before going on
+                    return self._preempted(stage)
+                self._finish_stage(stage)
                 if cfg.max_steps and self.steps_this_launch >= cfg.max_steps:
                     return 0  # the stage-end checkpoint is saved: the next launch starts the next stage
                 return None
-            if stage.checkpoint_every and state.step % stage.checkpoint_every == 0:
-                self._save(stage)
+            stop = preempt or bool(cfg.max_steps and self.steps_this_launch >= cfg.max_steps)
+            if stop or (stage.checkpoint_every and state.step % stage.checkpoint_every == 0):
+                self._save(stage)  # once, whatever asked for it
             if preempt:
-                self._save(stage)
-                if info.rank == 0:
-                    (self.run_dir / "preempted").write_text(self._tag(stage) + "\n")
-                self.metrics.log({"event": "preempted", "stage": stage.name, "global_step": state.global_step,
-                                  "exit_code": PREEMPTED_EXIT_CODE, "time": time.time()})
-                return PREEMPTED_EXIT_CODE
-            if cfg.max_steps and self.steps_this_launch >= cfg.max_steps:
-                self._save(stage)
+                return self._preempted(stage)
+            if stop:
                 return 0
         return None
+
+    def _finish_stage(self, stage: StageConfig) -> None:
+        """After the stage-end checkpoint: the HF export, the stage-end suite on it, the evaluation."""
+        cfg = self.cfg
+        self._export(stage)
+        if cfg.eval.stage_end_suite and cfg.checkpoint.export_hf:
+            with self.watchdog.suspended(f"{stage.name} evaluation suite"):  # rank 0 works, the rest wait
+                on_rank0(f"the {stage.name} evaluation suite", lambda: self._stage_end_suite(stage))
+        if cfg.eval.enabled:
+            self._evaluate(stage)
+        self.metrics.log({"event": "stage_end", "stage": stage.name, "global_step": self.state.global_step,
+                          "tokens": self.state.tokens, "time": time.time()})
+
+    def _preempted(self, stage: StageConfig) -> int:
+        """After the checkpoint of a preempted step: leave the marker, log, and give the exit code."""
+        if self.info.rank == 0:
+            (self.run_dir / "preempted").write_text(self._tag(stage) + "\n")
+        self.metrics.log({"event": "preempted", "stage": stage.name, "global_step": self.state.global_step,
+                          "exit_code": PREEMPTED_EXIT_CODE, "time": time.time()})
+        return PREEMPTED_EXIT_CODE
 
     def _advance(self, plan: StagePlan) -> None:
         state = self.state
@@ -612,6 +627,11 @@ class Trainer:
         """
         if not self.cfg.checkpoint.export_hf:
             return
+        # known long work without steps (rank 0 writes every weight; ~1 TB in fp32 for 235B): not a hang
+        with self.watchdog.suspended(f"{stage.name} HF export"):
+            self._write_export(stage)
+
+    def _write_export(self, stage: StageConfig) -> None:
         from models.hf import write_hf
 
         parameters = self.engine.full_parameters()  # a collective per parameter: every rank drains it
@@ -622,6 +642,7 @@ class Trainer:
             with torch.device("meta"):
                 layout = Qwen3ForCausalLM(export_cfg).state_dict()
             try:
+                inject("slow_export", stage.name, self.state.step, self.info.rank)
                 fail = injected("export_enospc", stage.name, self.state.step, self.info.rank)
                 write_hf(export_cfg, out, _fail_after(parameters, 3) if fail else parameters, layout)
                 shutil.copy2(self.tokenizer.path, out / self.tokenizer.path.name)  # the export decodes alone
