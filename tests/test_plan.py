@@ -252,10 +252,13 @@ def test_offload_needs_cpu_memory():
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["launch.nodes=0"], "config key 'launch.nodes' = 0: must be positive"),
-    (["launch.gpus_per_node=-8"], "config key 'launch.gpus_per_node' = -8: must be positive"),
-    (["launch.gpu_memory_gb=0"], "config key 'launch.gpu_memory_gb' = 0.0: must be positive"),
-    (["launch.peak_tflops=-1"], "config key 'launch.peak_tflops' = -1.0: must be positive"),
+    (["launch.nodes=0"], "config key 'launch.nodes' = 0: must be a positive finite number"),
+    (["launch.gpus_per_node=-8"], "config key 'launch.gpus_per_node' = -8: must be a positive finite number"),
+    (["launch.gpu_memory_gb=0"], "config key 'launch.gpu_memory_gb' = 0.0: must be a positive finite number"),
+    (["launch.peak_tflops=-1"], "config key 'launch.peak_tflops' = -1.0: must be a positive finite number"),
+    # infinite values were an OverflowError traceback (memory) or a "0.0 min" plan (peak)
+    (["launch.gpu_memory_gb=inf"], "config key 'launch.gpu_memory_gb' = inf: must be a positive finite number"),
+    (["launch.peak_tflops=inf"], "config key 'launch.peak_tflops' = inf: must be a positive finite number"),
     (["launch.mfu=1.5"], "config key 'launch.mfu' = 1.5: must lie in (0, 1]"),
     (["model=qwen3_235b_a22b", "expert_parallel_size=3"],
      "config key 'expert_parallel_size' = 3: must divide the world size 8"),
