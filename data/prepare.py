@@ -353,9 +353,11 @@ INPUTS = "inputs.json"  # beside the manifest: the files the data set was prepar
 
 
 def _changed(mpath: Path, now: Dict[str, Any]) -> List[str]:
-    """The inputs whose files differ from those recorded in inputs.json: other names or sizes, or another mtime and
-    other content. A copy with new mtimes (a `git clone`) is the same data: its new stamps are recorded, so the
-    files are hashed once, not at every launch."""
+    """The inputs whose files differ from those recorded in inputs.json: another number of files, other sizes, or
+    other content. Files are compared in order, and hashed only where the name or the mtime differs: a copy with
+    new mtimes (a `git clone`) or at another path (a moved repository, another checkout over a shared data root, the
+    GPU machine's copy of the tree) is the same data. Its new names and stamps are recorded, so the files are hashed
+    once, not at every launch."""
     try:
         recorded = json.loads((mpath.parent / INPUTS).read_text())
     except (OSError, ValueError):
@@ -365,16 +367,19 @@ def _changed(mpath: Path, now: Dict[str, Any]) -> List[str]:
         new = now.get(key)
         if new is None:
             continue
-        if sorted(files) != sorted(new) or any(files[f][0] != new[f][0] for f in new):
+        old = list(files.items())  # [(file, [bytes, mtime_ns, sha256])] in the order the source reads them
+        if len(old) != len(new) or any(stamp[0] != new[f][0] for (_, stamp), f in zip(old, new)):
             changed.append(key)
             continue
-        for f in new:
-            if files[f][1] != new[f][1]:
-                sha = sha256_file(Path(f))
-                if files[f][2] != sha:
-                    changed.append(key)
-                    break
-                files[f], restamped = [*new[f], sha], True
+        stamps = {}
+        for (name, stamp), f in zip(old, new):
+            sha = stamp[2] if (name, stamp[1]) == (f, new[f][1]) else sha256_file(Path(f))
+            if sha != stamp[2]:
+                changed.append(key)
+                break
+            stamps[f] = [*new[f], sha]
+        if key not in changed and stamps != files:
+            recorded[key], restamped = stamps, True
     if restamped and not changed:
         try:
             write_json(mpath.parent / INPUTS, recorded)

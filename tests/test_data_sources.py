@@ -1,7 +1,9 @@
 """Local sources and reruns of `prepare`: what changed is prepared again, what cannot be read is named, and the
 command line can add a source. Each case here was a wrong data set or a traceback before it was fixed."""
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +100,36 @@ def test_an_edited_local_file_or_tokenizer_file_is_prepared_again(tmp_path, toke
     own.write_bytes(Path(other.parent / verify(other)["tokenizer"]["path"]).read_bytes())
     second = verify(prepare(cfg))["tokenizer"]
     assert second["fingerprint"] != first and second["vocab_size"] == 600
+
+
+def test_the_same_files_at_another_path_are_not_prepared_again(tmp_path, tokenizer, monkeypatch, caplog):
+    """A data set prepared in one checkout and used from another: the GPU machine holds the tree at another path,
+    with the prepared folder carried over. inputs.json names the files by absolute path, and other names counted as
+    changed files, so the data was prepared again there, which needs `datasets` (absent on that machine)."""
+    here, there = tmp_path / "here", tmp_path / "there"
+    for repo in (here, there):
+        shutil.copytree(REPO / "tests" / "fixtures" / "corpus", repo / "tests" / "fixtures" / "corpus")
+    cfg = compose("fixture", [f"root={tmp_path / 'root'}", f"tokenizer.path={tokenizer}"])
+    monkeypatch.chdir(here)  # the fixture's relative paths are looked up in the cwd first
+    mpath = prepare(cfg)
+    manifest = mpath.read_bytes()
+
+    monkeypatch.chdir(there)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as on the GPU machine: `import datasets` fails
+    caplog.set_level(logging.INFO, logger="data.prepare")
+    assert prepare(cfg) == mpath and mpath.read_bytes() == manifest
+    assert "is prepared and verified" in caplog.text and "preparing again" not in caplog.text
+    inputs = json.loads((mpath.parent / "inputs.json").read_text())
+    assert list(inputs["data.sources.udhr"]) == [str(there / "tests/fixtures/corpus/udhr.jsonl")]  # restamped
+
+    # other content at another path is still a change (same size: one letter differs), and only that source's
+    code = here / "tests/fixtures/corpus/code.jsonl"
+    code.write_text(code.read_text().replace("def ", "dEf ", 1))
+    monkeypatch.chdir(here)
+    caplog.clear()
+    with pytest.raises(ImportError):  # it prepares again, so it needs `datasets`
+        prepare(cfg)
+    assert "data set fixture: the files of data.sources.code changed, preparing again" in caplog.text
 
 
 def test_a_source_added_on_the_command_line_is_prepared(tmp_path, tokenizer):

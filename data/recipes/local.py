@@ -77,6 +77,7 @@ def load(opts: Options, cache_dir: Path, source: str):
                                    cache_dir=str(cache_dir), **kwargs)
     except Exception as e:  # a malformed file: name it, and what is wrong with it
         raise _unreadable(source, builder, files, cache_dir, kwargs, e) from e
-    identity = sha256_text(json.dumps([[str(f), sha256_file(f)] for f in files]))
+    # content and how it is read, not where it lies: the same files from another checkout reuse the shards
+    identity = sha256_text(json.dumps([builder, [sha256_file(f) for f in files]]))
     return ds, identity, {"files": [str(f) for f in files]}
 
