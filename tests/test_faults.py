@@ -55,7 +55,8 @@ def test_killed_during_checkpoint_save_resumes_from_the_previous_one(data_root, 
     resume = [r for r in records(run_dir) if r.get("event") == "resume"]
     assert [r["checkpoint"] for r in resume] == ["0-general-step0000004"]
     assert losses(run_dir) == reference
-    assert not list((ckpts / ".tmp").iterdir())  # the next save cleared the killed one's partial shards
+    # the next save cleared the killed one's partial shards (DeepSpeed leaves its zero_to_fp32.py scripts there)
+    assert not [p for p in (ckpts / ".tmp").iterdir() if p.is_dir()]
 
 
 @pytest.mark.parametrize("zero, model, new_world, new_zero", [

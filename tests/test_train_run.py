@@ -86,6 +86,29 @@ def test_two_gloo_ranks(data_root, tmp_path_factory, model, zero):
         assert sum(per_step[-1]["expert_load"][0]) == pytest.approx(1.0, abs=1e-3)
 
 
+GOLDEN = ROOT / "tests" / "fixtures" / "golden"
+
+
+@pytest.mark.parametrize("key, overrides, nproc", [("dense1", ["model=tiny_dense"], 1),
+                                                   ("tiny_moe-zero2", ["model=tiny_moe", "deepspeed=zero2"], 2)])
+def test_loss_curves_match_the_golden_files(data_root, tmp_path_factory, key, overrides, nproc):
+    """The smoke curriculum's per-step loss and gradient norm against files kept in the repository (torchtitan's
+    practice): a change to the model, the loss, the data order, the initialisation or the schedule shows here as a
+    numeric change, not only as "it still trains". Tolerance 1e-4 relative: the BLAS of another CPU or torch
+    version moves the last bits. After an intended change: TRISTAGE_UPDATE_GOLDEN=1 pytest -k golden."""
+    got = losses(smoke_run(tmp_path_factory, key, overrides, nproc=nproc))
+    path = GOLDEN / f"smoke_{key}.txt"
+    lines = [f"{stage} {step} {loss:.8g} {norm:.8g}" for (stage, step), (loss, norm) in got.items()]
+    if os.environ.get("TRISTAGE_UPDATE_GOLDEN"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"# stage step loss grad_norm: python -m train experiment=smoke {' '.join(overrides)}"
+                        f"{' (2 ranks)' if nproc == 2 else ''}\n" + "\n".join(lines) + "\n")
+    golden = [line.split() for line in path.read_text().splitlines() if not line.startswith("#")]
+    assert [(stage, int(step)) for stage, step, _, _ in golden] == list(got)
+    for stage, step, loss, norm in golden:
+        assert got[(stage, int(step))] == pytest.approx((float(loss), float(norm)), rel=1e-4), (stage, step)
+
+
 def test_ranks_and_zero_stages_agree(data_root, tmp_path_factory):
     """The same global batch gives the same losses on 1 rank, 2 ranks ZeRO-2 and 2 ranks ZeRO-3."""
     one = losses(smoke_run(tmp_path_factory, "dense1", ["model=tiny_dense"]))
