@@ -155,7 +155,8 @@ class Qwen3Config:
             raise ValueError(f"doc_mask_implementation must be one of {DOC_MASK_IMPLEMENTATIONS}, "
                              f"got {self.doc_mask_implementation!r}")
         if self.rope_scaling is not None:
-            self.rope_scaling = checked_rope_scaling(self.rope_scaling, self.max_position_embeddings)
+            self.rope_scaling = checked_rope_scaling(self.rope_scaling, self.max_position_embeddings,
+                                                     self.rope_theta)
         return self
 
 
@@ -163,11 +164,18 @@ YARN_KEYS = ("rope_type", "type", "factor", "original_max_position_embeddings", 
              "beta_slow", "mscale", "mscale_all_dim", "truncate", "partial_rotary_factor")
 
 
-def checked_rope_scaling(scaling: Mapping[str, Any], max_position_embeddings: int) -> Dict[str, Any]:
+def checked_rope_scaling(scaling: Mapping[str, Any], max_position_embeddings: int,
+                         rope_theta: float) -> Dict[str, Any]:
     """A YaRN scaling dict with every key this model reads checked, and the two HF leaves implicit filled in as
     transformers does: `original_max_position_embeddings` defaults to max_position_embeddings, and a null
-    `factor` is max_position_embeddings / original. Raises ValueError naming the key."""
+    `factor` is max_position_embeddings / original. A `rope_theta` inside (transformers 5 keeps it in
+    `rope_parameters`) is dropped when it is the model's. Raises ValueError naming the key."""
     s = {k: scaling[k] for k in scaling}
+    if "rope_theta" in s:
+        if s["rope_theta"] != rope_theta:
+            raise ValueError(f"rope_scaling: rope_theta {s['rope_theta']} differs from the model's rope_theta "
+                             f"{rope_theta}; set it there")
+        del s["rope_theta"]
     kind = s.get("rope_type", s.get("type"))
     if kind == "default":
         return s

@@ -96,7 +96,9 @@ def _config_from_hf(d: Dict[str, Any], name: Optional[str]) -> Qwen3Config:
         intermediate_size=get("intermediate_size"),
         num_hidden_layers=get("num_hidden_layers"),
         num_attention_heads=heads,
-        num_key_value_heads=get("num_key_value_heads"),
+        # an explicit null is "as many as the query heads" in transformers; a missing key its class default
+        num_key_value_heads=heads if "num_key_value_heads" in d and d["num_key_value_heads"] is None
+        else get("num_key_value_heads"),
         head_dim=get("head_dim") or get("hidden_size") // heads,
         rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
         rope_theta=float(theta),

@@ -20,6 +20,8 @@ micro-batch mean. With `balance_loss_granularity = "global"` f_i is counted over
   accumulated in a per-step buffer, and micro-batch m uses f_i from micro-batches 1..m of the step (all
   ranks). The last micro-batch therefore sees the exact global-batch f_i. `start_step()` empties the buffer.
 
+With "micro" the loss uses each micro-batch's own counts; the counts are summed over the group all the same,
+into the per-step buffer that `expert_load()` reports, so the logged load is the global batch's in both modes.
 Only training-mode forwards touch the buffer and communicate; eval forwards use their own counts.
 
 Expert parallelism (`Qwen3SparseMoeBlock.set_expert_parallel(group)`): rank r of an expert-parallel group of
@@ -248,12 +250,13 @@ class ExpertBalance:
         """
         counts = counts.detach()
         if training:
-            if self.granularity == "global" and self.group is not None:
-                counts = counts.clone()
-                dist.all_reduce(counts, group=self.group)  # one collective for all layers
+            summed = counts
+            if self.group is not None:  # the global f_i, and the logged expert load, in either granularity
+                summed = counts.clone()
+                dist.all_reduce(summed, group=self.group)  # one collective for all layers
             if self.step_counts is None or self.step_counts.device != counts.device:
                 self.step_counts = torch.zeros_like(counts)
-            self.step_counts += counts
+            self.step_counts += summed
             if self.granularity == "global":
                 counts = self.step_counts
         f = counts.to(torch.float32)

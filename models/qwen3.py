@@ -358,6 +358,7 @@ class Qwen3ForCausalLM(nn.Module):
         logits_to_keep: without labels, compute logits for the last n positions only (decoding needs one).
         """
         b, t = input_ids.shape
+        given_positions = position_ids is not None
         if self.dca is not None:
             if position_ids is not None or doc_ids is not None:
                 raise ValueError("dual chunk attention takes neither position_ids nor doc_ids (one sequence per row)")
@@ -378,10 +379,12 @@ class Qwen3ForCausalLM(nn.Module):
                     raise ValueError(f"position {kv_cache.length + t - 1} is beyond the RoPE tables "
                                      f"({self.rope_cos.shape[0]} positions); raise max_position_embeddings, set "
                                      "YaRN rope_scaling or use DCA")
-                # Positions given by the caller are checked where that costs no host sync on an accelerator
-                # (the training loop's come from the loader and stay below the sequence length).
-                if (not self.training or position_ids.device.type == "cpu") and position_ids.numel() and (
-                        int(position_ids.max()) >= self.rope_cos.shape[0] or int(position_ids.min()) < 0):
+                # Positions the caller gives are checked, outside training on an accelerator (two host syncs; the
+                # training loop's come from the loader and stay below the sequence length). Those made here from
+                # the KV cache or doc_ids are in range by construction.
+                if given_positions and (not self.training or position_ids.device.type == "cpu") and (
+                        position_ids.numel()) and (int(position_ids.max()) >= self.rope_cos.shape[0]
+                                                   or int(position_ids.min()) < 0):
                     raise ValueError(f"position_ids span {int(position_ids.min())}..{int(position_ids.max())}, "
                                      f"outside the RoPE tables (0..{self.rope_cos.shape[0] - 1}); raise "
                                      "max_position_embeddings or set YaRN rope_scaling")

@@ -583,5 +583,76 @@ def test_config_errors_exit_2_and_a_sweep_never_shows_a_secret(data_root, tmp_pa
     assert any(p.name == "multirun.yaml" for p in files) and any(p.name == "config.yaml" for p in files)
     for path in files:
         assert secret.encode() not in path.read_bytes(), path
-    for job in ("0", "1"):  # the key still reached each job's config, redacted in its dump
-        assert "api_key: '***'" in (sweep / job / "config.yaml").read_text()
+    # each job's folder is <number>-<hash of its overrides>: another sweep under the same name, with other values,
+    # never resumes this one's jobs (it did, and was refused: "a stage's samples are fixed")
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit())
+    assert [p.name[:2] for p in jobs] == ["0-", "1-"] and len({p.name[2:] for p in jobs}) == 2
+    for job in jobs:  # the key still reached each job's config, redacted in its dump
+        assert "api_key: '***'" in (job / "config.yaml").read_text()
+
+
+def test_recover_puts_back_a_copy_moved_aside_and_agrees_on_a_fallback(tmp_path, capsys):
+    """A re-save of the tag `latest` names moves the old folder to `.replaced-<tag>` once the new copy is complete;
+    a crash between that rename and the next left `latest` naming nothing (and the copy on disk forever). Rank 0's
+    `recover()` at start puts it back, removes stale copies, and points `latest` at the fallback for every rank."""
+    from train.checkpoint import CheckpointManager
+
+    ckpts = tmp_path / "checkpoints"
+
+    def checkpoint(name, step):
+        (ckpts / name).mkdir(parents=True)
+        (ckpts / name / "meta.json").write_text(json.dumps({"state": {"global_step": step}}))
+
+    checkpoint("0-general-step0000001", 1)
+    checkpoint(".replaced-0-general-step0000002", 2)  # the crash fell between the two renames
+    checkpoint(".replaced-0-general-step0000000", 0)  # stale
+    (ckpts / "latest").write_text("0-general-step0000002")
+    manager = CheckpointManager(tmp_path, keep=2, rank=0)
+    manager.recover()
+    assert sorted(p.name for p in ckpts.iterdir()) == ["0-general-step0000001", "0-general-step0000002", "latest"]
+    assert manager.latest() == "0-general-step0000002"
+    import shutil
+
+    shutil.rmtree(ckpts / "0-general-step0000002")  # gone, with no copy aside: the newest complete one
+    manager.recover()
+    assert (ckpts / "latest").read_text() == "0-general-step0000001"
+    assert "taking the newest complete checkpoint, '0-general-step0000001'" in capsys.readouterr().err
+    assert CheckpointManager(tmp_path, keep=2, rank=1).latest() == "0-general-step0000001"
+
+
+def test_secret_overrides_are_parsed_as_hydra_does_and_hydra_keys_stay_hydras():
+    """Values applied after Hydra must read as Hydra reads them (`null` was the string 'null', which then replaced
+    a real WANDB_API_KEY); `hydra.job.env_set.WANDB_API_KEY=...` is Hydra's own and was swallowed."""
+    from omegaconf import OmegaConf
+
+    from train.__main__ import _apply_secrets, take_secrets
+
+    argv = ["train", "model=tiny_dense", "logging.wandb.api_key=null", "hydra.job.env_set.WANDB_API_KEY=x"]
+    rest, secrets = take_secrets(argv)
+    assert rest == ["train", "model=tiny_dense", "hydra.job.env_set.WANDB_API_KEY=x"]
+    cfg = OmegaConf.create({"logging": {"wandb": {"api_key": "old"}}})
+    _apply_secrets(cfg, secrets)
+    assert cfg.logging.wandb.api_key is None
+    _apply_secrets(cfg, ["logging.wandb.api_key='a b'"])
+    assert cfg.logging.wandb.api_key == "a b"
+    with pytest.raises(ValueError, match="not deleted or swept"):
+        _apply_secrets(cfg, ["logging.wandb.api_key=a,b"])
+
+
+def test_only_a_damaged_file_is_called_damaged(monkeypatch, tmp_path):
+    """An out-of-memory or a device error while loading said nothing about the file, but was reported as a
+    truncated checkpoint with advice to roll `latest` back."""
+    from train.engine import CheckpointLoadError, safe_torch_load
+
+    path = tmp_path / "x.pt"
+    torch.save({"a": torch.ones(2)}, path)
+    path.write_bytes(path.read_bytes()[:40])
+    with safe_torch_load(), pytest.raises(CheckpointLoadError, match=f"{path}: cannot be read, truncated"):
+        torch.load(path)
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(torch, "load", oom)
+    with safe_torch_load(), pytest.raises(torch.OutOfMemoryError):
+        torch.load(path)

@@ -306,8 +306,11 @@ def test_rope_scaling_is_checked_whole_before_the_model_changes():
         assert model.config.rope_scaling is None and model.rope_cos.shape[0] == 128
     with torch.no_grad():
         assert torch.equal(model(x).logits, before)
-    # no original length: the configured maximum, as transformers reads it (a KeyError here before)
-    model.set_rope_scaling({"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(ValueError, match="rope_theta 500000.0 differs from the model's rope_theta 10000.0"):
+        model.set_rope_scaling({"rope_type": "yarn", "factor": 4.0, "rope_theta": 5e5})
+    # no original length: the configured maximum, as transformers reads it (a KeyError here before); a
+    # transformers 5 style rope_theta inside, equal to the model's, is taken
+    model.set_rope_scaling({"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4})
     assert model.config.rope_scaling["original_max_position_embeddings"] == 128 and model.rope_cos.shape[0] == 512
 
 
@@ -361,6 +364,9 @@ def test_bad_directories_are_named_and_missing_keys_take_transformers_defaults(t
     ours, theirs = read_hf_config(tmp_path / "hf"), transformers.Qwen3Config.from_pretrained(tmp_path / "hf")
     assert (ours.head_dim, ours.max_position_embeddings, ours.vocab_size) == (
         theirs.head_dim, theirs.max_position_embeddings, theirs.vocab_size) == (128, 32768, 151936)
+    cfg_file.write_text(json.dumps(dict(d, num_key_value_heads=None)))  # an explicit null: one per query head
+    ours, theirs = read_hf_config(tmp_path / "hf"), transformers.Qwen3Config.from_pretrained(tmp_path / "hf")
+    assert ours.num_key_value_heads == theirs.num_key_value_heads == 4
     cfg_file.write_text(json.dumps(d))
     weights = tmp_path / "hf" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])

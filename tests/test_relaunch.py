@@ -70,7 +70,8 @@ def test_a_sweep_with_a_failed_job_fails_and_its_other_jobs_finish(data_root, tm
                       "faults.max_consecutive_skips=0", "dist.timeout_s=6", f"hydra.sweep.dir={sweep}"], timeout=600)
     assert proc.returncode == 4, proc.stdout[-3000:]
     assert "consecutive steps had a non-finite loss" in proc.stdout and "no progress" not in proc.stdout
-    assert [r["stage"] for r in records(sweep / "1") if r.get("event") == "stage_end"] == [
+    job1 = next(sweep.glob("1-*"))  # <job number>-<hash of its overrides>
+    assert [r["stage"] for r in records(job1) if r.get("event") == "stage_end"] == [
         "general", "reasoning", "long_context"]
 
 

@@ -81,7 +81,10 @@ def test_two_gloo_ranks(data_root, tmp_path_factory, model, zero):
     assert (ckpt / "rng_rank1.pt").exists()
     assert len(list(ckpt.glob("*optim_states.pt"))) == 2  # ZeRO shards the optimizer over both ranks
     if model == "tiny_moe":
-        assert all(r["balance_loss"] > 0 for r in per_step)
+        # the unweighted balance loss (1 at an even load), not the weighted aux loss it was logged as before
+        assert all(0.9 < r["balance_loss"] < 4 for r in per_step)
+        assert all(r["aux_loss"] == pytest.approx(0.001 * r["balance_loss"], rel=1e-6) for r in per_step)
+        assert all(r["z_loss"] > 0 and r["loss"] == pytest.approx(r["lm_loss"] + r["aux_loss"]) for r in per_step)
         assert len(per_step[-1]["expert_load"]) == 4 and len(per_step[-1]["expert_load"][0]) == 8
         assert sum(per_step[-1]["expert_load"][0]) == pytest.approx(1.0, abs=1e-3)
 
@@ -107,6 +110,19 @@ def test_loss_curves_match_the_golden_files(data_root, tmp_path_factory, key, ov
     assert [(stage, int(step)) for stage, step, _, _ in golden] == list(got)
     for stage, step, loss, norm in golden:
         assert got[(stage, int(step))] == pytest.approx((float(loss), float(norm)), rel=1e-4), (stage, step)
+
+
+def test_micro_granularity_logs_the_global_batch_expert_load(data_root, tmp_path_factory, tmp_path):
+    """With balance_loss_granularity=micro the logged expert load was rank 0's tokens only (imbalance 1.36 where
+    the global batch's was 1.23). Step 1 routes the same tokens with the same weights in both modes."""
+    overrides = ["model=tiny_moe", "deepspeed=zero2"]
+    global_ = steps(smoke_run(tmp_path_factory, "tiny_moe-zero2", overrides, nproc=2))[0]
+    proc = run_train([*SMOKE, f"run_dir={tmp_path}", *overrides, "model.balance_loss_granularity=micro",
+                      "max_steps=1", "eval.enabled=false", "checkpoint.export_hf=false"], nproc=2)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    micro = steps(tmp_path)[0]
+    assert micro["expert_load"] == global_["expert_load"]
+    assert micro["expert_load_max_over_mean"] == pytest.approx(global_["expert_load_max_over_mean"])
 
 
 def test_ranks_and_zero_stages_agree(data_root, tmp_path_factory):
@@ -165,23 +181,26 @@ def test_sigterm_saves_exits_75_and_resumes_exactly(data_root, tmp_path_factory,
 def test_sigusr1_at_a_stage_end_leaves_at_once_and_the_relaunch_finishes_the_stage(data_root, tmp_path_factory,
                                                                                       tmp_path):
     """SIGUSR1 (SLURM's `--signal=USR1@...`) is a preemption like SIGTERM. Received in a stage's last step, the
-    run used to go on through the export, the evaluation, the next stage's index build and one more step before
-    it left; now the stage-end checkpoint is written once and the process exits 75, and the relaunch writes the
-    export before the next stage."""
-    overrides = ["model=tiny_dense", "deepspeed=zero1", "eval.enabled=false", *EVERY_STEP]
-    reference = losses(smoke_run(tmp_path_factory, "ref-1-zero1", overrides))
+    run used to go on through the stage-end work and the next stage before it left; now the stage-end checkpoint
+    is written once and the process exits 75, and the relaunch does that stage's evaluation, with the stage's RoPE
+    base (1e6 for Long Context), before anything else; also with checkpoint.export_hf=false, where no missing
+    export tells it so."""
+    overrides = ["model=tiny_dense", "deepspeed=zero1", "checkpoint.export_hf=false", *EVERY_STEP]
+    reference = smoke_run(tmp_path_factory, "ref-1-zero1-noexport", overrides)
     run_dir = tmp_path / "preempted"
-    proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides], env={"TRISTAGE_INJECT": "sigusr1@general:4"})
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides], env={"TRISTAGE_INJECT": "sigusr1@long_context:2"})
     assert proc.returncode == 75, proc.stdout[-3000:]
     saves = [Path(r["path"]).name for r in records(run_dir) if r.get("event") == "checkpoint"]
-    assert saves[-2:] == ["0-general-step0000003", "0-general-step0000004"]  # one save for the last step
-    assert not (run_dir / "hf" / "general").exists() and steps(run_dir)[-1]["stage"] == "general"
-    assert (run_dir / "preempted").read_text().strip() == "0-general-step0000004"
+    assert saves[-2:] == ["2-long_context-step0000001", "2-long_context-step0000002"]  # one save for the last step
+    assert [r["stage"] for r in records(run_dir) if r.get("event") == "stage_end"] == STAGES[:2]
+    assert (run_dir / "preempted").read_text().strip() == "2-long_context-step0000002"
     proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides])
     assert proc.returncode == 0, proc.stdout[-4000:]
-    assert (run_dir / "hf" / "general" / "config.json").exists()
     assert [r["stage"] for r in records(run_dir) if r.get("event") == "stage_end"] == STAGES
-    assert losses(run_dir) == reference
+    evals = lambda d: [(r["stage"], r["step"], r["heldout_ppl_geomean"]) for r in records(d) if r.get("event") == "eval"]
+    assert evals(run_dir)[-1] == evals(reference)[-1] and evals(run_dir)[-1][:2] == ("long_context", 2)
+    assert losses(run_dir) == losses(reference)
+    assert (run_dir / "checkpoints" / "2-long_context-step0000002" / "stage_finished").exists()
 
 
 @pytest.mark.parametrize("override, needle", [

@@ -26,12 +26,9 @@ def _is_secret_override(arg: str) -> bool:
     from train.metrics import is_secret_key
 
     key, sep, _ = arg.partition("=")
-    return bool(sep) and not arg.startswith("-") and is_secret_key(key.lstrip("+~").split(".")[-1])
-
-
-def redact_override(arg: str) -> str:
-    """`key=value` with the value replaced when the key names a secret (api_key, token, secret, password)."""
-    return f"{arg.partition('=')[0]}=***" if _is_secret_override(arg) else arg
+    key = key.lstrip("+~")
+    # hydra.* keys stay Hydra's (e.g. hydra.job.env_set.WANDB_API_KEY=..., an environment variable it sets)
+    return bool(sep) and not arg.startswith("-") and not key.startswith("hydra.") and is_secret_key(key.split(".")[-1])
 
 
 def take_secrets(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -42,14 +39,18 @@ def take_secrets(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _apply_secrets(dcfg, secrets: list[str]) -> None:
+    """Set each secret override on the composed config, its value parsed as Hydra parses one (`null`, quotes)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf, open_dict
 
+    parser = OverridesParser.create()
     for arg in secrets:
-        key, _, value = arg.partition("=")
-        if key.startswith("~"):
-            raise ValueError(f"{key.lstrip('~')}: a secret cannot be deleted from the command line")
-        with open_dict(dcfg) if key.startswith("+") else contextlib.nullcontext():
-            OmegaConf.update(dcfg, key.lstrip("+"), value, merge=False)
+        override = parser.parse_overrides([arg])[0]
+        key = override.key_or_group
+        if override.is_delete() or override.is_sweep_override():
+            raise ValueError(f"{key}: a secret can be set from the command line, not deleted or swept")
+        with open_dict(dcfg) if override.is_add() else contextlib.nullcontext():
+            OmegaConf.update(dcfg, key, override.value(), merge=False)
 
 
 def main() -> None:
@@ -69,9 +70,6 @@ def main() -> None:
         from train.loop import run
 
         started.append(True)
-        # the command line may carry a secret (logging.wandb.api_key=...): tools that record argv (wandb,
-        # crash reports) must only ever see it redacted
-        sys.argv = [redact_override(a) for a in [*sys.argv, *secrets]]
         if HydraConfig.get().mode == RunMode.MULTIRUN:  # each sweep job trains in its own folder
             dcfg.run_dir = HydraConfig.get().runtime.output_dir
         try:
@@ -95,6 +93,7 @@ def main() -> None:
 
     codes: list = []  # the sweep's exit codes, job by job
     started: list = []  # set once Hydra has composed a config and called the job
+    # what records argv later (wandb, crash reports) sees it without the secrets, as Hydra does
     sys.argv, secrets = take_secrets(_strip_launcher_args(sys.argv))
     try:
         _app()

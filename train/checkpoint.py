@@ -10,7 +10,7 @@ A save writes everything into `.tmp/<tag>`, every rank reports success, rank 0 r
 and only then replaces `latest`. A crash at any point leaves `latest` naming the previous complete checkpoint.
 A failed write on any rank (a full disk, say) fails every rank together and keeps what was there. Saving a tag
 that exists (a relaunch that reached the step again) moves the old folder aside only once the new one is
-complete; were a crash to fall between those two renames, `latest()` goes back to the newest complete checkpoint.
+complete; were a crash to fall between those two renames, `recover()` puts the old copy back at the next start.
 """
 from __future__ import annotations
 
@@ -95,6 +95,27 @@ class CheckpointManager:
         self.dir = Path(run_dir) / "checkpoints"
         self.keep = keep
         self.rank = rank
+
+    def recover(self) -> None:
+        """Rank 0, before any rank reads `latest`: mend what a crash in the middle of a save can leave.
+
+        A re-save of the tag `latest` names that died between its two renames leaves the complete old copy in
+        `.replaced-<tag>`: it is put back. Other `.replaced-*` folders are stale copies and go. A pointer naming a
+        folder that is gone is moved to the newest complete checkpoint here, once, so that every rank reads the
+        same one.
+        """
+        pointer = self.dir / "latest"
+        if not pointer.exists():
+            return
+        tag = pointer.read_text().strip()
+        aside = self.dir / f".replaced-{tag}"
+        if not (self.dir / tag / "meta.json").exists() and (aside / "meta.json").exists():
+            os.rename(aside, self.dir / tag)
+        for stale in self.dir.glob(".replaced-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        found = self.latest()  # the fallback, with its warning
+        if found is not None and found != tag:
+            _write_atomic(pointer, found)
 
     def latest(self) -> Optional[str]:
         """The newest complete checkpoint's tag, or None for a fresh run.
@@ -209,7 +230,7 @@ class CheckpointManager:
             raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {e}){self._way_out(tag)}") from None
 
     def _way_out(self, tag: str) -> str:
-        """The hint for a damaged checkpoint: the complete checkpoints older than it, to resume from instead."""
+        """The hint for a damaged checkpoint: the other complete checkpoints, to resume from instead."""
         older = [t for t in self.complete() if t != tag]
         if not older:
             return ""

@@ -15,6 +15,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from data.config import DataConfig, MixtureConfig, check_mixture, to_source_config
 from data.errors import DataError
+from data.io import sha256_text
 from models.config import Qwen3Config
 
 
@@ -197,6 +198,10 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="tristage_schema", node=TrainConfig)
     cs.store(group="curriculum/stage_schema", name="stage", node=StageConfig)
+    # `${short_hash:...}`: a sweep job's folder name carries a hash of its overrides (conf/config.yaml), so a
+    # relaunched sweep resumes each job and another sweep under the same name never resumes the first one's
+    if not OmegaConf.has_resolver("short_hash"):
+        OmegaConf.register_new_resolver("short_hash", lambda text: sha256_text(str(text))[:8])
 
 
 @dataclass

@@ -217,9 +217,13 @@ def safe_torch_load() -> Iterator[None]:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise CheckpointLoadError(f"{f}: refused to load (it holds pickled objects other than tensors and "
                                       f"DeepSpeed's state; {first})") from None
-        except (RuntimeError, EOFError) as e:  # a truncated or overwritten file: torch's message names no file
+        except (RuntimeError, EOFError) as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise CheckpointLoadError(f"{f}: cannot be read, truncated or damaged ({first})") from None
+            # a truncated or overwritten file (torch's zip reader names no file); not an out-of-memory or a
+            # device error, which say nothing about the file
+            if isinstance(e, EOFError) or "PytorchStreamReader" in first or "zip archive" in first:
+                raise CheckpointLoadError(f"{f}: cannot be read, truncated or damaged ({first})") from None
+            raise
 
     torch.load = load  # type: ignore[assignment]
     try:

@@ -170,6 +170,7 @@ class Trainer:
             dist.all_gather_object(held, held[info.rank])
         self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint.keep, info.rank)
         self.state = TrainerState()
+        on_rank0("checking the checkpoints", self.checkpoints.recover)
         latest = self.checkpoints.latest()
         self._init_checkpoint: Optional[Path] = None
         if latest is not None:
@@ -329,14 +330,18 @@ class Trainer:
         """Run the remaining stages; returns the process exit code."""
         cfg = self.cfg
         self.steps_this_launch = 0
+        self.finished_here: set = set()  # stages whose stage-end work this launch did
         exit_code = 0
         while True:
             state = self.state
             if state.stage_complete:  # a stage-end checkpoint: the next stage starts fresh
                 done = cfg.curriculum.stages[cfg.curriculum.order[state.stage_index]]
-                if cfg.checkpoint.export_hf and not (self.run_dir / "hf" / done.name / "config.json").exists():
-                    # the launch that finished the stage stopped before its export (preempted, or the export
-                    # failed): the stage-end work, then the next stage
+                # (only for a stage finished by an earlier launch: within this one, rank 0 writes the marker while
+                # the other ranks may already be here, and they must all decide alike)
+                if done.name not in self.finished_here and not self._finished_marker(done).exists():
+                    # the launch that finished the stage stopped before its stage-end work (preempted in the last
+                    # step, or the export failed): that work, with the stage's RoPE base, then the next stage
+                    self.module.set_rope_theta(done.rope_theta)
                     self._finish_stage(done)
                 state.stage_index += 1
                 state.step = state.consumed_samples = 0
@@ -443,7 +448,7 @@ class Trainer:
             dev = info.device
             comp_sums = torch.zeros(len(components), dtype=torch.float64, device=dev)
             comp_counts = torch.zeros(len(components), dtype=torch.float64, device=dev)
-            aux_sum = torch.zeros((), dtype=torch.float64, device=dev)
+            router_sums = torch.zeros(3, dtype=torch.float64, device=dev)  # weighted aux, balance and z losses
             scale = (float("nan") if injected("nan", stage.name, step, info.rank)
                      else 20.0 if injected("spike", stage.name, step, info.rank) else None)
             for m in range(plan.grad_accum):
@@ -460,19 +465,20 @@ class Trainer:
                 comp = batch["component_ids"].to(dev, torch.long, non_blocking=True).flatten()
                 comp_sums.index_add_(0, comp, (tok * mask).flatten())
                 comp_counts.index_add_(0, comp, mask.flatten())
-                aux_sum += out.aux_loss.detach().double()
+                if out.balance_loss is not None:  # MoE
+                    router_sums += torch.stack([out.aux_loss.detach(), out.balance_loss, out.z_loss]).double()
             grad_norm, applied = self.engine.optimizer_step()
             self.watchdog.beat(f"{stage.name} step {step} metrics")
-            # one all-reduce carries the losses, the aux loss and the preemption flag
+            # one all-reduce carries the losses, the router's losses and the preemption flag
             flag = torch.tensor([float(self.preemption.requested)], dtype=torch.float64).to(dev, non_blocking=True)
-            packed = torch.cat([comp_sums, comp_counts, aux_sum[None], flag])
+            packed = torch.cat([comp_sums, comp_counts, router_sums, flag])
             if info.world_size > 1:
                 dist.all_reduce(packed)  # on the device: NCCL reduces GPU tensors only
             packed = collective_result(packed)  # the step's one host sync of its own
             n = len(components)
             comp_sums, comp_counts = packed[:n], packed[n: 2 * n]
-            aux_mean = packed[2 * n].item() / (plan.grad_accum * info.world_size)
-            preempt = packed[2 * n + 1].item() > 0
+            router = (packed[2 * n: 2 * n + 3] / (plan.grad_accum * info.world_size)).tolist()  # aux, balance, z
+            preempt = packed[2 * n + 3].item() > 0
             self._advance(plan)
             dt = time.perf_counter() - t0
             loss = comp_sums.sum().item() / max(comp_counts.sum().item(), 1.0)
@@ -492,7 +498,7 @@ class Trainer:
             else:
                 state.consecutive_skips = 0
             if state.step % cfg.logging.log_every == 0 or state.step == plan.steps:
-                self._log_step(stage, plan, stream, lr, grad_norm, applied, comp_sums, comp_counts, aux_mean, dt,
+                self._log_step(stage, plan, stream, lr, grad_norm, applied, comp_sums, comp_counts, router, dt,
                                first_sample)
             if applied and math.isfinite(loss):
                 median = spikes.check(loss)
@@ -529,6 +535,13 @@ class Trainer:
             self._evaluate(stage)
         self.metrics.log({"event": "stage_end", "stage": stage.name, "global_step": self.state.global_step,
                           "tokens": self.state.tokens, "time": time.time()})
+        self.finished_here.add(stage.name)
+        if self.info.rank == 0:
+            self._finished_marker(stage).touch()
+
+    def _finished_marker(self, stage: StageConfig) -> Path:
+        """The file in a stage-end checkpoint that says its stage-end work (`_finish_stage`) is done."""
+        return self.checkpoints.dir / self._tag(stage) / "stage_finished"
 
     def _preempted(self, stage: StageConfig) -> int:
         """After the checkpoint of a preempted step: leave the marker, log, and give the exit code."""
@@ -565,9 +578,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ pieces of a step
     def _log_step(self, stage: StageConfig, plan: StagePlan, stream: StageStream, lr: float, grad_norm: float,
-                  applied: bool, comp_sums: torch.Tensor, comp_counts: torch.Tensor, aux: float, dt: float,
-                  first_sample: int) -> None:
+                  applied: bool, comp_sums: torch.Tensor, comp_counts: torch.Tensor, router: List[float],
+                  dt: float, first_sample: int) -> None:
+        """One step record; `router`: the step's mean weighted aux loss, balance loss and z-loss (0s for dense)."""
         state, info = self.state, self.info
+        aux, balance, z = router
+        moe = bool(self.cfg.model.num_experts)
         total = comp_counts.sum().item()
         loss = comp_sums.sum().item() / max(total, 1.0)
         by_source: Dict[str, List[float]] = {}
@@ -583,7 +599,8 @@ class Trainer:
         tps = tokens / dt
         record: Dict[str, Any] = {
             "stage": stage.name, "step": state.step, "stage_steps": plan.steps, "global_step": state.global_step,
-            "tokens": state.tokens, "loss": loss + aux, "lm_loss": loss, "balance_loss": aux if self.cfg.model.num_experts else None,
+            "tokens": state.tokens, "loss": loss + aux, "lm_loss": loss,
+            "aux_loss": aux if moe else None, "balance_loss": balance if moe else None, "z_loss": z if moe else None,
             "lr": lr, "grad_norm": grad_norm, "step_applied": applied, "tokens_per_s": tps,
             "step_time_s": dt, "seq_len": plan.seq_len, "rope_theta": stage.rope_theta,
             "memory_gib": _memory_gib(info.device), "time": time.time(),
