@@ -105,7 +105,10 @@ def test_multirun_sweep_gives_each_job_its_own_run_dir(data_root, tmp_path):
     proc = run_train(["--multirun", *SMOKE, "seed=1,2", "max_steps=1", "eval.enabled=false",
                       "checkpoint.export_hf=false", f"hydra.sweep.dir={sweep}"], timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:]
-    first = [r for r in records(sweep / "0") if "event" not in r]
-    second = [r for r in records(sweep / "1") if "event" not in r]
+    # <job number>-<hash of its overrides>: another sweep under the same name, with other values, never resumes
+    # this one's jobs (it did, and was refused: "a stage's samples are fixed")
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name[:2] for p in jobs] == ["0-", "1-"] and len({p.name[2:] for p in jobs}) == 2
+    first, second = ([r for r in records(job) if "event" not in r] for job in jobs)
     assert len(first) == 1 and len(second) == 1
     assert first[0]["loss"] != second[0]["loss"]  # different seeds, different initial weights

@@ -30,7 +30,9 @@ What is ours: DeepSpeed's per-expert *writer* only understands its own module la
 (`deepspeed_moe.experts.deepspeed_experts.<i>.*`), and skips our stacked `gate_up_proj` / `down_proj`; so
 `save_expert_files` writes those files (tensors under the HF per-expert names), and a load_state_dict pre-hook
 stacks what DeepSpeed's loader read back into this rank's slice (or slices a full state dict's experts).
-`shard` runs on the meta device when the model is built, so a rank never allocates the other ranks' experts.
+`shard` runs on the meta device when the model is built, so a rank never holds the other ranks' experts as
+parameters. (`init_weights` draws each stacked expert parameter whole, once and transiently, one tensor at a time,
+so the values equal an unsharded model's: for 235B-A22B a layer's `gate_up_proj` is 6 GB in fp32 for that moment.)
 
 ZeRO-3 is refused: DeepSpeed 0.19.8 asserts "Native DeepSpeed MoE is not supported with ZeRO Stage 3" (only
 AutoEP layers may be partitioned by ZeRO-3). ZeRO-0 is refused too: without ZeRO, DeepSpeed's gradient
