@@ -635,6 +635,11 @@ def test_secret_overrides_are_parsed_as_hydra_does_and_hydra_keys_stay_hydras():
     assert cfg.logging.wandb.api_key == "a b"
     with pytest.raises(ValueError, match="not deleted or swept"):
         _apply_secrets(cfg, ["logging.wandb.api_key=a,b"])
+    with pytest.raises(ValueError) as err:  # the parser's own message quoted parts of the value
+        _apply_secrets(cfg, ["logging.wandb.api_key=SECRET(a)b"])
+    assert "quote it: logging.wandb.api_key='...'" in str(err.value) and "SECRET" not in str(err.value)
+    _apply_secrets(cfg, ["++logging.wandb.api_key='x=y'"])
+    assert cfg.logging.wandb.api_key == "x=y"
 
 
 def test_only_a_damaged_file_is_called_damaged(monkeypatch, tmp_path):

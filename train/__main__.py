@@ -45,11 +45,16 @@ def _apply_secrets(dcfg, secrets: list[str]) -> None:
 
     parser = OverridesParser.create()
     for arg in secrets:
-        override = parser.parse_overrides([arg])[0]
-        key = override.key_or_group
+        key = arg.partition("=")[0].lstrip("+~")
+        try:
+            override = parser.parse_overrides([arg])[0]
+        except Exception:  # noqa: BLE001 - the parser's message would quote the secret
+            raise ValueError(f"{key}: the value is not a valid override value (a comma, '=' or a bracket in it?); "
+                             f"quote it: {key}='...'") from None
         if override.is_delete() or override.is_sweep_override():
-            raise ValueError(f"{key}: a secret can be set from the command line, not deleted or swept")
-        with open_dict(dcfg) if override.is_add() else contextlib.nullcontext():
+            raise ValueError(f"{key}: a secret can be set from the command line, not deleted or swept "
+                             f"(quote a value with a comma in it)")
+        with open_dict(dcfg) if override.is_add() or override.is_force_add() else contextlib.nullcontext():
             OmegaConf.update(dcfg, key, override.value(), merge=False)
 
 
@@ -107,11 +112,12 @@ def main() -> None:
 
 
 def redact_text(text: str, secrets: list[str]) -> str:
-    """`text` with every secret value in it replaced by ***."""
+    """`text` with every secret value in it (as given, and without its quotes) replaced by ***."""
     for arg in secrets:
         value = arg.partition("=")[2]
-        if value:
-            text = text.replace(value, "***")
+        for form in (value, value.strip("'\"")):
+            if form:
+                text = text.replace(form, "***")
     return text
 
 

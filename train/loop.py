@@ -81,6 +81,9 @@ class _Preemption:
         self.requested = True
 
 
+STAGE_FINISHED = "stage_finished"  # in a stage-end checkpoint: its stage-end work is done
+
+
 def model_shape(cfg: Qwen3Config) -> Dict[str, Any]:
     """The config fields that fix the weights' shapes."""
     return {k: getattr(cfg, k) for k in _SHAPE_KEYS}
@@ -173,8 +176,13 @@ class Trainer:
         on_rank0("checking the checkpoints", self.checkpoints.recover)
         latest = self.checkpoints.latest()
         self._init_checkpoint: Optional[Path] = None
+        # A stage-end checkpoint whose stage-end work (export, suite, evaluation) no launch finished: read here, before
+        # the engine's collectives, so that no rank can see a marker another rank wrote in this launch
+        self.stage_end_pending: Optional[float] = None  # then the RoPE base the stage trained at
         if latest is not None:
             meta = self.checkpoints.read_meta(latest)
+            if meta["state"]["stage_complete"] and not (self.checkpoints.dir / latest / STAGE_FINISHED).exists():
+                self.stage_end_pending = float(meta["rope_theta"])
             check_compatible(meta, model_shape(cfg.model), self.tokenizer.fingerprint,
                              str(self.checkpoints.dir / latest))
             check_resumable(meta, cfg, plans, self.data_manifest, str(self.checkpoints.dir / latest))
@@ -330,18 +338,16 @@ class Trainer:
         """Run the remaining stages; returns the process exit code."""
         cfg = self.cfg
         self.steps_this_launch = 0
-        self.finished_here: set = set()  # stages whose stage-end work this launch did
         exit_code = 0
         while True:
             state = self.state
             if state.stage_complete:  # a stage-end checkpoint: the next stage starts fresh
                 done = cfg.curriculum.stages[cfg.curriculum.order[state.stage_index]]
-                # (only for a stage finished by an earlier launch: within this one, rank 0 writes the marker while
-                # the other ranks may already be here, and they must all decide alike)
-                if done.name not in self.finished_here and not self._finished_marker(done).exists():
+                if self.stage_end_pending is not None:
                     # the launch that finished the stage stopped before its stage-end work (preempted in the last
-                    # step, or the export failed): that work, with the stage's RoPE base, then the next stage
-                    self.module.set_rope_theta(done.rope_theta)
+                    # step, or the export failed): that work, with the RoPE base it trained at, then the next stage
+                    self.module.set_rope_theta(self.stage_end_pending)
+                    self.stage_end_pending = None
                     self._finish_stage(done)
                 state.stage_index += 1
                 state.step = state.consumed_samples = 0
@@ -465,8 +471,7 @@ class Trainer:
                 comp = batch["component_ids"].to(dev, torch.long, non_blocking=True).flatten()
                 comp_sums.index_add_(0, comp, (tok * mask).flatten())
                 comp_counts.index_add_(0, comp, mask.flatten())
-                if out.balance_loss is not None:  # MoE
-                    router_sums += torch.stack([out.aux_loss.detach(), out.balance_loss, out.z_loss]).double()
+                router_sums += torch.stack([out.aux_loss.detach(), out.balance_loss, out.z_loss]).double()  # 0s: dense
             grad_norm, applied = self.engine.optimizer_step()
             self.watchdog.beat(f"{stage.name} step {step} metrics")
             # one all-reduce carries the losses, the router's losses and the preemption flag
@@ -535,13 +540,12 @@ class Trainer:
             self._evaluate(stage)
         self.metrics.log({"event": "stage_end", "stage": stage.name, "global_step": self.state.global_step,
                           "tokens": self.state.tokens, "time": time.time()})
-        self.finished_here.add(stage.name)
         if self.info.rank == 0:
-            self._finished_marker(stage).touch()
-
-    def _finished_marker(self, stage: StageConfig) -> Path:
-        """The file in a stage-end checkpoint that says its stage-end work (`_finish_stage`) is done."""
-        return self.checkpoints.dir / self._tag(stage) / "stage_finished"
+            try:
+                (self.checkpoints.dir / self._tag(stage) / STAGE_FINISHED).touch()
+            except OSError as e:  # only a shortcut for the next launch, which otherwise does the work again
+                print(f"[tristage] warning: could not mark the {stage.name} stage-end work done ({e})",
+                      file=sys.stderr, flush=True)
 
     def _preempted(self, stage: StageConfig) -> int:
         """After the checkpoint of a preempted step: leave the marker, log, and give the exit code."""
