@@ -178,7 +178,8 @@ def main() -> None:
                     help="index figures only, on a corpus of 5 sources x DOCS documents of 1-400 tokens (built once "
                          "under the root's bench-synthetic/), instead of the data set")
     ap.add_argument("--index-probe", nargs=3, metavar=("MODE", "N", "MANIFEST"),
-                    help="one rank's memory: open a stage index of N samples over MANIFEST in MODE (memory, build, load)")
+                    help="one rank's memory: open a stage index of N samples over MANIFEST in MODE "
+                         "(memory, build, load)")
     ap.add_argument("--index-workers", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.index_probe:

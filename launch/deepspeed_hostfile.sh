@@ -19,9 +19,10 @@ set -euo pipefail
 
 # The deepspeed launcher prints its whole command line (and pdsh the environment it exports): a secret given as an
 # override would reach the console and the job's log. wandb reads WANDB_API_KEY from each node's environment.
+secret='([Aa][Pp][Ii][_-]?[Kk][Ee][Yy]|[Tt][Oo][Kk][Ee][Nn]|[Ss][Ee][Cc][Rr][Ee][Tt]|[Pp][Aa][Ss][Ss][Ww][Oo][Rr][Dd])$'
 for arg in "$@"; do
   key=${arg%%=*}
-  if [[ "$arg" == *=* && "${key##*.}" =~ ([Aa][Pp][Ii][_-]?[Kk][Ee][Yy]|[Tt][Oo][Kk][Ee][Nn]|[Ss][Ee][Cc][Rr][Ee][Tt]|[Pp][Aa][Ss][Ss][Ww][Oo][Rr][Dd])$ ]]; then
+  if [[ "$arg" == *=* && "${key##*.}" =~ $secret ]]; then
     echo "error: ${key#[+~]} on the deepspeed launcher's command line would be printed by the launcher; set it in" \
       "each node's environment instead (WANDB_API_KEY for logging.wandb.api_key)" >&2
     exit 2

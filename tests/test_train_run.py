@@ -197,7 +197,8 @@ def test_sigusr1_at_a_stage_end_leaves_at_once_and_the_relaunch_finishes_the_sta
     proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides])
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert [r["stage"] for r in records(run_dir) if r.get("event") == "stage_end"] == STAGES
-    evals = lambda d: [(r["stage"], r["step"], r["heldout_ppl_geomean"]) for r in records(d) if r.get("event") == "eval"]
+    evals = lambda d: [(r["stage"], r["step"], r["heldout_ppl_geomean"]) for r in records(d)
+                       if r.get("event") == "eval"]
     assert evals(run_dir)[-1] == evals(reference)[-1] and evals(run_dir)[-1][:2] == ("long_context", 2)
     assert losses(run_dir) == losses(reference)
     assert (run_dir / "checkpoints" / "2-long_context-step0000002" / "stage_finished").exists()

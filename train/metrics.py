@@ -80,7 +80,8 @@ class MetricsLogger:
         elif self.console:  # events: their scalars and short fields (per-language tables stay in the file)
             fields = {k: v for k, v in record.items() if k not in ("event", "stage", "time")
                       and not (isinstance(v, (dict, list)) and len(v) > 8)}
-            print(f"[{record.get('stage') or 'run'}] {record['event']}: " + ", ".join(f"{k}={v}" for k, v in fields.items()),
+            print(f"[{record.get('stage') or 'run'}] {record['event']}: "
+                  + ", ".join(f"{k}={v}" for k, v in fields.items()),
                   flush=True)
         if self._wandb is not None:
             flat = {k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None}
