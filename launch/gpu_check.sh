@@ -66,13 +66,18 @@ run_part bench 290 120 "$OUT/bench.log" "$PY" -m train.bench "${bench_args[@]}" 
 # 2. The real path (item 2): python -m train through DeepSpeed on the bench's 0.6b_4k shape, with the attention
 #    kernel the bench's probe picked; KILL at the limit leaves metrics.jsonl (one line per step) behind.
 #    If compiling failed in the bench (it then measured the eager model), the training run goes eager too.
+#    Steps 30-31 run under torch.profiler (2 of ~200 timed steps: the median tokens/s barely moves); their op table
+#    goes to the end of train.log (only 8 files come back from the device, all taken).
 read -r attention compile < <("$PY" -c "import json; m = json.load(open('$OUT/bench.json'))['meta']; \
 print(m['attention'].get('0.6b_4k', 'auto'), 'false' if m.get('compile_failed') else 'true')" 2>/dev/null \
   || echo auto true)
 rm -rf runs/gpu_speed
 run_part train 110 60 "$OUT/train.log" "$PY" -m train experiment=gpu_speed model.attention_backend="$attention" \
-  model.compile="$compile" run_dir=runs/gpu_speed "${train_args[@]}"
+  model.compile="$compile" run_dir=runs/gpu_speed logging.profile.start_step=30 "${train_args[@]}"
 [[ -f runs/gpu_speed/metrics.jsonl ]] && cp runs/gpu_speed/metrics.jsonl "$OUT/train_metrics.jsonl"
+for table in runs/gpu_speed/profile/*/rank0.ops.txt; do
+  [[ -f $table ]] && { echo "== torch.profiler, $table"; cat "$table"; } >>"$OUT/train.log"
+done
 
 # 3. Each means on its own (item 3, train/PERF_NOTES.md), with the bench's attention pick (its compiled graphs are
 #    then in Inductor's cache already).

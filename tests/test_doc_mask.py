@@ -208,9 +208,9 @@ def test_block_mask_on_cuda_never_holds_the_dense_mask():
 def test_training_with_doc_masking_runs_and_changes_the_attention(data_root, tmp_path_factory, tmp_path):
     """`data.doc_masking=true` trains through the loop (restarted positions, documents kept apart): finite
     losses that part from plain packing's on the same tokens as training goes on."""
-    from trainutil import SMOKE, losses, run_train, smoke_run
+    from trainutil import DENSE1, SMOKE, losses, run_train, smoke_run
 
-    plain = losses(smoke_run(tmp_path_factory, "dense1", ["model=tiny_dense"]))
+    plain = losses(smoke_run(tmp_path_factory, "dense1", DENSE1))
     run_dir = tmp_path / "docmask"
     proc = run_train([*SMOKE, f"run_dir={run_dir}", "model=tiny_dense", "data.doc_masking=true",
                       "eval.enabled=false"])

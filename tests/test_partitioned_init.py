@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainutil import SMOKE, losses, records, run_train, smoke_run
+from trainutil import DENSE1, SMOKE, losses, records, run_train, smoke_run
 
 
 def model_event(run_dir):
@@ -30,7 +30,7 @@ def test_zero3_builds_each_rank_its_share_and_trains_as_the_whole_model(data_roo
 
 
 @pytest.mark.parametrize("model, source, source_overrides, nproc", [
-    ("tiny_dense", "dense1", ["model=tiny_dense"], 1),  # tied embeddings
+    ("tiny_dense", "dense1", DENSE1, 1),  # tied embeddings
     ("tiny_moe", "tiny_moe-zero2", ["model=tiny_moe", "deepspeed=zero2"], 2),  # untied head, stacked experts
 ])
 def test_zero3_partitioned_model_starts_from_an_hf_export(data_root, tmp_path_factory, tmp_path, model, source,

@@ -65,6 +65,8 @@ def test_any_key_overrides():
     (["data.index_workers=0"], 1, "data.index_workers"),
     (["curriculum.stages.general.mixture.weights.udhr=-1"], 1, "curriculum.stages.general.mixture.weights.udhr"),
     (["+data.sources.x={kind: local, langauges: [eng]}"], 1, "data.sources.x: Key 'langauges'"),
+    (["logging.profile.start_step=-1"], 1, "logging.profile.start_step' = -1"),
+    (["logging.profile.num_steps=0"], 1, "logging.profile.num_steps' = 0"),
 ])
 def test_inconsistent_values_name_the_key(overrides, world, key):
     cfg = compose_cfg(overrides)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainutil import ROOT, SMOKE, kill_when, losses, records, run_train, smoke_run, steps, train_cmd
+from trainutil import DENSE1, ROOT, SMOKE, kill_when, losses, records, run_train, smoke_run, steps, train_cmd
 
 STAGES = ["general", "reasoning", "long_context"]
 # the smoke curriculum: 4 + 2 + 2 steps of 1,024 tokens
@@ -23,7 +23,7 @@ EVERY_STEP = [f"curriculum.stages.{s}.checkpoint_every=1" for s in STAGES]
 
 
 def test_one_process_runs_all_three_stages(data_root, tmp_path_factory):
-    run_dir = smoke_run(tmp_path_factory, "dense1", ["model=tiny_dense"])
+    run_dir = smoke_run(tmp_path_factory, "dense1", DENSE1)
     recs = records(run_dir)
     starts = [r for r in recs if r.get("event") == "stage_start"]
     assert [r["stage"] for r in starts] == STAGES
@@ -54,13 +54,19 @@ def test_one_process_runs_all_three_stages(data_root, tmp_path_factory):
     for stage, theta in zip(STAGES, [1e4, 1e4, 1e6]):
         hf_cfg = json.loads((run_dir / "hf" / stage / "config.json").read_text())
         assert hf_cfg["rope_theta"] == theta
+    # DENSE1 profiles from global step 3 (step 2 its warm-up): General ends after step 4, and so does the range
+    assert [r["steps"] for r in recs if r.get("event") == "profile"] == [[3, 4]]
+    trace = json.loads((run_dir / "profile" / "step3-4" / "rank0.trace.json").read_text())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert {"aten::mm", "Optimizer.step#AdamW.step"} <= names
+    assert "aten::mm" in (run_dir / "profile" / "step3-4" / "rank0.ops.txt").read_text()
 
 
 def test_hf_export_matches_transformers(data_root, tmp_path_factory):
     transformers = pytest.importorskip("transformers")
     from models.hf import load_hf
 
-    run_dir = smoke_run(tmp_path_factory, "dense1", ["model=tiny_dense"])
+    run_dir = smoke_run(tmp_path_factory, "dense1", DENSE1)
     export = run_dir / "hf" / "long_context"
     ours = load_hf(export).eval()
     theirs = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
@@ -92,7 +98,7 @@ def test_two_gloo_ranks(data_root, tmp_path_factory, model, zero):
 GOLDEN = ROOT / "tests" / "fixtures" / "golden"
 
 
-@pytest.mark.parametrize("key, overrides, nproc", [("dense1", ["model=tiny_dense"], 1),
+@pytest.mark.parametrize("key, overrides, nproc", [("dense1", DENSE1, 1),
                                                    ("tiny_moe-zero2", ["model=tiny_moe", "deepspeed=zero2"], 2)])
 def test_loss_curves_match_the_golden_files(data_root, tmp_path_factory, key, overrides, nproc):
     """The smoke curriculum's per-step loss and gradient norm against files kept in the repository (torchtitan's
@@ -127,7 +133,7 @@ def test_micro_granularity_logs_the_global_batch_expert_load(data_root, tmp_path
 
 def test_ranks_and_zero_stages_agree(data_root, tmp_path_factory):
     """The same global batch gives the same losses on 1 rank, 2 ranks ZeRO-2 and 2 ranks ZeRO-3."""
-    one = losses(smoke_run(tmp_path_factory, "dense1", ["model=tiny_dense"]))
+    one = losses(smoke_run(tmp_path_factory, "dense1", DENSE1))
     z2 = losses(smoke_run(tmp_path_factory, "tiny_dense-zero2", ["model=tiny_dense", "deepspeed=zero2"], nproc=2))
     z3 = losses(smoke_run(tmp_path_factory, "tiny_dense-zero3", ["model=tiny_dense", "deepspeed=zero3"], nproc=2))
     offload = losses(smoke_run(tmp_path_factory, "tiny_dense-zero3_offload",
@@ -232,7 +238,7 @@ def test_carry_optimizer_false_resets_adamw_at_the_switch(data_root, tmp_path_fa
 def test_start_at_a_later_stage_from_an_hf_export(data_root, tmp_path_factory, tmp_path):
     """`curriculum.start=long_context init_from=<run>/hf/reasoning` trains only Long Context, from those weights:
     its first loss (a forward before any update, on the same data) is the full run's, to fp32 rounding."""
-    full = smoke_run(tmp_path_factory, "dense1", ["model=tiny_dense"])
+    full = smoke_run(tmp_path_factory, "dense1", DENSE1)
     run_dir = tmp_path / "lc_only"
     proc = run_train([*SMOKE, f"run_dir={run_dir}", "model=tiny_dense", "curriculum.start=long_context",
                       f"init_from={full / 'hf' / 'reasoning'}"])

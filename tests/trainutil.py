@@ -13,6 +13,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["experiment=smoke"]
+# the one-process dense smoke run several tests share (smoke_run key "dense1"); it also records steps 3-4 under
+# torch.profiler, and its golden loss file shows that the profiler changes no number
+DENSE1 = ["model=tiny_dense", "logging.profile.start_step=3"]
 
 
 def _free_port() -> int:

@@ -99,13 +99,25 @@ class WandbConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """torch.profiler traces of a few steps into <run_dir>/profile/ (train/profile.py); off by default."""
+
+    start_step: int = 0  # first recorded global step (1-based, as metrics' global_step); 0 = off
+    num_steps: int = 2  # steps recorded from start_step on (the step before runs as the profiler's warm-up)
+    record_shapes: bool = True  # input shapes of each op (the op table groups by them)
+    memory: bool = False  # allocations per op, and on CUDA the allocator history (rank<r>.memory.pickle)
+    with_stack: bool = False  # Python stacks of each op (large traces)
+
+
+@dataclass
 class LoggingConfig:
-    """Console, metrics.jsonl and wandb."""
+    """Console, metrics.jsonl, wandb and the profiler."""
 
     log_every: int = 1  # optimizer steps between metrics lines
     console: bool = True  # one live line per logged step on rank 0
     peak_tflops: float = 0.0  # device peak for MFU; 0 = look it up (989 for H100/H200 bf16, none on CPU)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
 
 @dataclass
@@ -295,6 +307,10 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int) -> List[StagePlan]:
         _fail("device", cfg.device, "must be auto, cpu or cuda")
     if cfg.dist.backend not in ("auto", "nccl", "gloo"):
         _fail("dist.backend", cfg.dist.backend, "must be auto, nccl or gloo")
+    if cfg.logging.profile.start_step < 0:
+        _fail("logging.profile.start_step", cfg.logging.profile.start_step, "must be 0 (off) or a global step >= 1")
+    if cfg.logging.profile.num_steps < 1:
+        _fail("logging.profile.num_steps", cfg.logging.profile.num_steps, "must be at least 1")
     if cfg.logging.wandb.mode not in ("online", "offline", "disabled"):
         _fail("logging.wandb.mode", cfg.logging.wandb.mode, "must be online, offline or disabled")
     if cfg.optim.fused not in ("auto", "true", "false"):

@@ -46,6 +46,7 @@ from train.engine import (DistInfo, Engine, Rank0Failed, barrier, construction, 
 from train.faults import NONFINITE_EXIT_CODE, SpikeDetector, Watchdog, collective_result, inject, injected
 from train.heldout import heldout_perplexity, make_eval_batches
 from train.metrics import MetricsLogger, peak_flops, redact
+from train.profile import StepProfiler
 from train.schedule import lr_at
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; the SLURM scripts requeue on it
@@ -207,6 +208,7 @@ class Trainer:
         self.eval_sets = heldout_sets(self.manifest) if cfg.eval.enabled else {}
         self.metrics = MetricsLogger(cfg, self.run_dir, info.rank, resolved)
         self.watchdog = Watchdog(info.rank, info.world_size, cfg.dist.timeout_s, "start").start()
+        self.profiler = StepProfiler(cfg.logging.profile, self.run_dir, info.rank, info.device)
         self.closed = False
         self.metrics.log({"event": "model", "parameters": count_parameters(cfg.model).total,
                           "elements_per_rank": held, "partitioned_init": partitioned_init(cfg), "time": time.time()})
@@ -359,6 +361,7 @@ class Trainer:
             try:
                 code = self._run_stage(cfg.curriculum.stages[name], self.plans[state.stage_index])
             except _Rollback as rb:
+                self._stop_profiler()
                 self._rollback(rb)
                 continue
             if code is not None:
@@ -372,6 +375,7 @@ class Trainer:
         runs in this process, and a watchdog left running would later name it as hung)."""
         if not self.closed:
             self.closed = True
+            self._stop_profiler()
             self.watchdog.stop()
             self.metrics.close()
 
@@ -443,6 +447,7 @@ class Trainer:
                 continue
             inject("kill", stage.name, step, info.rank)
             inject("sigusr1", stage.name, step, info.rank)
+            self.profiler.begin(state.global_step + 1)
             t0 = time.perf_counter()
             lr = lr_at(stage.lr, state.step, plan.steps)
             self.engine.set_lr(lr)
@@ -486,6 +491,7 @@ class Trainer:
             preempt = packed[2 * n + 3].item() > 0
             self._advance(plan)
             dt = time.perf_counter() - t0
+            self._log_profile(self.profiler.end(state.global_step))
             loss = comp_sums.sum().item() / max(comp_counts.sum().item(), 1.0)
             if not applied:  # DeepSpeed found a non-finite gradient norm and skipped the update on every rank
                 state.skipped_steps += 1
@@ -512,6 +518,7 @@ class Trainer:
                     self._on_spike(stage, step, loss, median, first_sample, plan)
             last = state.step == plan.steps
             if last:
+                self._stop_profiler()  # a range across the stage switch would record the stage-end work
                 state.stage_complete = True
                 self._save(stage)
                 if preempt:  # out within the grace period: the relaunch does the stage-end work before going on
@@ -546,6 +553,14 @@ class Trainer:
             except OSError as e:  # only a shortcut for the next launch, which otherwise does the work again
                 print(f"[tristage] warning: could not mark the {stage.name} stage-end work done ({e})",
                       file=sys.stderr, flush=True)
+
+    def _stop_profiler(self) -> None:
+        """End a profiled range early (stage end, rollback, the launch's end) and write what it recorded."""
+        self._log_profile(self.profiler.finish())
+
+    def _log_profile(self, event: Optional[Dict[str, Any]]) -> None:
+        if event is not None:
+            self.metrics.log({**event, "time": time.time()})
 
     def _preempted(self, stage: StageConfig) -> int:
         """After the checkpoint of a preempted step: leave the marker, log, and give the exit code."""
