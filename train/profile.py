@@ -4,7 +4,8 @@ What torchtitan's `profiling.*` and Megatron's `--profile` give: every rank reco
 [start_step, start_step + num_steps) (global step numbers, 1-based, as `global_step` in metrics.jsonl) and writes
 
     <run_dir>/profile/step<first>-<last>/rank<r>.trace.json   Chrome trace (https://ui.perfetto.dev, chrome://tracing)
-    <run_dir>/profile/step<first>-<last>/rank<r>.ops.txt      the ops sorted by their own device (else CPU) time
+    <run_dir>/profile/step<first>-<last>/rank<r>.ops.txt      the ops by their own device (else CPU) time, then
+                                                                the same per input shape
     <run_dir>/profile/step<first>-<last>/rank<r>.memory.pickle  with `memory: true` on CUDA: the allocator's
                                                                 history, for https://pytorch.org/memory_viz
 
@@ -100,6 +101,10 @@ class StepProfiler:
         with atomic_path(self.folder / f"rank{self.rank}.trace.json") as tmp:
             prof.export_chrome_trace(str(tmp))
         sort = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
-        table = prof.key_averages(group_by_input_shape=self.cfg.record_shapes).table(sort_by=sort, row_limit=40)
+        tables = [f"steps {self.recorded[0]}-{self.recorded[-1]}, ops by their own time",
+                  prof.key_averages().table(sort_by=sort, row_limit=30)]
+        if self.cfg.record_shapes:
+            tables += ["the same, per input shape",
+                       prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=30)]
         with atomic_path(self.folder / f"rank{self.rank}.ops.txt") as tmp:
-            tmp.write_text(table + os.linesep)
+            tmp.write_text(os.linesep.join(tables) + os.linesep)
