@@ -54,6 +54,13 @@ def atomic_path(path: Path) -> Iterator[Path]:
                 tmp.unlink()
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on (its affinity mask, where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (indent 1, keys in insertion order)."""
     with atomic_path(path) as tmp:

@@ -48,7 +48,7 @@ import torch
 
 from data.config import check_mixture, to_mixture_config
 from data.errors import DataError
-from data.io import atomic_path, sha256_file, sha256_text
+from data.io import atomic_path, sha256_file, sha256_text, usable_cpus
 from data.shards import Shard, open_shard, read_manifest, resolve_in_root
 
 log = logging.getLogger(__name__)
@@ -224,15 +224,14 @@ def _pieces(c: Component, cut: Optional[int]) -> tuple[np.ndarray, np.ndarray, n
     return c.doc_file[doc], c.doc_start[doc] + k * cut, np.minimum(cut, c.doc_len[doc] - k * cut)
 
 
-def plan_mixture(manifest_path: Path, mixture: Any, seq_len: int, num_samples: int, stage: str = "",
-                 components: Optional[Dict[str, Component]] = None) -> MixturePlan:
+def plan_mixture(manifest_path: Path, mixture: Any, seq_len: int, num_samples: int, stage: str = "") -> MixturePlan:
     """How many samples each part of a stage gives, with caps applied; DataError if the data cannot fill the stage."""
     mix = to_mixture_config(mixture)
     try:
         check_mixture(mix, f"stage {stage!r} mixture")
     except ValueError as e:
         raise DataError(f"{manifest_path}: {e}") from None
-    comps = components if components is not None else open_components(manifest_path, keep_offsets=False)
+    comps = open_components(manifest_path, keep_offsets=False)
     tokens_by_source: Dict[str, int] = {}
     for c in comps.values():
         tokens_by_source[c.source] = tokens_by_source.get(c.source, 0) + c.tokens
@@ -383,7 +382,7 @@ def index_workers(requested: Optional[int] = None) -> int:
         if requested < 1:
             raise DataError(f"data.index_workers = {requested}: must be at least 1 (or null: one per core, up to 16)")
         return requested
-    return max(1, min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    return max(1, min(16, usable_cpus()))
 
 
 def _run_all(tasks: List[Callable[[], None]], workers: int) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import re
 import shutil
 import sys
@@ -25,7 +24,7 @@ import numpy as np
 
 from data.config import DataConfig, SourceConfig, to_data_config
 from data.errors import DataError
-from data.io import atomic_path, read_json, remove_stale_tmp, sha256_file, sha256_text, write_json
+from data.io import atomic_path, read_json, remove_stale_tmp, sha256_file, sha256_text, usable_cpus, write_json
 from data.recipes import BUILTIN, KINDS, LOADED
 from data.recipes.options import parse_options
 from data.shards import MANIFEST_FORMAT, MANIFEST_VERSION, token_dtype, verify, verify_file, write_shard
@@ -201,7 +200,7 @@ def tokenize(ds, tok: Tokenizer, num_proc: Optional[int], desc: str):
     features = ds.features.copy()
     del features["text"]
     features["input_ids"] = datasets.List(datasets.Value("int32"))
-    n = num_proc or len(os.sched_getaffinity(0))
+    n = num_proc or usable_cpus()
     # load_from_cache_file=False: finished sources are skipped by their _done.json, not by datasets' cache
     return ds.map(_Encode(tok), batched=True, batch_size=256, num_proc=n if n > 1 and len(ds) > 1 else None,
                   remove_columns=["text"], features=features, desc=desc, load_from_cache_file=False)

@@ -77,7 +77,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from models.config import Qwen3Config
 from models.params import count_parameters, flops_per_token
-from train.config import ConfigError, TrainConfig, validate
+from train.config import ConfigError, TrainConfig, to_train_config, validate
 
 GIB = 2**30
 SUB_GROUP_SIZE = 1_000_000_000  # DeepSpeed's default zero_optimization.sub_group_size (elements)
@@ -369,16 +369,9 @@ def _check_batches(cfg: TrainConfig, world: int) -> None:
                 f"{-(-st.global_batch_tokens // smallest) * smallest}) or fewer ranks")
 
 
-def _as_train_config(cfg: TrainConfig | DictConfig) -> TrainConfig:
-    if isinstance(cfg, DictConfig):
-        cfg = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-    assert isinstance(cfg, TrainConfig)
-    return cfg
-
-
 def plan(cfg: TrainConfig | DictConfig, suggest: bool = True) -> Plan:
     """Plan memory per GPU and time per stage for the cluster in cfg.launch; raises ConfigError on bad input."""
-    cfg = _as_train_config(cfg)
+    cfg = to_train_config(cfg)
     check_launch(cfg)
     lc, ds, m = cfg.launch, cfg.deepspeed, cfg.model
     world = lc.nodes * lc.gpus_per_node

@@ -225,8 +225,6 @@ class ExpertBalance:
 
     def __init__(self, cfg: Qwen3Config) -> None:
         self.num_experts = cfg.num_experts
-        self.aux_coef = cfg.router_aux_loss_coef
-        self.z_coef = cfg.router_z_loss_coef
         self.granularity = cfg.balance_loss_granularity
         self.group: Optional[dist.ProcessGroup] = None
         self.step_counts: Optional[torch.Tensor] = None  # (L, E) int64, assignments so far in this step

@@ -659,3 +659,26 @@ def test_only_a_damaged_file_is_called_damaged(monkeypatch, tmp_path):
     monkeypatch.setattr(torch, "load", oom)
     with safe_torch_load(), pytest.raises(torch.OutOfMemoryError):
         torch.load(path)
+
+
+def test_retention_keeps_the_newest_periodic_checkpoints_and_every_stage_end(tmp_path):
+    """checkpoint.keep periodic checkpoints stay, whether the save that just happened was periodic or a stage end
+    (a stage-end save kept one periodic checkpoint fewer), and stage-end checkpoints always stay."""
+    from train.checkpoint import CheckpointManager
+
+    manager = CheckpointManager(tmp_path, keep=2, rank=0)
+
+    def save(step, stage_end=False):
+        tag = f"0-general-step{step:07d}"
+        (manager.dir / tag).mkdir(parents=True)
+        (manager.dir / tag / "meta.json").write_text(
+            json.dumps({"state": {"global_step": step, "stage_complete": stage_end}}))
+        manager._retain(protect=tag)
+        return sorted(int(p.name[-7:]) for p in manager.dir.iterdir() if p.name.startswith("0-"))
+
+    assert save(1) == [1]
+    assert save(2) == [1, 2]
+    assert save(3) == [2, 3]
+    assert save(4, stage_end=True) == [2, 3, 4]
+    assert save(5) == [3, 4, 5]
+    assert save(6) == [4, 5, 6]

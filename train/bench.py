@@ -52,11 +52,11 @@ from data.io import atomic_path
 from models.config import Qwen3Config
 from models.params import flops_per_token
 from models.presets import load_preset
+from train.metrics import device_peak_flops
 
 REPO = Path(__file__).resolve().parents[1]
 IMPLS = ("tristage", "hf", "liger")
 REGIMES = ("bf16", "ds", "torch_master", "autocast")
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # bf16 dense, datasheet (as train/metrics.py)
 
 
 @dataclass
@@ -225,13 +225,6 @@ def make_batch(run: Run, cfg: Qwen3Config, seq_len: int, device: torch.device) -
 # ------------------------------------------------------------------------------------------------ steps
 
 
-def _param_groups(params: Sequence[Tuple[str, torch.nn.Parameter]], weight_decay: float = 0.1) -> List[dict]:
-    # as train/engine.py: no weight decay on 1-D parameters (norm gains)
-    decay = [p for _, p in params if p.dim() >= 2]
-    rest = [p for _, p in params if p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-
-
 def _adamw(groups: List[dict], fused: bool) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, fused=fused, foreach=None if fused else True)
 
@@ -245,17 +238,17 @@ class Stepper:
         fused = device.type == "cuda" if run.fused_adamw is None else run.fused_adamw
         self.engine = None
         self.master: List[torch.Tensor] = []
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.params = [p for _, p in named]
+        from train.engine import decay_groups  # the training path's groups
+
+        self.params = [p for p in model.parameters() if p.requires_grad]
         if run.regime == "ds":
             self.engine = _deepspeed_engine(model, cfg, run, device, fused)
         elif run.regime == "torch_master":
             # fp32 master copies of the bf16 weights; the optimizer updates them, the model gets a bf16 copy
             self.master = [p.detach().float().requires_grad_(True) for p in self.params]
-            master_named = [(n, m) for (n, _), m in zip(named, self.master)]
-            self.opt = _adamw(_param_groups(master_named), fused)
+            self.opt = _adamw(decay_groups(self.master, 0.1), fused)
         else:
-            self.opt = _adamw(_param_groups(named), fused)
+            self.opt = _adamw(decay_groups(self.params, 0.1), fused)
 
     def __call__(self) -> None:
         run = self.run
@@ -286,8 +279,8 @@ class Stepper:
             loss.item()
 
     def close(self) -> None:
-        if self.engine is not None and hasattr(self.engine.ds, "destroy"):
-            self.engine.ds.destroy()
+        if self.engine is not None:
+            self.engine.close()
         self.engine = self.opt = self.model = self.batch = None  # type: ignore[assignment]
         self.master, self.params = [], []
 
@@ -328,17 +321,6 @@ def time_steps(step: Callable[[], None], warmup: int, steps: int, device: torch.
         events[i + 1].record()
     torch.cuda.synchronize(device)
     return [events[i].elapsed_time(events[i + 1]) / 1e3 for i in range(steps)]
-
-
-def peak_flops(device: torch.device) -> Optional[float]:
-    """bf16 dense peak FLOP/s of the device, None where no figure is known (the CPU)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_TFLOPS.items():
-        if key in name:
-            return tflops * 1e12
-    return None
 
 
 def _free(device: torch.device) -> None:
@@ -391,7 +373,7 @@ def run_one(run: Run, case: Case, device: torch.device, warmup: int, steps: int)
         med = statistics.median(times)
         row.update(step_s=med, step_s_min=min(times), step_s_max=max(times), steps=len(times),
                    tokens_per_s=row["tokens_per_step"] / med)
-        peak = peak_flops(device)
+        peak = device_peak_flops(device)
         if peak:
             row["mfu"] = row["tokens_per_s"] * flops_per_token(cfg, case.seq_len, causal_halved=False) / peak
             row["mfu_causal"] = row["tokens_per_s"] * flops_per_token(cfg, case.seq_len, causal_halved=True) / peak

@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from data.io import atomic_path
 from train.faults import collective_result
 
 
@@ -80,12 +81,12 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write `text` durably: on disk before the rename, so a crash leaves the old file or the new one."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 class CheckpointManager:
@@ -209,16 +210,20 @@ class CheckpointManager:
         state), and one would be stale if its tag were ever saved again.
         """
         shutil.rmtree(self.dir / ".universal", ignore_errors=True)
-        periodic = []
+        periodic, keep = [], self.keep
         for path in self.dir.iterdir():
             meta = path / "meta.json"
-            if path.name.startswith(".") or not meta.exists() or path.name == protect:
+            if path.name.startswith(".") or not meta.exists():
                 continue
             info = json.loads(meta.read_text())
-            if not info["state"]["stage_complete"]:
+            if info["state"]["stage_complete"]:
+                continue
+            if path.name == protect:
+                keep -= 1  # one of the `keep`
+            else:
                 periodic.append((info["state"]["global_step"], path))
         periodic.sort()
-        for _, path in periodic[: max(0, len(periodic) - (self.keep - 1))]:
+        for _, path in periodic[: max(0, len(periodic) - keep)]:
             shutil.rmtree(path, ignore_errors=True)
 
     def read_meta(self, tag: str) -> Dict[str, Any]:
@@ -237,7 +242,7 @@ class CheckpointManager:
         return (f"; to resume from an older checkpoint instead, write its tag into {self.dir / 'latest'} "
                 f"(complete: {', '.join(older[-3:])})")
 
-    def load(self, engine: Any, tag: str, load_optimizer: bool = True, load_dir: Optional[str] = None) -> TrainerState:
+    def load(self, engine: Any, tag: str, load_dir: Optional[str] = None) -> TrainerState:
         """Load weights, optimizer and this rank's RNG state; returns the trainer state.
 
         `load_dir` holds a re-sharded (universal) copy of `tag` when the world size changed.
@@ -245,8 +250,7 @@ class CheckpointManager:
         from train.engine import CheckpointLoadError
 
         try:
-            client = engine.load(load_dir or str(self.dir), tag, load_optimizer=load_optimizer,
-                                 universal=load_dir is not None)
+            client = engine.load(load_dir or str(self.dir), tag, universal=load_dir is not None)
             rng_path = self.dir / tag / f"rng_rank{self.rank}.pt"
             if rng_path.exists():
                 _set_rng_state(torch.load(rng_path, weights_only=True))

@@ -30,7 +30,7 @@ class LRConfig:
     peak: float = 3e-4  # LR after warmup and through the stable phase
     final: float = 3e-5  # LR reached at the end of the decay phase (the last step of the stage)
     warmup_steps: int = 0  # linear warmup from `warmup_start` to `peak` over the first steps of the stage
-    warmup_start: float = 0.0  # LR at step 0 of the stage (0 for a cold start; the previous LR for a hand-over)
+    warmup_start: float = 0.0  # the ramp's origin: step k < warmup_steps gets start + (peak - start)(k+1)/warmup_steps
     decay_frac: float = 0.0  # fraction of the stage's steps spent decaying peak -> final (1.0 = decay all along)
     decay_style: str = "cosine"  # cosine | linear | sqrt
 
@@ -142,7 +142,6 @@ class CheckpointConfig:
 
     keep: int = 2  # newest periodic checkpoints kept (stage-end checkpoints are always kept)
     export_hf: bool = True  # write <run_dir>/hf/<stage>/ at each stage end
-    async_save: bool = False  # reserved for decoupled checkpoint engines; sync saves are atomic anyway
 
 
 @dataclass
@@ -262,11 +261,22 @@ def plan_stage(stage: StageConfig, key: str, dp_world: int) -> StagePlan:
     return StagePlan(stage.name, steps, samples, samples // per_pass, stage.micro_batch_size, stage.seq_len)
 
 
-def validate(cfg: TrainConfig | DictConfig, world_size: int) -> List[StagePlan]:
-    """Check everything the schema's types cannot, before any process group starts; returns each stage's plan."""
+def to_train_config(cfg: TrainConfig | DictConfig) -> TrainConfig:
+    """The typed config object of a composed DictConfig (a TrainConfig passes through)."""
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     assert isinstance(cfg, TrainConfig)
+    return cfg
+
+
+def first_stage_index(cfg: TrainConfig) -> int:
+    """Where in curriculum.order a fresh run starts: `curriculum.start`, else the first stage."""
+    return cfg.curriculum.order.index(cfg.curriculum.start) if cfg.curriculum.start else 0
+
+
+def validate(cfg: TrainConfig | DictConfig, world_size: int) -> List[StagePlan]:
+    """Check everything the schema's types cannot, before any process group starts; returns each stage's plan."""
+    cfg = to_train_config(cfg)
     _refuse_foreign_targets(dataclasses.asdict(cfg), "")
     if world_size < 1:
         _fail("world_size", world_size, "must be at least 1")

@@ -1,9 +1,11 @@
 """DeepSpeed, behind one small interface: process group, engine, micro-batch step, checkpoint I/O.
 
-This is the only module of tristage that imports deepspeed, with train/expert_parallel.py, the part that
-registers our MoE layers with DeepSpeed's expert parallelism (it imports deepspeed inside its functions). The
-loop sees an `Engine` with `micro_step`, `optimizer_step`, `save`, `load`, `full_parameters` and nothing else,
-so a different engine would replace these two files only.
+The training path reaches DeepSpeed's engine only through here, and through train/expert_parallel.py, the part
+that registers our MoE layers with DeepSpeed's expert parallelism. Elsewhere deepspeed is imported inside
+functions, for its checkpoint tools only: the re-shard of saved checkpoints (train/reshard.py), reading a ZeRO
+folder's fp32 weights (train/eval/target.py) and the memory estimators (launch/plan.py). The loop sees an `Engine`
+with `set_plan`, `set_lr`, `micro_step`, `optimizer_step`, `reset_optimizer_state`, `save`, `load`,
+`full_parameters`, `param_groups`, `close` and its `module`, so a different engine would replace these files.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import os
 import pickle
 import socket
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -104,7 +106,7 @@ def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.deepspeed.precision == "bf16"
 
 
-def deepspeed_config(cfg: TrainConfig, plan: StagePlan, device: torch.device, world_size: int) -> Dict[str, Any]:
+def deepspeed_config(cfg: TrainConfig, plan: StagePlan, device: torch.device) -> Dict[str, Any]:
     """The DeepSpeed JSON config generated from the Hydra config for one stage's batch shape."""
     ds = cfg.deepspeed
     zero: Dict[str, Any] = {
@@ -159,7 +161,7 @@ def construction(cfg: TrainConfig, plan: StagePlan, info: DistInfo) -> contextli
         return torch.device("meta")
     import deepspeed
 
-    return deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, plan, info.device, info.world_size))
+    return deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, plan, info.device))
 
 
 @contextlib.contextmanager
@@ -181,10 +183,10 @@ def local_parameter_elements(model: torch.nn.Module) -> int:
     return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices, not norms: 1-D parameters (RMSNorm gains) get no weight decay."""
+def decay_groups(params: Iterable[torch.Tensor], weight_decay: float) -> List[Dict[str, Any]]:
+    """AdamW's two groups: matrices decay, 1-D parameters (RMSNorm gains) do not."""
     decay, no_decay = [], []
-    for p in model.parameters():
+    for p in params:
         if p.requires_grad:  # a ZeRO-3 partition is flat: its whole shape is ds_shape
             (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -259,12 +261,12 @@ class Engine:
         fused = cfg.optim.fused == "true" or (cfg.optim.fused == "auto" and info.device.type == "cuda")
         if cfg.expert_parallel_size > 1:  # shard the experts before the optimizer and ZeRO see the weights
             expert_parallel.setup(model, cfg.expert_parallel_size)
-        param_groups = _param_groups(model, cfg.optim.weight_decay)
+        param_groups = decay_groups(model.parameters(), cfg.optim.weight_decay)
         if cfg.expert_parallel_size > 1:
             param_groups = expert_parallel.optimizer_param_groups(param_groups)
         optimizer = torch.optim.AdamW(param_groups, lr=0.0,
                                       betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=fused)
-        self.ds_config = deepspeed_config(cfg, plan, info.device, info.world_size)
+        self.ds_config = deepspeed_config(cfg, plan, info.device)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                              config=self.ds_config)
         self.plan = plan
@@ -275,6 +277,15 @@ class Engine:
     def module(self) -> torch.nn.Module:
         """The wrapped model (parameters partitioned under ZeRO-3)."""
         return self.ds.module
+
+    @property
+    def param_groups(self) -> List[Dict[str, Any]]:
+        """The optimizer's parameter groups as DeepSpeed's wrapper holds them (what its checkpoints are keyed by)."""
+        return self.ds.optimizer.param_groups
+
+    def close(self) -> None:
+        """Free the engine's hooks and buffers (a process that builds several engines, as train.bench does)."""
+        self.ds.destroy()
 
     def set_plan(self, plan: StagePlan) -> None:
         """Switch micro-batch size and accumulation for a new stage, keeping the same engine and optimizer."""

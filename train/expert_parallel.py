@@ -7,8 +7,8 @@ load-balancing loss instead of our fp32 router and global-batch balance loss (mo
 names (`router.gate.weight`, `experts.w1/w2/w3`) instead of HF's, which our checkpoints and HF export rely on.
 So we keep our layer and register it with the native machinery; models/ stays pure PyTorch (the all-to-all
 dispatch and combine are plain torch.distributed in models/moe.py) and everything DeepSpeed-specific is here.
-This and train/engine.py are the only modules that import deepspeed; here only inside functions, so the loop
-imports this module (for `check_config` and `shard`) without loading deepspeed.
+With train/engine.py it is the training path's way into DeepSpeed (see there); it imports deepspeed only inside
+functions, so the loop imports this module (for `check_config` and `shard`) without loading deepspeed.
 
 What DeepSpeed does, unchanged:
 * groups: `groups._create_expert_and_data_parallel(ep)` - expert-parallel groups of ep consecutive ranks (the

@@ -14,9 +14,11 @@ import torch.distributed as dist
 
 from train.faults import collective_result
 
+EvalBatch = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # ids (B, T+1), valid (B, T+1), language index (B,)
+
 
 def make_eval_batches(sets: Dict[str, np.ndarray], seq_len: int, max_tokens: int, batch_size: int,
-                      max_languages: int = 0) -> Tuple[List[str], List[Tuple[torch.Tensor, torch.Tensor]]]:
+                      max_languages: int = 0) -> Tuple[List[str], List[EvalBatch]]:
     """Cut each language's held-out tokens into (input, label) windows of seq_len and group them in batches.
 
     Returns the language list and batches of (ids (B, T+1), valid (B, T+1), language index (B,)); inputs are
@@ -49,7 +51,7 @@ def make_eval_batches(sets: Dict[str, np.ndarray], seq_len: int, max_tokens: int
 
 
 @torch.no_grad()
-def heldout_perplexity(model: torch.nn.Module, languages: List[str], batches: list, device: torch.device,
+def heldout_perplexity(model: torch.nn.Module, languages: List[str], batches: List[EvalBatch], device: torch.device,
                        rank: int, world: int) -> Dict[str, float]:
     """Per-language perplexity (exp of mean token loss) over the held-out batches, identical on every rank."""
     sums = torch.zeros(len(languages), dtype=torch.float64)

@@ -1,12 +1,13 @@
 """The training loop: one function runs any curriculum, stage after stage, inside one launch.
 
-Per optimizer step the order is nanoGPT's: evaluate (if due) -> save (if due) -> step -> log. A stage switch
-changes only what the stage config says (batch shape, seq_len, data mixture, LR segment, RoPE base, optimizer
-carry-over); the weights stay in the same DeepSpeed engine from the first stage to the last.
+Per optimizer step: evaluate (if due) -> step -> log -> spike check -> save (if due, and always at a stage's end
+or when the launch stops) -> at a stage end, its HF export and evaluation. A stage switch changes only what the
+stage config says (batch shape, seq_len, data mixture, LR segment, RoPE base, optimizer carry-over); the weights
+stay in the same DeepSpeed engine from the first stage to the last.
 
 The data a step sees is a pure function of (seed, stage, global sample index): on step s of a stage with G
 sequences per step, micro-batch m of rank r takes indices s·G + m·(R·B) + r·B + [0, B). The loader's state is
-therefore the count of consumed samples, and resume is exact.
+therefore the count of consumed samples (data.loader.micro_batch_indices), and resume is exact.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from omegaconf import OmegaConf
 from data.errors import DataError
 from data.heldout import heldout_sets
 from data.io import sha256_text
-from data.loader import StageStream
+from data.loader import StageStream, micro_batch_indices
 from data.prepare import manifest_path, prepare
 from data.shards import verify
 from data.tokenizer import load_tokenizer
@@ -39,7 +40,7 @@ from models.doc_mask import resolve_doc_mask_implementation
 from models.params import count_parameters, flops_per_token
 from models.qwen3 import Qwen3ForCausalLM
 from train.checkpoint import CheckpointError, CheckpointManager, TrainerState, check_compatible
-from train.config import ConfigError, StageConfig, StagePlan, TrainConfig, validate
+from train.config import ConfigError, StageConfig, StagePlan, TrainConfig, first_stage_index, validate
 from train import expert_parallel
 from train.engine import (DistInfo, Engine, Rank0Failed, barrier, construction, init_distributed,
                           local_parameter_elements, on_rank0, partitioned_init, rank0_outcome, whole, world_from_env)
@@ -107,11 +108,6 @@ def build_model(cfg: TrainConfig, plan: StagePlan, info: DistInfo) -> Qwen3ForCa
     model.to_empty(device=info.device)
     model.init_weights(seed=cfg.seed)
     return model
-
-
-def _global_indices(step: int, micro: int, plan: StagePlan, rank: int, world: int) -> List[int]:
-    base = step * plan.samples_per_step + micro * world * plan.micro_batch_size + rank * plan.micro_batch_size
-    return list(range(base, base + plan.micro_batch_size))
 
 
 def _to_device(batch: Dict[str, torch.Tensor], device: torch.device, doc_masking: bool) -> Dict[str, Any]:
@@ -194,7 +190,7 @@ class Trainer:
         self.module = self.engine.module
         if self._init_checkpoint is not None:
             self._load_weights_from(self._init_checkpoint)
-        if hasattr(self.module, "set_balance_group") and cfg.model.num_experts:
+        if cfg.model.num_experts:
             self.module.set_balance_group(dist.group.WORLD if info.world_size > 1 else None)
         if latest is not None:
             self.state = self._load_checkpoint(latest)
@@ -202,7 +198,7 @@ class Trainer:
         else:
             self.resumed_from = None
             order = cfg.curriculum.order
-            self.state.stage_index = order.index(cfg.curriculum.start) if cfg.curriculum.start else 0
+            self.state.stage_index = first_stage_index(cfg)
             self.state.stage = order[self.state.stage_index]
         self.peak = peak_flops(cfg, info.device)
         self.eval_sets = heldout_sets(self.manifest) if cfg.eval.enabled else {}
@@ -301,7 +297,7 @@ class Trainer:
                     convert_to_universal(str(src), str(out))
                 experts = [f"{name}.{p}" for name, _ in expert_parallel.experts_modules(self.module)
                            for p in ("gate_up_proj", "down_proj")]
-                reshard.fit_to_layout(out, experts, self.engine.ds.optimizer.param_groups, ep,
+                reshard.fit_to_layout(out, experts, self.engine.param_groups, ep,
                                       zero3=self.cfg.deepspeed.zero_stage == 3)
                 (out / "done").write_text("")
             except Exception as e:
@@ -329,7 +325,7 @@ class Trainer:
         elif (src / "meta.json").exists():
             meta = json.loads((src / "meta.json").read_text())
             check_compatible(meta, model_shape(self.cfg.model), self.tokenizer.fingerprint, str(src))
-            self._weights_read_directly(meta, src)  # refuses what cannot be re-sharded, before the engine
+            self._weights_read_directly(meta, src)  # called for its refusal (what cannot be re-sharded) only
             self._init_checkpoint = src  # loaded into the engine once it exists (`_load_weights_from`)
         else:
             raise ConfigError(f"config key 'init_from' = {path!r}: neither an HF directory (config.json) "
@@ -395,8 +391,7 @@ class Trainer:
         cfg = self.cfg
         self.engine.set_plan(plan)
         self.module.set_rope_theta(stage.rope_theta)
-        first = self.state.stage_index == (cfg.curriculum.order.index(cfg.curriculum.start)
-                                           if cfg.curriculum.start else 0)
+        first = self.state.stage_index == first_stage_index(cfg)
         if fresh and not first and not stage.carry_optimizer:
             self.engine.reset_optimizer_state()
 
@@ -451,8 +446,7 @@ class Trainer:
             t0 = time.perf_counter()
             lr = lr_at(stage.lr, state.step, plan.steps)
             self.engine.set_lr(lr)
-            if hasattr(self.module, "start_step"):
-                self.module.start_step()
+            self.module.start_step()
             # the step's sums stay on the device until the one copy to the host after the optimizer step: no
             # micro-batch waits for the one before it to finish (a host sync each would leave the GPU idle
             # while Python launches the next forward)
@@ -465,8 +459,8 @@ class Trainer:
             for m in range(plan.grad_accum):
                 self.watchdog.beat(f"{stage.name} step {step} micro-batch {m}")
                 inject("stall", stage.name, step, info.rank)
-                idx = _global_indices(state.step, m, plan, info.rank, info.world_size)
-                batch = stream.batch(idx)
+                batch = stream.batch(micro_batch_indices(state.step * plan.samples_per_step, m, info.rank,
+                                                         info.world_size, plan.micro_batch_size))
                 on_device = _to_device(batch, dev, cfg.data.doc_masking)
                 out = self.engine.micro_step(on_device, last=m == plan.grad_accum - 1, loss_scale=scale)
                 tok = out.token_losses.detach().double()  # (B, T)
@@ -509,8 +503,8 @@ class Trainer:
             else:
                 state.consecutive_skips = 0
             if state.step % cfg.logging.log_every == 0 or state.step == plan.steps:
-                self._log_step(stage, plan, stream, lr, grad_norm, applied, comp_sums, comp_counts, router, dt,
-                               first_sample)
+                self._log_step(stage, plan, stream, loss, lr, grad_norm, applied, comp_sums, comp_counts, router,
+                               dt, first_sample)
             if applied and math.isfinite(loss):
                 median = spikes.check(loss)
                 state.loss_history = list(spikes.history)
@@ -596,15 +590,13 @@ class Trainer:
             raise _Rollback(stage.name)
 
     # ------------------------------------------------------------------ pieces of a step
-    def _log_step(self, stage: StageConfig, plan: StagePlan, stream: StageStream, lr: float, grad_norm: float,
-                  applied: bool, comp_sums: torch.Tensor, comp_counts: torch.Tensor, router: List[float],
-                  dt: float, first_sample: int) -> None:
+    def _log_step(self, stage: StageConfig, plan: StagePlan, stream: StageStream, loss: float, lr: float,
+                  grad_norm: float, applied: bool, comp_sums: torch.Tensor, comp_counts: torch.Tensor,
+                  router: List[float], dt: float, first_sample: int) -> None:
         """One step record; `router`: the step's mean weighted aux loss, balance loss and z-loss (0s for dense)."""
         state, info = self.state, self.info
         aux, balance, z = router
         moe = bool(self.cfg.model.num_experts)
-        total = comp_counts.sum().item()
-        loss = comp_sums.sum().item() / max(total, 1.0)
         by_source: Dict[str, List[float]] = {}
         by_language: Dict[str, List[float]] = {}
         for i, comp in enumerate(stream.components):
@@ -631,7 +623,7 @@ class Trainer:
         if self.peak:
             record["mfu"] = tps * flops_per_token(self.cfg.model, plan.seq_len, causal_halved=False) / (
                 self.peak * info.world_size)
-        if self.cfg.model.num_experts and hasattr(self.module, "expert_load"):
+        if self.cfg.model.num_experts:
             load = self.module.expert_load().float()  # (layers, experts): fraction of routed tokens
             record["expert_load_max_over_mean"] = (load.max(dim=1).values * load.shape[1]).mean().item()
             record["expert_load"] = [[round(x, 5) for x in row] for row in load.tolist()]
@@ -728,8 +720,7 @@ class Trainer:
         self.watchdog.beat(f"{stage.name} held-out evaluation")
         ppl = heldout_perplexity(self.module, languages, batches, self.info.device, self.info.rank,
                                  self.info.world_size)
-        if hasattr(self.module, "start_step"):
-            self.module.start_step()  # evaluation forwards must not count toward the next step's expert load
+        self.module.start_step()  # evaluation forwards must not count toward the next step's expert load
         mean_log = sum(math.log(v) for v in ppl.values()) / max(1, len(ppl))
         self.metrics.log({"event": "eval", "stage": stage.name, "step": self.state.step,
                           "global_step": self.state.global_step, "heldout_ppl_geomean": math.exp(mean_log),

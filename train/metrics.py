@@ -42,16 +42,21 @@ def redact(obj: Any) -> Any:
     return obj
 
 
-def peak_flops(cfg: TrainConfig, device: torch.device) -> Optional[float]:
-    """Peak FLOP/s of one device for MFU, or None where no figure is known (the CPU)."""
-    if cfg.logging.peak_tflops > 0:
-        return cfg.logging.peak_tflops * 1e12
+def device_peak_flops(device: torch.device) -> Optional[float]:
+    """bf16 dense peak FLOP/s of the device by its name, or None where no figure is known (the CPU)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, tflops in _PEAK_TFLOPS.items():
             if key in name:
                 return tflops * 1e12
     return None
+
+
+def peak_flops(cfg: TrainConfig, device: torch.device) -> Optional[float]:
+    """Peak FLOP/s of one device for MFU: `logging.peak_tflops` when set, else the device's datasheet figure."""
+    if cfg.logging.peak_tflops > 0:
+        return cfg.logging.peak_tflops * 1e12
+    return device_peak_flops(device)
 
 
 class MetricsLogger:
