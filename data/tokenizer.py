@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import abc
 import io
+import json
 import os
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence, Union
@@ -63,7 +65,30 @@ class Tokenizer(abc.ABC):
 
     @abc.abstractmethod
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of token ids (special tokens written out)."""
+        """Text of token ids (special tokens written out); an id outside the vocabulary is a DataError."""
+
+    @abc.abstractmethod
+    def vocabulary(self) -> List[str]:
+        """Every token string, by id."""
+
+    @abc.abstractmethod
+    def write_hf(self, folder: Path) -> None:
+        """Write the files transformers' AutoTokenizer loads into `folder`, giving this tokenizer's ids."""
+
+    def _check_ids(self, ids: Sequence[int]) -> List[int]:
+        out = [int(i) for i in ids]
+        bad = [i for i in out if not 0 <= i < self.vocab_size]
+        if bad:
+            raise DataError(f"{self.path}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size}) "
+                            f"(a padded embedding row of the model?)")
+        return out
+
+    def _write_config(self, folder: Path, extra: Dict[str, Any]) -> None:
+        """tokenizer_config.json: the special tokens as training used them (EOS ends documents and pads)."""
+        config = {"eos_token": EOS, "pad_token": EOS, "bos_token": None, "unk_token": None,
+                  "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+                  "model_max_length": 1 << 30, **extra}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -74,7 +99,10 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, path: Path) -> None:
         import sentencepiece as spm
 
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as e:
+            raise DataError(f"{path}: not a readable sentencepiece model ({str(e).strip()})") from None
         super().__init__(path)
 
     @property
@@ -92,7 +120,18 @@ class SentencePieceTokenizer(Tokenizer):
         return self.sp.encode(list(texts), num_threads=1)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.sp.decode([int(i) for i in ids])
+        return self.sp.decode(self._check_ids(ids))
+
+    def vocabulary(self) -> List[str]:
+        return [self.sp.id_to_piece(i) for i in range(self.vocab_size)]
+
+    def write_hf(self, folder: Path) -> None:
+        """tokenizer.model, and the same BPE as a `tokenizers` tokenizer.json (what AutoTokenizer loads; given only
+        the .model, transformers 5 builds the byte-level tokenizer of config.json's model_type and gets every id
+        wrong)."""
+        shutil.copyfile(self.path, folder / "tokenizer.model")
+        sentencepiece_as_tokenizers(self).save(str(folder / "tokenizer.json"))
+        self._write_config(folder, {"tokenizer_class": "PreTrainedTokenizerFast"})
 
 
 class HFTokenizer(Tokenizer):
@@ -103,7 +142,10 @@ class HFTokenizer(Tokenizer):
     def __init__(self, path: Path) -> None:
         from tokenizers import Tokenizer as _Tok
 
-        self.tok = _Tok.from_file(str(path))
+        try:
+            self.tok = _Tok.from_file(str(path))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a bad file
+            raise DataError(f"{path}: not a readable tokenizers JSON file ({str(e).strip()})") from None
         super().__init__(path)
 
     @property
@@ -120,7 +162,23 @@ class HFTokenizer(Tokenizer):
         return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+        return self.tok.decode(self._check_ids(ids), skip_special_tokens=False)
+
+    def vocabulary(self) -> List[str]:
+        by_id = self.tok.get_vocab(with_added_tokens=True)
+        out = [""] * (max(by_id.values()) + 1)
+        for token, i in by_id.items():
+            out[i] = token
+        return out
+
+    def write_hf(self, folder: Path) -> None:
+        """tokenizer.json, with the tokenizer_config.json beside it when there is one (Qwen3's chat template)."""
+        shutil.copyfile(self.path, folder / "tokenizer.json")
+        config = self.path.with_name("tokenizer_config.json")
+        if config.exists():
+            shutil.copyfile(config, folder / "tokenizer_config.json")
+        else:
+            self._write_config(folder, {"tokenizer_class": "PreTrainedTokenizerFast"})
 
 
 def load_tokenizer(src: Union[DataConfig, Any, str, os.PathLike]) -> Tokenizer:
@@ -149,6 +207,43 @@ def load_tokenizer(src: Union[DataConfig, Any, str, os.PathLike]) -> Tokenizer:
     if path.suffix == ".json":
         return HFTokenizer(path)
     raise DataError(f"{path}: not a sentencepiece .model or a tokenizers .json file")
+
+
+def sentencepiece_as_tokenizers(tok: SentencePieceTokenizer) -> Any:
+    """The `tokenizers` BPE that encodes as `tok` does (same ids), for the HF export.
+
+    Our sentencepiece models (`train_sentencepiece`) keep text as it is (identity normalisation, no dummy prefix),
+    write a space as U+2581, split digits, fall back to bytes and match the special tokens first. A BPE merge list
+    is not stored in the model: sentencepiece merges the adjacent pair whose joined piece scores highest, and its
+    pieces' ids are in score order, so each split of a piece into two pieces is a merge ranked by the joined
+    piece's id. Checked against sentencepiece on the corpus texts and random multilingual text in
+    tests/test_data_tokenizer.py.
+    """
+    from tokenizers import AddedToken, Tokenizer as _Tok, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+
+    sp = tok.sp
+    pieces = tok.vocabulary()
+    ids = {p: i for i, p in enumerate(pieces)}
+    atomic = {i for i in range(len(pieces))
+              if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or pieces[i] in SPECIAL_TOKENS}
+    merges = []  # (rank: the joined piece's id, left id, right id)
+    for i, piece in enumerate(pieces):
+        if i in atomic:
+            continue
+        for k in range(1, len(piece)):
+            left, right = ids.get(piece[:k]), ids.get(piece[k:])
+            if left is not None and right is not None and left not in atomic and right not in atomic:
+                merges.append((i, left, right))
+    merges.sort()
+    bpe = BPE(ids, [(pieces[a], pieces[b]) for _, a, b in merges], unk_token=sp.id_to_piece(sp.unk_id()),
+              fuse_unk=True, byte_fallback=True)
+    out = _Tok(bpe)
+    out.normalizer = normalizers.Replace(" ", "\u2581")
+    out.pre_tokenizer = pre_tokenizers.Digits(individual_digits=True)
+    out.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    out.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    return out
 
 
 def language_sample(lines: Mapping[str, Sequence[str]], total_chars: int, alpha: float, seed: int) -> List[str]:

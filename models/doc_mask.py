@@ -48,9 +48,21 @@ def resolve_doc_mask_implementation(implementation: str, device: torch.device) -
     return "flex" if device.type == "cuda" else "dense"
 
 
+def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: where a document begins, i.e. where the id differs from the position before (and at 0)."""
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return starts
+
+
 def document_mask(doc_ids: torch.Tensor, implementation: str = "auto") -> AttentionMask:
-    """Block-diagonal causal mask of doc_ids (B, T): a dense (B, 1, T, T) bool tensor or a BlockMask."""
+    """Block-diagonal causal mask of doc_ids (B, T): a dense (B, 1, T, T) bool tensor or a BlockMask.
+
+    A document is a run of equal ids, as for the positions (`position_ids_from_doc_ids`): an id that comes back
+    later in the row starts a new document, not a continuation of the earlier one.
+    """
     b, t = doc_ids.shape
+    doc_ids = document_starts(doc_ids).cumsum(dim=1)  # (B, T) run index
     if resolve_doc_mask_implementation(implementation, doc_ids.device) == "dense":
         causal = torch.ones(t, t, dtype=torch.bool, device=doc_ids.device).tril()
         return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]  # (B, 1, T, T)

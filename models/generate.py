@@ -39,15 +39,20 @@ class KVCache:
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[int] = None,
-                top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
+                vocab_size: Optional[int] = None) -> torch.Tensor:
     """Next token ids (B,) from last-position logits (B, V): argmax at temperature 0, else filtered sampling.
 
     top_k None or 0 and top_p None or 1 filter nothing (as in transformers); the most likely token always stays.
+    vocab_size: the tokenizer's; ids from there to V (embedding rows padded for speed, which no token maps to)
+    are never chosen.
     """
     if top_k is not None and top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0: no top-k filter), got {top_k}")
     if top_p is not None and not 0.0 <= top_p <= 1.0:
         raise ValueError(f"top_p must be in [0, 1], got {top_p}")
+    if vocab_size is not None and vocab_size < logits.shape[-1]:
+        logits = logits[:, :vocab_size]  # the ids kept are the first ones: argmax and sampling index alike
     if temperature <= 0.0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -69,10 +74,11 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[
 @torch.no_grad()
 def generate(model: Qwen3ForCausalLM, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
-             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+             generator: Optional[torch.Generator] = None, vocab_size: Optional[int] = None) -> torch.Tensor:
     """Continue input_ids (B, T) (equal-length prompts, no padding) by up to max_new_tokens; returns (B, T + n).
 
     Greedy when temperature == 0. A sequence that emits eos_token_id is padded with it until all have ended.
+    vocab_size (the tokenizer's) keeps padded embedding rows from being chosen (`sample_next`).
     Runs in eval mode (restoring the previous mode) with a KV cache: one prefill, then one token per step.
     """
     was_training = model.training
@@ -85,7 +91,7 @@ def generate(model: Qwen3ForCausalLM, input_ids: torch.Tensor, max_new_tokens: i
         step_input = input_ids
         for _ in range(max_new_tokens):
             logits = model(step_input, kv_cache=cache, logits_to_keep=1).logits[:, -1]  # (B, V)
-            nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+            nxt = sample_next(logits, temperature, top_k, top_p, generator, vocab_size)  # (B,)
             if eos_token_id is not None:
                 nxt = nxt.masked_fill(finished, eos_token_id)
                 finished |= nxt == eos_token_id

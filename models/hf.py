@@ -340,6 +340,14 @@ def _parse_size(size: Union[int, str]) -> int:
     return int(float(m[1]) * _SIZE_UNITS[m[2]])
 
 
+def _as_umask_allows(path: Path) -> None:
+    """Give a file the permissions the umask allows: safetensors creates its files owner-only (0600), which on a
+    shared run directory keeps every other user from loading the weights."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def save_hf(model: Qwen3ForCausalLM, path: PathLike, dtype: Optional[torch.dtype] = None,
             max_shard_size: Union[int, str] = "5GB",
             state_dict: Optional[Dict[str, torch.Tensor]] = None) -> Path:
@@ -355,11 +363,12 @@ def save_hf(model: Qwen3ForCausalLM, path: PathLike, dtype: Optional[torch.dtype
 
 def write_hf(cfg: Qwen3Config, path: PathLike, tensors: Iterable[Tuple[str, torch.Tensor]],
              layout: Dict[str, torch.Tensor], dtype: Optional[torch.dtype] = None,
-             max_shard_size: Union[int, str] = "5GB") -> Path:
+             max_shard_size: Union[int, str] = "5GB", extra: Optional[Callable[[Path], None]] = None) -> Path:
     """`save_hf` from a stream: `tensors` yields (state-dict name, tensor) in any order, `layout` (a state dict,
     meta tensors will do) gives every name's shape and dtype. The shards are planned from `layout`; each is
     written as soon as its last tensor has arrived and then dropped, so a stream in state-dict order (a
-    distributed gather, one parameter at a time) never has more than one shard in memory.
+    distributed gather, one parameter at a time) never has more than one shard in memory. `extra(folder)` writes
+    more files (a tokenizer) into the folder before it is published, so they appear together with the weights.
     """
     path = Path(path)
     for name, t in layout.items():
@@ -405,6 +414,7 @@ def write_hf(cfg: Qwen3Config, path: PathLike, tensors: Iterable[Tuple[str, torc
                 missing[i] -= 1
                 if missing[i] == 0:
                     save_file({n: pending.pop(n) for n in shards[i]}, str(tmp / fname(i)), metadata={"format": "pt"})
+                    _as_umask_allows(tmp / fname(i))
         if any(missing):
             absent = [n for n in shard_of if n not in arrived]
             raise ValueError(f"{path}: the stream ended without {len(absent)} tensors, e.g. {absent[:3]}")
@@ -414,6 +424,8 @@ def write_hf(cfg: Qwen3Config, path: PathLike, tensors: Iterable[Tuple[str, torc
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         saved_dtype = dtype or next(iter(layout.values())).dtype
         (tmp / "config.json").write_text(json.dumps(hf_config_dict(cfg, saved_dtype), indent=2) + "\n")
+        if extra is not None:
+            extra(tmp)
         if path.exists():
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
             path.rename(old)

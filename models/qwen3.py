@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from models.config import Qwen3Config
 from models.dca import DualChunkAttention, dual_chunk_attention
-from models.doc_mask import AttentionMask, document_mask, flex_document_attention
+from models.doc_mask import AttentionMask, document_mask, document_starts, flex_document_attention
 from models.loss import fused_linear_cross_entropy
 from models.moe import ExpertBalance, Qwen3MoeExperts, Qwen3SparseMoeBlock
 from models.rope import apply_rope, rope_table_length, rope_tables
@@ -80,8 +80,7 @@ def position_ids_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
     """Positions that restart at 0 where the document id changes: (B, T) int -> (B, T) int64."""
     b, t = doc_ids.shape
     idx = torch.arange(t, device=doc_ids.device).expand(b, t)
-    starts = torch.ones_like(doc_ids, dtype=torch.bool)
-    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    starts = document_starts(doc_ids)
     # Index of the latest document start at or before each position.
     last_start = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
     return idx - last_start
@@ -266,6 +265,10 @@ class Qwen3ForCausalLM(nn.Module):
     def set_rope_scaling(self, scaling: Optional[Dict[str, Any]]) -> None:
         """Set (e.g. YaRN for evaluation beyond the trained length) or clear RoPE scaling; recompute the tables."""
         checked = Qwen3Config.from_dict({**self.config.to_dict(), "rope_scaling": scaling})  # before any change
+        length = rope_table_length(checked.max_position_embeddings, checked.rope_scaling)
+        if self.dca is not None and self.dca.chunk_size > length:
+            raise ValueError(f"the RoPE tables would shrink to {length} positions, below the active DCA chunk_size "
+                             f"{self.dca.chunk_size}; set_attention_mode('full') first")
         self.config.rope_scaling = checked.rope_scaling
         self._reset_rope()
 
@@ -277,9 +280,10 @@ class Qwen3ForCausalLM(nn.Module):
         """
         if mode not in ("full", "dca"):
             raise ValueError(f"attention mode must be 'full' or 'dca', got {mode!r}")
-        self.dca = DualChunkAttention(chunk_size, local_size) if mode == "dca" else None
-        if self.dca is not None and self.dca.chunk_size > self.rope_cos.shape[0]:
+        dca = DualChunkAttention(chunk_size, local_size) if mode == "dca" else None
+        if dca is not None and dca.chunk_size > self.rope_cos.shape[0]:  # refused before anything changes
             raise ValueError(f"dca chunk_size {chunk_size} exceeds the RoPE tables ({self.rope_cos.shape[0]})")
+        self.dca = dca
         for layer in self.model.layers:
             layer.self_attn.dca = self.dca
 

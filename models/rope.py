@@ -67,7 +67,8 @@ def rope_inv_freq(head_dim: int, theta: float,
 def rope_table_length(max_position_embeddings: int, scaling: Optional[Dict[str, Any]] = None) -> int:
     """Positions the tables cover: the configured maximum, or factor x original length under YaRN if longer."""
     if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "yarn":
-        extended = int(float(scaling["factor"]) * int(scaling["original_max_position_embeddings"]))
+        # up, not down: factor x original positions must fit (1.001 x 1000 is 1001 positions, not 1000)
+        extended = math.ceil(float(scaling["factor"]) * int(scaling["original_max_position_embeddings"]) - 1e-9)
         return max(max_position_embeddings, extended)
     return max_position_embeddings
 

@@ -179,6 +179,11 @@ def test_a_file_that_cannot_be_read_is_named_with_the_reason(tmp_path, tokenizer
     empty.write_text("")
     with pytest.raises(DataError, match=rf"could not read {empty}: .*\S"):
         prepare(local(tmp_path, tokenizer, f"paths: ['{empty}']"))
+    # Arrow's JSON reader takes invalid UTF-8 into the strings; it surfaced as the tokenizer's traceback, no file named
+    latin1 = tmp_path / "d.jsonl"
+    latin1.write_bytes('{"text": "fine"}\n{"text": "sch\u00f6n"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=rf"{latin1} is not UTF-8 text: byte 30 \(line 2\)"):
+        prepare(local(tmp_path, tokenizer, f"paths: ['{good}', '{latin1}']"))
 
 
 @pytest.mark.parametrize("mixture, message", [

@@ -1,5 +1,7 @@
 """Tokenizers: special tokens, exact round trips, the language-balanced training sample, fingerprints, Qwen3."""
+import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,3 +84,55 @@ def test_qwen3_tokenizer_from_the_registry(tmp_path):
         assert tok.decode(tok.encode(text)) == text
     assert verify(m)["dtype"] == "uint32"
     assert (tmp_path / "fixture" / "tokenizer-qwen3" / "tokenizer_config.json").exists()
+
+
+def _probe_texts():
+    """The fixture corpus (whole files and their lines), TEXTS, and random multilingual strings with the awkward
+    characters: whitespace runs, tabs, newlines, U+2581 itself, emoji, special tokens inside words."""
+    texts = list(TEXTS)
+    for path in sorted((Path(__file__).parent / "fixtures" / "corpus").glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            doc = json.loads(line)["text"]
+            texts += [doc] + doc.splitlines()
+    rng = np.random.default_rng(0)
+    alphabet = ([chr(c) for c in [*range(32, 127), *range(0x400, 0x450), *range(0x4E00, 0x4E40), *range(0x600, 0x640)]]
+                + ["  ", "\n", "\t", "\r\n", "\u2581", "😀", "👍🏽", "<|endoftext|>", "<think>", "0123"])
+    texts += ["".join(rng.choice(alphabet, size=rng.integers(1, 60))) for _ in range(1500)]
+    return texts
+
+
+def test_the_tokenizers_copy_of_the_sentencepiece_model_gives_the_same_ids(tok):
+    from data.tokenizer import sentencepiece_as_tokenizers
+
+    fast = sentencepiece_as_tokenizers(tok)
+    texts = _probe_texts()
+    ours = tok.encode_batch(texts)
+    theirs = [e.ids for e in fast.encode_batch(texts, add_special_tokens=False)]
+    assert len(texts) > 1500 and sum(a != b for a, b in zip(ours, theirs)) == 0
+    assert all(fast.decode(ids, skip_special_tokens=False) == tok.decode(ids) for ids in ours)
+
+
+def test_autotokenizer_loads_the_exported_tokenizer_beside_a_qwen3_config(tok, tmp_path):
+    """Given only tokenizer.model, transformers 5 built the byte-level Qwen2 tokenizer that config.json's
+    model_type names, and got nearly every id wrong (spaces and non-ASCII text dropped)."""
+    transformers = pytest.importorskip("transformers")
+    tok.write_hf(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}))
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    texts = _probe_texts()[:400]
+    assert [hf.encode(t, add_special_tokens=False) for t in texts] == tok.encode_batch(texts)
+    assert hf.decode(tok.encode(TEXTS[3])) == TEXTS[3]
+    assert hf.eos_token_id == hf.pad_token_id == tok.eos_id and hf.bos_token_id is None
+    assert hf.convert_tokens_to_ids("<think>") == tok.special_ids["<think>"]
+
+
+def test_ids_outside_the_vocabulary_and_unreadable_tokenizer_files_are_named(tok, tmp_path):
+    from data.errors import DataError
+
+    with pytest.raises(DataError, match=rf"token id {tok.vocab_size} is outside the vocabulary"):
+        tok.decode([5, tok.vocab_size])
+    (tmp_path / "bad.model").write_bytes(b"not a model")
+    (tmp_path / "bad.json").write_bytes(b"\xff\xfe{")
+    for name, kind in (("bad.model", "sentencepiece model"), ("bad.json", "tokenizers JSON")):
+        with pytest.raises(DataError, match=rf"{tmp_path / name}: not a readable {kind}"):
+            load_tokenizer(tmp_path / name)

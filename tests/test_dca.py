@@ -116,6 +116,21 @@ def test_runs_past_the_rope_tables():
     assert torch.isfinite(out.lm_loss)
     with pytest.raises(ValueError, match="exceeds the RoPE tables"):
         model.set_attention_mode("dca", chunk_size=64, local_size=4)
+    assert model.dca.chunk_size == 32 and all(layer.self_attn.dca is model.dca for layer in model.model.layers)
+    with torch.no_grad():  # the refused call changed nothing (it left the model half switched)
+        torch.testing.assert_close(model(x, labels=x).lm_loss, out.lm_loss, rtol=0, atol=0)
+
+
+def test_rope_scaling_cannot_shrink_the_tables_under_an_active_dca():
+    model = build(max_position_embeddings=32)
+    model.set_rope_scaling({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32})
+    model.set_attention_mode("dca", chunk_size=100, local_size=4)
+    with pytest.raises(ValueError, match="shrink to 32 positions, below the active DCA chunk_size 100"):
+        model.set_rope_scaling(None)
+    assert model.rope_cos.shape[0] == 128 and model.config.rope_scaling["factor"] == 4.0
+    model.set_attention_mode("full")
+    model.set_rope_scaling(None)
+    assert model.rope_cos.shape[0] == 32
 
 
 def test_bad_settings_are_refused():

@@ -88,6 +88,19 @@ def test_dense_mask_is_block_diagonal_causal():
     assert mask[0, 0, 4].tolist() == [False, False, False, True, True, False, False, False]
 
 
+
+def test_an_id_that_comes_back_later_in_the_row_is_a_new_document():
+    """The mask took equal ids anywhere in the row for one document while the positions restarted at each change
+    (a caller's doc_ids; the loader numbers documents 0, 1, 2, ... in order)."""
+    again, numbered = torch.tensor([[0, 0, 1, 1, 0, 0]]), torch.tensor([[0, 0, 1, 1, 2, 2]])
+    assert torch.equal(document_mask(again, "dense"), document_mask(numbered, "dense"))
+    assert torch.equal(position_ids_from_doc_ids(again), position_ids_from_doc_ids(numbered))
+    model = build("tiny_dense")
+    x = torch.randint(0, 8192, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, doc_ids=again).logits, model(x, doc_ids=numbered).logits, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", ["tiny_dense", "tiny_moe"])
 def test_flex_gives_the_dense_loss_and_gradients(name, cpu_flex_backward):
     """fp32, GQA (4 query heads on 2 KV heads): the same loss, per-token losses and gradients."""

@@ -107,3 +107,21 @@ def test_edge_filters_and_explicit_positions():
     x = torch.randint(0, 8192, (1, 4))
     with pytest.raises(ValueError, match=r"position_ids span 14..17, outside the RoPE tables \(0..15\)"):
         model(x, position_ids=torch.arange(14, 18)[None])
+
+
+def test_padded_vocabulary_rows_are_never_chosen():
+    """Ids from the tokenizer's vocabulary size to the embedding's rows map to no token (decode refuses them); a
+    briefly trained model still gives them most of its mass (69% in the smoke run's export)."""
+    logits = torch.tensor([[0.0, 1.0, 2.0, 9.0, 9.5], [3.0, 0.0, 0.0, 8.0, 0.0]])
+    assert sample_next(logits).tolist() == [4, 3]
+    assert sample_next(logits, vocab_size=3).tolist() == [2, 0]
+    gen = torch.Generator().manual_seed(0)
+    drawn = torch.stack([sample_next(logits, temperature=2.0, generator=gen, vocab_size=3) for _ in range(200)])
+    assert drawn.max() < 3 and len(set(drawn.flatten().tolist())) == 3
+    model = build("tiny_dense")
+    prompt = torch.randint(0, 8192, (2, 5), generator=torch.Generator().manual_seed(0))
+    free = generate(model, prompt, max_new_tokens=16, temperature=1.0, generator=torch.Generator().manual_seed(1))
+    assert free[:, 5:].max() >= 100  # without the limit the draws range over all 8,192 rows
+    kept = generate(model, prompt, max_new_tokens=16, temperature=1.0, generator=torch.Generator().manual_seed(1),
+                    vocab_size=100)
+    assert kept[:, 5:].max() < 100 and torch.equal(kept[:, :5], prompt)

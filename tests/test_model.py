@@ -98,6 +98,12 @@ def test_yarn_scaling_extends_tables_and_changes_long_positions_only():
     assert not torch.allclose(base, scaled, atol=1e-4)
     with pytest.raises(ValueError, match="exceeds the RoPE tables"):
         model(torch.zeros(1, 257, dtype=torch.long))
+    # factor x original positions, rounded up: a 1.001 factor over 1,000 positions covers 1,001 (it gave 1,000)
+    from models.rope import rope_table_length
+
+    yarn = {"rope_type": "yarn", "factor": 1.001, "original_max_position_embeddings": 1000}
+    assert rope_table_length(1000, yarn) == 1001
+    assert rope_table_length(64, {**yarn, "factor": 4.0, "original_max_position_embeddings": 64}) == 256
 
 
 def test_loss_path_matches_logits_path():

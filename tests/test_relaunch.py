@@ -40,6 +40,7 @@ def test_max_steps_at_a_stage_end_stops_there(data_root, tmp_path):
     ("curriculum.stages.reasoning.global_batch_tokens=512", "curriculum.stages.reasoning.global_batch_tokens"),
     ("curriculum.stages.reasoning.mixture.weights.code=0.9", "curriculum.stages.reasoning.mixture"),
     ("seed=7", "seed"),
+    ("curriculum.stages.reasoning.rope_theta=500000", "curriculum.stages.reasoning.rope_theta"),
     ("curriculum.order=[general,long_context]", "curriculum.order"),
 ])
 def test_a_relaunch_that_cannot_continue_the_stage_is_refused_naming_the_key(mid_reasoning, tmp_path, override,

@@ -73,6 +73,25 @@ def test_hf_export_matches_transformers(data_root, tmp_path_factory):
     ids = torch.randint(0, 1024, (2, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=1e-4, rtol=1e-4)
+    # the export decodes alone, as transformers reads it: the tokenizer gives the training ids, generation stops
+    # at the EOS that ended every training document, and the padded embedding rows (1,024 tokens, 8,192 rows)
+    # are never generated
+    from data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(export / "tokenizer.model")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(export))
+    text = "In the beginning God created\n\tthe heaven — Всеобщая декларация 人权 😀"
+    assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text)
+    assert theirs.generation_config.eos_token_id == theirs.config.eos_token_id == tok.eos_id == hf_tok.eos_token_id
+    assert theirs.generation_config.pad_token_id == tok.pad_id
+    prompt = torch.tensor([tok.encode("In the beginning")])
+    with torch.no_grad():
+        sampled = theirs.generate(prompt, do_sample=True, temperature=5.0, top_k=0, max_new_tokens=32)
+    new = sampled[0, prompt.shape[1]:].tolist()
+    assert new and max(new) < tok.vocab_size  # at temperature 5 the 7,168 padded rows held most of the mass
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (export / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # safetensors made it 0600
 
 
 @pytest.mark.parametrize("model, zero", [("tiny_dense", "zero2"), ("tiny_dense", "zero3"),
@@ -248,3 +267,27 @@ def test_start_at_a_later_stage_from_an_hf_export(data_root, tmp_path_factory, t
     assert got[("long_context", 1)][0] == pytest.approx(losses(full)[("long_context", 1)][0], rel=1e-6)
     starts = [r for r in records(run_dir) if r.get("event") == "stage_start"]
     assert [(r["stage"], r["rope_theta"]) for r in starts] == [("long_context", 1e6)]
+
+
+def test_weights_of_another_tokenizer_or_too_few_embedding_rows_are_refused(data_root, tmp_path_factory, tmp_path):
+    """`init_from` an export whose tokenizer has another vocabulary trained on ids that mean other tokens (it was
+    accepted); a model.vocab_size below the tokenizer's was reported as a damaged shard."""
+    import shutil
+
+    from data.config import TokenizerConfig
+    from data.tokenizer import train_sentencepiece
+
+    full = smoke_run(tmp_path_factory, "dense1", DENSE1)
+    other = tmp_path / "other"
+    shutil.copytree(full / "hf" / "reasoning", other)
+    lines = {"eng": [json.loads(line)["text"] for line in (ROOT / "tests/fixtures/corpus/sotu.jsonl").open()]}
+    trained = train_sentencepiece(lines, TokenizerConfig(vocab_size=600), tmp_path / "tok")
+    shutil.copyfile(trained, other / "tokenizer.model")
+    proc = run_train([*SMOKE, f"run_dir={tmp_path / 'run'}", "model=tiny_dense", "curriculum.start=long_context",
+                      f"init_from={other}"])
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert f"'init_from' = '{other}': its tokenizer {other / 'tokenizer.model'} has another vocabulary" in proc.stdout
+    proc = run_train([*SMOKE, f"run_dir={tmp_path / 'small'}", "model=tiny_dense", "model.vocab_size=512"])
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert "config key 'model.vocab_size' = 512: smaller than the tokenizer's 1024 tokens" in proc.stdout
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "small" / "checkpoints").exists()

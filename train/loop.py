@@ -143,6 +143,9 @@ class Trainer:
         on_rank0("preparing the data", lambda: prepare(cfg.data))
         self.manifest = manifest_path(cfg.data)
         self.tokenizer = load_tokenizer(cfg.data)
+        if self.tokenizer.vocab_size > cfg.model.vocab_size:  # before the data check, which would blame a shard
+            raise ConfigError(f"config key 'model.vocab_size' = {cfg.model.vocab_size}: smaller than the "
+                              f"tokenizer's {self.tokenizer.vocab_size} tokens ({self.tokenizer.path})")
 
         def check_data() -> Dict[str, Any]:
             return verify(self.manifest, tokenizer_fingerprint=self.tokenizer.fingerprint,
@@ -155,9 +158,6 @@ class Trainer:
         checked = on_rank0("verifying this node's copy of the data",
                            (lambda: checked) if checked is not None else check_data, node=True)
         self.data_manifest = checked if checked is not None else check_data()
-        if self.tokenizer.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(f"config key 'model.vocab_size' = {cfg.model.vocab_size}: smaller than the "
-                              f"tokenizer's {self.tokenizer.vocab_size} tokens")
 
         if (cfg.data.doc_masking and info.device.type != "cuda"
                 and resolve_doc_mask_implementation(cfg.model.doc_mask_implementation, info.device) == "flex"):
@@ -321,6 +321,7 @@ class Trainer:
             if shape != model_shape(self.cfg.model):
                 raise ConfigError(f"config key 'init_from' = {path!r}: its model shape {shape} differs from "
                                   f"model={self.cfg.model.name} {model_shape(self.cfg.model)}")
+            self._check_init_tokenizer(src, path)
             load_hf_weights(self.model, src, gather=whole)  # one parameter at a time, this rank's part
         elif (src / "meta.json").exists():
             meta = json.loads((src / "meta.json").read_text())
@@ -330,6 +331,20 @@ class Trainer:
         else:
             raise ConfigError(f"config key 'init_from' = {path!r}: neither an HF directory (config.json) "
                               f"nor a tristage checkpoint folder (meta.json)")
+
+    def _check_init_tokenizer(self, src: Path, path: str) -> None:
+        """Refuse weights trained on other token ids than this run's data (when the folder has its tokenizer)."""
+        if not any((src / n).exists() for n in ("tokenizer.model", "tokenizer.json")):
+            return
+        try:
+            theirs = load_tokenizer(src)
+        except DataError as e:
+            raise ConfigError(f"config key 'init_from' = {path!r}: {e}") from None
+        ours = self.tokenizer
+        if theirs.fingerprint != ours.fingerprint and theirs.vocabulary() != ours.vocabulary():
+            raise ConfigError(f"config key 'init_from' = {path!r}: its tokenizer {theirs.path} has another "
+                              f"vocabulary than the data's {ours.path}, so the token ids would mean other tokens; "
+                              f"prepare the data with that tokenizer (data.tokenizer.path) or start elsewhere")
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
@@ -666,14 +681,16 @@ class Trainer:
         out = self.run_dir / "hf" / stage.name
         err: Optional[str] = None
         if self.info.rank == 0:  # writes each safetensors shard as soon as its parameters have arrived
-            export_cfg = dataclasses.replace(self.cfg.model, rope_theta=stage.rope_theta)
+            export_cfg = dataclasses.replace(self.cfg.model, rope_theta=stage.rope_theta,
+                                             eos_token_id=(self.tokenizer.eos_id if self.cfg.model.eos_token_id is None
+                                                           else self.cfg.model.eos_token_id))
             with torch.device("meta"):
                 layout = Qwen3ForCausalLM(export_cfg).state_dict()
             try:
                 inject("slow_export", stage.name, self.state.step, self.info.rank)
                 fail = injected("export_enospc", stage.name, self.state.step, self.info.rank)
-                write_hf(export_cfg, out, _fail_after(parameters, 3) if fail else parameters, layout)
-                shutil.copy2(self.tokenizer.path, out / self.tokenizer.path.name)  # the export decodes alone
+                write_hf(export_cfg, out, _fail_after(parameters, 3) if fail else parameters, layout,
+                         extra=lambda folder: self._write_tokenizer(folder, export_cfg))
             except Exception as e:  # noqa: BLE001 - every rank must hear of it, not only this one
                 err = f"{type(e).__name__}: {e}"
         for _ in parameters:  # the gathers left after a failure (on rank 0), or all of them (elsewhere)
@@ -683,6 +700,17 @@ class Trainer:
             raise CheckpointError(f"the HF export to {out} failed ({err}); the stage-end "
                                   f"checkpoint '{self.checkpoints.latest()}' is saved, and relaunching writes the "
                                   f"export before training goes on")
+
+    def _write_tokenizer(self, folder: Path, export_cfg: Qwen3Config) -> None:
+        """The export decodes alone: the tokenizer as AutoTokenizer loads it, and generation_config.json with the
+        EOS that ends every training document (so `generate` stops) and the padded embedding rows suppressed."""
+        tok = self.tokenizer
+        tok.write_hf(folder)
+        generation = {"eos_token_id": export_cfg.eos_token_id, "pad_token_id": tok.pad_id,
+                      "bos_token_id": export_cfg.bos_token_id, "do_sample": False}
+        if tok.vocab_size < export_cfg.vocab_size:  # rows no token maps to: never a prediction
+            generation["suppress_tokens"] = list(range(tok.vocab_size, export_cfg.vocab_size))
+        (folder / "generation_config.json").write_text(json.dumps(generation, indent=1) + "\n")
 
     def _stage_end_suite(self, stage: StageConfig) -> None:
         """Rank 0: the evaluation suite on the export just written, as a second model beside the training one.
@@ -750,7 +778,7 @@ def check_resumable(meta: Dict[str, Any], cfg: TrainConfig, plans: List[StagePla
     """Refuse a resume the curriculum as configured now cannot continue exactly, naming the key: another stage at
     the checkpoint's place in `curriculum.order`, or, in the middle of a stage, another value of what decides the
     stage's samples (its budget, batch, seq_len, mixture, the seed or the data), which would repeat or skip data
-    and could leave the stage with no step to run."""
+    and could leave the stage with no step to run, or another RoPE base."""
     st = meta.get("state", {})
     order, index, name = cfg.curriculum.order, st.get("stage_index", 0), st.get("stage")
     restart = (f"keep the value it had, or start a new run_dir with init_from={where} "
@@ -767,6 +795,11 @@ def check_resumable(meta: Dict[str, Any], cfg: TrainConfig, plans: List[StagePla
             raise ConfigError(f"config key '{key}' = {value!r}: {where} is at step {st.get('step')} of stage "
                               f"{name!r}, which started with {saved.get(key)!r}; a stage's samples are fixed once "
                               f"it has started (this would repeat or skip data); {restart}")
+    saved_theta, theta = meta.get("rope_theta"), cfg.curriculum.stages[name].rope_theta
+    if saved_theta is not None and float(saved_theta) != float(theta):
+        raise ConfigError(f"config key 'curriculum.stages.{name}.rope_theta' = {theta}: {where} is at step "
+                          f"{st.get('step')} of stage {name!r}, which trains at RoPE base {saved_theta}; the base is "
+                          f"fixed once a stage has started (its steps so far learned those positions); {restart}")
     if st.get("step", 0) >= plans[index].steps:  # a checkpoint from before stage_data was recorded
         raise ConfigError(f"config key 'curriculum.stages.{name}.tokens': {where} is at step {st.get('step')} of "
                           f"stage {name!r}, which now has {plans[index].steps} steps; {restart}")

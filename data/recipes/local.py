@@ -1,6 +1,7 @@
 """Local files: JSONL/JSON, Parquet or plain text (one document per file), read with `datasets`."""
 from __future__ import annotations
 
+import codecs
 import glob
 import json
 from dataclasses import dataclass, field
@@ -60,6 +61,30 @@ def _unreadable(source: str, builder: str, files: List[Path], cache_dir: Path, k
     return DataError(f"source '{source}': could not read {where}: {_reason(error)}")
 
 
+def _check_utf8(path: Path, source: str) -> None:
+    """Refuse a JSON file that is not UTF-8, naming the line: Arrow's JSON reader lets invalid bytes into the
+    strings, and they surfaced only later, as a traceback from the tokenizer that named no file."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            pending = len(decoder.getstate()[0])
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                at = offset - pending + e.start
+                f.seek(0)
+                line = f.read(at).count(b"\n") + 1
+                raise DataError(f"source '{source}': {path} is not UTF-8 text: byte {at} (line {line}) "
+                                f"{e.reason}; re-encode the file as UTF-8") from None
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as e:
+        raise DataError(f"source '{source}': {path} is not UTF-8 text: it ends inside a character "
+                        f"({e.reason})") from None
+
+
 def load(opts: Options, cache_dir: Path, source: str):
     """(`datasets.Dataset` of the files in the order given, identity (their checksums), provenance)."""
     import datasets
@@ -72,6 +97,9 @@ def load(opts: Options, cache_dir: Path, source: str):
         raise DataError(f"source '{source}': files must all be one of {sorted(BUILDERS)}: {[str(f) for f in files]}")
     builder = kinds.pop()
     kwargs = {"sample_by": "document"} if builder == "text" else {}
+    if builder == "json":
+        for f in files:
+            _check_utf8(f, source)
     try:
         ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
                                    cache_dir=str(cache_dir), **kwargs)

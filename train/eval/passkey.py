@@ -83,7 +83,7 @@ def passkey_grid(model: Qwen3ForCausalLM, tok: Tokenizer, lengths: Sequence[int]
         for start in range(0, len(jobs), batch_size):
             group = jobs[start: start + batch_size]
             ids = torch.tensor([passkey_prompt(tok, prompt_len, d, key) for d, _, key in group], device=device)
-            out = generate(model, ids, max_new_tokens=answer_len)[:, prompt_len:]
+            out = generate(model, ids, max_new_tokens=answer_len, vocab_size=tok.vocab_size)[:, prompt_len:]
             for (d, _, key), row in zip(group, out.tolist()):
                 hits[d].append(float(retrieved(tok, row, key)))
         accuracy.append([mean(hits[d]) for d in depths])

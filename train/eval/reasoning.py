@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from data.errors import DataError
 from data.heldout import reasoning_eval_seed
 from data.tokenizer import Tokenizer
-from models.generate import generate
+from models.generate import generate, sample_next
 from train.eval.outputs import md_table, mean
 
 TASKS = ("basic_arithmetic", "chain_sum", "gsm_symbolic")
@@ -51,8 +51,10 @@ def fresh_problems(manifest: Path, task: str, n: int) -> Tuple[int, str, List[Di
 
 @torch.no_grad()
 def greedy_complete(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                    stop_id: int, batch_size: int = 16, strategy: str = "auto") -> List[List[int]]:
-    """Greedy continuations of prompts of different lengths, each ending at stop_id (included) or the budget.
+                    stop_id: int, batch_size: int = 16, strategy: str = "auto",
+                    vocab_size: Optional[int] = None) -> List[List[int]]:
+    """Greedy continuations of prompts of different lengths, each ending at stop_id (included) or the budget;
+    ids from `vocab_size` (the tokenizer's) on, padded embedding rows, are never chosen.
 
     Two ways to the same tokens: "cached" runs models.generate (KV cache) on each group of equal-length prompts,
     cheap per step and best on a CPU; "batched" left-pads up to batch_size prompts, makes the padding a document
@@ -73,9 +75,10 @@ def greedy_complete(model: torch.nn.Module, prompts: Sequence[Sequence[int]], ma
         width = max(len(prompts[i]) for i in group)
         if strategy == "cached":
             ids = torch.tensor([list(prompts[i]) for i in group], device=device)
-            ids = generate(model, ids, max_new_tokens, eos_token_id=stop_id)
+            ids = generate(model, ids, max_new_tokens, eos_token_id=stop_id, vocab_size=vocab_size)
         else:
-            ids = _batched_greedy(model, [prompts[i] for i in group], width, max_new_tokens, stop_id, device)
+            ids = _batched_greedy(model, [prompts[i] for i in group], width, max_new_tokens, stop_id, device,
+                                  vocab_size)
         for row, i in enumerate(group):
             new = ids[row, width:].tolist()
             out[i] = new[: new.index(stop_id) + 1] if stop_id in new else new
@@ -83,7 +86,7 @@ def greedy_complete(model: torch.nn.Module, prompts: Sequence[Sequence[int]], ma
 
 
 def _batched_greedy(model: torch.nn.Module, prompts: Sequence[Sequence[int]], width: int, max_new_tokens: int,
-                    stop_id: int, device: torch.device) -> torch.Tensor:
+                    stop_id: int, device: torch.device, vocab_size: Optional[int]) -> torch.Tensor:
     """Left-padded prompts (B, width) continued greedily by rerunning the batch; returns (B, width + n)."""
     ids = torch.full((len(prompts), width), stop_id, dtype=torch.long)
     docs = torch.zeros(len(prompts), width, dtype=torch.long)  # padding is document 0, the prompt document 1
@@ -93,7 +96,7 @@ def _batched_greedy(model: torch.nn.Module, prompts: Sequence[Sequence[int]], wi
     ids, docs = ids.to(device), docs.to(device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
-        nxt = model(ids, doc_ids=docs, logits_to_keep=1).logits[:, -1].argmax(-1)  # (B,)
+        nxt = sample_next(model(ids, doc_ids=docs, logits_to_keep=1).logits[:, -1], vocab_size=vocab_size)  # (B,)
         nxt = nxt.masked_fill(done, stop_id)
         ids = torch.cat([ids, nxt[:, None]], dim=1)
         docs = torch.cat([docs, torch.ones_like(docs[:, :1])], dim=1)
@@ -114,7 +117,7 @@ def reasoning_accuracy(model: torch.nn.Module, tok: Tokenizer, manifest: Path, t
     for task in tasks:
         seed, source, items = fresh_problems(manifest, task, problems)
         completions = greedy_complete(model, [tok.encode(prompt(it["question"])) for it in items], max_new_tokens,
-                                      stop, batch_size)
+                                      stop, batch_size, vocab_size=tok.vocab_size)
         samples = []
         for it, ids in zip(items, completions):
             text = tok.decode(ids)
