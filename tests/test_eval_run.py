@@ -80,7 +80,7 @@ def test_report_on_the_run_directory(run_dir):
     assert not (out / "expert_load.png").exists()  # a dense model
     md = (out / "report.md").read_text()
     last = steps(run_dir)[-1]
-    assert f"| long_context | 2 | 8192 | 256 | 1e+06 | " in md and f"| {last['lm_loss']:.3f} |" in md
+    assert "| long_context | 2 | 8192 | 256 | 1e+06 | " in md and f"| {last['lm_loss']:.3f} |" in md
     assert "## Curriculum effect" in md and "![passkey](passkey.png)" in md
 
 
@@ -134,6 +134,9 @@ def test_a_mid_stage_checkpoint_and_bad_sizes_leave_the_stage_results_alone(run_
     (mid / "meta.json").write_text(json.dumps(meta))
     assert eval_main(["ppl", str(mid), "--max-tokens", "64", "--device", "cpu"]) == 0
     assert (tmp_path / "eval" / mid.name / "ppl.json").exists() and not (tmp_path / "eval" / "general").exists()
+    summary = (tmp_path / "eval" / "summary.md").read_text()  # listed, as what it is (it was left out)
+    assert "## 0-general-step0000001 (a checkpoint from the middle of a stage)" in summary
+    assert "Held-out perplexity" in summary
     for bad in (["--trials", "0"], ["--batch-size", "0"], ["--depths", "1.5"], ["--lengths", "0"]):
         with pytest.raises(SystemExit) as e:
             eval_main(["passkey", str(run_dir), *bad])
@@ -158,3 +161,34 @@ def test_a_model_outside_a_run_gets_its_results_beside_it(run_dir, tmp_path):
                       "--device", "cpu"]) == 0
     assert sorted(p.name for p in hf.iterdir()) == before
     assert json.loads((tmp_path / "exported-eval" / "exported" / "ppl.json").read_text())["seq_len"] == 64
+
+
+def test_bad_inputs_exit_2_naming_what_is_wrong_before_anything_is_written(run_dir, tmp_path, capsys):
+    """Each was a traceback with exit 1, or silently taken (--seq-len 0 became the stage's length; --seq-len on a
+    run was ignored)."""
+    import shutil
+
+    hf = tmp_path / "no_weights"
+    shutil.copytree(run_dir / "hf" / "general", hf)
+    (hf / "model.safetensors").unlink()
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(run_dir / "checkpoints" / "0-general-step0000004", ckpt)
+    (ckpt / "mp_rank_00_model_states.pt").unlink()
+    out = tmp_path / "out"
+    cases = [
+        (["reasoning", str(run_dir), "--tasks", "nosuchtask"], "--tasks ['nosuchtask']: not reasoning-gym tasks"),
+        (["ppl", str(run_dir), "--seq-len", "64"], "--seq-len 64: only for an HF directory"),
+        (["ppl", str(run_dir), "--manifest", str(tmp_path / "none.json")], "none.json: no such file"),
+        (["ppl", str(hf), "--seq-len", "64", "--manifest", str(tmp_path / "none.json")], f"{hf}: no weights here"),
+        (["ppl", str(ckpt)], f"{ckpt}: no weights here (mp_rank_00_model_states.pt missing)"),
+        (["ppl", str(run_dir), "--device", "gpu"], "--device 'gpu'"),
+    ]
+    if not __import__("torch").cuda.is_available():
+        cases.append((["ppl", str(run_dir), "--device", "cuda"], "this machine has no CUDA device"))
+    for argv, message in cases:
+        assert eval_main([*argv, "--out", str(out)]) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    with pytest.raises(SystemExit) as e:
+        eval_main(["ppl", str(hf), "--seq-len", "0"])
+    assert e.value.code == 2
+    assert not out.exists()

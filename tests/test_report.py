@@ -62,3 +62,35 @@ def test_a_line_cut_short_is_skipped_and_an_empty_file_is_an_error(tmp_path, cap
     (tmp_path / "metrics.jsonl").write_text("")
     assert report.main([str(tmp_path)]) == 2
     assert "has no step records yet" in capsys.readouterr().err
+
+
+def test_steps_past_a_rollback_or_resume_point_are_dropped(tmp_path):
+    """A rolled-back spike's step was plotted (134.7 among losses of 7) and listed in the stage rows: its batch is
+    skipped on the replay, so nothing logged it again."""
+    flat = [[0.25] * 4]
+    write_metrics(tmp_path, [
+        step("general", 1, 1, 7.5, flat), step("general", 2, 2, 7.2, flat), step("general", 3, 3, 134.7, flat),
+        {"event": "rollback", "stage": "general", "global_step": 2, "to_checkpoint": "0-general-step0000002"},
+        {"event": "skipped_batch", "stage": "general", "step": 3, "global_step": 2},
+        step("general", 4, 3, 7.0, flat),
+        step("general", 5, 4, 6.9, flat),  # then killed; the relaunch resumes from step 4 and logs 5 again
+        {"event": "resume", "stage": "general", "global_step": 3, "checkpoint": "0-general-step0000004"},
+        step("general", 5, 4, 6.8, flat),
+    ])
+    recs = report.step_records(report.read_metrics(tmp_path))
+    assert [(r["step"], r["lm_loss"]) for r in recs] == [(1, 7.5), (2, 7.2), (4, 7.0), (5, 6.8)]
+
+
+def test_stage_perplexities_come_from_one_measure():
+    """train.eval's pooled perplexity and the loop's held-out evaluation cut different amounts of text; the stage
+    table took one where present and the other elsewhere, showing a rise between stages that no weights made."""
+    recs = [step("general", 1, 1, 5.0), step("reasoning", 1, 2, 4.0), step("long_context", 1, 3, 3.0)]
+    recs += [{"event": "eval", "stage": s, "global_step": g, "heldout_ppl": {"eng": v}}
+             for s, g, v in (("general", 1, 2446.5), ("reasoning", 2, 2004.1), ("long_context", 3, 1953.4))]
+    suite = {s: {"ppl": {"by_language": {"eng": {"all": v}}}}
+             for s, v in (("general", 2607.8), ("reasoning", 2153.0), ("long_context", 2110.0))}
+    assert report.stage_perplexities(recs, suite) == {"general": {"eng": 2607.8}, "reasoning": {"eng": 2153.0},
+                                                      "long_context": {"eng": 2110.0}}
+    del suite["reasoning"]  # one stage's ppl.json missing: the loop's, for all three
+    assert report.stage_perplexities(recs, suite) == {"general": {"eng": 2446.5}, "reasoning": {"eng": 2004.1},
+                                                      "long_context": {"eng": 1953.4}}

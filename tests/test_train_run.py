@@ -291,3 +291,23 @@ def test_weights_of_another_tokenizer_or_too_few_embedding_rows_are_refused(data
     assert proc.returncode == 2, proc.stdout[-3000:]
     assert "config key 'model.vocab_size' = 512: smaller than the tokenizer's 1024 tokens" in proc.stdout
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "small" / "checkpoints").exists()
+
+
+def test_heldout_perplexity_in_training_scores_each_language_on_all_its_texts(data_root, tmp_path_factory):
+    """The loop's per-language perplexity cuts each held-out text of a language (UDHR articles, the Bible book)
+    on its own and pools them, as the evaluation suite does; it took the first tokens of the two joined, which were
+    the Bible's where a language has one and the UDHR's elsewhere."""
+    from data.config import compose
+    from data.prepare import prepare
+    from models.hf import load_hf
+    from train.eval import ppl
+
+    run_dir = smoke_run(tmp_path_factory, "dense1", DENSE1)
+    last = [r for r in records(run_dir) if r.get("event") == "eval"][-1]
+    manifest = prepare(compose("fixture", [f"root={data_root}"]))
+    model = load_hf(run_dir / "hf" / "long_context").eval()
+    suite = ppl.perplexity(model, manifest, 256, max_tokens=256, batch_size=4)  # experiment=smoke's eval sizes
+    assert list(last["heldout_ppl"]) == sorted(suite["by_language"])[:4]
+    for lang, value in last["heldout_ppl"].items():
+        assert value == pytest.approx(suite["by_language"][lang]["all"], rel=1e-5), lang
+    assert any(len(suite["by_language"][lang]) == 3 for lang in last["heldout_ppl"])  # udhr, bible and all

@@ -126,7 +126,7 @@ class EvalConfig:
 
     enabled: bool = True
     max_languages: int = 0  # 0 = every held-out language
-    max_tokens_per_language: int = 1024  # cap per language, so an eval stays a fraction of a step budget
+    max_tokens_per_language: int = 1024  # cap per held-out text of a language (UDHR, the Bible book: each is cut alone)
     batch_size: int = 8  # sequences per forward
     # at each stage end, rank 0 runs train/eval's suite (reasoning, passkey, loss by position, per-component
     # perplexity; small grids) on <run_dir>/hf/<stage>/ into <run_dir>/eval/<stage>/; needs checkpoint.export_hf

@@ -17,16 +17,15 @@ from train.faults import collective_result
 EvalBatch = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # ids (B, T+1), valid (B, T+1), language index (B,)
 
 
-def make_eval_batches(sets: Dict[str, np.ndarray], seq_len: int, max_tokens: int, batch_size: int,
-                      max_languages: int = 0) -> Tuple[List[str], List[EvalBatch]]:
-    """Cut each language's held-out tokens into (input, label) windows of seq_len and group them in batches.
+def make_eval_batches(sets: Dict[str, np.ndarray], seq_len: int, max_tokens: int,
+                      batch_size: int) -> Tuple[List[str], List[EvalBatch]]:
+    """Cut each set's held-out tokens (a language's, or a component's) into (input, label) windows of seq_len, at
+    most `max_tokens` per set, and group them in batches.
 
-    Returns the language list and batches of (ids (B, T+1), valid (B, T+1), language index (B,)); inputs are
-    ids[:, :-1] and labels ids[:, 1:], so a window never predicts across a language boundary.
+    Returns the set names and batches of (ids (B, T+1), valid (B, T+1), set index (B,)); inputs are
+    ids[:, :-1] and labels ids[:, 1:], so a window never predicts across a set's boundary.
     """
     languages = sorted(sets)
-    if max_languages:
-        languages = languages[:max_languages]
     windows, owners = [], []
     for li, lang in enumerate(languages):
         tokens = np.asarray(sets[lang][: max_tokens + 1], dtype=np.int64)
@@ -48,6 +47,26 @@ def make_eval_batches(sets: Dict[str, np.ndarray], seq_len: int, max_tokens: int
             valid[i, : len(c)] = True
         batches.append((ids, valid, torch.tensor(owners[start: start + batch_size])))
     return languages, batches
+
+
+def window_tokens(batches: List[EvalBatch], n: int) -> List[int]:
+    """Predicted tokens per owner (component or language index) in `make_eval_batches`' batches."""
+    counts = [0] * n
+    for _, valid, owner in batches:
+        for o, k in zip(owner.tolist(), valid[:, 1:].sum(1).tolist()):
+            counts[o] += int(k)
+    return counts
+
+
+def pool_by_language(ppl: Dict[str, float], tokens: Dict[str, int]) -> Dict[str, float]:
+    """Per-language perplexity from per-component ("udhr/fra", "bible/fra") values: the token-weighted mean loss of
+    the language's held-out texts, each cut on its own (so every language is scored on the same texts)."""
+    pooled: Dict[str, List[float]] = {}
+    for comp, value in ppl.items():
+        acc = pooled.setdefault(comp.split("/", 1)[1], [0.0, 0.0])
+        acc[0] += math.log(value) * tokens[comp]
+        acc[1] += tokens[comp]
+    return {lang: math.exp(s / n) for lang, (s, n) in sorted(pooled.items())}
 
 
 @torch.no_grad()

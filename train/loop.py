@@ -45,7 +45,7 @@ from train import expert_parallel
 from train.engine import (DistInfo, Engine, Rank0Failed, barrier, construction, init_distributed,
                           local_parameter_elements, on_rank0, partitioned_init, rank0_outcome, whole, world_from_env)
 from train.faults import NONFINITE_EXIT_CODE, SpikeDetector, Watchdog, collective_result, inject, injected
-from train.heldout import heldout_perplexity, make_eval_batches
+from train.heldout import heldout_perplexity, make_eval_batches, pool_by_language, window_tokens
 from train.metrics import MetricsLogger, peak_flops, redact
 from train.profile import StepProfiler
 from train.schedule import lr_at
@@ -201,7 +201,7 @@ class Trainer:
             self.state.stage_index = first_stage_index(cfg)
             self.state.stage = order[self.state.stage_index]
         self.peak = peak_flops(cfg, info.device)
-        self.eval_sets = heldout_sets(self.manifest) if cfg.eval.enabled else {}
+        self.eval_sets = heldout_sets(self.manifest, by="component") if cfg.eval.enabled else {}
         self.metrics = MetricsLogger(cfg, self.run_dir, info.rank, resolved)
         self.watchdog = Watchdog(info.rank, info.world_size, cfg.dist.timeout_s, "start").start()
         self.profiler = StepProfiler(cfg.logging.profile, self.run_dir, info.rank, info.device)
@@ -742,12 +742,18 @@ class Trainer:
         if not self.eval_sets:
             return
         cfg = self.cfg
-        languages, batches = make_eval_batches(self.eval_sets, stage.seq_len, cfg.eval.max_tokens_per_language,
-                                               cfg.eval.batch_size, cfg.eval.max_languages)
+        # each held-out text of a language (UDHR, the Bible book) cut on its own, then pooled: a language's first
+        # tokens alone would be the Bible's where it has one and the UDHR's elsewhere
+        languages = sorted({c.split("/", 1)[1] for c in self.eval_sets})
+        kept = set(languages[:cfg.eval.max_languages] if cfg.eval.max_languages else languages)
+        sets = {c: t for c, t in self.eval_sets.items() if c.split("/", 1)[1] in kept}
+        components, batches = make_eval_batches(sets, stage.seq_len, cfg.eval.max_tokens_per_language,
+                                                cfg.eval.batch_size)
         t0 = time.perf_counter()
         self.watchdog.beat(f"{stage.name} held-out evaluation")
-        ppl = heldout_perplexity(self.module, languages, batches, self.info.device, self.info.rank,
-                                 self.info.world_size)
+        by_component = heldout_perplexity(self.module, components, batches, self.info.device, self.info.rank,
+                                          self.info.world_size)
+        ppl = pool_by_language(by_component, dict(zip(components, window_tokens(batches, len(components)))))
         self.module.start_step()  # evaluation forwards must not count toward the next step's expert load
         mean_log = sum(math.log(v) for v in ppl.values()) / max(1, len(ppl))
         self.metrics.log({"event": "eval", "stage": stage.name, "step": self.state.step,

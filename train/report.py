@@ -28,9 +28,10 @@ COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
 
 def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
-    """Every record of metrics.jsonl; a resumed run logs some steps twice and the later record wins. A line that
-    is not JSON (cut short by a full disk or a kill mid-write, with the relaunch appending after it) is skipped,
-    with a warning naming it."""
+    """Every record of metrics.jsonl that still stands: a resume or a rollback goes back to a checkpoint, so the
+    steps logged past it are dropped (a rolled-back spike's step is never logged again: its batch is skipped), and
+    a step logged twice keeps its later record. A line that is not JSON (cut short by a full disk or a kill
+    mid-write, with the relaunch appending after it) is skipped, with a warning naming it."""
     out: List[Dict[str, Any]] = []
     path = Path(run_dir) / "metrics.jsonl"
     for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
@@ -42,10 +43,12 @@ def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
     steps: Dict[Tuple[str, int], Dict[str, Any]] = {}
     events = []
     for r in out:
-        if "event" in r:
-            events.append(r)
-        else:
+        if "event" not in r:
             steps[(r["stage"], r["step"])] = r
+            continue
+        events.append(r)
+        if r["event"] in ("resume", "rollback"):
+            steps = {k: v for k, v in steps.items() if v["global_step"] <= r["global_step"]}
     return sorted(steps.values(), key=lambda r: r["global_step"]) + events
 
 
@@ -114,17 +117,19 @@ def plot_loss(records: List[Dict[str, Any]], path: Path) -> Path:
 
 def stage_perplexities(records: List[Dict[str, Any]],
                        results: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, float]]:
-    """{stage: {language: perplexity}} after each stage: train.eval's ppl if present, else the loop's last eval."""
-    out: Dict[str, Dict[str, float]] = {}
+    """{stage: {language: perplexity}} after each stage, from one measure for every stage: train.eval's ppl
+    (eval/<stage>/ppl.json) where it covers as many stages as the loop's held-out evaluations, else the loop's last
+    eval of each stage. The two cut different amounts of text, so a mix of them would show changes no weights made."""
+    suite: Dict[str, Dict[str, float]] = {}
+    loop: Dict[str, Dict[str, float]] = {}
     for s in stage_order(records):
         r = results.get(s, {}).get("ppl")
         if r:
-            out[s] = {lang: v["all"] for lang, v in r["by_language"].items()}
-            continue
+            suite[s] = {lang: v["all"] for lang, v in r["by_language"].items()}
         evals = [e for e in records if e.get("event") == "eval" and e["stage"] == s and e.get("heldout_ppl")]
         if evals:
-            out[s] = dict(evals[-1]["heldout_ppl"])
-    return out
+            loop[s] = dict(evals[-1]["heldout_ppl"])
+    return suite if len(suite) >= len(loop) else loop
 
 
 def plot_perplexity(ppl: Dict[str, Dict[str, float]], path: Path) -> Path:

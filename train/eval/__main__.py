@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from train.eval.extend import MODES
-from train.eval.reasoning import TASKS
+from data.errors import DataError
+from train.eval.reasoning import TASKS, check_tasks
 from train.eval.suite import EVALUATIONS, Sizes, evaluate
 from train.eval.target import EvalError, eval_device, resolve
 
@@ -62,7 +63,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", type=_names, default=None, help="comma-separated stages of a run (default: all)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default: <run_dir>/eval)")
     p.add_argument("--manifest", type=Path, default=None, help="data set manifest (default: the run's)")
-    p.add_argument("--seq-len", type=int, default=None, help="trained length of an HF directory outside a run")
+    p.add_argument("--seq-len", type=_at_least(1), default=None, help="trained length of an HF directory outside a run")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--max-tokens", type=_at_least(1), default=d.ppl_max_tokens,
                    help="ppl: held-out tokens per component")
@@ -91,9 +92,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if bad:
         print(f"error: --modes {bad}: not in {MODES}", file=sys.stderr)
         return 2
+    which = EVALUATIONS if args.evaluation == "all" else (args.evaluation,)
     try:
+        if "reasoning" in which:
+            check_tasks(args.tasks)
         target = resolve(args.target, args.out, args.manifest, args.stage, args.seq_len)
-    except EvalError as e:
+        device = eval_device(args.device)
+    except (EvalError, DataError) as e:  # before any stage runs: nothing half written
         print(f"error: {e}", file=sys.stderr)
         return 2
     short = {s.name: s.seq_len for s in target.stages if "dca" in args.modes and args.dca_local_size >= s.seq_len}
@@ -106,8 +111,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                   windows=args.windows, batch_size=args.batch_size, long_batch_size=args.long_batch_size,
                   modes=tuple(args.modes),
                   dca_local_size=args.dca_local_size, lengths=args.lengths)
-    which = EVALUATIONS if args.evaluation == "all" else (args.evaluation,)
-    summaries = evaluate(target, sizes, which, eval_device(args.device))
+    try:
+        summaries = evaluate(target, sizes, which, device)
+    except (EvalError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for stage, s in summaries.items():
         print(f"{stage}: " + ", ".join(f"{k}={v}" for k, v in s.items() if k != "stage"))
     print(f"results in {target.out_dir} (summary.md)")

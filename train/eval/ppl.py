@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import torch
 
 from data.heldout import heldout_sets
 from train.eval.outputs import md_table
-from train.heldout import heldout_perplexity, make_eval_batches
+from train.heldout import heldout_perplexity, make_eval_batches, pool_by_language, window_tokens
 
 
 @torch.no_grad()
@@ -24,21 +24,13 @@ def perplexity(model: torch.nn.Module, manifest: Path, seq_len: int, max_tokens:
     components, batches = make_eval_batches(sets, seq_len, max_tokens, batch_size)
     device = next(model.parameters()).device
     ppl = heldout_perplexity(model, components, batches, device, rank=0, world=1)
-    counts = [0] * len(components)
-    for _, valid, owner in batches:
-        for o, n in zip(owner.tolist(), valid[:, 1:].sum(1).tolist()):
-            counts[o] += int(n)
-    tokens = dict(zip(components, counts))
+    tokens = dict(zip(components, window_tokens(batches, len(components))))
     by_language: Dict[str, Dict[str, float]] = {}
-    pooled: Dict[str, List[float]] = {}  # language -> [sum of token losses, tokens]
     for comp, value in sorted(ppl.items()):
         source, language = comp.split("/", 1)
         by_language.setdefault(language, {})[source] = value
-        acc = pooled.setdefault(language, [0.0, 0.0])
-        acc[0] += math.log(value) * tokens[comp]
-        acc[1] += tokens[comp]
-    for language, (loss_sum, n) in pooled.items():
-        by_language[language]["all"] = math.exp(loss_sum / n)
+    for language, value in pool_by_language(ppl, tokens).items():
+        by_language[language]["all"] = value
     sources = sorted({c.split("/", 1)[0] for c in ppl})
     geomean = {s: math.exp(sum(math.log(v[s]) for v in by_language.values() if s in v)
                            / sum(1 for v in by_language.values() if s in v)) for s in sources + ["all"]}

@@ -98,8 +98,11 @@ def write_summary(eval_dir: Path, order: Sequence[str], seq_lens: Dict[str, int]
         effect = curriculum.curriculum_effect(results, order, seq_lens)
         write_result(eval_dir, "curriculum", effect, curriculum.markdown(effect))
         parts.append("## Curriculum effect\n\n" + curriculum.markdown(effect))
-    for s in stages:
-        parts.append(f"## {s} (trained at {seq_lens[s]} tokens)\n")
+    # then checkpoints from the middle of a stage (eval/<tag>/), which never stand for "after <stage>"
+    mid = sorted(k for k in results if k not in order)
+    for s in stages + mid:
+        parts.append(f"## {s} (trained at {seq_lens[s]} tokens)\n" if s in seq_lens
+                     else f"## {s} (a checkpoint from the middle of a stage)\n")
         for name in EVALUATIONS:
             md = eval_dir / s / f"{name}.md"
             if md.exists():

@@ -56,10 +56,32 @@ class EvalTarget:
 
 
 def eval_device(name: str = "auto") -> torch.device:
-    """cuda when asked for or available (auto), else cpu."""
+    """cuda when asked for or available (auto), else cpu; EvalError for another name or a CUDA that is absent."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise EvalError(f"--device {name!r}: not a device (auto, cpu, cuda or cuda:<n>)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise EvalError(f"--device {name!r}: must be auto, cpu, cuda or cuda:<n>")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"--device {name!r}: this machine has no CUDA device")
+    return device
+
+
+def _check_weights(stage: StageModel) -> None:
+    """Refuse, naming the file, a stage folder whose weight files are missing (a copy cut short, a pruned run)."""
+    path = stage.path
+    if (path / "config.json").exists():
+        wanted = [path / "model.safetensors", path / "model.safetensors.index.json"]
+    else:
+        meta = json.loads((path / "meta.json").read_text())
+        wanted = ([*path.glob("*model_states.pt")] if meta.get("zero_stage") == 3
+                  else [path / "mp_rank_00_model_states.pt"])
+    if not any(p.exists() for p in wanted):
+        names = ", ".join(p.name for p in wanted) or "DeepSpeed model states (*model_states.pt)"
+        raise EvalError(f"{path}: no weights here ({names} missing)")
 
 
 def eval_dtype(device: torch.device) -> torch.dtype:
@@ -125,6 +147,8 @@ def resolve(target: Path, out: Optional[Path] = None, manifest: Optional[Path] =
     run_dir: Optional[Path] = None
     cfg: Optional[Dict[str, Any]] = None
     if (target / "config.yaml").exists() and not (target / "meta.json").exists():  # a run directory
+        if seq_len is not None:
+            raise EvalError(f"--seq-len {seq_len}: only for an HF directory; a run's stages have their lengths")
         run_dir, cfg = target, _run_config(target)
         order = cfg["curriculum"]["order"]
         found = [StageModel(s, target / "hf" / s, _seq_len(cfg, s)) for s in order
@@ -139,6 +163,8 @@ def resolve(target: Path, out: Optional[Path] = None, manifest: Optional[Path] =
         if not found:
             raise EvalError(f"{target}: no hf/<stage>/ exports and no finished stage checkpoints")
     elif (target / "meta.json").exists():  # a checkpoint folder carries its run's config
+        if seq_len is not None:
+            raise EvalError(f"--seq-len {seq_len}: only for an HF directory; a checkpoint's config has its length")
         cfg = OmegaConf.to_container(OmegaConf.load(target / "config.yaml"), resolve=True)
         meta = json.loads((target / "meta.json").read_text())
         # a checkpoint from the middle of a stage gets results of its own (eval/<its tag>/), so that they never
@@ -151,8 +177,8 @@ def resolve(target: Path, out: Optional[Path] = None, manifest: Optional[Path] =
         if (parent / "config.yaml").exists():
             run_dir, cfg = parent, _run_config(parent)
         if cfg is not None and target.name in cfg["curriculum"]["stages"]:
-            found = [StageModel(target.name, target, seq_len or _seq_len(cfg, target.name))]
-        elif seq_len:
+            found = [StageModel(target.name, target, seq_len if seq_len is not None else _seq_len(cfg, target.name))]
+        elif seq_len is not None:
             found = [StageModel(target.name, target, seq_len)]
         else:
             raise EvalError(f"{target}: not inside a run directory; pass --seq-len (the trained length)")
@@ -164,10 +190,14 @@ def resolve(target: Path, out: Optional[Path] = None, manifest: Optional[Path] =
         if unknown:
             raise EvalError(f"{target}: no stage(s) {unknown}; found {[s.name for s in found]}")
         found = [s for s in found if s.name in stages]
+    for st in found:
+        _check_weights(st)
     if manifest is None:
         if cfg is None:
             raise EvalError(f"{target}: pass --manifest (the data set the model was trained on)")
         manifest = _manifest_of(cfg)
+    elif not Path(manifest).is_file():
+        raise EvalError(f"--manifest {manifest}: no such file (a data set's manifest.json)")
     if cfg is not None:
         order = list(cfg["curriculum"]["order"])
         seq_lens = {s: _seq_len(cfg, s) for s in order}
