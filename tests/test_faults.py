@@ -318,7 +318,7 @@ def _rank0_work_worker(rank: int, port: int, out_dir: str) -> None:
 
     import torch.distributed as dist
 
-    from train.engine import on_rank0
+    from train.dist import on_rank0
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=2))
@@ -365,7 +365,7 @@ def test_rank0_work_outlasts_the_collective_timeout_and_its_failure_reaches_ever
 def _node_work_worker(rank: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from train.engine import on_rank0
+    from train.dist import on_rank0
 
     # 2 "nodes" of 2 ranks, as torchrun numbers them
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="4",

@@ -288,7 +288,8 @@ class Stepper:
 def _deepspeed_engine(model: torch.nn.Module, cfg: Qwen3Config, run: Run, device: torch.device, fused: bool):
     """train.engine.Engine (DeepSpeed ZeRO-1 bf16, torch AdamW as client optimizer) around any model."""
     from train.config import StagePlan, TrainConfig
-    from train.engine import Engine, init_distributed
+    from train.dist import init_distributed
+    from train.engine import Engine
 
     tcfg = TrainConfig(model=cfg)
     tcfg.device = device.type

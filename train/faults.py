@@ -156,7 +156,7 @@ class Watchdog:
     @contextlib.contextmanager
     def suspended(self, where: str) -> Iterator[None]:
         """Known long work without steps, not a hang: rank 0 building a large stage's data index (minutes for
-        billions of samples) while the others wait for it (`train.engine.on_rank0`). Watching resumes, from now, on
+        billions of samples) while the others wait for it (`train.dist.on_rank0`). Watching resumes, from now, on
         leaving."""
         self.beat(where)
         self._suspended = True

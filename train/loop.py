@@ -42,8 +42,8 @@ from models.qwen3 import Qwen3ForCausalLM
 from train.checkpoint import CheckpointError, CheckpointManager, TrainerState, check_compatible
 from train.config import ConfigError, StageConfig, StagePlan, TrainConfig, first_stage_index, validate
 from train import expert_parallel
-from train.engine import (DistInfo, Engine, Rank0Failed, barrier, construction, init_distributed,
-                          local_parameter_elements, on_rank0, partitioned_init, rank0_outcome, whole, world_from_env)
+from train.dist import DistInfo, Rank0Failed, barrier, init_distributed, on_rank0, rank0_outcome, world_from_env
+from train.engine import Engine, construction, local_parameter_elements, partitioned_init, whole
 from train.faults import NONFINITE_EXIT_CODE, SpikeDetector, Watchdog, collective_result, inject, injected
 from train.heldout import heldout_perplexity, make_eval_batches, pool_by_language, window_tokens
 from train.metrics import MetricsLogger, peak_flops, redact
