@@ -503,9 +503,9 @@ class StageStream:
 
     def __init__(self, manifest_path: Path, mixture: Any, seq_len: int, seed: int, stage: str,
                  num_samples: int, doc_masking: bool = False, cache: bool = True,
-                 workers: Optional[int] = None) -> None:
+                 workers: Optional[int] = None, verbose: bool = True) -> None:
         """cache: read the index arrays from (or write them to) `index_dir(...)` beside the manifest; workers:
-        threads that build them (`index_workers`)."""
+        threads that build them (`index_workers`); verbose: log the stage's plan table (one rank of a job)."""
         self.manifest_path = Path(manifest_path)
         self.seq_len, self.seed, self.stage, self.num_samples = seq_len, seed, stage, num_samples
         self.doc_masking, self.workers = doc_masking, index_workers(workers)
@@ -539,7 +539,8 @@ class StageStream:
         self._part_component = np.array([ix.component for ix in self._parts], dtype=np.int64)
         self.blend_part, self.blend_sample = arrays["blend_part"], arrays["blend_sample"]
         self._arange = np.arange(seq_len + 1, dtype=np.int64)
-        log.info("%s", self.plan.table())
+        if verbose:
+            log.info("%s", self.plan.table())
 
     def __len__(self) -> int:
         return self.num_samples

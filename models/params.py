@@ -42,8 +42,8 @@ def count_parameters(cfg: Qwen3Config) -> ParamCounts:
                        matmul_active=matmul_active)
 
 
-def flops_per_token(cfg: Qwen3Config, seq_len: int, causal_halved: bool = True) -> float:
-    """Training FLOPs per token: 6 * matmul_active + 12 * L * H * head_dim * seq_len (attention halved if causal).
+def flops_per_token(cfg: Qwen3Config, seq_len: int, *, causal_halved: bool) -> float:
+    """Training FLOPs per token: 6 * matmul_active + 12 * L * H * head_dim * seq_len (halved with `causal_halved`).
 
     The attention term counts QK^T and AV for forward and backward over a full seq_len x seq_len score matrix;
     with `causal_halved` only the lower triangle that causal attention needs is counted.

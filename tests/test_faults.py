@@ -587,6 +587,9 @@ def test_config_errors_exit_2_and_a_sweep_never_shows_a_secret(data_root, tmp_pa
     assert len(jobs) == 2
     for job in jobs:  # the key still reached each job's config, redacted in its dump
         assert "api_key: '***'" in (job / "config.yaml").read_text()
+    # one wandb run per job: both were `smoke` (the run's name), so online the second appended to the first
+    ids = {(job / "wandb_id").read_text().strip() for job in jobs}
+    assert len(ids) == 2 and all((job / "wandb" / "latest-run").exists() for job in jobs)
 
 
 def test_recover_puts_back_a_copy_moved_aside_and_agrees_on_a_fallback(tmp_path, capsys):

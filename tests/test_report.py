@@ -94,3 +94,21 @@ def test_stage_perplexities_come_from_one_measure():
     del suite["reasoning"]  # one stage's ppl.json missing: the loop's, for all three
     assert report.stage_perplexities(recs, suite) == {"general": {"eng": 2446.5}, "reasoning": {"eng": 2004.1},
                                                       "long_context": {"eng": 1953.4}}
+
+
+def test_switches_come_from_the_stage_starts_and_tokens_are_each_stages_own(tmp_path):
+    """At log_every 3 the first logged record of a stage is not its first step: the switch was drawn a step late;
+    the stage table showed the run's running token count as each stage's."""
+    write_metrics(tmp_path, [
+        {"event": "stage_start", "stage": "general", "global_step": 0, "resumed_at_step": None},
+        step("general", 3, 3, 5.0), step("general", 4, 4, 4.5),
+        {"event": "stage_start", "stage": "reasoning", "global_step": 4, "resumed_at_step": None},
+        step("reasoning", 2, 6, 4.0),  # the stage's first (and only) logged step: its last
+        {"event": "stage_start", "stage": "long_context", "global_step": 7, "resumed_at_step": 1},  # a resume
+        step("long_context", 2, 8, 3.5),
+    ])
+    recs = report.read_metrics(tmp_path)
+    assert report.stage_switches(recs) == [(4, "reasoning"), (6, "long_context")]
+    rows = report.stage_table(recs, {})
+    assert [row[2] for row in rows] == [400, 200, 200]  # 100 tokens a step (step()), per stage
+    assert set(report.report(tmp_path)) >= {"loss", "throughput", "report"}

@@ -121,6 +121,8 @@ def _to_device(batch: Dict[str, torch.Tensor], device: torch.device, doc_masking
 
 
 def _memory_gib(device: torch.device) -> float:
+    """Peak memory: on CUDA the allocator's since the stage started (reset in `_enter_stage`), on the CPU the
+    process's peak resident set since it started (the OS keeps no other)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
@@ -404,6 +406,8 @@ class Trainer:
     def _enter_stage(self, stage: StageConfig, plan: StagePlan, fresh: bool) -> StageStream:
         """Apply a stage's switches to model, engine and data; log them."""
         cfg = self.cfg
+        if self.info.device.type == "cuda":  # each stage's memory_gib is its own peak (a longer seq_len, a suite)
+            torch.cuda.reset_peak_memory_stats(self.info.device)
         self.engine.set_plan(plan)
         self.module.set_rope_theta(stage.rope_theta)
         first = self.state.stage_index == first_stage_index(cfg)
@@ -413,7 +417,7 @@ class Trainer:
         def open_stream() -> StageStream:
             return StageStream(self.manifest, stage.mixture, seq_len=stage.seq_len, seed=cfg.seed, stage=stage.name,
                                num_samples=plan.steps * plan.samples_per_step, doc_masking=cfg.data.doc_masking,
-                               workers=cfg.data.index_workers)
+                               workers=cfg.data.index_workers, verbose=self.info.rank == 0)
 
         # rank 0 builds the stage's index arrays once (or finds them cached); each node's first rank then opens
         # them (where every node has a data root of its own, not a shared one, it builds its node's copy once),

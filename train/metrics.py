@@ -13,11 +13,13 @@ import os
 import re
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
 
+from data.io import atomic_path
 from train.config import TrainConfig
 
 _SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)$", re.IGNORECASE)
@@ -60,7 +62,14 @@ def peak_flops(cfg: TrainConfig, device: torch.device) -> Optional[float]:
 
 
 class MetricsLogger:
-    """Writes one JSON line per logged step (rank 0), a console line, and mirrors to wandb."""
+    """Writes one JSON line per logged step and event (rank 0), a console line, and mirrors to wandb.
+
+    metrics.jsonl is the complete record (flushed line by line; a resume logs the steps after its checkpoint
+    again, and the later record stands). wandb's history takes one row per global step, its steps only growing:
+    a step's events go in under `<event>/<key>` (a `stage_start` at the last step of a stage would otherwise
+    overwrite that step's lr and seq_len with the next stage's), records with no step go in at the current one,
+    and steps a resume logs again, which wandb would drop, are not sent.
+    """
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, rank: int, resolved_config: Dict[str, Any]):
         self.rank = rank
@@ -68,8 +77,11 @@ class MetricsLogger:
         self.path = run_dir / "metrics.jsonl"
         self._file = open(self.path, "a") if rank == 0 else None
         self._wandb = None
+        self._wandb_step = 0
         if rank == 0 and cfg.logging.wandb.mode != "disabled":
             self._wandb = _start_wandb(cfg, run_dir, redact(resolved_config))
+            if self._wandb is not None:
+                self._wandb_step = int(getattr(self._wandb, "step", 0) or 0)  # a resumed run's next step
         self._last = time.time()
 
     def log(self, record: Dict[str, Any]) -> None:
@@ -89,8 +101,19 @@ class MetricsLogger:
                   + ", ".join(f"{k}={v}" for k, v in fields.items()),
                   flush=True)
         if self._wandb is not None:
-            flat = {k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None}
-            self._wandb.log(flat, step=record.get("global_step"))
+            self._to_wandb(record)
+
+    def _to_wandb(self, record: Dict[str, Any]) -> None:
+        step = record.get("global_step")
+        step = self._wandb_step if step is None else int(step)
+        if step < self._wandb_step:
+            return
+        self._wandb_step = step
+        event = record.get("event")
+        flat = {(f"{event}/{k}" if event else k): v for k, v in record.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
+        if flat:
+            self._wandb.log(flat, step=step)
 
     def close(self) -> None:
         """Flush and close the outputs."""
@@ -124,4 +147,16 @@ def _start_wandb(cfg: TrainConfig, run_dir: Path, safe_config: Dict[str, Any]) -
     os.environ.setdefault("WANDB_SILENT", "true")
     return wandb.init(project=cfg.logging.wandb.project, entity=cfg.logging.wandb.entity, name=cfg.name,
                       dir=str(run_dir), mode=cfg.logging.wandb.mode, config=safe_config,
-                      id=cfg.name.replace("/", "_"), resume="allow")
+                      id=wandb_run_id(run_dir), resume="allow")
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """This run directory's wandb run id: made at the first launch and kept in <run_dir>/wandb_id, so relaunches
+    continue the run and no two run directories share one (the run's `name` is the demo's `demo` in most)."""
+    path = run_dir / "wandb_id"
+    if path.exists():
+        return path.read_text().strip()
+    run_id = re.sub(r"[^A-Za-z0-9_-]", "_", run_dir.name[:40]) + f"-{uuid.uuid4().hex[:8]}"
+    with atomic_path(path) as tmp:
+        tmp.write_text(run_id + "\n")
+    return run_id

@@ -67,9 +67,17 @@ def stage_order(records: List[Dict[str, Any]]) -> List[str]:
 
 
 def stage_switches(records: List[Dict[str, Any]]) -> List[Tuple[int, str]]:
-    """(global step after which the stage starts, stage) for every stage but the first."""
+    """(global step after which the stage starts, stage) for every stage but the first: from the stage_start
+    events (a resumed one starts `resumed_at_step` steps earlier), else from the first step record of each stage,
+    which is the stage's first step only at log_every 1."""
+    order = stage_order(records)
+    starts: Dict[str, int] = {}
+    for e in records:
+        if e.get("event") == "stage_start" and e["stage"] in order and e["stage"] not in starts:
+            starts[e["stage"]] = e["global_step"] - (e.get("resumed_at_step") or 0)
     steps = step_records(records)
-    return [(b["global_step"] - 1, b["stage"]) for a, b in zip(steps, steps[1:]) if a["stage"] != b["stage"]]
+    firsts = {b["stage"]: b["global_step"] - 1 for a, b in zip(steps, steps[1:]) if a["stage"] != b["stage"]}
+    return [(starts.get(s, firsts.get(s)), s) for s in order[1:] if s in starts or s in firsts]
 
 
 def _stage_colors(order: List[str]) -> Dict[str, str]:
@@ -82,7 +90,8 @@ def _plot_by_stage(ax: Any, records: List[Dict[str, Any]], key: str) -> List[Dic
     colors = _stage_colors(order)
     for s in order:
         rs = [r for r in steps if r["stage"] == s]
-        ax.plot([r["global_step"] for r in rs], [r[key] for r in rs], color=colors[s], label=s)
+        ax.plot([r["global_step"] for r in rs], [r[key] for r in rs], color=colors[s], label=s,
+                marker="." if len(rs) < 3 else None)  # one logged step draws no line
     return steps
 
 
@@ -257,13 +266,16 @@ def plot_throughput(records: List[Dict[str, Any]], path: Path) -> Path:
 
 
 def stage_table(records: List[Dict[str, Any]], ppl: Dict[str, Dict[str, float]]) -> List[List[Any]]:
-    """Per stage: steps, tokens, seq_len, RoPE base, first and last loss, held-out geomean ppl, median tokens/s."""
+    """Per stage: steps, tokens (the stage's own), seq_len, RoPE base, first and last loss, held-out geomean ppl,
+    median tokens/s."""
     rows = []
+    before = 0  # tokens of the stages before (a run's `tokens` counts from its start)
     for s in stage_order(records):
         rs = [r for r in step_records(records) if r["stage"] == s]
         vals = list(ppl.get(s, {}).values())
         geo = math.exp(mean([math.log(v) for v in vals])) if vals else None
-        rows.append([s, rs[-1]["step"], rs[-1]["tokens"], rs[-1]["seq_len"], f"{rs[-1]['rope_theta']:g}",
+        tokens, before = rs[-1]["tokens"] - before, rs[-1]["tokens"]
+        rows.append([s, rs[-1]["step"], tokens, rs[-1]["seq_len"], f"{rs[-1]['rope_theta']:g}",
                      rs[0]["lm_loss"], rs[-1]["lm_loss"], geo, float(np.median([r["tokens_per_s"] for r in rs]))])
     return rows
 

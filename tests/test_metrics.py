@@ -1,0 +1,49 @@
+"""What reaches wandb: one run per run directory, rows by global step that wandb keeps (its steps only grow), and
+events apart from the step values they would overwrite."""
+from __future__ import annotations
+
+from train.metrics import MetricsLogger, wandb_run_id
+
+
+class _Run:
+    """Records what the logger sends, in the form wandb.log takes it."""
+
+    step = 0
+
+    def __init__(self):
+        self.rows = []
+
+    def log(self, data, step):
+        assert step >= self.step, f"wandb drops a step below its current one ({step} < {self.step})"
+        self.step = step
+        self.rows.append((step, data))
+
+
+def test_events_keep_to_their_own_keys_and_resumed_steps_are_not_sent(tmp_path):
+    logger = MetricsLogger.__new__(MetricsLogger)  # just the wandb side
+    logger._wandb, logger._wandb_step = _Run(), 0
+    for record in [
+        {"event": "model", "parameters": 123},  # no step: at the current one
+        {"event": "stage_start", "stage": "general", "global_step": 0, "seq_len": 64, "rope_theta": 1e4},
+        {"stage": "general", "step": 4, "global_step": 4, "lr": 3e-3, "seq_len": 64, "loss": 5.0},
+        {"event": "stage_start", "stage": "reasoning", "global_step": 4, "seq_len": 256, "lr": 1e-3},
+        {"event": "resume", "global_step": 3, "checkpoint": "x"},  # a relaunch from step 3 ...
+        {"stage": "reasoning", "step": 1, "global_step": 4, "lr": 3e-3, "loss": 4.9},  # ... logs step 4 again
+        {"stage": "reasoning", "step": 2, "global_step": 5, "lr": 2e-3, "loss": 4.8, "ok": True},
+    ]:
+        logger._to_wandb(record)
+    rows = logger._wandb.rows
+    assert rows[0] == (0, {"model/parameters": 123})
+    assert rows[2] == (4, {"step": 4, "global_step": 4, "lr": 3e-3, "seq_len": 64, "loss": 5.0})
+    assert rows[3] == (4, {"stage_start/global_step": 4, "stage_start/seq_len": 256, "stage_start/lr": 1e-3})
+    assert [step for step, _ in rows] == [0, 0, 4, 4, 4, 5]  # the resume event (step 3) is not sent
+    assert rows[-1] == (5, {"step": 2, "global_step": 5, "lr": 2e-3, "loss": 4.8})  # no bool
+
+
+def test_each_run_directory_has_its_own_wandb_id(tmp_path):
+    a, b = tmp_path / "sweep" / "0-abc", tmp_path / "other" / "0-abc"
+    a.mkdir(parents=True)
+    b.mkdir(parents=True)
+    first = wandb_run_id(a)
+    assert wandb_run_id(a) == first != wandb_run_id(b)  # a relaunch continues; another folder does not
+    assert first.startswith("0-abc-") and (a / "wandb_id").read_text().strip() == first
