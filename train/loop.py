@@ -128,6 +128,20 @@ def _memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+@dataclasses.dataclass
+class StepResult:
+    """One optimizer step as every rank sees it after the step's all-reduce."""
+
+    loss: float  # mean token loss over the global batch (the LM loss; MoE router losses apart)
+    grad_norm: float
+    applied: bool  # False: DeepSpeed skipped the update (a non-finite gradient norm)
+    comp_sums: torch.Tensor  # (components,) summed token losses of each data component, on the host
+    comp_counts: torch.Tensor  # (components,) tokens of each
+    router: List[float]  # mean weighted aux loss, balance loss and z-loss (0s for a dense model)
+    preempt: bool  # some rank was asked to stop (SIGTERM / SIGUSR1)
+    seconds: float
+
+
 class Trainer:
     """Holds the run's pieces; `run()` executes the curriculum."""
 
@@ -445,7 +459,6 @@ class Trainer:
         """Train one stage to its end; returns an exit code if the launch must stop early, else None."""
         cfg, state, info = self.cfg, self.state, self.info
         stream = self._enter_stage(stage, plan, fresh=state.step == 0)
-        components = list(stream.components)
         spikes = SpikeDetector(cfg.faults.spike_factor, cfg.faults.spike_window, cfg.faults.spike_min_history,
                                state.loss_history)
         while state.step < plan.steps:
@@ -462,69 +475,14 @@ class Trainer:
             inject("kill", stage.name, step, info.rank)
             inject("sigusr1", stage.name, step, info.rank)
             self.profiler.begin(state.global_step + 1)
-            t0 = time.perf_counter()
             lr = lr_at(stage.lr, state.step, plan.steps)
-            self.engine.set_lr(lr)
-            self.module.start_step()
-            # the step's sums stay on the device until the one copy to the host after the optimizer step: no
-            # micro-batch waits for the one before it to finish (a host sync each would leave the GPU idle
-            # while Python launches the next forward)
-            dev = info.device
-            comp_sums = torch.zeros(len(components), dtype=torch.float64, device=dev)
-            comp_counts = torch.zeros(len(components), dtype=torch.float64, device=dev)
-            router_sums = torch.zeros(3, dtype=torch.float64, device=dev)  # weighted aux, balance and z losses
-            scale = (float("nan") if injected("nan", stage.name, step, info.rank)
-                     else 20.0 if injected("spike", stage.name, step, info.rank) else None)
-            for m in range(plan.grad_accum):
-                self.watchdog.beat(f"{stage.name} step {step} micro-batch {m}")
-                inject("stall", stage.name, step, info.rank)
-                batch = stream.batch(micro_batch_indices(state.step * plan.samples_per_step, m, info.rank,
-                                                         info.world_size, plan.micro_batch_size))
-                on_device = _to_device(batch, dev, cfg.data.doc_masking)
-                out = self.engine.micro_step(on_device, last=m == plan.grad_accum - 1, loss_scale=scale)
-                tok = out.token_losses.detach().double()  # (B, T)
-                if scale is not None:
-                    tok = tok * scale
-                mask = (on_device["labels"] != -100).double()
-                comp = batch["component_ids"].to(dev, torch.long, non_blocking=True).flatten()
-                comp_sums.index_add_(0, comp, (tok * mask).flatten())
-                comp_counts.index_add_(0, comp, mask.flatten())
-                router_sums += torch.stack([out.aux_loss.detach(), out.balance_loss, out.z_loss]).double()  # 0s: dense
-            grad_norm, applied = self.engine.optimizer_step()
-            self.watchdog.beat(f"{stage.name} step {step} metrics")
-            # one all-reduce carries the losses, the router's losses and the preemption flag
-            flag = torch.tensor([float(self.preemption.requested)], dtype=torch.float64).to(dev, non_blocking=True)
-            packed = torch.cat([comp_sums, comp_counts, router_sums, flag])
-            if info.world_size > 1:
-                dist.all_reduce(packed)  # on the device: NCCL reduces GPU tensors only
-            packed = collective_result(packed)  # the step's one host sync of its own
-            n = len(components)
-            comp_sums, comp_counts = packed[:n], packed[n: 2 * n]
-            router = (packed[2 * n: 2 * n + 3] / (plan.grad_accum * info.world_size)).tolist()  # aux, balance, z
-            preempt = packed[2 * n + 3].item() > 0
-            self._advance(plan)
-            dt = time.perf_counter() - t0
+            result = self._train_step(stage, plan, stream, lr)
             self._log_profile(self.profiler.end(state.global_step))
-            loss = comp_sums.sum().item() / max(comp_counts.sum().item(), 1.0)
-            if not applied:  # DeepSpeed found a non-finite gradient norm and skipped the update on every rank
-                state.skipped_steps += 1
-                state.consecutive_skips += 1
-                self.metrics.log({"event": "skipped_update", "stage": stage.name, "step": step,
-                                  "global_step": state.global_step, "loss": loss, "grad_norm": grad_norm,
-                                  "skipped_total": state.skipped_steps, "consecutive": state.consecutive_skips,
-                                  "time": time.time()})
-                if state.consecutive_skips > cfg.faults.max_consecutive_skips:
-                    raise NonFiniteError(
-                        f"{state.consecutive_skips} consecutive steps had a non-finite loss or gradient "
-                        f"(up to {stage.name} step {step}, loss {loss}, grad norm {grad_norm}); "
-                        f"faults.max_consecutive_skips={cfg.faults.max_consecutive_skips}. The last checkpoint "
-                        f"'{self.checkpoints.latest()}' holds finite weights: lower the LR or skip the data")
-            else:
-                state.consecutive_skips = 0
+            loss, preempt = result.loss, result.preempt
+            self._count_skip(stage, step, result)
             if state.step % cfg.logging.log_every == 0 or state.step == plan.steps:
-                self._log_step(stage, plan, stream, loss, lr, grad_norm, applied, comp_sums, comp_counts, router,
-                               dt, first_sample)
-            if applied and math.isfinite(loss):
+                self._log_step(stage, plan, stream, lr, result, first_sample)
+            if result.applied and math.isfinite(loss):
                 median = spikes.check(loss)
                 state.loss_history = list(spikes.history)
                 if median is not None:
@@ -548,6 +506,72 @@ class Trainer:
             if stop:
                 return 0
         return None
+
+    def _train_step(self, stage: StageConfig, plan: StagePlan, stream: StageStream, lr: float) -> StepResult:
+        """One optimizer step: every micro-batch of this rank, the update, the step's one all-reduce of the
+        losses (by component), the router's losses and the preemption flag; advances the state."""
+        cfg, state, info = self.cfg, self.state, self.info
+        step = state.step + 1
+        t0 = time.perf_counter()
+        self.engine.set_lr(lr)
+        self.module.start_step()
+        # the step's sums stay on the device until the one copy to the host after the optimizer step: no
+        # micro-batch waits for the one before it to finish (a host sync each would leave the GPU idle
+        # while Python launches the next forward)
+        dev, n = info.device, len(stream.components)
+        comp_sums = torch.zeros(n, dtype=torch.float64, device=dev)
+        comp_counts = torch.zeros(n, dtype=torch.float64, device=dev)
+        router_sums = torch.zeros(3, dtype=torch.float64, device=dev)  # weighted aux, balance and z losses
+        scale = (float("nan") if injected("nan", stage.name, step, info.rank)
+                 else 20.0 if injected("spike", stage.name, step, info.rank) else None)
+        for m in range(plan.grad_accum):
+            self.watchdog.beat(f"{stage.name} step {step} micro-batch {m}")
+            inject("stall", stage.name, step, info.rank)
+            batch = stream.batch(micro_batch_indices(state.step * plan.samples_per_step, m, info.rank,
+                                                     info.world_size, plan.micro_batch_size))
+            on_device = _to_device(batch, dev, cfg.data.doc_masking)
+            out = self.engine.micro_step(on_device, last=m == plan.grad_accum - 1, loss_scale=scale)
+            tok = out.token_losses.detach().double()  # (B, T)
+            if scale is not None:
+                tok = tok * scale
+            mask = (on_device["labels"] != -100).double()
+            comp = batch["component_ids"].to(dev, torch.long, non_blocking=True).flatten()
+            comp_sums.index_add_(0, comp, (tok * mask).flatten())
+            comp_counts.index_add_(0, comp, mask.flatten())
+            router_sums += torch.stack([out.aux_loss.detach(), out.balance_loss, out.z_loss]).double()  # 0s: dense
+        grad_norm, applied = self.engine.optimizer_step()
+        self.watchdog.beat(f"{stage.name} step {step} metrics")
+        flag = torch.tensor([float(self.preemption.requested)], dtype=torch.float64).to(dev, non_blocking=True)
+        packed = torch.cat([comp_sums, comp_counts, router_sums, flag])
+        if info.world_size > 1:
+            dist.all_reduce(packed)  # on the device: NCCL reduces GPU tensors only
+        packed = collective_result(packed)  # the step's one host sync of its own
+        comp_sums, comp_counts = packed[:n], packed[n: 2 * n]
+        self._advance(plan)
+        return StepResult(loss=comp_sums.sum().item() / max(comp_counts.sum().item(), 1.0), grad_norm=grad_norm,
+                          applied=applied, comp_sums=comp_sums, comp_counts=comp_counts,
+                          router=(packed[2 * n: 2 * n + 3] / (plan.grad_accum * info.world_size)).tolist(),
+                          preempt=packed[2 * n + 3].item() > 0, seconds=time.perf_counter() - t0)
+
+    def _count_skip(self, stage: StageConfig, step: int, result: StepResult) -> None:
+        """Count a step whose update DeepSpeed skipped (a non-finite gradient norm, on every rank); too many in a
+        row end the run."""
+        state, cfg = self.state, self.cfg
+        if result.applied:
+            state.consecutive_skips = 0
+            return
+        state.skipped_steps += 1
+        state.consecutive_skips += 1
+        self.metrics.log({"event": "skipped_update", "stage": stage.name, "step": step,
+                          "global_step": state.global_step, "loss": result.loss, "grad_norm": result.grad_norm,
+                          "skipped_total": state.skipped_steps, "consecutive": state.consecutive_skips,
+                          "time": time.time()})
+        if state.consecutive_skips > cfg.faults.max_consecutive_skips:
+            raise NonFiniteError(
+                f"{state.consecutive_skips} consecutive steps had a non-finite loss or gradient "
+                f"(up to {stage.name} step {step}, loss {result.loss}, grad norm {result.grad_norm}); "
+                f"faults.max_consecutive_skips={cfg.faults.max_consecutive_skips}. The last checkpoint "
+                f"'{self.checkpoints.latest()}' holds finite weights: lower the LR or skip the data")
 
     def _finish_stage(self, stage: StageConfig) -> None:
         """After the stage-end checkpoint: the HF export, the stage-end suite on it, the evaluation."""
@@ -609,19 +633,20 @@ class Trainer:
             raise _Rollback(stage.name)
 
     # ------------------------------------------------------------------ pieces of a step
-    def _log_step(self, stage: StageConfig, plan: StagePlan, stream: StageStream, loss: float, lr: float,
-                  grad_norm: float, applied: bool, comp_sums: torch.Tensor, comp_counts: torch.Tensor,
-                  router: List[float], dt: float, first_sample: int) -> None:
-        """One step record; `router`: the step's mean weighted aux loss, balance loss and z-loss (0s for dense)."""
+    def _log_step(self, stage: StageConfig, plan: StagePlan, stream: StageStream, lr: float, result: StepResult,
+                  first_sample: int) -> None:
+        """One step record."""
         state, info = self.state, self.info
-        aux, balance, z = router
+        aux, balance, z = result.router
+        loss, dt, comp_sums, comp_counts = result.loss, result.seconds, result.comp_sums, result.comp_counts
         moe = bool(self.cfg.model.num_experts)
         by_source: Dict[str, List[float]] = {}
         by_language: Dict[str, List[float]] = {}
         for i, comp in enumerate(stream.components):
             if comp_counts[i] == 0:
                 continue
-            for table, key in ((by_source, stream.component_source[comp]), (by_language, stream.component_language[comp])):
+            for table, key in ((by_source, stream.component_source[comp]),
+                               (by_language, stream.component_language[comp])):
                 acc = table.setdefault(key, [0.0, 0.0])
                 acc[0] += comp_sums[i].item()
                 acc[1] += comp_counts[i].item()
@@ -631,7 +656,7 @@ class Trainer:
             "stage": stage.name, "step": state.step, "stage_steps": plan.steps, "global_step": state.global_step,
             "tokens": state.tokens, "loss": loss + aux, "lm_loss": loss,
             "aux_loss": aux if moe else None, "balance_loss": balance if moe else None, "z_loss": z if moe else None,
-            "lr": lr, "grad_norm": grad_norm, "step_applied": applied, "tokens_per_s": tps,
+            "lr": lr, "grad_norm": result.grad_norm, "step_applied": result.applied, "tokens_per_s": tps,
             "step_time_s": dt, "seq_len": plan.seq_len, "rope_theta": stage.rope_theta,
             "memory_gib": _memory_gib(info.device), "time": time.time(),
             "loss_by_source": {k: v[0] / v[1] for k, v in sorted(by_source.items())},
