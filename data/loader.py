@@ -539,6 +539,7 @@ class StageStream:
         self._part_component = np.array([ix.component for ix in self._parts], dtype=np.int64)
         self.blend_part, self.blend_sample = arrays["blend_part"], arrays["blend_sample"]
         self._arange = np.arange(seq_len + 1, dtype=np.int64)
+        self._ledger_counts = (0, np.zeros(len(self.components), np.int64))  # (samples, per component) counted
         if verbose:
             log.info("%s", self.plan.table())
 
@@ -705,7 +706,13 @@ class StageStream:
     def ledger(self, consumed_samples: int) -> Dict[str, Any]:
         """Tokens consumed per source, language and component by the first `consumed_samples` samples."""
         n = min(max(int(consumed_samples), 0), self.num_samples)
-        counts = np.bincount(self._part_component[self.blend_part[:n]], minlength=len(self.components))
+        done, counts = self._ledger_counts
+        if n < done:  # gone back (a rollback): count from the start
+            done, counts = 0, np.zeros(len(self.components), np.int64)
+        # only the samples since the last call: O(samples per step), not O(samples consumed), which near the end
+        # of a stage of billions of samples was seconds and a temporary of 8 bytes per sample at every step
+        counts = counts + np.bincount(self._part_component[self.blend_part[done:n]], minlength=len(self.components))
+        self._ledger_counts = (n, counts)
         by_comp = {c: int(k) * self.seq_len for c, k in zip(self.components, counts) if k}
         by_src: Dict[str, int] = {}
         by_lang: Dict[str, int] = {}

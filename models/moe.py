@@ -212,7 +212,8 @@ def _run_experts_parallel(experts: Qwen3MoeExperts, x: torch.Tensor, counts: tor
     x_recv = _AllToAll.apply(x, send, recv, group)  # (R, d) grouped by source, then by local expert
 
     # Regroup by local expert (stable: sources stay in rank order), run the experts, undo the regrouping.
-    owner = torch.arange(local, device=x.device).repeat(ep).repeat_interleave(recv_counts.flatten())  # (R,)
+    owner = torch.arange(local, device=x.device).repeat(ep).repeat_interleave(  # (R,); the size known: no sync
+        recv_counts.flatten(), output_size=sum(recv))
     order = owner.argsort(stable=True)
     y_local = experts(x_recv[order], recv_counts.sum(dim=0))  # (R, d)
     inverse = torch.empty_like(order)

@@ -251,9 +251,11 @@ class Engine:
         non-finite values and skips alike here.
         """
         own_norm = None
-        if self.cfg.deepspeed.zero_stage == 0:
+        # fp32 without ZeRO: DeepSpeed neither reports the norm nor checks it (its bf16 optimizer does both, and
+        # keeps the accumulated gradients in buffers of its own: `.grad` holds only the last micro-batch's there)
+        if self.cfg.deepspeed.zero_stage == 0 and not self.ds_config["bf16"]["enabled"]:
             grads = [p.grad for p in self.ds.module.parameters() if p.grad is not None]
-            # the global L2 norm (DeepSpeed reports none without ZeRO); one host sync, as ZeRO's own check
+            # the global L2 norm; one host sync, as ZeRO's own check
             own_norm = float(torch.stack([g.float().norm() for g in grads]).norm()) if grads else 0.0
             if not math.isfinite(own_norm):
                 self.ds.zero_grad()

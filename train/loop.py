@@ -635,21 +635,23 @@ class Trainer:
     # ------------------------------------------------------------------ pieces of a step
     def _log_step(self, stage: StageConfig, plan: StagePlan, stream: StageStream, lr: float, result: StepResult,
                   first_sample: int) -> None:
-        """One step record."""
+        """One step record (rank 0 writes it; the others have nothing to do here)."""
         state, info = self.state, self.info
+        if info.rank != 0:
+            return
         aux, balance, z = result.router
-        loss, dt, comp_sums, comp_counts = result.loss, result.seconds, result.comp_sums, result.comp_counts
+        loss, dt = result.loss, result.seconds
         moe = bool(self.cfg.model.num_experts)
         by_source: Dict[str, List[float]] = {}
         by_language: Dict[str, List[float]] = {}
-        for i, comp in enumerate(stream.components):
-            if comp_counts[i] == 0:
+        for comp, loss_sum, count in zip(stream.components, result.comp_sums.tolist(), result.comp_counts.tolist()):
+            if count == 0:
                 continue
             for table, key in ((by_source, stream.component_source[comp]),
                                (by_language, stream.component_language[comp])):
                 acc = table.setdefault(key, [0.0, 0.0])
-                acc[0] += comp_sums[i].item()
-                acc[1] += comp_counts[i].item()
+                acc[0] += loss_sum
+                acc[1] += count
         tokens = plan.samples_per_step * plan.seq_len
         tps = tokens / dt
         record: Dict[str, Any] = {
@@ -780,8 +782,11 @@ class Trainer:
                                                 cfg.eval.batch_size)
         t0 = time.perf_counter()
         self.watchdog.beat(f"{stage.name} held-out evaluation")
-        by_component = heldout_perplexity(self.module, components, batches, self.info.device, self.info.rank,
-                                          self.info.world_size)
+        # eager: each eval batch shape (a short text, a partial last batch) would take one of the compiled blocks'
+        # recompile_limit (8) entries, and a later stage's training shape would then run uncompiled
+        with torch.compiler.set_stance("force_eager"):
+            by_component = heldout_perplexity(self.module, components, batches, self.info.device, self.info.rank,
+                                              self.info.world_size)
         ppl = pool_by_language(by_component, dict(zip(components, window_tokens(batches, len(components)))))
         self.module.start_step()  # evaluation forwards must not count toward the next step's expert load
         mean_log = sum(math.log(v) for v in ppl.values()) / max(1, len(ppl))
