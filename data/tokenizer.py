@@ -10,6 +10,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence, Union
@@ -130,7 +131,11 @@ class SentencePieceTokenizer(Tokenizer):
         the .model, transformers 5 builds the byte-level tokenizer of config.json's model_type and gets every id
         wrong)."""
         shutil.copyfile(self.path, folder / "tokenizer.model")
-        sentencepiece_as_tokenizers(self).save(str(folder / "tokenizer.json"))
+        try:
+            sentencepiece_as_tokenizers(self).save(str(folder / "tokenizer.json"))
+        except DataError as e:  # a .model trained elsewhere: transformers converts it itself (its class below)
+            print(f"[tristage] warning: {e}; the export has no tokenizer.json, and transformers' AutoTokenizer "
+                  f"converts its tokenizer.model itself", file=sys.stderr)
         self._write_config(folder, {"tokenizer_class": "PreTrainedTokenizerFast"})
 
 
@@ -175,8 +180,11 @@ class HFTokenizer(Tokenizer):
         """tokenizer.json, with the tokenizer_config.json beside it when there is one (Qwen3's chat template)."""
         shutil.copyfile(self.path, folder / "tokenizer.json")
         config = self.path.with_name("tokenizer_config.json")
-        if config.exists():
-            shutil.copyfile(config, folder / "tokenizer_config.json")
+        if config.exists():  # Qwen3's (its chat template), with the EOS that ended the training documents: the
+            # released file names the chat turn's <|im_end|>, which would disagree with config.json
+            released = json.loads(config.read_text())
+            (folder / "tokenizer_config.json").write_text(
+                json.dumps({**released, "eos_token": EOS, "pad_token": EOS}, indent=2, ensure_ascii=False) + "\n")
         else:
             self._write_config(folder, {"tokenizer_class": "PreTrainedTokenizerFast"})
 
@@ -243,7 +251,23 @@ def sentencepiece_as_tokenizers(tok: SentencePieceTokenizer) -> Any:
     out.pre_tokenizer = pre_tokenizers.Digits(individual_digits=True)
     out.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
     out.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    probes = _CONVERSION_PROBES
+    differ = [p for p, a, b in zip(probes, tok.encode_batch(probes),
+                                   out.encode_batch(probes, add_special_tokens=False)) if a != b.ids]
+    if differ:
+        raise DataError(f"{tok.path}: not a model of train_sentencepiece's settings (BPE, identity normalisation, "
+                        f"no dummy prefix, spaces kept): the tokenizers copy encodes {differ[0]!r} otherwise")
     return out
+
+
+# Texts on which sentencepiece's other settings (a dummy prefix, NFKC, collapsed spaces, unigram pieces) encode
+# otherwise than the BPE built here
+_CONVERSION_PROBES = [
+    "a", " a", "  two  spaces ", "\tTab\nnew line\r\n", "\ufb01nance \uff46\uff55\uff4c\uff4c \u2460",
+    "12345 3.14 2,000",
+    "Hello world, this is a sentence.", "Все люди рождаются свободными", "人人生而自由，在尊严和权利上一律平等。",
+    "يولد جميع الناس أحرارًا", "emoji 😀 👍🏽", "def f(x):\n    return x ** 2  # note", "<|im_start|>user\nhi<|im_end|>",
+]
 
 
 def language_sample(lines: Mapping[str, Sequence[str]], total_chars: int, alpha: float, seed: int) -> List[str]:

@@ -136,3 +136,53 @@ def test_ids_outside_the_vocabulary_and_unreadable_tokenizer_files_are_named(tok
     for name, kind in (("bad.model", "sentencepiece model"), ("bad.json", "tokenizers JSON")):
         with pytest.raises(DataError, match=rf"{tmp_path / name}: not a readable {kind}"):
             load_tokenizer(tmp_path / name)
+
+
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_a_model_trained_with_other_settings_gets_no_tokenizer_json(tmp_path, capsys, model_type):
+    """The tokenizers copy assumes train_sentencepiece's settings; a `.model` from elsewhere (a dummy prefix, NFKC,
+    unigram) got a tokenizer.json with other ids for 273 of 300 corpus lines. Now none is written, with a warning,
+    and transformers converts the .model itself, to the same ids (the tokenizer_config names a fast tokenizer:
+    without it, the qwen3 model_type made it a byte-level one)."""
+    import io
+
+    import sentencepiece as spm
+
+    from data.tokenizer import SentencePieceTokenizer
+
+    lines = [line for path in sorted((Path(__file__).parent / "fixtures" / "corpus").glob("*.jsonl"))
+             for doc in path.open() for line in json.loads(doc)["text"].splitlines() if line.strip()]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, model_type=model_type,
+                                   vocab_size=400, hard_vocab_limit=False, user_defined_symbols=SPECIAL_TOKENS,
+                                   minloglevel=2)
+    (tmp_path / "foreign.model").write_bytes(model.getvalue())
+    tok = SentencePieceTokenizer(tmp_path / "foreign.model")
+    out = tmp_path / "export"
+    out.mkdir()
+    tok.write_hf(out)
+    assert sorted(p.name for p in out.iterdir()) == ["tokenizer.model", "tokenizer_config.json"]
+    assert "not a model of train_sentencepiece's settings" in capsys.readouterr().err
+    transformers = pytest.importorskip("transformers")
+    (out / "config.json").write_text(json.dumps({"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}))
+    hf = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert [hf.encode(t, add_special_tokens=False) for t in lines[:300]] == tok.encode_batch(lines[:300])
+
+
+def test_the_qwen3_kind_exports_the_training_eos(tmp_path):
+    """Qwen3's released tokenizer_config.json names <|im_end|> (the chat turn's end) as eos_token, while training
+    ended documents with <|endoftext|>, which config.json and generation_config.json name."""
+    from tokenizers import Tokenizer, models
+
+    from data.tokenizer import HFTokenizer
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    Tokenizer(models.WordLevel({t: i for i, t in enumerate(["<unk>", *SPECIAL_TOKENS])}, unk_token="<unk>")).save(
+        str(raw / "tokenizer.json"))
+    (raw / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "chat_template": "{{x}}"}))
+    out = tmp_path / "out"
+    out.mkdir()
+    HFTokenizer(raw / "tokenizer.json").write_hf(out)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config["eos_token"] == config["pad_token"] == "<|endoftext|>" and config["chat_template"] == "{{x}}"

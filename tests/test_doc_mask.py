@@ -88,7 +88,6 @@ def test_dense_mask_is_block_diagonal_causal():
     assert mask[0, 0, 4].tolist() == [False, False, False, True, True, False, False, False]
 
 
-
 def test_an_id_that_comes_back_later_in_the_row_is_a_new_document():
     """The mask took equal ids anywhere in the row for one document while the positions restarted at each change
     (a caller's doc_ids; the loader numbers documents 0, 1, 2, ... in order)."""

@@ -29,15 +29,21 @@ def test_events_keep_to_their_own_keys_and_resumed_steps_are_not_sent(tmp_path):
         {"event": "stage_start", "stage": "reasoning", "global_step": 4, "seq_len": 256, "lr": 1e-3},
         {"event": "resume", "global_step": 3, "checkpoint": "x"},  # a relaunch from step 3 ...
         {"stage": "reasoning", "step": 1, "global_step": 4, "lr": 3e-3, "loss": 4.9},  # ... logs step 4 again
-        {"stage": "reasoning", "step": 2, "global_step": 5, "lr": 2e-3, "loss": 4.8, "ok": True},
+        {"stage": "reasoning", "step": 2, "global_step": 5, "lr": 2e-3, "loss": 4.8, "ok": True,
+         "loss_by_language": {"eng": 4.7, "fra": 4.9}, "ledger": {"tokens": 80, "source": {"bible": 80}},
+         "expert_load": [[0.5, 0.5]]},
+        {"event": "eval", "stage": "reasoning", "global_step": 5, "heldout_ppl": {"eng": 30.0}},
     ]:
         logger._to_wandb(record)
     rows = logger._wandb.rows
     assert rows[0] == (0, {"model/parameters": 123})
     assert rows[2] == (4, {"step": 4, "global_step": 4, "lr": 3e-3, "seq_len": 64, "loss": 5.0})
     assert rows[3] == (4, {"stage_start/global_step": 4, "stage_start/seq_len": 256, "stage_start/lr": 1e-3})
-    assert [step for step, _ in rows] == [0, 0, 4, 4, 4, 5]  # the resume event (step 3) is not sent
-    assert rows[-1] == (5, {"step": 2, "global_step": 5, "lr": 2e-3, "loss": 4.8})  # no bool
+    assert [step for step, _ in rows] == [0, 0, 4, 4, 4, 5, 5]  # the resume event (step 3) is not sent
+    # one level of the tables; no flag, no list, no deeper table
+    assert rows[-2] == (5, {"step": 2, "global_step": 5, "lr": 2e-3, "loss": 4.8, "loss_by_language/eng": 4.7,
+                            "loss_by_language/fra": 4.9, "ledger/tokens": 80})
+    assert rows[-1] == (5, {"eval/global_step": 5, "eval/heldout_ppl/eng": 30.0})
 
 
 def test_each_run_directory_has_its_own_wandb_id(tmp_path):

@@ -110,8 +110,7 @@ class MetricsLogger:
             return
         self._wandb_step = step
         event = record.get("event")
-        flat = {(f"{event}/{k}" if event else k): v for k, v in record.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
+        flat = {(f"{event}/{k}" if event else k): v for k, v in _numbers(record).items()}
         if flat:
             self._wandb.log(flat, step=step)
 
@@ -121,6 +120,21 @@ class MetricsLogger:
             self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _numbers(record: Dict[str, Any]) -> Dict[str, float]:
+    """The record's numbers, with one level of its tables as `<table>/<key>` (loss_by_language/eng,
+    heldout_ppl/fra, ledger/tokens); deeper tables, lists (the expert load) and flags stay in metrics.jsonl."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    out: Dict[str, float] = {}
+    for k, v in record.items():
+        if number(v):
+            out[k] = v
+        elif isinstance(v, dict):
+            out.update({f"{k}/{kk}": vv for kk, vv in v.items() if number(vv)})
+    return out
 
 
 def _console_line(r: Dict[str, Any]) -> str:

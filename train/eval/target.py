@@ -67,6 +67,8 @@ def eval_device(name: str = "auto") -> torch.device:
         raise EvalError(f"--device {name!r}: must be auto, cpu, cuda or cuda:<n>")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EvalError(f"--device {name!r}: this machine has no CUDA device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise EvalError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA devices")
     return device
 
 
