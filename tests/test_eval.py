@@ -133,8 +133,8 @@ def test_reasoning_accuracy_is_exact_match(manifest, tok, monkeypatch):
                f"{answers[2]}<|im_end|>",  # the right number but never closed </think>
                f"</think>  {answers[3]} <|im_end|>"]  # right, with spaces
 
-    def fake(model, prompts, max_new_tokens, stop_id, batch_size=16, strategy="auto"):
-        assert len(prompts) == 4 and stop_id == tok.special_ids["<|im_end|>"]
+    def fake(model, prompts, max_new_tokens, stop_id, batch_size=16, strategy="auto", vocab_size=None):
+        assert len(prompts) == 4 and stop_id == tok.special_ids["<|im_end|>"] and vocab_size == tok.vocab_size
         return [tok.encode(r) for r in replies]
 
     monkeypatch.setattr(reasoning, "greedy_complete", fake)
