@@ -23,7 +23,8 @@ from trainutil import SMOKE, losses, records, run_train, steps
 # whatever g is, so a rounding-level change of g could move it by ~1e-5 after 10 steps.
 TEN_STEPS = [*SMOKE, "model=tiny_moe", "eval.enabled=false", "curriculum.order=[general]",
              "curriculum.stages.general.tokens=10240", "curriculum.stages.general.lr.peak=3e-4",
-             "curriculum.stages.general.lr.final=3e-4", "optim.eps=1e-6"]
+             "curriculum.stages.general.lr.final=3e-4", "optim.eps=1e-6",
+             "logging.expert_load_every=1"]  # every step's table, to compare layouts step by step
 TOL = 1e-5
 _runs: Dict[str, Path] = {}
 

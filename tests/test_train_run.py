@@ -112,6 +112,10 @@ def test_two_gloo_ranks(data_root, tmp_path_factory, model, zero):
         assert all(r["z_loss"] > 0 and r["loss"] == pytest.approx(r["lm_loss"] + r["aux_loss"]) for r in per_step)
         assert len(per_step[-1]["expert_load"]) == 4 and len(per_step[-1]["expert_load"][0]) == 8
         assert sum(per_step[-1]["expert_load"][0]) == pytest.approx(1.0, abs=1e-3)
+        # the table (48 x 128 numbers for 30B-A3B, ~55 KB a line) at each stage's last step only at the default
+        # logging.expert_load_every=100; the summary in every record
+        assert [r["step"] for r in per_step if "expert_load" in r] == [4, 2, 2]
+        assert all(r["expert_load_max_over_mean"] >= 1.0 for r in per_step)
 
 
 GOLDEN = ROOT / "tests" / "fixtures" / "golden"

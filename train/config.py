@@ -116,6 +116,9 @@ class LoggingConfig:
     log_every: int = 1  # optimizer steps between metrics lines
     console: bool = True  # one live line per logged step on rank 0
     peak_tflops: float = 0.0  # device peak for MFU; 0 = look it up (989 for H100/H200 bf16, none on CPU)
+    # MoE: the (layers x experts) load table in step records every this many steps and at each stage's last step
+    # (0: the last steps only); 48 x 128 numbers are ~55 KB a line. Its max/mean summary is in every record.
+    expert_load_every: int = 100
     wandb: WandbConfig = field(default_factory=WandbConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
 
@@ -317,6 +320,8 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int) -> List[StagePlan]:
         _fail("device", cfg.device, "must be auto, cpu or cuda")
     if cfg.dist.backend not in ("auto", "nccl", "gloo"):
         _fail("dist.backend", cfg.dist.backend, "must be auto, nccl or gloo")
+    if cfg.logging.expert_load_every < 0:
+        _fail("logging.expert_load_every", cfg.logging.expert_load_every, "must be >= 0 (0: each stage's last step)")
     if cfg.logging.profile.start_step < 0:
         _fail("logging.profile.start_step", cfg.logging.profile.start_step, "must be 0 (off) or a global step >= 1")
     if cfg.logging.profile.num_steps < 1:

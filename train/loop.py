@@ -672,7 +672,9 @@ class Trainer:
         if self.cfg.model.num_experts:
             load = self.module.expert_load().float()  # (layers, experts): fraction of routed tokens
             record["expert_load_max_over_mean"] = (load.max(dim=1).values * load.shape[1]).mean().item()
-            record["expert_load"] = [[round(x, 5) for x in row] for row in load.tolist()]
+            every = self.cfg.logging.expert_load_every
+            if state.step == plan.steps or (every and state.step % every == 0):
+                record["expert_load"] = [[round(x, 5) for x in row] for row in load.tolist()]
         self.metrics.log(record)
 
     def _tag(self, stage: StageConfig) -> str:
