@@ -67,6 +67,7 @@ def test_any_key_overrides():
     (["+data.sources.x={kind: local, langauges: [eng]}"], 1, "data.sources.x: Key 'langauges'"),
     (["logging.profile.start_step=-1"], 1, "logging.profile.start_step' = -1"),
     (["logging.profile.num_steps=0"], 1, "logging.profile.num_steps' = 0"),
+    (["logging.expert_load_every=-1"], 1, "logging.expert_load_every' = -1"),
 ])
 def test_inconsistent_values_name_the_key(overrides, world, key):
     cfg = compose_cfg(overrides)
