@@ -207,10 +207,10 @@ def test_modes_configure_the_model():
 def test_curriculum_effect_reads_the_right_cells():
     curve = [1.0] * 64 + [3.0] * 192  # loss 1 within 64 positions, 3 beyond
     results = {
-        "general": {"reasoning": {"accuracy": 0.1, "tasks": {"chain_sum": {"accuracy": 0.1}}},
+        "general": {"reasoning": {"accuracy": 0.1, "tasks": {"chain_sum": {"accuracy": 0.1, "problems": 50}}},
                     "passkey": {"modes": {"plain": {"lengths": [64, 256], "accuracy_by_length": [0.5, 0.0]}}},
                     "position_loss": {"curves": [{"mode": "plain", "length": 256, "curve": curve}]}},
-        "reasoning": {"reasoning": {"accuracy": 0.4, "tasks": {"chain_sum": {"accuracy": 0.4}}}},
+        "reasoning": {"reasoning": {"accuracy": 0.4, "tasks": {"chain_sum": {"accuracy": 0.4, "problems": 4}}}},
         "long_context": {
             "passkey": {"modes": {"plain": {"lengths": [256, 1024], "accuracy_by_length": [0.75, 0.0]},
                                   "dca": {"lengths": [1024], "accuracy_by_length": [0.25]}}},
@@ -226,6 +226,9 @@ def test_curriculum_effect_reads_the_right_cells():
     md = curriculum.markdown(e)
     assert "| passkey accuracy at 256 tokens (4x General), plain RoPE | 0.000 | – | 0.750 |" in md
     assert "| loss at positions 256-1024 | – | 5.000 | – |" in md
+    # accuracies of different sample sizes side by side (a later `train.eval reasoning --problems 50`) say so
+    assert e["reasoning_problems"] == {"general": 50, "reasoning": 4, "long_context": None}
+    assert "|   problems per task | 50 | 4 | – |" in md
 
 
 def test_yarn_tables_follow_the_paper():

@@ -315,3 +315,19 @@ def test_heldout_perplexity_in_training_scores_each_language_on_all_its_texts(da
     for lang, value in last["heldout_ppl"].items():
         assert value == pytest.approx(suite["by_language"][lang]["all"], rel=1e-5), lang
     assert any(len(suite["by_language"][lang]) == 3 for lang in last["heldout_ppl"])  # udhr, bible and all
+
+
+def test_a_relaunch_of_a_finished_run_says_so_and_trains_nothing(data_root, tmp_path_factory, tmp_path):
+    """It printed a resume line and exited without a word (correct, but a user could not tell it had finished)."""
+    import shutil
+
+    run_dir = tmp_path / "done"
+    shutil.copytree(smoke_run(tmp_path_factory, "dense1", DENSE1), run_dir)
+    before = steps(run_dir)
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", *DENSE1, "logging.console=true"])
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "the curriculum is complete (2-long_context-step0000002); nothing to do" in proc.stdout
+    assert steps(run_dir) == before
+    # DeepSpeed's converter lies beside the checkpoints, not among the partial saves of .tmp/
+    assert (run_dir / "checkpoints" / "zero_to_fp32.py").exists()
+    assert not list((run_dir / "checkpoints" / ".tmp").glob("zero_to_*.py"))

@@ -4,6 +4,7 @@ Layout under `<run_dir>/checkpoints/`:
 
     <tag>/                 one complete checkpoint (DeepSpeed shards + meta.json + rng_rank<r>.pt + config.yaml)
     .tmp/<tag>/            a checkpoint being written; never read (a save clears what killed saves left here)
+    zero_to_fp32.py        DeepSpeed's converter of a checkpoint to fp32 weights (it writes one beside every save)
     latest                 the tag of the newest complete checkpoint, written last with an atomic rename
 
 A save writes everything into `.tmp/<tag>`, every rank reports success, rank 0 renames the folder into place
@@ -192,6 +193,8 @@ class CheckpointManager:
                     shutil.rmtree(aside, ignore_errors=True)
                     os.rename(final, aside)  # the old copy goes only once the new one is complete
                 os.replace(tmp_root / tag, final)
+                for script in tmp_root.glob("zero_to_*.py"):  # DeepSpeed's converters, copied beside each save
+                    os.replace(script, self.dir / script.name)
                 _write_atomic(self.dir / "latest", tag)
                 shutil.rmtree(aside, ignore_errors=True)
                 self._retain(protect=tag)

@@ -382,6 +382,9 @@ class Trainer:
                 state.step = state.consumed_samples = 0
                 state.stage_complete = False
             if state.stage_index >= len(cfg.curriculum.order):
+                if self.steps_this_launch == 0 and self.info.rank == 0:  # a relaunch of a finished run
+                    print(f"[tristage] the curriculum is complete ({self.checkpoints.latest()}); nothing to do",
+                          flush=True)
                 break
             name = cfg.curriculum.order[state.stage_index]
             state.stage = name

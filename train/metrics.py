@@ -98,7 +98,7 @@ class MetricsLogger:
             fields = {k: v for k, v in record.items() if k not in ("event", "stage", "time")
                       and not (isinstance(v, (dict, list)) and len(v) > 8)}
             print(f"[{record.get('stage') or 'run'}] {record['event']}: "
-                  + ", ".join(f"{k}={v}" for k, v in fields.items()),
+                  + ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items()),
                   flush=True)
         if self._wandb is not None:
             self._to_wandb(record)

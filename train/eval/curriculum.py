@@ -41,9 +41,12 @@ def curriculum_effect(results: Dict[str, Dict[str, Any]], order: Sequence[str],
     tasks = sorted({t for s in order for t in (get(s, "reasoning") or {}).get("tasks", {})})
     by_task = {t: {s: (get(s, "reasoning") or {}).get("tasks", {}).get(t, {}).get("accuracy") for s in order}
                for t in tasks}
+    # problems per task after each stage: a later `train.eval reasoning --problems N` may have re-run some stages
+    problems = {s: max([r.get("problems", 0) for r in (get(s, "reasoning") or {}).get("tasks", {}).values()],
+                       default=None) for s in order}
     return {
         "order": list(order), "general_len": lg, "long_context_len": llc,
-        "reasoning_accuracy": reasoning, "reasoning_by_task": by_task,
+        "reasoning_accuracy": reasoning, "reasoning_by_task": by_task, "reasoning_problems": problems,
         "abf": {s: {"passkey": passkey_at(get(s, "passkey"), "plain", 4 * lg),
                     "loss_beyond": loss_over(get(s, "position_loss"), "plain", 4 * lg, lg, 4 * lg)}
                 for s in order},
@@ -59,6 +62,8 @@ def markdown(effect: Dict[str, Any]) -> str:
     lg, llc = effect["general_len"], effect["long_context_len"]
     rows = [["reasoning accuracy (mean over tasks)", *[effect["reasoning_accuracy"][s] for s in order]]]
     rows += [[f"  {t}", *[v[s] for s in order]] for t, v in effect["reasoning_by_task"].items()]
+    if "reasoning_problems" in effect:
+        rows.append(["  problems per task", *[effect["reasoning_problems"][s] for s in order]])
     rows.append([f"passkey accuracy at {4 * lg} tokens (4x General), plain RoPE",
                  *[effect["abf"][s]["passkey"] for s in order]])
     rows.append([f"loss at positions {lg}-{4 * lg} (4x General), plain RoPE",
