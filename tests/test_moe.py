@@ -115,7 +115,7 @@ def test_balance_formula_and_uniform_minimum():
 
 
 def test_micro_balance_equals_transformers_switch_loss_times_k():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
     model = build(num_hidden_layers=1, balance_loss_granularity="micro").eval()
