@@ -1,7 +1,6 @@
 """Config errors fail at start, before any process group, naming the key; sweeps and overrides work."""
 from __future__ import annotations
 
-
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
