@@ -134,8 +134,9 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             sentencepiece_as_tokenizers(self).save(str(folder / "tokenizer.json"))
         except DataError as e:  # a .model trained elsewhere: transformers converts it itself (its class below)
-            print(f"[tristage] warning: {e}; the export has no tokenizer.json, and transformers' AutoTokenizer "
-                  f"converts its tokenizer.model itself", file=sys.stderr)
+            print(f"[tristage] warning: {e}; the export has no tokenizer.json: transformers' AutoTokenizer converts "
+                  f"its tokenizer.model itself (to the same ids in 5.24, not in 5.17); data.tokenizer.load_tokenizer "
+                  f"reads it exactly", file=sys.stderr)
         self._write_config(folder, {"tokenizer_class": "PreTrainedTokenizerFast"})
 
 
