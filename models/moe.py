@@ -198,6 +198,8 @@ def _split_sizes(counts: torch.Tensor, recv_counts: torch.Tensor) -> Tuple[List[
     return counts.sum(dim=1).tolist(), recv_counts.sum(dim=1).tolist()
 
 
+@torch.compiler.disable  # its split sizes change every micro-batch: compiled, each was a recompile until the
+# limit (8), after which the MoE layer ran uncompiled; eager here, the rest of the block stays one compiled graph
 def _run_experts_parallel(experts: Qwen3MoeExperts, x: torch.Tensor, counts: torch.Tensor,
                           group: dist.ProcessGroup) -> torch.Tensor:
     """Apply every rank's experts to x (M, d) sorted by global expert, counts (E,) -> (M, d) in x's order.

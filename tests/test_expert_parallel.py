@@ -50,6 +50,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         torch.set_num_threads(1)
         for ep, recompute in CASES:
             _one_expert_parallel_size(rank, world, ep, recompute, out_dir)
+        _compiled_blocks_do_not_recompile_per_routing(rank, world, out_dir)
     finally:
         dist.destroy_process_group()
     end_spawned_worker()
@@ -92,6 +93,31 @@ def _one_expert_parallel_size(rank: int, world: int, ep: int, recompute: bool, o
                    os.path.join(out_dir, f"ep{ep}-{recompute}.pt"))
 
 
+def _compiled_blocks_do_not_recompile_per_routing(rank: int, world: int, out_dir: str) -> None:
+    """Blocks compiled as `model.compile` does, under EP = 2: new routing (other split sizes of the all-to-all)
+    each forward. The dispatch's split sizes were guarded on, so each micro-batch recompiled until dynamo's limit
+    (8), after which the MoE layer ran uncompiled; now the dispatch runs eagerly inside the compiled block."""
+    import torch._dynamo
+
+    model = _build()
+    model.set_balance_group(dist.group.WORLD)
+    for m in model.modules():
+        if isinstance(m, Qwen3SparseMoeBlock):
+            m.set_expert_parallel(dist.group.WORLD)
+    for layer in model.model.layers:
+        layer.compile(backend="eager", dynamic=False)  # dynamo's capture and guards, no code generation
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(rank)
+    with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
+        model.start_step()
+        model(torch.randint(0, 8192, (2, SEQ), generator=g))  # the first forward compiles
+        for _ in range(4):  # each routes its tokens otherwise
+            model.start_step()
+            model(torch.randint(0, 8192, (2, SEQ), generator=g))
+    if rank == 0:
+        open(os.path.join(out_dir, "compiled_ok"), "w").close()
+
+
 CASES = [(2, False), (2, True)]  # (expert_parallel_size, activation checkpointing)
 
 
@@ -103,6 +129,7 @@ def test_expert_parallel_block_equals_one_process():
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(_worker, args=(world, _free_port(), out_dir), nprocs=world, join=True)
         results = {case: torch.load(os.path.join(out_dir, f"ep{case[0]}-{case[1]}.pt")) for case in CASES}
+        assert os.path.exists(os.path.join(out_dir, "compiled_ok"))  # no recompile as the routing changed
 
     model = _build()
     x, y = _batch()
