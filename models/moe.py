@@ -231,10 +231,20 @@ class ExpertBalance:
         self.granularity = cfg.balance_loss_granularity
         self.group: Optional[dist.ProcessGroup] = None
         self.step_counts: Optional[torch.Tensor] = None  # (L, E) int64, assignments so far in this step
+        self.step_probs: Optional[torch.Tensor] = None  # (L, E) fp32, sum of this rank's micro-batch P_i
 
     def start_step(self) -> None:
         """Forget the counts of the previous optimizer step."""
         self.step_counts = None
+        self.step_probs = None
+
+    def step_balance_loss(self, probs_mean: torch.Tensor) -> torch.Tensor:
+        """The balance loss of the whole step: E * sum_i f_i * P_i with f_i over all of the step's assignments and
+        `probs_mean` (L, E) the step's mean router probability (all ranks), averaged over layers. Under "global"
+        with gradient accumulation the micro-batches' own losses use partial counts, so their mean depends on how
+        the global batch is split into ranks and micro-batches; this value does not."""
+        f = self.expert_load().to(probs_mean)
+        return (self.num_experts * (f * probs_mean).sum(dim=-1)).mean()
 
     def expert_load(self) -> Optional[torch.Tensor]:
         """(L, E) fraction of top-k assignments per expert over the step so far (global when a group is set)."""
@@ -258,6 +268,8 @@ class ExpertBalance:
             if self.step_counts is None or self.step_counts.device != counts.device:
                 self.step_counts = torch.zeros_like(counts)
             self.step_counts += summed
+            probs = probs_mean.detach()
+            self.step_probs = probs.clone() if self.step_probs is None else self.step_probs + probs
             if self.granularity == "global":
                 counts = self.step_counts
         f = counts.to(torch.float32)

@@ -347,6 +347,14 @@ class Qwen3ForCausalLM(nn.Module):
         """(layers, experts) fraction of routed assignments per expert this step (None for dense / no step yet)."""
         return None if self.balance is None else self.balance.expert_load()
 
+    def router_probs_sum(self) -> Optional[torch.Tensor]:
+        """(layers, experts) sum of this process's training micro-batches' mean router probabilities this step."""
+        return None if self.balance is None else self.balance.step_probs
+
+    def step_balance_loss(self, probs_mean: torch.Tensor) -> torch.Tensor:
+        """The step's global-batch balance loss from its (layers, experts) mean router probability (see moe.py)."""
+        return self.balance.step_balance_loss(probs_mean)
+
     # ----------------------------------------------------------------------------------------------------
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,

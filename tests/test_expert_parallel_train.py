@@ -83,6 +83,20 @@ def test_expert_parallel_equals_ep1(data_root, tmp_path_factory, nproc, zero, ep
 
 
 @pytest.mark.slow
+def test_logged_balance_loss_is_the_global_batch_value_on_any_split(data_root, tmp_path_factory, tmp_path):
+    """Step 1's global batch on 1 rank (4 micro-batches) and on 2 ranks (2 each): the same logged balance loss
+    (the step's E * sum f_i P_i), loss and expert load. The mean of the micro-batches' partial-count losses,
+    logged before, differed with the split."""
+    ref = steps(ten_steps(tmp_path_factory, 2, "zero2", 1))[0]
+    proc = run_train([*TEN_STEPS, f"run_dir={tmp_path}", "deepspeed=zero2", "max_steps=1"], nproc=1)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    one = steps(tmp_path)[0]
+    assert one["step"] == ref["step"] == 1
+    assert max_diff([one], [ref], "expert_load") <= TOL and abs(one["lm_loss"] - ref["lm_loss"]) <= TOL
+    assert abs(one["balance_loss"] - ref["balance_loss"]) <= TOL, (one["balance_loss"], ref["balance_loss"])
+
+
+@pytest.mark.slow
 def test_hf_export_under_ep_gives_ep1_logits(data_root, tmp_path_factory):
     from models.hf import load_hf
 

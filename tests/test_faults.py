@@ -96,7 +96,8 @@ def test_zero0_checkpoint_resumes_on_another_world_size_and_gives_its_weights(da
     # the gradient norm is logged without ZeRO too (it was null), and is ZeRO-1's: the same fp32 gradients
     zero1 = losses(reference_dir(tmp_path_factory, "zero1", "tiny_dense"))
     first = next(iter(reference))
-    assert reference[first][1] == pytest.approx(zero1[first][1], rel=1e-3) and reference[first][1] > 0  # sum order
+    # fp64 sums as DeepSpeed's: to the order of the sums (the fp32 norm used before was off by 6e-5)
+    assert reference[first][1] == pytest.approx(zero1[first][1], rel=1e-6) and reference[first][1] > 0
     run_dir = tmp_path / "run"
     assert run_train([*SMOKE, f"run_dir={run_dir}", *overrides, "max_steps=3"], nproc=2).returncode == 0
     assert run_train([*SMOKE, f"run_dir={run_dir}", *overrides, "max_steps=5"]).returncode == 0

@@ -183,6 +183,42 @@ def test_global_counts_accumulate_through_a_step_as_documented():
     torch.testing.assert_close(micro(b).balance_loss, out_b2.balance_loss)  # micro never looks back
 
 
+def test_step_balance_loss_is_the_global_batch_value_whatever_the_micro_batches():
+    """Two micro-batches of a step: `step_balance_loss` of their mean router probability equals the balance loss
+    of the two as one micro-batch; the mean of the micro-batches' own (partial-count) values does not."""
+    torch.manual_seed(1)
+    x = torch.randint(0, 8192, (4, 24))
+    whole = build().train()
+    whole.start_step()
+    exact = whole(x).balance_loss
+    model = build().train()
+    model.start_step()
+    parts = [model(x[:2]).balance_loss, model(x[2:]).balance_loss]
+    torch.testing.assert_close(model.step_balance_loss(model.router_probs_sum() / 2), exact)
+    assert abs((sum(parts) / 2 - exact).item()) > 1e-3
+    model.start_step()
+    assert model.router_probs_sum() is None
+
+
+def test_transformers_pools_layers_first_so_only_one_layer_matches_times_k():
+    """The per-layer mean (Switch / Megatron) vs transformers' pooled counts: equal x k for one layer (above),
+    not for four; the README says so."""
+    pytest.importorskip("transformers")
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    model = build(num_hidden_layers=4, balance_loss_granularity="micro").eval()
+    logits = []
+    for layer in model.model.layers:
+        layer.mlp.gate.register_forward_hook(lambda m, i, o: logits.append(o[0]))
+    out = model(torch.randint(0, 8192, (2, 40), generator=torch.Generator().manual_seed(3)))
+    hf = load_balancing_loss_func(tuple(logits), num_experts=8, top_k=2).item()
+    per_layer = []
+    for lg in logits:  # each layer alone, as transformers computes one layer
+        per_layer.append(load_balancing_loss_func((lg,), num_experts=8, top_k=2).item() / 2)
+    assert out.balance_loss.item() == pytest.approx(sum(per_layer) / 4, rel=1e-5)
+    assert abs(out.balance_loss.item() * 2 - hf) > 1e-3
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Data parallelism: 2 gloo processes, each with half of the batch.
 

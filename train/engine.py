@@ -255,8 +255,10 @@ class Engine:
         # keeps the accumulated gradients in buffers of its own: `.grad` holds only the last micro-batch's there)
         if self.cfg.deepspeed.zero_stage == 0 and not self.ds_config["bf16"]["enabled"]:
             grads = [p.grad for p in self.ds.module.parameters() if p.grad is not None]
-            # the global L2 norm; one host sync, as ZeRO's own check
-            own_norm = float(torch.stack([g.float().norm() for g in grads]).norm()) if grads else 0.0
+            # the global L2 norm, summed in fp64 as DeepSpeed's (fp32 norms of large tensors drift by ~1e-4 on the
+            # CPU); one host sync, as ZeRO's own check
+            own_norm = float(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads])
+                             .norm()) if grads else 0.0
             if not math.isfinite(own_norm):
                 self.ds.zero_grad()
                 return float("nan"), False

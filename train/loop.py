@@ -545,15 +545,22 @@ class Trainer:
         grad_norm, applied = self.engine.optimizer_step()
         self.watchdog.beat(f"{stage.name} step {step} metrics")
         flag = torch.tensor([float(self.preemption.requested)], dtype=torch.float64).to(dev, non_blocking=True)
-        packed = torch.cat([comp_sums, comp_counts, router_sums, flag])
+        # "global" balance: the logged value is the whole step's, E * sum f_i P_i (the micro-batches' own values
+        # use partial counts, so their mean would depend on the ranks x micro-batches split)
+        probs = self.module.router_probs_sum() if cfg.model.balance_loss_granularity == "global" else None
+        extra = [] if probs is None else [probs.double().flatten()]
+        packed = torch.cat([comp_sums, comp_counts, router_sums, flag, *extra])
         if info.world_size > 1:
             dist.all_reduce(packed)  # on the device: NCCL reduces GPU tensors only
         packed = collective_result(packed)  # the step's one host sync of its own
         comp_sums, comp_counts = packed[:n], packed[n: 2 * n]
+        forwards = plan.grad_accum * info.world_size
+        router = packed[2 * n: 2 * n + 3] / forwards
+        if probs is not None:
+            router[1] = self.module.step_balance_loss(packed[2 * n + 4:].view(probs.shape) / forwards)
         self._advance(plan)
         return StepResult(loss=comp_sums.sum().item() / max(comp_counts.sum().item(), 1.0), grad_norm=grad_norm,
-                          applied=applied, comp_sums=comp_sums, comp_counts=comp_counts,
-                          router=(packed[2 * n: 2 * n + 3] / (plan.grad_accum * info.world_size)).tolist(),
+                          applied=applied, comp_sums=comp_sums, comp_counts=comp_counts, router=router.tolist(),
                           preempt=packed[2 * n + 3].item() > 0, seconds=time.perf_counter() - t0)
 
     def _count_skip(self, stage: StageConfig, step: int, result: StepResult) -> None:
