@@ -77,7 +77,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from models.config import Qwen3Config
 from models.params import count_parameters, flops_per_token
-from train.config import ConfigError, TrainConfig, to_train_config, validate
+from train.config import ConfigError, TrainConfig, check_known_keys, to_train_config, validate
 
 GIB = 2**30
 SUB_GROUP_SIZE = 1_000_000_000  # DeepSpeed's default zero_optimization.sub_group_size (elements)
@@ -604,6 +604,10 @@ def main() -> None:
         started.append(True)
         try:
             cfg = OmegaConf.to_object(dcfg)
+            check_known_keys(OmegaConf.to_container(dcfg, resolve=True), cfg)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
         except Exception as e:  # an interpolation or type error found at resolution time
             print(f"error: config: {e}", file=sys.stderr, flush=True)
             sys.exit(2)

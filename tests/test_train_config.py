@@ -6,7 +6,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from trainutil import ROOT, SMOKE, records, run_train
-from train.config import ConfigError, TrainConfig, register_configs, validate
+from train.config import ConfigError, TrainConfig, check_known_keys, register_configs, validate
 
 
 def compose_cfg(overrides):
@@ -73,6 +73,31 @@ def test_inconsistent_values_name_the_key(overrides, world, key):
     assert key in str(err.value)
 
 
+@pytest.mark.parametrize("overrides, keys", [
+    (["+model.num_layers=2"], "'model.num_layers'"),
+    (["+optim.lr=1e-3", "+seeed=1"], "keys 'optim.lr', 'seeed'"),
+    (["+deepspeed.zero_stag=2"], "'deepspeed.zero_stag'"),
+    (["+curriculum.stages.general.tokenz=5"], "'curriculum.stages.general.tokenz'"),
+])
+def test_an_added_key_that_is_no_setting_is_refused(overrides, keys):
+    """`+key=value` composes any key and the typed config silently drops it (config.yaml kept it)."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        dcfg = compose(config_name="config", overrides=overrides)
+    with pytest.raises(ConfigError, match="not a setting") as err:
+        check_known_keys(OmegaConf.to_container(dcfg, resolve=True), OmegaConf.to_object(dcfg))
+    assert keys in str(err.value)
+
+
+def test_added_sources_and_free_form_keys_are_settings():
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        dcfg = compose(config_name="config", overrides=[
+            "+data.sources.wiki={kind: local, options: {paths: [x.jsonl]}}", "+deepspeed.extra.wall_clock_breakdown=true",
+            "+curriculum.stages.general.mixture.weights.wiki=0.1"])
+    check_known_keys(OmegaConf.to_container(dcfg, resolve=True), OmegaConf.to_object(dcfg))
+
+
 def test_project_targets_are_allowed():
     cfg = compose_cfg(["+deepspeed.extra._target_=train.engine.Engine"])
     validate(cfg, world_size=1)
@@ -82,6 +107,7 @@ def test_project_targets_are_allowed():
     ("curriculum.stages.general.seq_lenn=64", "seq_lenn"),  # unknown key
     ("seed=abc", "seed"),  # wrong type
     ("deepspeed=zero9", "zero9"),  # unknown group option
+    ("+optim.lr=1e-3", "'optim.lr': not a setting"),  # added, but no setting: it was silently ignored
 ])
 def test_cli_rejects_bad_keys_before_anything_starts(tmp_path, override, needle):
     run_dir = tmp_path / "run"

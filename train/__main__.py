@@ -71,7 +71,7 @@ def main() -> None:
 
     @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
     def _app(dcfg: DictConfig) -> None:
-        from train.config import ConfigError
+        from train.config import ConfigError, check_known_keys
         from train.loop import run
 
         started.append(True)
@@ -81,6 +81,10 @@ def main() -> None:
             _apply_secrets(dcfg, secrets)
             resolved = OmegaConf.to_container(dcfg, resolve=True)
             cfg = OmegaConf.to_object(dcfg)
+            check_known_keys(resolved, cfg)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
         except Exception as e:  # an interpolation or type error found at resolution time
             print(f"error: config: {redact_text(str(e), secrets)}", file=sys.stderr, flush=True)
             sys.exit(2)

@@ -264,6 +264,35 @@ def plan_stage(stage: StageConfig, key: str, dp_world: int) -> StagePlan:
     return StagePlan(stage.name, steps, samples, samples // per_pass, stage.micro_batch_size, stage.seq_len)
 
 
+def unknown_keys(node: Any, typed: Any, path: str = "") -> List[str]:
+    """Keys of a composed config (as a container) that its typed object has no field for. Hydra's `+key=value`
+    adds any key and `OmegaConf.to_object` drops what a dataclass lacks, so a typo such as `+optim.lr=1e-3`
+    would otherwise be ignored while config.yaml records it."""
+    found: List[str] = []
+    if dataclasses.is_dataclass(typed) and isinstance(node, dict):
+        names = {f.name for f in dataclasses.fields(typed)}
+        for key, value in node.items():
+            where = f"{path}.{key}" if path else str(key)
+            if key not in names:
+                found.append(where)
+            else:
+                found += unknown_keys(value, getattr(typed, key), where)
+    elif isinstance(typed, dict) and isinstance(node, dict):
+        for key, value in node.items():
+            if key in typed:
+                found += unknown_keys(value, typed[key], f"{path}.{key}")
+    return found
+
+
+def check_known_keys(resolved: Dict[str, Any], cfg: TrainConfig) -> None:
+    """Refuse keys that are no setting (see `unknown_keys`), naming them."""
+    extra = unknown_keys(resolved, cfg)
+    if extra:
+        names = ", ".join(repr(k) for k in extra)
+        raise ConfigError(f"config key{'s' if len(extra) > 1 else ''} {names}: not a setting (a typo? "
+                          f"`python -m train --cfg job` prints every key)")
+
+
 def to_train_config(cfg: TrainConfig | DictConfig) -> TrainConfig:
     """The typed config object of a composed DictConfig (a TrainConfig passes through)."""
     if isinstance(cfg, DictConfig):
