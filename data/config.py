@@ -53,7 +53,8 @@ class LengthBucketConfig:
 class MixtureConfig:
     """What one stage samples: source weights, language temperature, repeat cap, length buckets."""
 
-    weights: Dict[str, float] = field(default_factory=dict)  # source name -> weight; empty = sources by token count
+    # source name -> relative weight (normalised); empty = `data.mixtures.<stage>`, else sources by token count
+    weights: Dict[str, float] = field(default_factory=dict)
     language_alpha: float = 1.0  # within a source, p(language) ∝ tokens^alpha
     max_epochs: float = 4.0  # a component (source/language) repeats at most this often; its excess goes elsewhere
     length_buckets: List[LengthBucketConfig] = field(default_factory=list)  # empty = no length bucketing
@@ -68,6 +69,10 @@ class DataConfig:
     # source name -> recipe: SourceConfig fields, checked against it by `to_data_config`. Typed Any because OmegaConf
     # refuses to add a plain dict to a dict of dataclasses, so `+data.sources.wiki={kind: hub, ...}` would fail.
     sources: Dict[str, Any] = field(default_factory=dict)
+    # stage name -> {source: weight}, for each stage whose `mixture.weights` is empty: the weights name this data
+    # set's sources, so they live with it (a data config of one's own brings its own; see README "Your own data").
+    # Typed Any because OmegaConf does not convert `{en: 7}` to a float inside a nested dict; train.config does.
+    mixtures: Dict[str, Any] = field(default_factory=dict)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  # tokenizer to train or load
     num_proc: Optional[int] = None  # tokenization processes; None = all cores
     index_workers: Optional[int] = None  # threads building a stage's index arrays; None = one per core, up to 16
@@ -103,15 +108,17 @@ def to_source_config(name: str, node: Any) -> SourceConfig:
         raise DataError(f"data.sources.{name}: {str(e).splitlines()[0]}") from None
 
 
-def check_mixture(mix: "MixtureConfig", key: str) -> None:
-    """Refuse weights a stage cannot sample by (negative, infinite, NaN, all zero), naming the key (ValueError)."""
+def check_mixture(mix: "MixtureConfig", key: str, weights_key: Optional[str] = None) -> None:
+    """Refuse weights a stage cannot sample by (negative, infinite, NaN, all zero), naming the key (ValueError);
+    `weights_key` is where the weights were set when not `<key>.weights` (a data config's `mixtures.<stage>`)."""
     import math
 
+    weights_key = weights_key or f"{key}.weights"
     for src, w in mix.weights.items():
         if not (math.isfinite(w) and w >= 0):
-            raise ValueError(f"{key}.weights.{src} = {w}: must be a finite weight >= 0")
+            raise ValueError(f"{weights_key}.{src} = {w}: must be a finite weight >= 0")
     if mix.weights and not any(w > 0 for w in mix.weights.values()):
-        raise ValueError(f"{key}.weights = {dict(mix.weights)}: every weight is 0 (leave it empty to weigh the "
+        raise ValueError(f"{weights_key} = {dict(mix.weights)}: every weight is 0 (leave it empty to weigh the "
                          f"sources by their tokens)")
     for i, b in enumerate(mix.length_buckets):
         if not (math.isfinite(b.weight) and b.weight > 0):

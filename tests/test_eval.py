@@ -182,6 +182,26 @@ def test_loss_by_position_averages_windows(manifest):
     np.testing.assert_allclose(dca, plain, atol=1e-3)  # within the trained length DCA is ordinary attention
 
 
+def test_a_data_set_without_held_out_texts_is_noted_not_a_crash(manifest, tmp_path):
+    """One's own data often has no `split: heldout` rows: perplexity and loss by position say so (they divided by
+    zero and concatenated nothing, so the whole stage-end suite failed)."""
+    from data.config import DataConfig, TokenizerConfig
+
+    (tmp_path / "en.jsonl").write_text("".join(json.dumps({"text": f"line {i} of my own text"}) + "\n"
+                                               for i in range(50)))
+    tokenizer = str(next(manifest.parent.glob("tokenizer-*/tokenizer.model")))
+    own = prepare(DataConfig(name="own", root=str(tmp_path / "root"), num_proc=1,
+                             sources={"en": {"kind": "local", "options": {"paths": [str(tmp_path / "en.jsonl")]}}},
+                             tokenizer=TokenizerConfig(path=tokenizer)))
+    assert heldout_sets(own, by="component") == {}
+    model = build(std=0.02)
+    r = ppl.perplexity(model, own, seq_len=32, max_tokens=64, batch_size=4)
+    assert r["by_component"] == {} and math.isnan(r["geomean"]["all"])
+    assert "Not measured: the data set has no held-out texts" in ppl.markdown(r)
+    r = position_loss.position_loss_modes(model, own, 40, [("plain", 40)], windows=3)
+    assert r["curves"] == [] and "Not measured" in position_loss.markdown(r)
+
+
 # ----------------------------------------------------------------------------------- plan, modes and table
 
 def test_plan_covers_four_times_both_lengths():

@@ -38,7 +38,7 @@ def test_max_steps_at_a_stage_end_stops_there(data_root, tmp_path):
 @pytest.mark.parametrize("override, key", [
     ("curriculum.stages.reasoning.tokens=1024", "curriculum.stages.reasoning.tokens"),  # the budget it is past
     ("curriculum.stages.reasoning.global_batch_tokens=512", "curriculum.stages.reasoning.global_batch_tokens"),
-    ("curriculum.stages.reasoning.mixture.weights.code=0.9", "curriculum.stages.reasoning.mixture"),
+    ("data.mixtures.reasoning.code=0.9", "curriculum.stages.reasoning.mixture"),
     ("seed=7", "seed"),
     ("curriculum.stages.reasoning.rope_theta=500000", "curriculum.stages.reasoning.rope_theta"),
     ("curriculum.order=[general,long_context]", "curriculum.order"),

@@ -60,7 +60,11 @@ def test_any_key_overrides():
     (["+deepspeed.extra._target_=os.system"], 1, "deepspeed.extra._target_"),
     (["model.num_key_value_heads=3"], 1, "num_key_value_heads"),
     (["data.index_workers=0"], 1, "data.index_workers"),
-    (["curriculum.stages.general.mixture.weights.udhr=-1"], 1, "curriculum.stages.general.mixture.weights.udhr"),
+    (["data.mixtures.general.udhr=-1"], 1, "data.mixtures.general.udhr = -1"),
+    (["+curriculum.stages.general.mixture.weights.udhr=-1"], 1, "curriculum.stages.general.mixture.weights.udhr"),
+    (["+data.mixtures.generl={udhr: 1}"], 1, "data.mixtures.generl"),  # a typo'd stage: no silent default
+    (["data.mixtures.general.udhr=lots"], 1, "data.mixtures.general.udhr' = 'lots': must be a number"),
+    (["data.mixtures.general=0.5"], 1, "data.mixtures.general' = 0.5: must map source names"),
     (["+data.sources.x={kind: local, langauges: [eng]}"], 1, "data.sources.x: Key 'langauges'"),
     (["logging.profile.start_step=-1"], 1, "logging.profile.start_step' = -1"),
     (["logging.profile.num_steps=0"], 1, "logging.profile.num_steps' = 0"),
@@ -96,6 +100,31 @@ def test_added_sources_and_free_form_keys_are_settings():
             "+data.sources.wiki={kind: local, options: {paths: [x.jsonl]}}", "+deepspeed.extra.wall_clock_breakdown=true",
             "+curriculum.stages.general.mixture.weights.wiki=0.1"])
     check_known_keys(OmegaConf.to_container(dcfg, resolve=True), OmegaConf.to_object(dcfg))
+
+
+def test_own_data_config_brings_its_own_stage_weights(tmp_path):
+    """A data config of one's own (in a --config-dir) names its sources and each stage's weights; nothing of the
+    demo's mixture is merged in. A stage's own `mixture.weights` replaces the data config's for that stage."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mine.yaml").write_text(
+        "name: mine\nsources:\n"
+        "  en: {kind: local, options: {paths: [a.jsonl]}}\n  fr: {kind: local, options: {paths: [b.jsonl]}}\n"
+        "mixtures:\n  general: {en: 7, fr: 3}\n  reasoning: {en: 1}\n  long_context: {fr: 1}\n")
+    cfg = compose_cfg([f"hydra.searchpath=[file://{tmp_path}]", "data=mine"])
+    assert sorted(cfg.data.sources) == ["en", "fr"]  # the group option replaces demo's sources, not merges
+    validate(cfg, world_size=1)
+    stages = cfg.curriculum.stages
+    assert stages["general"].mixture.weights == {"en": 7, "fr": 3} and stages["long_context"].mixture.weights == {"fr": 1}
+
+    cfg = compose_cfg([f"hydra.searchpath=[file://{tmp_path}]", "data=mine",
+                       "+curriculum.stages.reasoning.mixture.weights.fr=1", "data.mixtures.general.fr=1"])
+    validate(cfg, world_size=1)
+    assert cfg.curriculum.stages["reasoning"].mixture.weights == {"fr": 1}  # replaced, not merged with en
+    assert cfg.curriculum.stages["general"].mixture.weights == {"en": 7, "fr": 1}
+
+    cfg = compose_cfg([f"hydra.searchpath=[file://{tmp_path}]", "data=mine", "+data.mixtures.general.udhr=1"])
+    with pytest.raises(ConfigError, match=r"data.mixtures.general.udhr' = 1.0: names no source in data.sources"):
+        validate(cfg, world_size=1)
 
 
 def test_project_targets_are_allowed():

@@ -306,9 +306,35 @@ def first_stage_index(cfg: TrainConfig) -> int:
     return cfg.curriculum.order.index(cfg.curriculum.start) if cfg.curriculum.start else 0
 
 
+def apply_data_mixtures(cfg: TrainConfig) -> set[str]:
+    """Give each stage whose `mixture.weights` is empty the data config's `mixtures.<stage>`, in place; returns
+    the stages filled. A `data.mixtures` entry for no stage of the curriculum is refused (a typo'd stage name
+    would otherwise leave its stage weighing sources by their tokens)."""
+    for name in cfg.data.mixtures:
+        if name not in cfg.curriculum.stages:
+            _fail(f"data.mixtures.{name}", dict(cfg.data.mixtures[name]),
+                  f"names no stage of curriculum.stages {sorted(cfg.curriculum.stages)}")
+    filled = set()
+    for name, stage in cfg.curriculum.stages.items():
+        weights = cfg.data.mixtures.get(name)
+        if stage.mixture.weights or not weights:
+            continue
+        if not isinstance(weights, dict):
+            _fail(f"data.mixtures.{name}", weights, "must map source names to weights, e.g. {en: 0.7, fr: 0.3}")
+        for src, w in weights.items():
+            if isinstance(w, bool) or not isinstance(w, (int, float)):
+                _fail(f"data.mixtures.{name}.{src}", w, "must be a number")
+        stage.mixture.weights = {src: float(w) for src, w in weights.items()}
+        filled.add(name)
+    return filled
+
+
 def validate(cfg: TrainConfig | DictConfig, world_size: int) -> List[StagePlan]:
-    """Check everything the schema's types cannot, before any process group starts; returns each stage's plan."""
+    """Check everything the schema's types cannot, before any process group starts; returns each stage's plan.
+    Fills each stage's empty mixture weights from `data.mixtures` first (`apply_data_mixtures`): every entry
+    point (train, launch.plan) passes here before it reads a stage."""
     cfg = to_train_config(cfg)
+    from_data = apply_data_mixtures(cfg)
     _refuse_foreign_targets(dataclasses.asdict(cfg), "")
     if world_size < 1:
         _fail("world_size", world_size, "must be at least 1")
@@ -385,13 +411,14 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int) -> List[StagePlan]:
         key = f"curriculum.stages.{name}"
         if stage.name != name:
             _fail(f"{key}.name", stage.name, f"must equal its key '{name}'")
+        weights_key = f"data.mixtures.{name}" if name in from_data else f"{key}.mixture.weights"
         try:
-            check_mixture(stage.mixture, f"{key}.mixture")
+            check_mixture(stage.mixture, f"{key}.mixture", weights_key)
         except ValueError as e:
             raise ConfigError(f"config key {e}") from None
         for src in stage.mixture.weights:
             if src not in cfg.data.sources:
-                _fail(f"{key}.mixture.weights.{src}", stage.mixture.weights[src],
+                _fail(f"{weights_key}.{src}", stage.mixture.weights[src],
                       f"names no source in data.sources {sorted(cfg.data.sources)}")
         if stage.seq_len > cfg.model.max_position_embeddings:
             _fail(f"{key}.seq_len", stage.seq_len,

@@ -24,7 +24,7 @@ def heldout_stream(manifest: Path) -> np.ndarray:
     """All held-out tokens, long documents (bible/*) first, then the rest, in a fixed order."""
     sets = heldout_sets(manifest, by="component")
     order = sorted(sets, key=lambda c: (not c.startswith("bible/"), c))
-    return np.concatenate([sets[c] for c in order])
+    return np.concatenate([sets[c] for c in order]) if order else np.zeros(0, dtype=np.int64)
 
 
 @torch.no_grad()
@@ -64,6 +64,9 @@ def position_loss_modes(model: Qwen3ForCausalLM, manifest: Path, trained_len: in
     """One loss-by-position curve per (mode, length) in `checks`; a length past plain RoPE's tables gets None."""
     t0 = time.perf_counter()
     stream = heldout_stream(manifest)
+    if not len(stream):  # a data set of one's own without held-out rows
+        return {"trained_len": trained_len, "curves": [], "seconds": round(time.perf_counter() - t0, 2),
+                "note": "the data set has no held-out texts (rows whose split column says heldout)"}
     curves = []
     for mode, length in checks:
         settings = set_mode(model, mode, trained_len, length, dca_local_size)
@@ -89,4 +92,6 @@ def markdown(result: Dict[str, Any], title: str = "") -> str:
                      (s.get("bin_loss") or [None])[-1]])
     head = (f"### Loss by position{f' — {title}' if title else ''} (trained length {result['trained_len']}; "
             f"held-out text)\n\n")
+    if result.get("note"):
+        return head + f"Not measured: {result['note']}.\n"
     return head + md_table(["mode", "length", "windows", "loss < trained", "loss >= trained", "last bin"], rows)

@@ -21,6 +21,10 @@ def perplexity(model: torch.nn.Module, manifest: Path, seq_len: int, max_tokens:
                batch_size: int = 8) -> Dict[str, Any]:
     """Perplexity per held-out component ("udhr/fra") and per language, with the tokens each one counts."""
     sets = heldout_sets(manifest, by="component")
+    if not sets:  # a data set of one's own without held-out rows (a `split` column with "heldout")
+        return {"seq_len": seq_len, "max_tokens": max_tokens, "sources": [], "by_component": {}, "tokens": {},
+                "by_language": {}, "geomean": {"all": float("nan")},
+                "note": "the data set has no held-out texts (rows whose split column says heldout)"}
     components, batches = make_eval_batches(sets, seq_len, max_tokens, batch_size)
     device = next(model.parameters()).device
     ppl = heldout_perplexity(model, components, batches, device, rank=0, world=1)
@@ -40,6 +44,8 @@ def perplexity(model: torch.nn.Module, manifest: Path, seq_len: int, max_tokens:
 
 def markdown(result: Dict[str, Any], title: str = "") -> str:
     """Languages as rows, sources (udhr, bible) and their pooled value as columns; geometric means first."""
+    if result.get("note"):
+        return f"### Held-out perplexity{f' — {title}' if title else ''}\n\nNot measured: {result['note']}.\n"
     cols = result["sources"] + ["all"]
     rows = [["**geomean**", *[result["geomean"].get(c) for c in cols]]]
     rows += [[lang, *[v.get(c) for c in cols]] for lang, v in result["by_language"].items()]
