@@ -2,6 +2,7 @@
 nothing is overwritten. One test per case."""
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -55,6 +56,20 @@ def refused(cfg, mpath, pattern, **verify_kwargs):
         verify(mpath, **verify_kwargs)
     if verify_kwargs:  # the condition lives in the caller's arguments, not on disk
         return
+    before = snapshot(mpath.parent)
+    with pytest.raises(DataError, match=pattern):
+        prepare(cfg)
+    assert snapshot(mpath.parent) == before
+
+
+def refused_source(data, files, pattern):
+    """prepare with one more `local` source reading `files` raises a DataError matching `pattern` and changes no file
+    of the prepared data set."""
+    _, mpath, _, _ = data
+    paths = ", ".join(f"'{f}'" for f in files)
+    cfg = compose("fixture", [f"root={mpath.parent.parent}",
+                              f"+sources.x={{kind: local, options: {{paths: [{paths}]}}}}"])
+    verify(mpath, remember=True)  # prepare's own check writes this record of it first: not a change to the data
     before = snapshot(mpath.parent)
     with pytest.raises(DataError, match=pattern):
         prepare(cfg)
@@ -208,3 +223,20 @@ def test_a_full_check_is_remembered_and_only_changed_shards_are_read_again(data,
     verify(mpath, remember=True)
     assert m["components"]["udhr/fra"]["files"][0]["path"] not in json.loads(
         (mpath.parent / shards.VERIFIED).read_text())["files"]
+
+
+def test_an_empty_local_file_is_named(data, tmp_path, caplog):
+    """Before: `could not read .../empty.jsonl: StopIteration`; and an empty file among others was skipped unsaid."""
+    empty, blank, good = tmp_path / "empty.jsonl", tmp_path / "blank.jsonl", tmp_path / "good.jsonl"
+    empty.write_text("")
+    blank.write_text("\n  \n")
+    good.write_text('{"text": "a document"}\n')
+    refused_source(data, [empty], rf"source 'x': {E(empty)} is empty \(no documents\)$")
+    refused_source(data, [empty, blank], rf"source 'x': all 2 files are empty \(no documents\): "
+                                         rf"\['{E(empty)}', '{E(blank)}'\]")
+    from data.recipes import local
+
+    caplog.set_level(logging.WARNING, logger="data.recipes.local")
+    ds, _, prov = local.load(local.Options(paths=[str(good), str(empty)]), tmp_path / "hf", "x")
+    assert ds["text"] == ["a document"] and prov["files"] == [str(good)]
+    assert f"source 'x': {empty} is empty (no documents); reading the other files" in caplog.text

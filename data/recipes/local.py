@@ -4,6 +4,7 @@ from __future__ import annotations
 import codecs
 import glob
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List
@@ -11,6 +12,7 @@ from typing import List
 from data.errors import DataError
 from data.io import sha256_file, sha256_text
 
+log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 
@@ -61,6 +63,15 @@ def _unreadable(source: str, builder: str, files: List[Path], cache_dir: Path, k
     return DataError(f"source '{source}': could not read {where}: {_reason(error)}")
 
 
+def _is_empty(path: Path, builder: str) -> bool:
+    """No document in the file: no bytes, or (JSON) only whitespace. Alone, such a file failed inside `datasets`
+    with a bare `StopIteration`; among others it was skipped without a word."""
+    if builder != "json":
+        return path.stat().st_size == 0
+    with open(path, "rb") as f:
+        return all(not chunk.strip() for chunk in iter(lambda: f.read(1 << 20), b""))
+
+
 def _check_utf8(path: Path, source: str) -> None:
     """Refuse a JSON file that is not UTF-8, naming the line: Arrow's JSON reader lets invalid bytes into the
     strings, and they surfaced only later, as a traceback from the tokenizer that named no file."""
@@ -97,6 +108,14 @@ def load(opts: Options, cache_dir: Path, source: str):
         raise DataError(f"source '{source}': files must all be one of {sorted(BUILDERS)}: {[str(f) for f in files]}")
     builder = kinds.pop()
     kwargs = {"sample_by": "document"} if builder == "text" else {}
+    empty = [f for f in files if _is_empty(f, builder)]
+    if len(empty) == len(files):
+        raise DataError(f"source '{source}': {files[0]} is empty (no documents)" if len(files) == 1 else
+                        f"source '{source}': all {len(files)} files are empty (no documents): "
+                        f"{[str(f) for f in files]}")
+    for f in empty:  # a glob that caught a placeholder: the others are the data
+        log.warning("source '%s': %s is empty (no documents); reading the other files", source, f)
+    files = [f for f in files if f not in empty]
     if builder == "json":
         for f in files:
             _check_utf8(f, source)
