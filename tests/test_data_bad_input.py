@@ -240,3 +240,20 @@ def test_an_empty_local_file_is_named(data, tmp_path, caplog):
     ds, _, prov = local.load(local.Options(paths=[str(good), str(empty)]), tmp_path / "hf", "x")
     assert ds["text"] == ["a document"] and prov["files"] == [str(good)]
     assert f"source 'x': {empty} is empty (no documents); reading the other files" in caplog.text
+
+
+@pytest.mark.parametrize("content, where, what", [
+    ('{"text": "a"}\n\n{"body": "b"}\n', "line 3", r"has no field 'text' \(its fields: \['body'\]; options.text_field"),
+    ('{"text": "a"}\n{"text": null}\n', "line 2", r"has no text \(null in field 'text'\)"),
+    ('[{"text": "a"}, {"Text": "b"}]', r"element 1 \(counting from 0\)",
+     r"has no field 'text' \(its fields: \['Text'\]"),
+])
+def test_a_record_without_text_is_named_by_file_and_line(data, tmp_path, content, where, what):
+    """Before: `document 1 (counting from 0 over its files in order) has no text`, no file or line."""
+    bad = tmp_path / ("bad.json" if content.startswith("[") else "bad.jsonl")
+    bad.write_text(content)
+    refused_source(data, [bad], rf"source 'x': {E(bad)} {where} {what}")
+    if "null" in content:  # the row counts on over the files before it (other columns would not load together)
+        good = tmp_path / "good.jsonl"
+        good.write_text('{"text": "first"}\n{"text": "second"}\n')
+        refused_source(data, [good, bad], rf"source 'x': {E(bad)} {where} {what}")

@@ -149,7 +149,7 @@ def test_a_source_added_on_the_command_line_is_prepared(tmp_path, tokenizer):
 
 
 @pytest.mark.parametrize("rows, extra, message", [
-    ([{"text": "a"}, {"text": None}], [], r"source 'j': document 1 .* has no text \(null in column 'text'\)"),
+    ([{"text": "a"}, {"text": None}], [], r"source 'j': .*d\.jsonl line 2 has no text \(null in field 'text'\)"),
     ([{"text": 5}], [], "column 'text' holds int64, not text"),
     ([{"text": "a", "language": "heldout-eng"}], [], "language 'heldout-eng': names starting with 'heldout-'"),
     ([{"text": "a", "language": "eng"}], ["+sources.j.languages=[fr]"],

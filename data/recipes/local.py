@@ -7,7 +7,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List
+from typing import Any, Iterator, List, Optional, Tuple
 
 from data.errors import DataError
 from data.io import sha256_file, sha256_text
@@ -70,6 +70,46 @@ def _is_empty(path: Path, builder: str) -> bool:
         return path.stat().st_size == 0
     with open(path, "rb") as f:
         return all(not chunk.strip() for chunk in iter(lambda: f.read(1 << 20), b""))
+
+
+def _first_byte(path: Path) -> bytes:
+    """The file's first byte that is not whitespace (b"" if none)."""
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 16), b""):
+            if chunk.strip():
+                return chunk.lstrip()[:1]
+    return b""
+
+
+def _records(path: Path) -> Iterator[Tuple[str, Optional[Any]]]:
+    """(where, record) of each document of one file, in the order `datasets` reads them; the record where it can
+    be read back (JSON), else None."""
+    builder = BUILDERS[path.suffix]
+    if builder == "text":  # one document per file
+        yield str(path), None
+    elif builder == "parquet":
+        import pyarrow.parquet as pq
+
+        for i in range(pq.ParquetFile(path).metadata.num_rows):
+            yield f"{path} row {i} (counting from 0)", None
+    elif _first_byte(path) == b"[":  # one JSON array
+        for i, rec in enumerate(json.loads(path.read_text(encoding="utf-8"))):
+            yield f"{path} element {i} (counting from 0)", rec
+    else:  # JSON lines; Arrow skips blank ones
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield f"{path} line {n}", json.loads(line)
+                    except ValueError:
+                        yield f"{path} line {n}", None
+
+
+def locate(files: List[Path], row: int) -> Tuple[str, Optional[Any]]:
+    """Where document `row` of `load`'s dataset is ('FILE line 7' for JSON lines) and its record, if JSON.
+    Reads the files again: for error messages only."""
+    records = (r for f in files for r in _records(f))
+    return next((r for i, r in enumerate(records) if i == row), (f"document {row} (counting from 0)", None))
 
 
 def _check_utf8(path: Path, source: str) -> None:
