@@ -15,6 +15,7 @@ import functools
 import json
 import logging
 import re
+import reprlib
 import shutil
 import sys
 import time
@@ -121,16 +122,19 @@ def _normalize(ds, name: str, text: str, language: str, split: str, default_lang
     if text not in ds.column_names:
         raise DataError(f"source '{name}': no column {text!r} (columns: {ds.column_names})")
     col = ds.data.column(text)
-    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_null(col.type)):
-        raise DataError(f"source '{name}': column {text!r} holds {col.type}, not text")
-    if col.null_count:
-        row = next(i for i, x in enumerate(ds[text]) if x is None)
-        place, record = (where or _unlocated)(row)
-        if isinstance(record, dict) and text not in record:  # a JSON record without the key reads as null
-            what = f"has no field {text!r} (its fields: {sorted(record)}; options.text_field chooses another)"
-        else:
-            what = f"has no text (null in field {text!r})"
-        raise DataError(f"source '{name}': {place} {what}")
+    if col.null_count or not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        # the first document that is not a string; a JSON field of mixed types is an `arrow.json` column
+        values = (x for batch in ds.select_columns([text]).iter(batch_size=1024) for x in batch[text])
+        row, value = next(((i, x) for i, x in enumerate(values) if not isinstance(x, str)), (None, None))
+        if row is not None:
+            place, record = (where or _unlocated)(row)
+            if value is not None:
+                what = f"has {type(value).__name__} {reprlib.repr(value)} in field {text!r}, not a string"
+            elif isinstance(record, dict) and text not in record:  # a JSON record without the key reads as null
+                what = f"has no field {text!r} (its fields: {sorted(record)}; options.text_field chooses another)"
+            else:
+                what = f"has no text (null in field {text!r})"
+            raise DataError(f"source '{name}': {place} {what}")
     ds = ds.rename_column(text, "__text")
     n = len(ds)
     lang = ds[language] if language in ds.column_names else [default_language] * n

@@ -257,3 +257,22 @@ def test_a_record_without_text_is_named_by_file_and_line(data, tmp_path, content
         good = tmp_path / "good.jsonl"
         good.write_text('{"text": "first"}\n{"text": "second"}\n')
         refused_source(data, [good, bad], rf"source 'x': {E(bad)} {where} {what}")
+
+
+@pytest.mark.parametrize("name, rows, where, what", [
+    ("mixed.jsonl", [{"text": "a"}, {"text": 5}], "line 2", "int 5"),  # a JSON column of mixed types (arrow.json)
+    ("numbers.jsonl", [{"text": 5}, {"text": 6}], "line 1", "int 5"),  # an int64 column
+    ("object.jsonl", [{"text": "a"}, {"text": {"body": "b"}}], "line 2", r"dict \{'body': 'b'\}"),
+    ("numbers.parquet", [{"text": 1.5}], r"row 0 \(counting from 0\)", r"float 1\.5"),
+])
+def test_a_text_that_is_not_a_string_is_named_with_file_line_and_type(data, tmp_path, name, rows, where, what):
+    """Before: `column 'text' holds extension<arrow.json>, not text` (or int64): no file, no line, no value."""
+    bad = tmp_path / name
+    if bad.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), bad)
+    else:
+        bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    refused_source(data, [bad], rf"source 'x': {E(bad)} {where} has {what} in field 'text', not a string$")

@@ -150,7 +150,7 @@ def test_a_source_added_on_the_command_line_is_prepared(tmp_path, tokenizer):
 
 @pytest.mark.parametrize("rows, extra, message", [
     ([{"text": "a"}, {"text": None}], [], r"source 'j': .*d\.jsonl line 2 has no text \(null in field 'text'\)"),
-    ([{"text": 5}], [], "column 'text' holds int64, not text"),
+    ([{"text": 5}], [], r"d\.jsonl line 1 has int 5 in field 'text', not a string"),
     ([{"text": "a", "language": "heldout-eng"}], [], "language 'heldout-eng': names starting with 'heldout-'"),
     ([{"text": "a", "language": "eng"}], ["+sources.j.languages=[fr]"],
      r"data.sources.j.languages=\['fr'\] keeps no training document; its languages are \['eng'\]"),
