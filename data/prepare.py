@@ -11,21 +11,23 @@ fails `verify` is refused rather than overwritten.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import re
+import reprlib
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from data.config import DataConfig, SourceConfig, to_data_config
 from data.errors import DataError
 from data.io import atomic_path, read_json, remove_stale_tmp, sha256_file, sha256_text, usable_cpus, write_json
-from data.recipes import BUILTIN, KINDS, LOADED
+from data.recipes import BUILTIN, KINDS, LOADED, local
 from data.recipes.options import parse_options
 from data.shards import MANIFEST_FORMAT, MANIFEST_VERSION, token_dtype, verify, verify_file, write_shard
 from data.tokenizer import Tokenizer, describe, fetch_qwen3, load_tokenizer, train_sentencepiece
@@ -94,29 +96,45 @@ def load_source(name: str, src: SourceConfig, cfg: DataConfig):
         ds = datasets.load_dataset("json", data_files=str(jsonl), split="train", cache_dir=str(root / "hf"))
         identity, prov = sha256_file(jsonl), recipe.provenance(opts)
         fields = ("text", "language", "split", "und")
+        where = functools.partial(local.locate, [jsonl])
     elif src.kind in LOADED:
         opts = parse_options(LOADED[src.kind].Options, src.options, name)
         ds, identity, prov = LOADED[src.kind].load(opts, root / "hf", name)
         fields = (opts.text_field, opts.language_field, opts.split_field, opts.language)
         identity = _key([identity, fields])  # which column is text, language, split: the same files, other data
+        where = functools.partial(local.locate, [Path(f) for f in prov["files"]]) if src.kind == "local" else None
     else:
         raise DataError(f"source '{name}': unknown kind {src.kind!r}; known: {KINDS}")
-    return _normalize(ds, name, *fields), identity, {"kind": src.kind, **prov}
+    return _normalize(ds, name, *fields, where=where), identity, {"kind": src.kind, **prov}
 
 
-def _normalize(ds, name: str, text: str, language: str, split: str, default_language: str):
-    """Rename/add columns so every source has text, language and split."""
+def _unlocated(row: int) -> Tuple[str, None]:
+    """Where a document is, for a source whose files are not known here (hub)."""
+    return f"document {row} (counting from 0 over its files in order)", None
+
+
+def _normalize(ds, name: str, text: str, language: str, split: str, default_language: str,
+               where: Optional[Callable[[int], Tuple[str, Any]]] = None):
+    """Rename/add columns so every source has text, language and split. `where(row)` -> (where document `row` is,
+    its record or None) for the message that refuses it."""
     import pyarrow as pa
 
     if text not in ds.column_names:
         raise DataError(f"source '{name}': no column {text!r} (columns: {ds.column_names})")
     col = ds.data.column(text)
-    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_null(col.type)):
-        raise DataError(f"source '{name}': column {text!r} holds {col.type}, not text")
-    if col.null_count:
-        row = next(i for i, x in enumerate(ds[text]) if x is None)
-        raise DataError(f"source '{name}': document {row} (counting from 0 over its files in order) has no text "
-                        f"(null in column {text!r})")
+    if col.null_count or not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        # the first document that is not a string; a JSON field of mixed types is an `arrow.json` column
+        values = (x for batch in ds.select_columns([text]).iter(batch_size=1024) for x in batch[text])
+        row, value = next(((i, x) for i, x in enumerate(values) if not isinstance(x, str)), (None, None))
+        if row is not None:
+            place, record = (where or _unlocated)(row)
+            if value is not None:
+                what = f"has {type(value).__name__} {reprlib.repr(value)} in field {text!r}, not a string"
+            elif isinstance(record, dict) and text not in record:  # a JSON record without the key reads as null
+                what = f"has no field {text!r} (its fields: {sorted(record)}; options.text_field chooses another)"
+            else:
+                what = f"has no text (null in field {text!r})"
+            raise DataError(f"source '{name}': {place} {what}")
     ds = ds.rename_column(text, "__text")
     n = len(ds)
     lang = ds[language] if language in ds.column_names else [default_language] * n
@@ -324,7 +342,6 @@ def config_key(cfg: DataConfig) -> str:
 def input_files(cfg: DataConfig) -> Dict[str, Optional[Dict[str, List[int]]]]:
     """What each local source and `tokenizer.path` read now: {file: [bytes, mtime_ns]}, or None where the files
     cannot be found (prepared data copied to a cluster without its raw files still trains)."""
-    from data.recipes import local
 
     def stats(files: List[Path]) -> Dict[str, List[int]]:
         return {str(f): [st.st_size, st.st_mtime_ns] for f in files for st in [f.stat()]}

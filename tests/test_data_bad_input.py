@@ -2,6 +2,7 @@
 nothing is overwritten. One test per case."""
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -55,6 +56,20 @@ def refused(cfg, mpath, pattern, **verify_kwargs):
         verify(mpath, **verify_kwargs)
     if verify_kwargs:  # the condition lives in the caller's arguments, not on disk
         return
+    before = snapshot(mpath.parent)
+    with pytest.raises(DataError, match=pattern):
+        prepare(cfg)
+    assert snapshot(mpath.parent) == before
+
+
+def refused_source(data, files, pattern):
+    """prepare with one more `local` source reading `files` raises a DataError matching `pattern` and changes no file
+    of the prepared data set."""
+    _, mpath, _, _ = data
+    paths = ", ".join(f"'{f}'" for f in files)
+    cfg = compose("fixture", [f"root={mpath.parent.parent}",
+                              f"+sources.x={{kind: local, options: {{paths: [{paths}]}}}}"])
+    verify(mpath, remember=True)  # prepare's own check writes this record of it first: not a change to the data
     before = snapshot(mpath.parent)
     with pytest.raises(DataError, match=pattern):
         prepare(cfg)
@@ -208,3 +223,56 @@ def test_a_full_check_is_remembered_and_only_changed_shards_are_read_again(data,
     verify(mpath, remember=True)
     assert m["components"]["udhr/fra"]["files"][0]["path"] not in json.loads(
         (mpath.parent / shards.VERIFIED).read_text())["files"]
+
+
+def test_an_empty_local_file_is_named(data, tmp_path, caplog):
+    """Before: `could not read .../empty.jsonl: StopIteration`; and an empty file among others was skipped unsaid."""
+    empty, blank, good = tmp_path / "empty.jsonl", tmp_path / "blank.jsonl", tmp_path / "good.jsonl"
+    empty.write_text("")
+    blank.write_text("\n  \n")
+    good.write_text('{"text": "a document"}\n')
+    refused_source(data, [empty], rf"source 'x': {E(empty)} is empty \(no documents\)$")
+    refused_source(data, [empty, blank], rf"source 'x': all 2 files are empty \(no documents\): "
+                                         rf"\['{E(empty)}', '{E(blank)}'\]")
+    from data.recipes import local
+
+    caplog.set_level(logging.WARNING, logger="data.recipes.local")
+    ds, _, prov = local.load(local.Options(paths=[str(good), str(empty)]), tmp_path / "hf", "x")
+    assert ds["text"] == ["a document"] and prov["files"] == [str(good)]
+    assert f"source 'x': {empty} is empty (no documents); reading the other files" in caplog.text
+
+
+@pytest.mark.parametrize("content, where, what", [
+    ('{"text": "a"}\n\n{"body": "b"}\n', "line 3", r"has no field 'text' \(its fields: \['body'\]; options.text_field"),
+    ('{"text": "a"}\n{"text": null}\n', "line 2", r"has no text \(null in field 'text'\)"),
+    ('[{"text": "a"}, {"Text": "b"}]', r"element 1 \(counting from 0\)",
+     r"has no field 'text' \(its fields: \['Text'\]"),
+])
+def test_a_record_without_text_is_named_by_file_and_line(data, tmp_path, content, where, what):
+    """Before: `document 1 (counting from 0 over its files in order) has no text`, no file or line."""
+    bad = tmp_path / ("bad.json" if content.startswith("[") else "bad.jsonl")
+    bad.write_text(content)
+    refused_source(data, [bad], rf"source 'x': {E(bad)} {where} {what}")
+    if "null" in content:  # the row counts on over the files before it (other columns would not load together)
+        good = tmp_path / "good.jsonl"
+        good.write_text('{"text": "first"}\n{"text": "second"}\n')
+        refused_source(data, [good, bad], rf"source 'x': {E(bad)} {where} {what}")
+
+
+@pytest.mark.parametrize("name, rows, where, what", [
+    ("mixed.jsonl", [{"text": "a"}, {"text": 5}], "line 2", "int 5"),  # a JSON column of mixed types (arrow.json)
+    ("numbers.jsonl", [{"text": 5}, {"text": 6}], "line 1", "int 5"),  # an int64 column
+    ("object.jsonl", [{"text": "a"}, {"text": {"body": "b"}}], "line 2", r"dict \{'body': 'b'\}"),
+    ("numbers.parquet", [{"text": 1.5}], r"row 0 \(counting from 0\)", r"float 1\.5"),
+])
+def test_a_text_that_is_not_a_string_is_named_with_file_line_and_type(data, tmp_path, name, rows, where, what):
+    """Before: `column 'text' holds extension<arrow.json>, not text` (or int64): no file, no line, no value."""
+    bad = tmp_path / name
+    if bad.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), bad)
+    else:
+        bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    refused_source(data, [bad], rf"source 'x': {E(bad)} {where} has {what} in field 'text', not a string$")

@@ -149,8 +149,8 @@ def test_a_source_added_on_the_command_line_is_prepared(tmp_path, tokenizer):
 
 
 @pytest.mark.parametrize("rows, extra, message", [
-    ([{"text": "a"}, {"text": None}], [], r"source 'j': document 1 .* has no text \(null in column 'text'\)"),
-    ([{"text": 5}], [], "column 'text' holds int64, not text"),
+    ([{"text": "a"}, {"text": None}], [], r"source 'j': .*d\.jsonl line 2 has no text \(null in field 'text'\)"),
+    ([{"text": 5}], [], r"d\.jsonl line 1 has int 5 in field 'text', not a string"),
     ([{"text": "a", "language": "heldout-eng"}], [], "language 'heldout-eng': names starting with 'heldout-'"),
     ([{"text": "a", "language": "eng"}], ["+sources.j.languages=[fr]"],
      r"data.sources.j.languages=\['fr'\] keeps no training document; its languages are \['eng'\]"),
@@ -177,7 +177,7 @@ def test_a_file_that_cannot_be_read_is_named_with_the_reason(tmp_path, tokenizer
         prepare(local(tmp_path, tokenizer, f"paths: ['{good}', '{bad}']"))
     empty = tmp_path / "c.jsonl"
     empty.write_text("")
-    with pytest.raises(DataError, match=rf"could not read {empty}: .*\S"):
+    with pytest.raises(DataError, match=rf"{empty} is empty \(no documents\)"):
         prepare(local(tmp_path, tokenizer, f"paths: ['{empty}']"))
     # Arrow's JSON reader takes invalid UTF-8 into the strings; it surfaced as the tokenizer's traceback, no file named
     latin1 = tmp_path / "d.jsonl"

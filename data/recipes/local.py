@@ -4,13 +4,15 @@ from __future__ import annotations
 import codecs
 import glob
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List
+from typing import Any, Iterator, List, Optional, Tuple
 
 from data.errors import DataError
 from data.io import sha256_file, sha256_text
 
+log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 
@@ -61,6 +63,55 @@ def _unreadable(source: str, builder: str, files: List[Path], cache_dir: Path, k
     return DataError(f"source '{source}': could not read {where}: {_reason(error)}")
 
 
+def _is_empty(path: Path, builder: str) -> bool:
+    """No document in the file: no bytes, or (JSON) only whitespace. Alone, such a file failed inside `datasets`
+    with a bare `StopIteration`; among others it was skipped without a word."""
+    if builder != "json":
+        return path.stat().st_size == 0
+    with open(path, "rb") as f:
+        return all(not chunk.strip() for chunk in iter(lambda: f.read(1 << 20), b""))
+
+
+def _first_byte(path: Path) -> bytes:
+    """The file's first byte that is not whitespace (b"" if none)."""
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 16), b""):
+            if chunk.strip():
+                return chunk.lstrip()[:1]
+    return b""
+
+
+def _records(path: Path) -> Iterator[Tuple[str, Optional[Any]]]:
+    """(where, record) of each document of one file, in the order `datasets` reads them; the record where it can
+    be read back (JSON), else None."""
+    builder = BUILDERS[path.suffix]
+    if builder == "text":  # one document per file
+        yield str(path), None
+    elif builder == "parquet":
+        import pyarrow.parquet as pq
+
+        for i in range(pq.ParquetFile(path).metadata.num_rows):
+            yield f"{path} row {i} (counting from 0)", None
+    elif _first_byte(path) == b"[":  # one JSON array
+        for i, rec in enumerate(json.loads(path.read_text(encoding="utf-8"))):
+            yield f"{path} element {i} (counting from 0)", rec
+    else:  # JSON lines; Arrow skips blank ones
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield f"{path} line {n}", json.loads(line)
+                    except ValueError:
+                        yield f"{path} line {n}", None
+
+
+def locate(files: List[Path], row: int) -> Tuple[str, Optional[Any]]:
+    """Where document `row` of `load`'s dataset is ('FILE line 7' for JSON lines) and its record, if JSON.
+    Reads the files again: for error messages only."""
+    records = (r for f in files for r in _records(f))
+    return next((r for i, r in enumerate(records) if i == row), (f"document {row} (counting from 0)", None))
+
+
 def _check_utf8(path: Path, source: str) -> None:
     """Refuse a JSON file that is not UTF-8, naming the line: Arrow's JSON reader lets invalid bytes into the
     strings, and they surfaced only later, as a traceback from the tokenizer that named no file."""
@@ -97,6 +148,14 @@ def load(opts: Options, cache_dir: Path, source: str):
         raise DataError(f"source '{source}': files must all be one of {sorted(BUILDERS)}: {[str(f) for f in files]}")
     builder = kinds.pop()
     kwargs = {"sample_by": "document"} if builder == "text" else {}
+    empty = [f for f in files if _is_empty(f, builder)]
+    if len(empty) == len(files):
+        raise DataError(f"source '{source}': {files[0]} is empty (no documents)" if len(files) == 1 else
+                        f"source '{source}': all {len(files)} files are empty (no documents): "
+                        f"{[str(f) for f in files]}")
+    for f in empty:  # a glob that caught a placeholder: the others are the data
+        log.warning("source '%s': %s is empty (no documents); reading the other files", source, f)
+    files = [f for f in files if f not in empty]
     if builder == "json":
         for f in files:
             _check_utf8(f, source)
