@@ -140,6 +140,18 @@ def test_eval_of_an_expert_parallel_checkpoint_equals_its_hf_export(data_root, t
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.slow
+def test_export_of_an_expert_parallel_checkpoint_equals_the_loops(data_root, tmp_path_factory, tmp_path):
+    """`python -m train.export` of the EP 2 run's stage-end checkpoint: the same files as the loop's hf/general,
+    every tensor bitwise (all 8 experts of each layer, from the two expert-parallel ranks' files)."""
+    from test_export import assert_same_export
+    from train.export import main as export_main
+
+    run_dir = ten_steps(tmp_path_factory, 2, "zero2", 2)
+    assert export_main([str(run_dir / "checkpoints" / "0-general-step0000010"), str(tmp_path / "out")]) == 0
+    assert_same_export(tmp_path / "out", run_dir / "hf" / "general")
+
+
 def resume_records(run_dir: Path) -> List[dict]:
     """The `resume` events of a run."""
     return [r for r in records(run_dir) if r.get("event") == "resume"]
