@@ -108,6 +108,50 @@ def test_hf_export_under_ep_gives_ep1_logits(data_root, tmp_path_factory):
         torch.testing.assert_close(ep2(ids).logits, ref(ids).logits, rtol=0, atol=TOL)
 
 
+@pytest.mark.slow
+def test_eval_of_an_expert_parallel_checkpoint_equals_its_hf_export(data_root, tmp_path_factory, tmp_path, capsys):
+    """`python -m train.eval` on an EP checkpoint folder: the experts are not in its model-states file but in
+    DeepSpeed's per-expert files, which were not read (exit 1, missing gate_up_proj). The stage-end checkpoint
+    now loads to the stage's HF export's weights bitwise, and one missing per-expert file exits 2 naming it,
+    before anything is written."""
+    from models.hf import load_hf
+    from train.eval.__main__ import main as eval_main
+    from train.eval.target import load_model
+
+    run_dir = ten_steps(tmp_path_factory, 2, "zero2", 2)
+    ckpt = run_dir / "checkpoints" / "0-general-step0000010"
+    ours = load_model(ckpt, torch.device("cpu")).state_dict()
+    exported = load_hf(run_dir / "hf" / "general").state_dict()
+    assert ours.keys() == exported.keys() and ours["model.layers.0.mlp.experts.gate_up_proj"].shape[0] == 8
+    assert all(torch.equal(ours[k], exported[k]) for k in ours)
+    common = ["--max-tokens", "64", "--device", "cpu"]
+    assert eval_main(["ppl", str(ckpt), "--out", str(tmp_path / "a"), *common]) == 0
+    assert eval_main(["ppl", str(run_dir / "hf" / "general"), "--out", str(tmp_path / "b"), *common]) == 0
+    a, b = (json.loads((tmp_path / x / "general" / "ppl.json").read_text()) for x in "ab")
+    assert a["by_component"] == b["by_component"] and a["by_component"]
+
+    broken = tmp_path / "run" / "checkpoints" / ckpt.name
+    shutil.copytree(ckpt, broken)
+    (broken / "layer_2_expert_5_mp_rank_00_model_states.pt").unlink()
+    capsys.readouterr()
+    assert eval_main(["ppl", str(broken), "--out", str(tmp_path / "c"), *common]) == 2
+    assert (f"{broken}: incomplete expert-parallel checkpoint (1 per-expert files missing, e.g. "
+            "layer_2_expert_5_mp_rank_00_model_states.pt)") in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.slow
+def test_export_of_an_expert_parallel_checkpoint_equals_the_loops(data_root, tmp_path_factory, tmp_path):
+    """`python -m train.export` of the EP 2 run's stage-end checkpoint: the same files as the loop's hf/general,
+    every tensor bitwise (all 8 experts of each layer, from the two expert-parallel ranks' files)."""
+    from test_export import assert_same_export
+    from train.export import main as export_main
+
+    run_dir = ten_steps(tmp_path_factory, 2, "zero2", 2)
+    assert export_main([str(run_dir / "checkpoints" / "0-general-step0000010"), str(tmp_path / "out")]) == 0
+    assert_same_export(tmp_path / "out", run_dir / "hf" / "general")
+
+
 def resume_records(run_dir: Path) -> List[dict]:
     """The `resume` events of a run."""
     return [r for r in records(run_dir) if r.get("event") == "resume"]

@@ -29,7 +29,8 @@ What DeepSpeed does, unchanged:
 What is ours: DeepSpeed's per-expert *writer* only understands its own module layout
 (`deepspeed_moe.experts.deepspeed_experts.<i>.*`), and skips our stacked `gate_up_proj` / `down_proj`; so
 `save_expert_files` writes those files (tensors under the HF per-expert names), and a load_state_dict pre-hook
-stacks what DeepSpeed's loader read back into this rank's slice (or slices a full state dict's experts).
+stacks what DeepSpeed's loader read back into this rank's slice (or slices a full state dict's experts);
+`read_expert_files` reads them back whole, all E experts, for one process (`python -m train.eval`).
 `shard` runs on the meta device when the model is built, so a rank never holds the other ranks' experts as
 parameters. (`init_weights` draws each stacked expert parameter whole, once and transiently, one tensor at a time,
 so the values equal an unsharded model's: for 235B-A22B a layer's `gate_up_proj` is 6 GB in fp32 for that moment.)
@@ -42,6 +43,7 @@ different experts.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -96,6 +98,53 @@ def _deepspeed_experts_class(base: type) -> type:
     })
 
 
+def _stack_experts(state_dict: Dict[str, Any], prefix: str, experts: range) -> None:
+    """Replace the per-expert tensors (HF names, global ids) of `experts` in `state_dict` by the stacked
+    `<prefix>gate_up_proj` (n, 2F, d) and `<prefix>down_proj` (n, d, F), in expert order."""
+    gate_up, down = [], []
+    for e in experts:
+        gate = state_dict.pop(f"{prefix}{e}.gate_proj.weight")
+        up = state_dict.pop(f"{prefix}{e}.up_proj.weight")
+        gate_up.append(torch.cat([gate, up]))  # (2F, d): gate rows first, as in gate_up_proj
+        down.append(state_dict.pop(f"{prefix}{e}.down_proj.weight"))  # (d, F)
+    state_dict[f"{prefix}gate_up_proj"] = torch.stack(gate_up)
+    state_dict[f"{prefix}down_proj"] = torch.stack(down)
+
+
+def expert_files(ckpt: Path, model: nn.Module) -> List[Tuple[str, List[Path]]]:
+    """(experts module name, its per-expert files in expert order) of every MoE layer of a whole (unsharded)
+    `model`, in the checkpoint folder `ckpt` of an expert-parallel run (`save_expert_files` wrote them)."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    ckpt = Path(ckpt)
+    return [(name, [Path(DeepSpeedEngine._get_expert_ckpt_name(str(ckpt.parent), layer_id, e, ckpt.name,
+                                                                checkpoint_mp_rank=0))
+                    for e in range(experts.num_experts)])
+            for layer_id, (name, experts) in enumerate(experts_modules(model))]
+
+
+def read_expert_files(ckpt: Path, model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Every MoE layer's whole expert stacks (all E experts), under `model`'s state-dict names, from the
+    per-expert files of an expert-parallel checkpoint folder; FileNotFoundError naming the first one missing.
+
+    The checkpoint's `mp_rank_00_model_states.pt` holds every other weight; together they are the model's state
+    dict. One layer's experts at a time are read and stacked. Call inside `train.engine.safe_torch_load`.
+    """
+    files = expert_files(ckpt, model)
+    missing = [f for _, layer in files for f in layer if not f.exists()]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]}: missing ({len(missing)} of the checkpoint's per-expert files are; "
+                                f"an expert-parallel checkpoint holds one per MoE layer and expert)")
+    state: Dict[str, torch.Tensor] = {}
+    for name, layer in files:
+        per_expert: Dict[str, Any] = {}
+        for f in layer:
+            per_expert.update(torch.load(f, map_location="cpu", weights_only=True))
+        _stack_experts(per_expert, f"{name}.", range(len(layer)))
+        state.update(per_expert)
+    return state
+
+
 def _restack_pre_hook(module: nn.Module, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
     """Turn what is loaded into this rank's stacked expert slice.
 
@@ -105,14 +154,7 @@ def _restack_pre_hook(module: nn.Module, state_dict: Dict[str, Any], prefix: str
     assert isinstance(module, Qwen3MoeExperts)
     first, n = module.first_expert, module.num_local_experts
     if f"{prefix}{first}.gate_proj.weight" in state_dict:
-        gate_up, down = [], []
-        for e in range(first, first + n):
-            gate = state_dict.pop(f"{prefix}{e}.gate_proj.weight")
-            up = state_dict.pop(f"{prefix}{e}.up_proj.weight")
-            gate_up.append(torch.cat([gate, up]))  # (2F, d): gate rows first, as in gate_up_proj
-            down.append(state_dict.pop(f"{prefix}{e}.down_proj.weight"))  # (d, F)
-        state_dict[f"{prefix}gate_up_proj"] = torch.stack(gate_up)
-        state_dict[f"{prefix}down_proj"] = torch.stack(down)
+        _stack_experts(state_dict, prefix, range(first, first + n))
         return
     for param in ("gate_up_proj", "down_proj"):
         full = state_dict.get(f"{prefix}{param}")

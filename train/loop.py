@@ -44,6 +44,7 @@ from train.config import ConfigError, StageConfig, StagePlan, TrainConfig, first
 from train import expert_parallel
 from train.dist import DistInfo, Rank0Failed, barrier, init_distributed, on_rank0, rank0_outcome, world_from_env
 from train.engine import Engine, construction, local_parameter_elements, partitioned_init, whole
+from train.export import export_config, write_tokenizer_files
 from train.faults import NONFINITE_EXIT_CODE, SpikeDetector, Watchdog, collective_result, inject, injected
 from train.heldout import heldout_perplexity, make_eval_batches, pool_by_language, window_tokens
 from train.metrics import MetricsLogger, peak_flops, redact
@@ -724,16 +725,14 @@ class Trainer:
         out = self.run_dir / "hf" / stage.name
         err: Optional[str] = None
         if self.info.rank == 0:  # writes each safetensors shard as soon as its parameters have arrived
-            export_cfg = dataclasses.replace(self.cfg.model, rope_theta=stage.rope_theta,
-                                             eos_token_id=(self.tokenizer.eos_id if self.cfg.model.eos_token_id is None
-                                                           else self.cfg.model.eos_token_id))
+            export_cfg = export_config(self.cfg.model, stage.rope_theta, self.tokenizer)
             with torch.device("meta"):
                 layout = Qwen3ForCausalLM(export_cfg).state_dict()
             try:
                 inject("slow_export", stage.name, self.state.step, self.info.rank)
                 fail = injected("export_enospc", stage.name, self.state.step, self.info.rank)
                 write_hf(export_cfg, out, _fail_after(parameters, 3) if fail else parameters, layout,
-                         extra=lambda folder: self._write_tokenizer(folder, export_cfg))
+                         extra=lambda folder: write_tokenizer_files(folder, self.tokenizer, export_cfg))
             except Exception as e:  # noqa: BLE001 - every rank must hear of it, not only this one
                 err = f"{type(e).__name__}: {e}"
         for _ in parameters:  # the gathers left after a failure (on rank 0), or all of them (elsewhere)
@@ -743,17 +742,6 @@ class Trainer:
             raise CheckpointError(f"the HF export to {out} failed ({err}); the stage-end "
                                   f"checkpoint '{self.checkpoints.latest()}' is saved, and relaunching writes the "
                                   f"export before training goes on")
-
-    def _write_tokenizer(self, folder: Path, export_cfg: Qwen3Config) -> None:
-        """The export decodes alone: the tokenizer as AutoTokenizer loads it, and generation_config.json with the
-        EOS that ends every training document (so `generate` stops) and the padded embedding rows suppressed."""
-        tok = self.tokenizer
-        tok.write_hf(folder)
-        generation = {"eos_token_id": export_cfg.eos_token_id, "pad_token_id": tok.pad_id,
-                      "bos_token_id": export_cfg.bos_token_id, "do_sample": False}
-        if tok.vocab_size < export_cfg.vocab_size:  # rows no token maps to: never a prediction
-            generation["suppress_tokens"] = list(range(tok.vocab_size, export_cfg.vocab_size))
-        (folder / "generation_config.json").write_text(json.dumps(generation, indent=1) + "\n")
 
     def _stage_end_suite(self, stage: StageConfig) -> None:
         """Rank 0: the evaluation suite on the export just written, as a second model beside the training one.

@@ -84,11 +84,27 @@ def _check_weights(stage: StageModel) -> None:
     if not any(p.exists() for p in wanted):
         names = ", ".join(p.name for p in wanted) or "DeepSpeed model states (*model_states.pt)"
         raise EvalError(f"{path}: no weights here ({names} missing)")
+    if (path / "meta.json").exists() and meta.get("expert_parallel_size", 1) > 1:
+        from train.expert_parallel import expert_files
+
+        missing = [f for _, layer in expert_files(path, _checkpoint_model(path)) for f in layer if not f.exists()]
+        if missing:
+            raise EvalError(f"{path}: incomplete expert-parallel checkpoint ({len(missing)} per-expert files "
+                            f"missing, e.g. {missing[0].name})")
 
 
 def eval_dtype(device: torch.device) -> torch.dtype:
     """bf16 on a GPU (as training), fp32 on the CPU."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _checkpoint_model(path: Path) -> Qwen3ForCausalLM:
+    """The model of a checkpoint folder, on the meta device, with the RoPE base its stage trained at."""
+    meta = json.loads((path / "meta.json").read_text())
+    cfg = OmegaConf.to_container(OmegaConf.load(path / "config.yaml").model, resolve=True)
+    cfg["rope_theta"] = float(meta["rope_theta"])  # the stage's base, as the HF export would carry it
+    with torch.device("meta"):
+        return Qwen3ForCausalLM(cfg)
 
 
 def load_model(path: Path, device: torch.device, dtype: Optional[torch.dtype] = None) -> Qwen3ForCausalLM:
@@ -102,19 +118,23 @@ def load_model(path: Path, device: torch.device, dtype: Optional[torch.dtype] = 
     if not (path / "meta.json").exists():
         raise EvalError(f"{path}: neither an HF directory (config.json) nor a checkpoint folder (meta.json)")
     meta = json.loads((path / "meta.json").read_text())
-    cfg = OmegaConf.to_container(OmegaConf.load(path / "config.yaml").model, resolve=True)
-    cfg["rope_theta"] = float(meta["rope_theta"])  # the stage's base, as the HF export would carry it
-    from train.engine import safe_torch_load  # DeepSpeed's files, loaded without running pickled code
+    model = _checkpoint_model(path)
+    from train.engine import CheckpointLoadError, safe_torch_load  # DeepSpeed's files, without running pickles
 
-    with safe_torch_load():
-        if meta.get("zero_stage") == 3:  # parameters are partitioned: DeepSpeed's own consolidation
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    try:
+        with safe_torch_load():
+            if meta.get("zero_stage") == 3:  # parameters are partitioned: DeepSpeed's own consolidation
+                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-        else:
-            state = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
-    with torch.device("meta"):
-        model = Qwen3ForCausalLM(cfg)
+                state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+            else:
+                state = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
+                if meta.get("expert_parallel_size", 1) > 1:  # the experts are in files of their own
+                    from train.expert_parallel import read_expert_files
+
+                    state.update(read_expert_files(path, model))
+    except (FileNotFoundError, CheckpointLoadError) as e:
+        raise EvalError(f"{path}: cannot load the checkpoint ({e})") from None
     model.to_empty(device="cpu")  # allocates, rebuilds the RoPE tables and re-ties the head
     model.load_state_dict(state)
     return model.to(device=device, dtype=dtype).eval()
