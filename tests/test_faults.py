@@ -227,6 +227,23 @@ def test_loss_spike_rolls_back_and_skips_the_batch(data_root, tmp_path_factory, 
         assert got[("general", s)]["loss"] != ref[("general", s)]["loss"]
 
 
+def test_a_spike_at_a_stages_last_step_ends_the_stage(data_root, tmp_path):
+    """The skipped batch is the stage's last step: the stage still ends (its checkpoint, its export) and the
+    next one starts. It re-entered the finished stage forever, writing stage_start records without end."""
+    overrides = ["model=tiny_dense", "eval.enabled=false", "deepspeed=zero1", "curriculum.stages.general.tokens=8192",
+                 "faults.spike_factor=3", "faults.spike_window=5", "faults.spike_min_history=3",
+                 "curriculum.stages.general.checkpoint_every=2", "curriculum.order=[general,reasoning]",
+                 "curriculum.stages.reasoning.tokens=2048", "faults.spike_action=rollback", f"run_dir={tmp_path}"]
+    proc = run_train([*SMOKE, *overrides], env=inject("spike@general:8"), timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    recs = records(tmp_path)
+    assert [r["step"] for r in recs if r.get("event") == "skipped_batch"] == [8]
+    assert [r["stage"] for r in recs if r.get("event") == "stage_start"] == ["general", "general", "reasoning"]
+    assert [r["stage"] for r in recs if r.get("event") == "stage_end"] == ["general", "reasoning"]
+    assert (tmp_path / "checkpoints" / "0-general-step0000008").is_dir() and (tmp_path / "hf" / "general").is_dir()
+    assert [r["step"] for r in steps(tmp_path) if r["stage"] == "reasoning"] == [1, 2]
+
+
 def test_rollback_after_a_world_size_change_reads_the_old_layout_again(data_root, tmp_path):
     """A spike right after a re-sharded resume rolls back to the checkpoint the *earlier* launch wrote (2 ranks)
     from this 1-process launch: the rollback goes through the re-sharded copy too."""

@@ -461,7 +461,7 @@ class Trainer:
 
     def _run_stage(self, stage: StageConfig, plan: StagePlan) -> Optional[int]:
         """Train one stage to its end; returns an exit code if the launch must stop early, else None."""
-        cfg, state, info = self.cfg, self.state, self.info
+        cfg, state = self.cfg, self.state
         stream = self._enter_stage(stage, plan, fresh=state.step == 0)
         spikes = SpikeDetector(cfg.faults.spike_factor, cfg.faults.spike_window, cfg.faults.spike_min_history,
                                state.loss_history)
@@ -470,27 +470,14 @@ class Trainer:
                 self._evaluate(stage)
             step = state.step + 1  # 1-based, as logged
             first_sample = state.step * plan.samples_per_step
-            if f"{stage.name}:{step}" in state.skip_steps:
+            if f"{stage.name}:{step}" in state.skip_steps:  # a rolled-back spike's batch: the step passes untrained
                 self._advance(plan)
                 self.metrics.log({"event": "skipped_batch", "stage": stage.name, "step": step,
                                   "global_step": state.global_step, "time": time.time(),
                                   "samples": [first_sample, first_sample + plan.samples_per_step]})
-                continue
-            inject("kill", stage.name, step, info.rank)
-            inject("sigusr1", stage.name, step, info.rank)
-            self.profiler.begin(state.global_step + 1)
-            lr = lr_at(stage.lr, state.step, plan.steps)
-            result = self._train_step(stage, plan, stream, lr)
-            self._log_profile(self.profiler.end(state.global_step))
-            loss, preempt = result.loss, result.preempt
-            self._count_skip(stage, step, result)
-            if state.step % cfg.logging.log_every == 0 or state.step == plan.steps:
-                self._log_step(stage, plan, stream, lr, result, first_sample)
-            if result.applied and math.isfinite(loss):
-                median = spikes.check(loss)
-                state.loss_history = list(spikes.history)
-                if median is not None:
-                    self._on_spike(stage, step, loss, median, first_sample, plan)
+                preempt = False  # the ranks agree on it in a trained step's all-reduce; the next one reads it
+            else:
+                preempt = self._step_and_watch(stage, plan, stream, spikes, step, first_sample)
             last = state.step == plan.steps
             if last:
                 self._stop_profiler()  # a range across the stage switch would record the stage-end work
@@ -510,6 +497,27 @@ class Trainer:
             if stop:
                 return 0
         return None
+
+    def _step_and_watch(self, stage: StageConfig, plan: StagePlan, stream: StageStream, spikes: SpikeDetector,
+                        step: int, first_sample: int) -> bool:
+        """Train step `step`, log it, and watch its loss for a spike (which may roll back); returns whether a
+        rank asked for preemption."""
+        cfg, state, info = self.cfg, self.state, self.info
+        inject("kill", stage.name, step, info.rank)
+        inject("sigusr1", stage.name, step, info.rank)
+        self.profiler.begin(state.global_step + 1)
+        lr = lr_at(stage.lr, state.step, plan.steps)
+        result = self._train_step(stage, plan, stream, lr)
+        self._log_profile(self.profiler.end(state.global_step))
+        self._count_skip(stage, step, result)
+        if state.step % cfg.logging.log_every == 0 or state.step == plan.steps:
+            self._log_step(stage, plan, stream, lr, result, first_sample)
+        if result.applied and math.isfinite(result.loss):
+            median = spikes.check(result.loss)
+            state.loss_history = list(spikes.history)
+            if median is not None:
+                self._on_spike(stage, step, result.loss, median, first_sample, plan)
+        return result.preempt
 
     def _train_step(self, stage: StageConfig, plan: StagePlan, stream: StageStream, lr: float) -> StepResult:
         """One optimizer step: every micro-batch of this rank, the update, the step's one all-reduce of the
