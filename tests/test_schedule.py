@@ -24,6 +24,20 @@ def test_decay_phase_ends_exactly_on_final():
     assert got[5] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
 
 
+def test_a_decay_over_the_whole_stage_starts_after_the_warmup():
+    """decay_frac 1.0 with a warmup (say, a Reasoning stage started from an HF export with fresh AdamW moments):
+    the decay runs over the steps after the warmup. It overlapped it, and the LR fell from the peak to
+    0.55 x peak in one step at the warmup's end."""
+    lr = LRConfig(peak=1.0, final=0.1, warmup_steps=5, warmup_start=0.0, decay_frac=1.0, decay_style="linear")
+    got = [lr_at(lr, s, 10) for s in range(10)]
+    assert got[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert got[5:] == pytest.approx([1.0 - 0.9 * k / 5 for k in range(1, 6)])  # 0.82 ... 0.1, from the peak
+    assert got[-1] == pytest.approx(0.1)
+    # a decay that fits after the warmup is left as it is
+    fits = LRConfig(peak=1.0, final=0.1, warmup_steps=2, decay_frac=0.5, decay_style="linear")
+    assert [lr_at(fits, s, 10) for s in range(4, 10)] == pytest.approx([1.0, 0.82, 0.64, 0.46, 0.28, 0.1])
+
+
 def test_reasoning_stage_decays_faster_than_general():
     general = LRConfig(peak=3e-4, final=3e-5, warmup_steps=0, decay_frac=0.1)
     reasoning = LRConfig(peak=3e-4, final=3e-5, warmup_steps=0, decay_frac=1.0)

@@ -69,6 +69,16 @@ def test_any_key_overrides():
     (["logging.profile.start_step=-1"], 1, "logging.profile.start_step' = -1"),
     (["logging.profile.num_steps=0"], 1, "logging.profile.num_steps' = 0"),
     (["logging.expert_load_every=-1"], 1, "logging.expert_load_every' = -1"),
+    (["curriculum.stages.reasoning.lr.final=1.0"], 1, "curriculum.stages.reasoning.lr.final' = 1.0"),  # LR rose
+    (["curriculum.stages.general.lr.peak=-0.003"], 1, "curriculum.stages.general.lr.peak' = -0.003"),  # ascent
+    (["curriculum.stages.general.lr.warmup_start=-1"], 1, "curriculum.stages.general.lr.warmup_start"),
+    (["curriculum.stages.general.checkpoint_every=-1"], 1, "curriculum.stages.general.checkpoint_every"),
+    (["optim.weight_decay=-0.1"], 1, "optim.weight_decay' = -0.1"),
+    (["optim.betas=[0.9,1.5]"], 1, "optim.betas' = [0.9, 1.5]"),
+    (["optim.betas=[0.9]"], 1, "optim.betas' = [0.9]"),
+    (["optim.eps=-1"], 1, "optim.eps"),
+    (["deepspeed.grad_clip=-1"], 1, "deepspeed.grad_clip' = -1.0"),
+    (["logging.log_every=0"], 1, "logging.log_every' = 0"),
 ])
 def test_inconsistent_values_name_the_key(overrides, world, key):
     cfg = compose_cfg(overrides)

@@ -8,6 +8,7 @@ and names the offending key.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -31,7 +32,7 @@ class LRConfig:
     final: float = 3e-5  # LR reached at the end of the decay phase (the last step of the stage)
     warmup_steps: int = 0  # linear warmup from `warmup_start` to `peak` over the first steps of the stage
     warmup_start: float = 0.0  # the ramp's origin: step k < warmup_steps gets start + (peak - start)(k+1)/warmup_steps
-    decay_frac: float = 0.0  # fraction of the stage's steps spent decaying peak -> final (1.0 = decay all along)
+    decay_frac: float = 0.0  # fraction of the stage's steps spent decaying peak -> final (1.0 = all after warmup)
     decay_style: str = "cosine"  # cosine | linear | sqrt
 
 
@@ -259,6 +260,15 @@ def plan_stage(stage: StageConfig, key: str, dp_world: int) -> StagePlan:
         _fail(f"{key}.lr.decay_style", lr.decay_style, "must be cosine, linear or sqrt")
     if lr.warmup_steps < 0 or lr.warmup_steps > steps:
         _fail(f"{key}.lr.warmup_steps", lr.warmup_steps, f"must lie in [0, {steps}] (the stage's steps)")
+    if not (math.isfinite(lr.peak) and lr.peak > 0):
+        _fail(f"{key}.lr.peak", lr.peak, "must be a positive learning rate")
+    if not (math.isfinite(lr.final) and 0 <= lr.final <= lr.peak):
+        _fail(f"{key}.lr.final", lr.final, f"must lie in [0, {key}.lr.peak={lr.peak}] (the decay goes down)")
+    if not (math.isfinite(lr.warmup_start) and lr.warmup_start >= 0):
+        _fail(f"{key}.lr.warmup_start", lr.warmup_start, "must be >= 0")
+    for name in ("checkpoint_every", "eval_every"):
+        if getattr(stage, name) < 0:
+            _fail(f"{key}.{name}", getattr(stage, name), "must be >= 0 (0: never)")
     if stage.rope_theta <= 0:
         _fail(f"{key}.rope_theta", stage.rope_theta, "must be positive")
     return StagePlan(stage.name, steps, samples, samples // per_pass, stage.micro_batch_size, stage.seq_len)
@@ -393,6 +403,17 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int) -> List[StagePlan]:
         _fail("dist.timeout_s", cfg.dist.timeout_s, "must be positive")
     if cfg.checkpoint.keep < 1:
         _fail("checkpoint.keep", cfg.checkpoint.keep, "must keep at least one checkpoint")
+    if cfg.logging.log_every < 1:
+        _fail("logging.log_every", cfg.logging.log_every, "must be at least 1")
+    opt = cfg.optim
+    if len(opt.betas) != 2 or not all(0.0 <= b < 1.0 for b in opt.betas):
+        _fail("optim.betas", list(opt.betas), "must be two values in [0, 1), e.g. [0.9, 0.95]")
+    if not (math.isfinite(opt.eps) and opt.eps > 0):
+        _fail("optim.eps", opt.eps, "must be positive")
+    if not (math.isfinite(opt.weight_decay) and opt.weight_decay >= 0):
+        _fail("optim.weight_decay", opt.weight_decay, "must be >= 0")
+    if not (math.isfinite(ds.grad_clip) and ds.grad_clip >= 0):
+        _fail("deepspeed.grad_clip", ds.grad_clip, "must be >= 0 (0: no clipping)")
 
     cur = cfg.curriculum
     if not cur.order:
