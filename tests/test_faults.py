@@ -242,6 +242,9 @@ def test_a_spike_at_a_stages_last_step_ends_the_stage(data_root, tmp_path):
     assert [r["stage"] for r in recs if r.get("event") == "stage_end"] == ["general", "reasoning"]
     assert (tmp_path / "checkpoints" / "0-general-step0000008").is_dir() and (tmp_path / "hf" / "general").is_dir()
     assert [r["step"] for r in steps(tmp_path) if r["stage"] == "reasoning"] == [1, 2]
+    # the spike window starts empty in a new stage (General's losses are no baseline for Reasoning's)
+    meta = json.loads((tmp_path / "checkpoints" / "1-reasoning-step0000002" / "meta.json").read_text())
+    assert meta["state"]["loss_history"] == [r["loss"] for r in steps(tmp_path) if r["stage"] == "reasoning"]
 
 
 def test_rollback_after_a_world_size_change_reads_the_old_layout_again(data_root, tmp_path):

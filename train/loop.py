@@ -382,6 +382,7 @@ class Trainer:
                 state.stage_index += 1
                 state.step = state.consumed_samples = 0
                 state.stage_complete = False
+                state.loss_history = []  # the new stage's loss has its own level (other data, length): a new window
             if state.stage_index >= len(cfg.curriculum.order):
                 if self.steps_this_launch == 0 and self.info.rank == 0:  # a relaunch of a finished run
                     print(f"[tristage] the curriculum is complete ({self.checkpoints.latest()}); nothing to do",
