@@ -195,10 +195,12 @@ def test_expert_parallel_conversion_reassembles_every_expert(data_root, tmp_path
     from train.reshard import convert_expert_parallel
 
     run_dir = ten_steps(tmp_path_factory, 4, "zero1", 2)
-    convert_expert_parallel(run_dir / "checkpoints" / "0-general-step0000010", tmp_path / "u", 2, 4)
+    ckpt = run_dir / "checkpoints" / "0-general-step0000010"
+    convert_expert_parallel(ckpt, tmp_path / "u", 2, 4)
     exported = hf_weights(run_dir)
     zero = tmp_path / "u" / "zero"
     names = sorted(p.name for p in zero.iterdir() if p.is_dir())
+    moments = {}
     assert len(names) == 4 * 11 + 3  # every parameter once: 11 per layer, embedding, final norm, head
     for name in names:
         fp32 = torch.load(zero / name / "fp32.pt", weights_only=True)["param"]
@@ -214,9 +216,22 @@ def test_expert_parallel_conversion_reassembles_every_expert(data_root, tmp_path
         else:
             assert torch.equal(fp32, exported[name]), name
         for key in ("exp_avg", "exp_avg_sq"):
-            moment = torch.load(zero / name / f"{key}.pt", weights_only=True)["param"]
-            assert moment.shape == fp32.shape and moment.abs().sum() > 0, (name, key)
+            moments[name, key] = torch.load(zero / name / f"{key}.pt", weights_only=True)["param"]
+            assert moments[name, key].shape == fp32.shape, (name, key)
     assert not (tmp_path / "u" / "tmp").exists()
+    # each moment is the one saved (not merely nonzero: swapped moments had the right shape): rank 0 holds the
+    # start of every flat partition it is in (position 0, expert-parallel rank 0), so each of its fragments is the
+    # first `numel` values of a parameter's whole tensor
+    with safe_torch_load():
+        sd = torch.load(ckpt / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=True)["optimizer_state_dict"]
+    checked = set()
+    for g, mapping in enumerate(sd["param_slice_mappings"]):
+        for name, frag in mapping.items():
+            for key in ("exp_avg", "exp_avg_sq"):
+                saved = sd["base_optimizer_state"]["state"][g][key].narrow(0, frag.start, frag.numel)
+                assert torch.equal(moments[name, key].flatten()[:frag.numel], saved), (name, key)
+            checked.add(name)
+    assert any(".experts." in n for n in checked) and any(".experts." not in n for n in checked), checked
 
 
 @pytest.mark.slow
