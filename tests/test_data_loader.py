@@ -103,7 +103,10 @@ def test_two_ranks_together_see_exactly_the_single_rank_stream(manifest):
         assert torch.equal(combined, single)
 
 
-def test_resume_mid_stage_continues_the_same_stream(manifest):
+def test_a_new_stream_reads_the_same_batches_at_the_same_indices(manifest):
+    """A relaunch builds a new StageStream: from step 5's indices it reads what the first one read there (the
+    loader holds no state but the index). It computes the indices as read_steps always does, so it says nothing
+    of where the trainer resumes; test_faults' relaunch tests compare whole runs' losses for that."""
     full = read_steps(stream(manifest), steps=10, world=2, mb=4, accum=1)
     resumed = read_steps(stream(manifest), steps=5, world=2, mb=4, accum=1, start_step=5)  # a new process
     for key, v in resumed.items():

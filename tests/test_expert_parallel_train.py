@@ -24,7 +24,8 @@ from trainutil import SMOKE, losses, records, run_train, steps
 TEN_STEPS = [*SMOKE, "model=tiny_moe", "eval.enabled=false", "curriculum.order=[general]",
              "curriculum.stages.general.tokens=10240", "curriculum.stages.general.lr.peak=3e-4",
              "curriculum.stages.general.lr.final=3e-4", "optim.eps=1e-6",
-             "logging.expert_load_every=1"]  # every step's table, to compare layouts step by step
+             "logging.expert_load_every=1",  # every step's table, to compare layouts step by step
+             "curriculum.stages.general.checkpoint_every=5"]  # step 5 stays (keep=2): the resume tests start there
 TOL = 1e-5
 _runs: Dict[str, Path] = {}
 
@@ -39,6 +40,22 @@ def ten_steps(tmp_path_factory, nproc: int, zero: str, ep: int) -> Path:
         assert proc.returncode == 0, proc.stdout[-4000:]
         _runs[key] = run_dir
     return _runs[key]
+
+
+def stopped_at_step5(tmp_path_factory, nproc: int, zero: str, ep: int, dest: Path) -> Path:
+    """A copy of that layout's ten-step run as a launch with max_steps=5 would have left it: the step-5 checkpoint
+    as `latest`, the metrics up to step 5, and neither the step-10 checkpoint nor the HF export (which a resume
+    must write itself). The same launch's numbers: a periodic save at step 5 is the save max_steps=5 makes."""
+    shutil.copytree(ten_steps(tmp_path_factory, nproc, zero, ep), dest)
+    ckpts = dest / "checkpoints"
+    shutil.rmtree(ckpts / "0-general-step0000010")
+    shutil.rmtree(dest / "hf")
+    (ckpts / "latest").write_text("0-general-step0000005")
+    lines = (dest / "metrics.jsonl").read_text().splitlines(keepends=True)
+    step6 = next(i for i, line in enumerate(lines) if (r := json.loads(line)).get("step") == 6 and "event" not in r)
+    (dest / "metrics.jsonl").write_text("".join(lines[:step6]))
+    assert [r["step"] for r in steps(dest)] == [1, 2, 3, 4, 5]
+    return dest
 
 
 def hf_weights(run_dir: Path, stage: str = "general") -> Dict[str, torch.Tensor]:
@@ -162,11 +179,8 @@ def test_resume_under_ep_is_exact_and_other_layouts_are_resharded(data_root, tmp
     """Stopped at step 5 under EP = 2 on 2 ranks: the same layout resumes bit for bit; EP = 1 re-shards the
     experts and their AdamW state (to rounding); ZeRO-3, which EP checkpoints cannot reach, is refused."""
     reference = ten_steps(tmp_path_factory, 2, "zero2", 2)
-    run_dir = tmp_path / "resumed"
+    run_dir = stopped_at_step5(tmp_path_factory, 2, "zero2", 2, tmp_path / "resumed")
     base = [*TEN_STEPS, f"run_dir={run_dir}"]
-    proc = run_train([*base, "deepspeed=zero2", "expert_parallel_size=2", "max_steps=5"], nproc=2)
-    assert proc.returncode == 0, proc.stdout[-4000:]
-    assert len(steps(run_dir)) == 5
     shutil.copytree(run_dir, tmp_path / "to_ep1")
 
     saved = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
@@ -217,10 +231,7 @@ def test_zero2_offload_under_ep_trains_and_reshards(data_root, tmp_path_factory,
 def test_ep1_checkpoint_resumes_under_ep2_and_zero1(data_root, tmp_path_factory, tmp_path):
     """The other direction: experts saved inside the dense ZeRO-2 groups, resumed under EP = 2 and ZeRO-1."""
     reference = ten_steps(tmp_path_factory, 2, "zero2", 1)
-    run_dir = tmp_path / "run"
-    proc = run_train([*TEN_STEPS, f"run_dir={run_dir}", "deepspeed=zero2", "expert_parallel_size=1",
-                      "max_steps=5"], nproc=2)
-    assert proc.returncode == 0, proc.stdout[-4000:]
+    run_dir = stopped_at_step5(tmp_path_factory, 2, "zero2", 1, tmp_path / "run")
     proc = run_train([*TEN_STEPS, f"run_dir={run_dir}", "deepspeed=zero1", "expert_parallel_size=2"], nproc=2)
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert [r["resharded"] for r in resume_records(run_dir)] == [True]
@@ -239,10 +250,12 @@ def test_expert_parallel_conversion_reassembles_every_expert(data_root, tmp_path
     from train.reshard import convert_expert_parallel
 
     run_dir = ten_steps(tmp_path_factory, 4, "zero1", 2)
-    convert_expert_parallel(run_dir / "checkpoints" / "0-general-step0000010", tmp_path / "u", 2, 4)
+    ckpt = run_dir / "checkpoints" / "0-general-step0000010"
+    convert_expert_parallel(ckpt, tmp_path / "u", 2, 4)
     exported = hf_weights(run_dir)
     zero = tmp_path / "u" / "zero"
     names = sorted(p.name for p in zero.iterdir() if p.is_dir())
+    moments = {}
     assert len(names) == 4 * 11 + 3  # every parameter once: 11 per layer, embedding, final norm, head
     for name in names:
         fp32 = torch.load(zero / name / "fp32.pt", weights_only=True)["param"]
@@ -258,9 +271,22 @@ def test_expert_parallel_conversion_reassembles_every_expert(data_root, tmp_path
         else:
             assert torch.equal(fp32, exported[name]), name
         for key in ("exp_avg", "exp_avg_sq"):
-            moment = torch.load(zero / name / f"{key}.pt", weights_only=True)["param"]
-            assert moment.shape == fp32.shape and moment.abs().sum() > 0, (name, key)
+            moments[name, key] = torch.load(zero / name / f"{key}.pt", weights_only=True)["param"]
+            assert moments[name, key].shape == fp32.shape, (name, key)
     assert not (tmp_path / "u" / "tmp").exists()
+    # each moment is the one saved (not merely nonzero: swapped moments had the right shape): rank 0 holds the
+    # start of every flat partition it is in (position 0, expert-parallel rank 0), so each of its fragments is the
+    # first `numel` values of a parameter's whole tensor
+    with safe_torch_load():
+        sd = torch.load(ckpt / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=True)["optimizer_state_dict"]
+    checked = set()
+    for g, mapping in enumerate(sd["param_slice_mappings"]):
+        for name, frag in mapping.items():
+            for key in ("exp_avg", "exp_avg_sq"):
+                saved = sd["base_optimizer_state"]["state"][g][key].narrow(0, frag.start, frag.numel)
+                assert torch.equal(moments[name, key].flatten()[:frag.numel], saved), (name, key)
+            checked.add(name)
+    assert any(".experts." in n for n in checked) and any(".experts." not in n for n in checked), checked
 
 
 @pytest.mark.slow

@@ -642,6 +642,48 @@ def test_recover_puts_back_a_copy_moved_aside_and_agrees_on_a_fallback(tmp_path,
     assert CheckpointManager(tmp_path, keep=2, rank=1).latest() == "0-general-step0000001"
 
 
+def test_resave_of_a_tag_keeps_the_old_copy_until_the_new_one_is_published(tmp_path, monkeypatch):
+    """save() itself, re-saving a tag that exists: a failure after the old folder is moved aside but before the
+    new one is renamed into place must leave the old copy on disk (not deleted first), and recover() puts it back.
+    The engine is a stand-in: what is under test is the folder dance, not DeepSpeed's files."""
+    from train.checkpoint import CheckpointError, CheckpointManager, TrainerState
+
+    class Engine:
+        def __init__(self, payload):
+            self.payload = payload
+
+        def save(self, save_dir, tag, client_state):
+            (Path(save_dir) / tag / "weights").write_text(self.payload)
+
+    manager = CheckpointManager(tmp_path, keep=2, rank=0)
+    tag, state = "0-general-step0000002", TrainerState(stage="general", step=2, global_step=2)
+    final = manager.save(Engine("old"), tag, state, meta={}, config_yaml="")
+    assert (final / "weights").read_text() == "old"
+
+    real_replace, publish = os.replace, manager.dir / ".tmp" / tag
+
+    def replace_fails_on_publish(src, dst):
+        if Path(src) == publish:
+            raise OSError(5, "Input/output error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_fails_on_publish)
+    # the cause and the pointer as it stands (the message resolved `latest`, which raised about the missing tag)
+    with pytest.raises(CheckpointError, match=f"publishing checkpoint '{tag}' failed .*Input/output error.*"
+                                              f"'latest' still names '{tag}'"):
+        manager.save(Engine("new"), tag, state, meta={}, config_yaml="")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert not final.exists()  # the failure fell between the two renames
+    assert (manager.dir / f".replaced-{tag}" / "weights").read_text() == "old"
+    manager.recover()
+    assert manager.latest() == tag and (final / "weights").read_text() == "old"
+    assert not any(p.name.startswith(".replaced-") for p in manager.dir.iterdir())
+
+    manager.save(Engine("new"), tag, state, meta={}, config_yaml="")  # a re-save that completes replaces it
+    assert (final / "weights").read_text() == "new"
+    assert not (manager.dir / f".replaced-{tag}").exists()
+
+
 def test_secret_overrides_are_parsed_as_hydra_does_and_hydra_keys_stay_hydras():
     """Values applied after Hydra must read as Hydra reads them (`null` was the string 'null', which then replaced
     a real WANDB_API_KEY); `hydra.job.env_set.WANDB_API_KEY=...` is Hydra's own and was swallowed."""

@@ -49,3 +49,32 @@ def test_styles_hit_both_ends(style):
     lr = LRConfig(peak=2.0, final=0.5, warmup_steps=0, decay_frac=1.0, decay_style=style)
     assert lr_at(lr, 99, 100) == pytest.approx(0.5)
     assert 0.5 < lr_at(lr, 0, 100) <= 2.0
+
+
+@pytest.mark.parametrize(
+    "style, shape",
+    [
+        ("linear", lambda p: 1 - p),
+        ("sqrt", lambda p: 1 - math.sqrt(p)),
+        ("cosine", lambda p: 0.5 * (1 + math.cos(math.pi * p))),
+    ],
+)
+def test_each_style_follows_its_formula_inside_the_decay(style, shape):
+    # the endpoints agree for every style; an interior step tells them apart (sqrt at 1/4: 0.5 vs linear's 0.75)
+    lr = LRConfig(peak=2.0, final=0.5, warmup_steps=0, decay_frac=1.0, decay_style=style)
+    for step in (24, 49, 74):  # progress (step + 1) / 100
+        assert lr_at(lr, step, 100) == pytest.approx(0.5 + 1.5 * shape((step + 1) / 100), rel=1e-12)
+
+
+def test_warmup_ramps_from_warmup_start():
+    lr = LRConfig(peak=1.0, final=0.1, warmup_steps=4, warmup_start=0.2, decay_frac=0.0)
+    got = [lr_at(lr, s, 10) for s in range(5)]
+    assert got == pytest.approx([0.4, 0.6, 0.8, 1.0, 1.0])  # 0.2 + 0.8 (k + 1) / 4
+
+
+def test_decay_length_rounds_to_nearest_step():
+    # 0.27 * 10 = 2.7 decay steps rounds to 3 (truncating would give 2 and a longer stable phase)
+    lr = LRConfig(peak=1.0, final=0.0, warmup_steps=0, decay_frac=0.27, decay_style="linear")
+    got = [lr_at(lr, s, 10) for s in range(10)]
+    assert got[:7] == [1.0] * 7
+    assert got[7:] == pytest.approx([2 / 3, 1 / 3, 0.0])

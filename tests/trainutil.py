@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["experiment=smoke"]
-# the one-process dense smoke run several tests share (smoke_run key "dense1"); it also records steps 3-4 under
+# the one-process dense smoke run several tests share (smoke_run "dense1"); it also records steps 3-4 under
 # torch.profiler, and its golden loss file shows that the profiler changes no number
 DENSE1 = ["model=tiny_dense", "logging.profile.start_step=3"]
 
@@ -88,13 +88,24 @@ def losses(run_dir: Path) -> Dict[Tuple[str, int], Tuple[float, float]]:
     return {(r["stage"], r["step"]): (r["loss"], r["grad_norm"]) for r in steps(run_dir)}
 
 
-_RUNS: Dict[str, Path] = {}
+_RUNS: Dict[Tuple[Tuple[str, ...], int], Path] = {}
 
 
-def smoke_run(tmp_path_factory, key: str, overrides: Sequence[str], nproc: int = 1) -> Path:
-    """Run the smoke curriculum once per test session for each key and return its run directory."""
+def run_key(overrides: Sequence[str], nproc: int) -> Tuple[Tuple[str, ...], int]:
+    """What decides a smoke run: its overrides, the last for each config key as Hydra takes them, in any order."""
+    last = {o.split("=", 1)[0]: o for o in overrides}
+    return tuple(sorted(last.values())), nproc
+
+
+def smoke_run(tmp_path_factory, name: str, overrides: Sequence[str], nproc: int = 1) -> Path:
+    """Run the smoke curriculum once per test session for each config and return its run directory.
+
+    Tests that ask for the same overrides on the same number of ranks share one run (`name` only labels its
+    folder), so a test must not write into the directory it gets: copy it first.
+    """
+    key = run_key(overrides, nproc)
     if key not in _RUNS:
-        run_dir = tmp_path_factory.mktemp(key)
+        run_dir = tmp_path_factory.mktemp(name)
         proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides], nproc=nproc)
         assert proc.returncode == 0, proc.stdout[-4000:]
         _RUNS[key] = run_dir

@@ -201,8 +201,12 @@ class CheckpointManager:
             except OSError as e:
                 ok, err = False, f"{final}: {e}"
         if not all_ok(ok):
+            # the pointer as written, not latest(): a re-save that failed here has moved the tag it names aside
+            # (recover() puts it back), and latest() would raise over that instead of reporting this failure
+            pointer = self.dir / "latest"
+            named = pointer.read_text().strip() if pointer.exists() else None
             raise CheckpointError(f"publishing checkpoint '{tag}' failed ({err or 'on rank 0'}); "
-                                  f"'latest' still names '{self.latest()}'")
+                                  f"'latest' still names '{named}'")
         return final
 
     def _retain(self, protect: str) -> None:
