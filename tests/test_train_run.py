@@ -274,6 +274,11 @@ def test_start_at_a_later_stage_from_an_hf_export(data_root, tmp_path_factory, t
     assert got[("long_context", 1)][0] == pytest.approx(losses(full)[("long_context", 1)][0], rel=1e-6)
     starts = [r for r in records(run_dir) if r.get("event") == "stage_start"]
     assert [(r["stage"], r["rope_theta"]) for r in starts] == [("long_context", 1e6)]
+    # where the weights came from is in the log, not only in config.yaml
+    assert [(r["stage"], r["weights"]) for r in records(run_dir) if r.get("event") == "init_from"] == [
+        ("long_context", str(full / "hf" / "reasoning"))]
+    # the fixture tokenizer has 1,024 ids, tiny_dense 8,192 embedding rows: said once, with the size that fits
+    assert proc.stdout.count("7,168 embedding rows no token reaches") == 1 and "model.vocab_size=1024 would" in proc.stdout
 
 
 def test_weights_of_another_tokenizer_or_too_few_embedding_rows_are_refused(data_root, tmp_path_factory, tmp_path):

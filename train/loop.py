@@ -163,6 +163,14 @@ class Trainer:
         if self.tokenizer.vocab_size > cfg.model.vocab_size:  # before the data check, which would blame a shard
             raise ConfigError(f"config key 'model.vocab_size' = {cfg.model.vocab_size}: smaller than the "
                               f"tokenizer's {self.tokenizer.vocab_size} tokens ({self.tokenizer.path})")
+        unused = cfg.model.vocab_size - self.tokenizer.vocab_size
+        if unused > 0.1 * cfg.model.vocab_size and info.rank == 0:  # padding to a multiple of 128 is < 1%
+            share = unused * cfg.model.hidden_size * (1 if cfg.model.tie_word_embeddings else 2)
+            print(f"[tristage] warning: model.vocab_size={cfg.model.vocab_size} for a tokenizer of "
+                  f"{self.tokenizer.vocab_size} ids: {unused:,} embedding rows no token reaches "
+                  f"({share / count_parameters(cfg.model).total:.0%} of the parameters); "
+                  f"model.vocab_size={-(-self.tokenizer.vocab_size // 128) * 128} would fit it", file=sys.stderr,
+                  flush=True)
 
         def check_data() -> Dict[str, Any]:
             return verify(self.manifest, tokenizer_fingerprint=self.tokenizer.fingerprint,
@@ -202,7 +210,7 @@ class Trainer:
             check_resumable(meta, cfg, plans, self.data_manifest, str(self.checkpoints.dir / latest))
             reshard = self._needs_reshard(meta, self.checkpoints.dir / latest)  # refuses what cannot be, early
         elif cfg.init_from:
-            self._init_weights_from(cfg.init_from)
+            self._init_weights_from(cfg.init_from)  # logged as an `init_from` event below
         self.engine = Engine(self.model, cfg, plans[0], info)
         self.module = self.engine.module
         if self._init_checkpoint is not None:
@@ -226,9 +234,14 @@ class Trainer:
         self.metrics.log({"event": "model", "parameters": count_parameters(cfg.model).total,
                           "elements_per_rank": held, "partitioned_init": partitioned_init(cfg), "time": time.time()})
         if latest is not None:
+            # stage and step are the checkpoint's; stage_complete: the launch goes on with the next stage
             self.metrics.log({"event": "resume", "stage": self.state.stage, "global_step": self.state.global_step,
-                              "checkpoint": latest, "world_size": info.world_size,
-                              "saved_world_size": meta.get("world_size"), "resharded": reshard, "time": time.time()})
+                              "stage_complete": self.state.stage_complete, "checkpoint": latest,
+                              "world_size": info.world_size, "saved_world_size": meta.get("world_size"),
+                              "resharded": reshard, "time": time.time()})
+        elif cfg.init_from:
+            self.metrics.log({"event": "init_from", "stage": self.state.stage, "weights": str(cfg.init_from),
+                              "time": time.time()})
 
     # ------------------------------------------------------------------ set-up helpers
     def _load_checkpoint(self, tag: str) -> TrainerState:
