@@ -46,6 +46,8 @@ def test_any_key_overrides():
 @pytest.mark.parametrize("overrides, world, key", [
     (["curriculum.stages.general.global_batch_tokens=16000"], 1, "curriculum.stages.general.global_batch_tokens"),
     (["curriculum.stages.general.global_batch_tokens=16384"], 3, "curriculum.stages.general.global_batch_tokens"),
+    (["curriculum.stages.general.global_batch_tokens=16384"], 8, "curriculum.stages.general.micro_batch_size=8 "
+                                                                 "divides it"),  # 64 sequences, micro-batch 16
     (["model=tiny_moe", "expert_parallel_size=3"], 3, "expert_parallel_size"),
     (["model=tiny_moe", "expert_parallel_size=2"], 3, "expert_parallel_size"),
     (["expert_parallel_size=2"], 2, "expert_parallel_size"),  # the demo model is dense

@@ -247,9 +247,12 @@ def plan_stage(stage: StageConfig, key: str, dp_world: int) -> StagePlan:
     samples = stage.global_batch_tokens // stage.seq_len
     per_pass = stage.micro_batch_size * dp_world
     if samples % per_pass:
+        fits = [m for m in range(stage.micro_batch_size, 0, -1) if samples % (m * dp_world) == 0]
+        hint = (f"{key}.micro_batch_size={fits[0]} divides it (a mid-stage relaunch cannot change the global "
+                f"batch, but can the micro-batch)" if fits else f"no micro-batch does on {dp_world} ranks: fewer ranks")
         _fail(f"{key}.global_batch_tokens", stage.global_batch_tokens,
               f"{samples} sequences per step are not divisible by micro_batch_size x data-parallel ranks "
-              f"= {stage.micro_batch_size} x {dp_world}")
+              f"= {stage.micro_batch_size} x {dp_world}; {hint}")
     steps = stage.tokens // stage.global_batch_tokens
     if steps < 1:
         _fail(f"{key}.tokens", stage.tokens, f"below one optimizer step of {stage.global_batch_tokens} tokens")
