@@ -28,8 +28,12 @@ def test_stage_end_suite_runs_inside_training(run_dir):
     suites = [r for r in recs if r.get("event") == "eval_suite"]
     assert [r["stage"] for r in suites] == STAGES
     assert [r["global_step"] for r in suites] == [4, 6, 8]  # right after each stage's last step
+    evals = {r["global_step"]: r for r in recs if r.get("event") == "eval"}
     for r in suites:
         assert 0.0 <= r["reasoning_accuracy"] <= 1.0 and r["heldout_ppl_geomean"] > 1.0
+        # the suite's perplexity (on the export) is the loop's (on the training model) at that step: one name,
+        # one number (they used 512 and 1,024 tokens per held-out text)
+        assert r["heldout_ppl_geomean"] == pytest.approx(evals[r["global_step"]]["heldout_ppl_geomean"], rel=1e-4)
         assert set(r["passkey"]) == {"plain", "yarn", "dca"}
     # loss at 4x the General length (4 x 64) after every stage; at 4x Long Context (4 x 256) in every mode
     assert set(suites[0]["loss_beyond"]) == {"plain@256", "yarn@256", "dca@256"}

@@ -49,6 +49,13 @@ def make_eval_batches(sets: Dict[str, np.ndarray], seq_len: int, max_tokens: int
     return languages, batches
 
 
+def first_languages(sets: Dict[str, np.ndarray], n: int) -> Dict[str, np.ndarray]:
+    """The per-component sets ("udhr/fra") of the first `n` languages in sorted order (all when n is 0)."""
+    languages = sorted({c.split("/", 1)[1] for c in sets})
+    kept = set(languages[:n] if n else languages)
+    return {c: t for c, t in sets.items() if c.split("/", 1)[1] in kept}
+
+
 def window_tokens(batches: List[EvalBatch], n: int) -> List[int]:
     """Predicted tokens per owner (component or language index) in `make_eval_batches`' batches."""
     counts = [0] * n

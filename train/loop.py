@@ -46,7 +46,8 @@ from train.dist import DistInfo, Rank0Failed, barrier, init_distributed, on_rank
 from train.engine import Engine, construction, local_parameter_elements, partitioned_init, whole
 from train.export import export_config, write_tokenizer_files
 from train.faults import NONFINITE_EXIT_CODE, SpikeDetector, Watchdog, collective_result, inject, injected
-from train.heldout import heldout_perplexity, make_eval_batches, pool_by_language, window_tokens
+from train.heldout import (first_languages, heldout_perplexity, make_eval_batches, pool_by_language,
+                           window_tokens)
 from train.metrics import MetricsLogger, peak_flops, redact
 from train.profile import StepProfiler
 from train.schedule import lr_at
@@ -797,9 +798,7 @@ class Trainer:
         cfg = self.cfg
         # each held-out text of a language (UDHR, the Bible book) cut on its own, then pooled: a language's first
         # tokens alone would be the Bible's where it has one and the UDHR's elsewhere
-        languages = sorted({c.split("/", 1)[1] for c in self.eval_sets})
-        kept = set(languages[:cfg.eval.max_languages] if cfg.eval.max_languages else languages)
-        sets = {c: t for c, t in self.eval_sets.items() if c.split("/", 1)[1] in kept}
+        sets = first_languages(self.eval_sets, cfg.eval.max_languages)
         components, batches = make_eval_batches(sets, stage.seq_len, cfg.eval.max_tokens_per_language,
                                                 cfg.eval.batch_size)
         t0 = time.perf_counter()

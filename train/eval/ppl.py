@@ -13,14 +13,16 @@ import torch
 
 from data.heldout import heldout_sets
 from train.eval.outputs import md_table
-from train.heldout import heldout_perplexity, make_eval_batches, pool_by_language, window_tokens
+from train.heldout import (first_languages, heldout_perplexity, make_eval_batches, pool_by_language,
+                           window_tokens)
 
 
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, manifest: Path, seq_len: int, max_tokens: int = 4096,
-               batch_size: int = 8) -> Dict[str, Any]:
-    """Perplexity per held-out component ("udhr/fra") and per language, with the tokens each one counts."""
-    sets = heldout_sets(manifest, by="component")
+               batch_size: int = 8, max_languages: int = 0) -> Dict[str, Any]:
+    """Perplexity per held-out component ("udhr/fra") and per language, with the tokens each one counts; the first
+    `max_languages` languages in sorted order only, when it is set (as the training loop's evaluation)."""
+    sets = first_languages(heldout_sets(manifest, by="component"), max_languages)
     if not sets:  # a data set of one's own without held-out rows (a `split` column with "heldout")
         return {"seq_len": seq_len, "max_tokens": max_tokens, "sources": [], "by_component": {}, "tokens": {},
                 "by_language": {}, "geomean": {"all": float("nan")},

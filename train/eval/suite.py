@@ -31,6 +31,7 @@ class Sizes:
     """How much each evaluation does; the defaults keep a tiny CPU model's whole suite under a minute."""
 
     ppl_max_tokens: int = 512  # held-out tokens per (source, language)
+    ppl_max_languages: int = 0  # the first N held-out languages (sorted), as the loop's eval.max_languages; 0 = all
     tasks: Tuple[str, ...] = reasoning.TASKS
     problems: int = 4  # fresh problems per reasoning task
     max_new_tokens: int = 128  # thinking + answer budget per problem
@@ -66,7 +67,8 @@ def evaluate_stage(model: Qwen3ForCausalLM, tok: Tokenizer, manifest: Path, stag
     grids, checks = plan(first_len, trained_len, sizes.modes, sizes.lengths)
     summary: Dict[str, Any] = {"stage": stage, "trained_len": trained_len}
     if "ppl" in which:
-        r = ppl.perplexity(model, manifest, trained_len, sizes.ppl_max_tokens, sizes.batch_size)
+        r = ppl.perplexity(model, manifest, trained_len, sizes.ppl_max_tokens, sizes.batch_size,
+                           sizes.ppl_max_languages)
         write_result(out_dir, "ppl", r, ppl.markdown(r, stage))
         summary["heldout_ppl_geomean"] = r["geomean"]["all"]
     if "reasoning" in which:
@@ -153,8 +155,10 @@ def suite_memory_shortfall(model_cfg: Any, seq_len: int, device: torch.device) -
 def stage_end_suite(cfg: Any, stage: str, manifest: Path, tok: Tokenizer, device: torch.device) -> Dict[str, Any]:
     """The suite on <run_dir>/hf/<stage>/ at a stage's end (rank 0, sizes from cfg.eval); results in
     <run_dir>/eval/<stage>/."""
+    # perplexity over the same windows as the loop's `eval` at this step, so the two records agree
     sizes = Sizes(problems=cfg.eval.suite_problems, max_new_tokens=cfg.eval.suite_max_new_tokens,
-                  trials=cfg.eval.suite_trials)
+                  trials=cfg.eval.suite_trials, ppl_max_tokens=cfg.eval.max_tokens_per_language,
+                  ppl_max_languages=cfg.eval.max_languages, batch_size=cfg.eval.batch_size)
     run_dir = Path(cfg.run_dir)
     order = list(cfg.curriculum.order)
     seq_lens = {s: int(cfg.curriculum.stages[s].seq_len) for s in order}
