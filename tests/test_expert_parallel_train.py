@@ -111,6 +111,9 @@ def test_logged_balance_loss_is_the_global_batch_value_on_any_split(data_root, t
     assert one["step"] == ref["step"] == 1
     assert max_diff([one], [ref], "expert_load") <= TOL and abs(one["lm_loss"] - ref["lm_loss"]) <= TOL
     assert abs(one["balance_loss"] - ref["balance_loss"]) <= TOL, (one["balance_loss"], ref["balance_loss"])
+    # the logged aux and total loss are that step's too: aux = coef x balance (z-loss off), loss = lm + aux
+    assert one["aux_loss"] == pytest.approx(0.001 * one["balance_loss"], rel=1e-6)
+    assert one["loss"] == pytest.approx(one["lm_loss"] + one["aux_loss"], rel=1e-9)
 
 
 @pytest.mark.slow

@@ -57,6 +57,9 @@ def test_export_of_a_mid_stage_checkpoint_loads_in_transformers(data_root, tmp_p
         torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, atol=1e-4, rtol=1e-4)
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
     assert theirs.generation_config.eos_token_id == theirs.config.eos_token_id == hf_tok.eos_token_id
+    # `checkpoints/latest` (the pointer file) exports the checkpoint it names
+    assert export_main([str(run_dir / "checkpoints" / "latest"), str(tmp_path / "exports" / "latest")]) == 0
+    assert (tmp_path / "exports" / "latest" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
 
     # refused, exit 2 naming the path, nothing written or overwritten
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
@@ -81,4 +84,4 @@ def test_export_of_a_mid_stage_checkpoint_loads_in_transformers(data_root, tmp_p
     monkeypatch.setattr(train.export, "write_tokenizer_files", full_disk)
     assert export_main([str(ckpt), str(tmp_path / "exports" / "again")]) == 2
     assert "No space left on device" in capsys.readouterr().err
-    assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == ["mid"]
+    assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == ["latest", "mid"]

@@ -64,7 +64,9 @@ def test_any_key_overrides():
     (["data.index_workers=0"], 1, "data.index_workers"),
     (["data.mixtures.general.udhr=-1"], 1, "data.mixtures.general.udhr = -1"),
     (["+curriculum.stages.general.mixture.weights.udhr=-1"], 1, "curriculum.stages.general.mixture.weights.udhr"),
-    (["+data.mixtures.generl={udhr: 1}"], 1, "data.mixtures.generl"),  # a typo'd stage: no silent default
+    (["~data.mixtures.general", "+data.mixtures.generl={udhr: 1}"], 1,  # a typo'd stage left without weights
+     "data.mixtures.generl' = {'udhr': 1}: names no stage of curriculum.stages ['general', 'long_context', "
+     "'reasoning'], and stage(s) ['general'] have no weights"),
     (["data.mixtures.general.udhr=lots"], 1, "data.mixtures.general.udhr' = 'lots': must be a number"),
     (["data.mixtures.general=0.5"], 1, "data.mixtures.general' = 0.5: must map source names"),
     (["+data.sources.x={kind: local, langauges: [eng]}"], 1, "data.sources.x: Key 'langauges'"),
@@ -114,7 +116,7 @@ def test_added_sources_and_free_form_keys_are_settings():
     check_known_keys(OmegaConf.to_container(dcfg, resolve=True), OmegaConf.to_object(dcfg))
 
 
-def test_own_data_config_brings_its_own_stage_weights(tmp_path):
+def test_own_data_config_brings_its_own_stage_weights(tmp_path, capsys, monkeypatch):
     """A data config of one's own (in a --config-dir) names its sources and each stage's weights; nothing of the
     demo's mixture is merged in. A stage's own `mixture.weights` replaces the data config's for that stage."""
     (tmp_path / "data").mkdir()
@@ -132,6 +134,18 @@ def test_own_data_config_brings_its_own_stage_weights(tmp_path):
                        "+curriculum.stages.reasoning.mixture.weights.fr=1", "data.mixtures.general.fr=1"])
     validate(cfg, world_size=1)
     assert cfg.curriculum.stages["reasoning"].mixture.weights == {"fr": 1}  # replaced, not merged with en
+    # said, since a stage weight in a YAML file merged into the stage preset's weights in earlier versions
+    assert ("curriculum.stages.reasoning.mixture.weights {'fr': 1.0} replaces data.mixtures.reasoning (sources "
+            "['en'] get no samples)") in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "1")  # once, by rank 0
+    validate(compose_cfg([f"hydra.searchpath=[file://{tmp_path}]", "data=mine",
+                          "+curriculum.stages.reasoning.mixture.weights.fr=1"]), world_size=1)
+    assert capsys.readouterr().err == ""
+    monkeypatch.delenv("RANK")
+    # a curriculum of other stage names whose stages all have weights: the data config's others are unused
+    validate(compose_cfg([f"hydra.searchpath=[file://{tmp_path}]", "data=mine", "curriculum.order=[general]",
+                          "+data.mixtures.anneal={en: 1}"]), world_size=1)
+    assert "data.mixtures has weights for ['anneal'], which are not stages of this curriculum" in capsys.readouterr().err
     assert cfg.curriculum.stages["general"].mixture.weights == {"en": 7, "fr": 1}
 
     cfg = compose_cfg([f"hydra.searchpath=[file://{tmp_path}]", "data=mine", "+data.mixtures.general.udhr=1"])

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -321,15 +323,30 @@ def first_stage_index(cfg: TrainConfig) -> int:
 
 def apply_data_mixtures(cfg: TrainConfig) -> set[str]:
     """Give each stage whose `mixture.weights` is empty the data config's `mixtures.<stage>`, in place; returns
-    the stages filled. A `data.mixtures` entry for no stage of the curriculum is refused (a typo'd stage name
-    would otherwise leave its stage weighing sources by their tokens)."""
-    for name in cfg.data.mixtures:
-        if name not in cfg.curriculum.stages:
-            _fail(f"data.mixtures.{name}", dict(cfg.data.mixtures[name]),
-                  f"names no stage of curriculum.stages {sorted(cfg.curriculum.stages)}")
+    the stages filled. Refused: `data.mixtures` entries for no stage of the curriculum while a stage of
+    `curriculum.order` is left with no weights (a typo'd or renamed stage, which would otherwise weigh the sources by
+    their tokens). Said on rank 0: a stage's own weights replacing the data config's (and dropping sources)."""
+    unmatched = sorted(set(cfg.data.mixtures) - set(cfg.curriculum.stages))
+    bare = [n for n in cfg.curriculum.order if n in cfg.curriculum.stages
+            and not cfg.curriculum.stages[n].mixture.weights and not cfg.data.mixtures.get(n)]
+    if unmatched and bare:
+        _fail(f"data.mixtures.{unmatched[0]}", cfg.data.mixtures[unmatched[0]],
+              f"names no stage of curriculum.stages {sorted(cfg.curriculum.stages)}, and stage(s) {bare} have no "
+              f"weights: set data.mixtures.<stage> (in the data config, or `+data.mixtures.{bare[0]}={{...}}`) or "
+              f"curriculum.stages.<stage>.mixture.weights")
+    talk = os.environ.get("RANK", "0") == "0"
+    if unmatched and talk:
+        print(f"[tristage] note: data.mixtures has weights for {unmatched}, which are not stages of this curriculum "
+              f"(unused)", file=sys.stderr, flush=True)
     filled = set()
     for name, stage in cfg.curriculum.stages.items():
         weights = cfg.data.mixtures.get(name)
+        if stage.mixture.weights and isinstance(weights, dict) and talk:
+            dropped = sorted(set(weights) - set(stage.mixture.weights))
+            if dropped and name in cfg.curriculum.order:
+                print(f"[tristage] note: curriculum.stages.{name}.mixture.weights {dict(stage.mixture.weights)} "
+                      f"replaces data.mixtures.{name} (sources {dropped} get no samples)", file=sys.stderr,
+                      flush=True)
         if stage.mixture.weights or not weights:
             continue
         if not isinstance(weights, dict):

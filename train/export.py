@@ -53,6 +53,8 @@ def export_checkpoint(ckpt: Path, out: Path, manifest: Optional[Path] = None) ->
     one the checkpoint was trained with, or an `out` that exists and is not an empty folder.
     """
     ckpt, out = Path(ckpt).absolute(), Path(out).absolute()
+    if ckpt.is_file() and ckpt.name == "latest":  # the pointer file: the checkpoint it names
+        ckpt = ckpt.parent / ckpt.read_text().strip()
     if not (ckpt / "meta.json").is_file():
         raise ExportError(f"{ckpt}: not a checkpoint folder (no meta.json)" if ckpt.is_dir()
                           else f"{ckpt}: no such checkpoint folder")

@@ -580,8 +580,9 @@ class Trainer:
         comp_sums, comp_counts = packed[:n], packed[n: 2 * n]
         forwards = plan.grad_accum * info.world_size
         router = packed[2 * n: 2 * n + 3] / forwards
-        if probs is not None:
+        if probs is not None:  # and the weighted aux loss from it, so aux = coef x balance + z_coef x z holds
             router[1] = self.module.step_balance_loss(packed[2 * n + 4:].view(probs.shape) / forwards)
+            router[0] = cfg.model.router_aux_loss_coef * router[1] + cfg.model.router_z_loss_coef * router[2]
         self._advance(plan)
         return StepResult(loss=comp_sums.sum().item() / max(comp_counts.sum().item(), 1.0), grad_norm=grad_norm,
                           applied=applied, comp_sums=comp_sums, comp_counts=comp_counts, router=router.tolist(),
@@ -853,9 +854,12 @@ def check_resumable(meta: Dict[str, Any], cfg: TrainConfig, plans: List[StagePla
     saved, now = meta.get("stage_data"), stage_data(cfg, cfg.curriculum.stages[name], manifest)
     for key, value in (now.items() if saved is not None else []):
         if saved.get(key) != value:
+            weights = (f" (its weights: curriculum.stages.{name}.mixture.weights if set, else data.mixtures.{name}; "
+                       f"an override `curriculum.stages.{name}.mixture.weights.<source>=w` of earlier versions is "
+                       f"now `data.mixtures.{name}.<source>=w`)" if key.endswith(".mixture") else "")
             raise ConfigError(f"config key '{key}' = {value!r}: {where} is at step {st.get('step')} of stage "
-                              f"{name!r}, which started with {saved.get(key)!r}; a stage's samples are fixed once "
-                              f"it has started (this would repeat or skip data); {restart}")
+                              f"{name!r}, which started with {saved.get(key)!r}{weights}; a stage's samples are "
+                              f"fixed once it has started (this would repeat or skip data); {restart}")
     saved_theta, theta = meta.get("rope_theta"), cfg.curriculum.stages[name].rope_theta
     if saved_theta is not None and float(saved_theta) != float(theta):
         raise ConfigError(f"config key 'curriculum.stages.{name}.rope_theta' = {theta}: {where} is at step "
