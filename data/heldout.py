@@ -15,6 +15,9 @@ from data.loader import open_components
 from data.shards import read_manifest
 
 
+NO_HELDOUT = "the data set has no held-out texts (rows whose split column says heldout)"
+
+
 def heldout_sets(manifest_path: Path, by: str = "language") -> Dict[str, np.ndarray]:
     """Held-out tokens (documents back to back, each ending in EOS) per language, or per component with
     `by="component"` (e.g. "udhr/fra", "bible/fra")."""

@@ -243,7 +243,10 @@ class ExpertBalance:
         `probs_mean` (L, E) the step's mean router probability (all ranks), averaged over layers. Under "global"
         with gradient accumulation the micro-batches' own losses use partial counts, so their mean depends on how
         the global batch is split into ranks and micro-batches; this value does not."""
-        f = self.expert_load().to(probs_mean)
+        return self._balance(self.expert_load().to(probs_mean), probs_mean)
+
+    def _balance(self, f: torch.Tensor, probs_mean: torch.Tensor) -> torch.Tensor:
+        """E * sum_i f_i * P_i per layer, averaged over layers; f (L, E) sums to 1 per row."""
         return (self.num_experts * (f * probs_mean).sum(dim=-1)).mean()
 
     def expert_load(self) -> Optional[torch.Tensor]:
@@ -274,5 +277,4 @@ class ExpertBalance:
                 counts = self.step_counts
         f = counts.to(torch.float32)
         f = f / f.sum(dim=-1, keepdim=True).clamp(min=1)  # (L, E), rows sum to 1
-        balance = self.num_experts * (f * probs_mean).sum(dim=-1)  # (L,)
-        return balance.mean(), z.mean()
+        return self._balance(f, probs_mean), z.mean()

@@ -352,7 +352,7 @@ class Qwen3ForCausalLM(nn.Module):
         return None if self.balance is None else self.balance.step_probs
 
     def step_balance_loss(self, probs_mean: torch.Tensor) -> torch.Tensor:
-        """The step's global-batch balance loss from its (layers, experts) mean router probability (see moe.py)."""
+        """MoE only: the step's global-batch balance loss from its (layers, experts) mean router probability."""
         return self.balance.step_balance_loss(probs_mean)
 
     # ----------------------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def test_any_key_overrides():
     (["+deepspeed.extra._target_=os.system"], 1, "deepspeed.extra._target_"),
     (["model.num_key_value_heads=3"], 1, "num_key_value_heads"),
     (["data.index_workers=0"], 1, "data.index_workers"),
-    (["data.mixtures.general.udhr=-1"], 1, "data.mixtures.general.udhr = -1"),
+    (["data.mixtures.general.udhr=-1"], 1, "config key 'data.mixtures.general.udhr' = -1"),
     (["+curriculum.stages.general.mixture.weights.udhr=-1"], 1, "curriculum.stages.general.mixture.weights.udhr"),
     (["~data.mixtures.general", "+data.mixtures.generl={udhr: 1}"], 1,  # a typo'd stage left without weights
      "data.mixtures.generl' = {'udhr': 1}: names no stage of curriculum.stages ['general', 'long_context', "

@@ -275,8 +275,12 @@ def test_start_at_a_later_stage_from_an_hf_export(data_root, tmp_path_factory, t
     starts = [r for r in records(run_dir) if r.get("event") == "stage_start"]
     assert [(r["stage"], r["rope_theta"]) for r in starts] == [("long_context", 1e6)]
     # where the weights came from is in the log, not only in config.yaml
-    assert [(r["stage"], r["weights"]) for r in records(run_dir) if r.get("event") == "init_from"] == [
-        ("long_context", str(full / "hf" / "reasoning"))]
+    assert [(r["stage"], r["weights"], r["rope_theta"]) for r in records(run_dir) if r.get("event") == "init_from"] == [
+        ("long_context", str(full / "hf" / "reasoning"), 10_000.0)]
+    # Reasoning's export was trained at base 10,000, Long Context trains at 1,000,000 (ABF): said, as released
+    # Qwen3 weights (1,000,000) given to a General stage (10,000) would be
+    assert (f"note: init_from={full / 'hf' / 'reasoning'} was trained at RoPE base 10000; stage 'long_context' "
+            f"trains at curriculum.stages.long_context.rope_theta=1e+06") in proc.stdout
     # the fixture tokenizer has 1,024 ids, tiny_dense 8,192 embedding rows: said once, with the size that fits
     assert proc.stdout.count("7,168 embedding rows no token reaches") == 1 and "model.vocab_size=1024 would" in proc.stdout
 

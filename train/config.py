@@ -12,7 +12,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Set
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -237,6 +237,12 @@ def _fail(key: str, value: Any, why: str) -> None:
     raise ConfigError(f"config key '{key}' = {value!r}: {why}")
 
 
+def _keyed(e: Exception) -> ConfigError:
+    """A checker's "<key> = <value>: why" (data.config, models.config) in this module's form, the key quoted."""
+    key, sep, rest = str(e).partition(" = ")
+    return ConfigError(f"config key '{key}' = {rest}" if sep else f"config key {e}")
+
+
 def plan_stage(stage: StageConfig, key: str, dp_world: int) -> StagePlan:
     """Derive steps, global batch in sequences and accumulation for one stage, or name the key that cannot work."""
     if stage.seq_len <= 0:
@@ -321,7 +327,7 @@ def first_stage_index(cfg: TrainConfig) -> int:
     return cfg.curriculum.order.index(cfg.curriculum.start) if cfg.curriculum.start else 0
 
 
-def apply_data_mixtures(cfg: TrainConfig) -> set[str]:
+def apply_data_mixtures(cfg: TrainConfig) -> Set[str]:
     """Give each stage whose `mixture.weights` is empty the data config's `mixtures.<stage>`, in place; returns
     the stages filled. Refused: `data.mixtures` entries for no stage of the curriculum while a stage of
     `curriculum.order` is left with no weights (a typo'd or renamed stage, which would otherwise weigh the sources by
@@ -338,7 +344,7 @@ def apply_data_mixtures(cfg: TrainConfig) -> set[str]:
     if unmatched and talk:
         print(f"[tristage] note: data.mixtures has weights for {unmatched}, which are not stages of this curriculum "
               f"(unused)", file=sys.stderr, flush=True)
-    filled = set()
+    filled: Set[str] = set()
     for name, stage in cfg.curriculum.stages.items():
         weights = cfg.data.mixtures.get(name)
         if stage.mixture.weights and isinstance(weights, dict) and talk:
@@ -361,8 +367,9 @@ def apply_data_mixtures(cfg: TrainConfig) -> set[str]:
 
 def validate(cfg: TrainConfig | DictConfig, world_size: int) -> List[StagePlan]:
     """Check everything the schema's types cannot, before any process group starts; returns each stage's plan.
-    Fills each stage's empty mixture weights from `data.mixtures` first (`apply_data_mixtures`): every entry
-    point (train, launch.plan) passes here before it reads a stage."""
+    Fills each stage's empty mixture weights from `data.mixtures` first (`apply_data_mixtures`), in place on a
+    TrainConfig (a DictConfig is converted, and its copy filled): every entry point (train, launch.plan) passes
+    its typed config here before it reads a stage."""
     cfg = to_train_config(cfg)
     from_data = apply_data_mixtures(cfg)
     _refuse_foreign_targets(dataclasses.asdict(cfg), "")
@@ -456,7 +463,7 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int) -> List[StagePlan]:
         try:
             check_mixture(stage.mixture, f"{key}.mixture", weights_key)
         except ValueError as e:
-            raise ConfigError(f"config key {e}") from None
+            raise _keyed(e) from None
         for src in stage.mixture.weights:
             if src not in cfg.data.sources:
                 _fail(f"{weights_key}.{src}", stage.mixture.weights[src],

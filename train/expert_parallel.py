@@ -123,6 +123,11 @@ def expert_files(ckpt: Path, model: nn.Module) -> List[Tuple[str, List[Path]]]:
             for layer_id, (name, experts) in enumerate(experts_modules(model))]
 
 
+def missing_expert_files(files: List[Tuple[str, List[Path]]]) -> List[Path]:
+    """The files of `expert_files(...)` that are not there."""
+    return [f for _, layer in files for f in layer if not f.exists()]
+
+
 def read_expert_files(ckpt: Path, model: nn.Module) -> Dict[str, torch.Tensor]:
     """Every MoE layer's whole expert stacks (all E experts), under `model`'s state-dict names, from the
     per-expert files of an expert-parallel checkpoint folder; FileNotFoundError naming the first one missing.
@@ -131,7 +136,7 @@ def read_expert_files(ckpt: Path, model: nn.Module) -> Dict[str, torch.Tensor]:
     dict. One layer's experts at a time are read and stacked. Call inside `train.engine.safe_torch_load`.
     """
     files = expert_files(ckpt, model)
-    missing = [f for _, layer in files for f in layer if not f.exists()]
+    missing = missing_expert_files(files)
     if missing:
         raise FileNotFoundError(f"{missing[0]}: missing ({len(missing)} of the checkpoint's per-expert files are; "
                                 f"an expert-parallel checkpoint holds one per MoE layer and expert)")

@@ -50,7 +50,8 @@ def export_checkpoint(ckpt: Path, out: Path, manifest: Optional[Path] = None) ->
     """Write checkpoint folder `ckpt` as an HF directory `out` (created under a temporary name, then renamed).
 
     ExportError, naming the path, for a folder that is not a complete checkpoint, a tokenizer that is not the
-    one the checkpoint was trained with, or an `out` that exists and is not an empty folder.
+    one the checkpoint was trained with, or an `out` that exists and is not an empty folder; DataError for a
+    manifest or tokenizer that cannot be read. `ckpt` may be the `latest` pointer file.
     """
     ckpt, out = Path(ckpt).absolute(), Path(out).absolute()
     if ckpt.is_file() and ckpt.name == "latest":  # the pointer file: the checkpoint it names
@@ -61,7 +62,7 @@ def export_checkpoint(ckpt: Path, out: Path, manifest: Optional[Path] = None) ->
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out}: exists and is not an empty folder; nothing was written (choose another)")
     try:
-        target = resolve(ckpt, out=out.parent, manifest=manifest)  # checks the weight files; finds the tokenizer
+        target = resolve(ckpt, manifest=manifest)  # checks the weight files; finds the tokenizer
         tokenizer = target.tokenizer
         saved = json.loads((ckpt / "meta.json").read_text()).get("tokenizer_fingerprint")
         if saved is not None and saved != tokenizer.fingerprint:
@@ -70,7 +71,7 @@ def export_checkpoint(ckpt: Path, out: Path, manifest: Optional[Path] = None) ->
         model = load_model(ckpt, torch.device("cpu"), torch.float32)
     except EvalError as e:
         raise ExportError(str(e)) from None
-    cfg = export_config(model.config, model.config.rope_theta, tokenizer)
+    cfg = export_config(model.config, model.config.rope_theta, tokenizer)  # load_model set the checkpoint's base
     state = model.state_dict()
     return write_hf(cfg, out, state.items(), state, extra=lambda folder: write_tokenizer_files(folder, tokenizer, cfg))
 

@@ -165,7 +165,8 @@ class Trainer:
             raise ConfigError(f"config key 'model.vocab_size' = {cfg.model.vocab_size}: smaller than the "
                               f"tokenizer's {self.tokenizer.vocab_size} tokens ({self.tokenizer.path})")
         unused = cfg.model.vocab_size - self.tokenizer.vocab_size
-        if unused > 0.1 * cfg.model.vocab_size and info.rank == 0:  # padding to a multiple of 128 is < 1%
+        # padding to a multiple of 128 (Megatron-LM's) adds < 128 rows: far below 10% for a real tokenizer
+        if unused > 0.1 * cfg.model.vocab_size and info.rank == 0:
             share = unused * cfg.model.hidden_size * (1 if cfg.model.tie_word_embeddings else 2)
             print(f"[tristage] warning: model.vocab_size={cfg.model.vocab_size} for a tokenizer of "
                   f"{self.tokenizer.vocab_size} ids: {unused:,} embedding rows no token reaches "
@@ -199,6 +200,7 @@ class Trainer:
         on_rank0("checking the checkpoints", self.checkpoints.recover)
         latest = self.checkpoints.latest()
         self._init_checkpoint: Optional[Path] = None
+        self.init_rope_theta: Optional[float] = None  # the RoPE base init_from's weights were trained at
         # A stage-end checkpoint whose stage-end work (export, suite, evaluation) no launch finished: read here, before
         # the engine's collectives, so that no rank can see a marker another rank wrote in this launch
         self.stage_end_pending: Optional[float] = None  # then the RoPE base the stage trained at
@@ -242,7 +244,7 @@ class Trainer:
                               "resharded": reshard, "time": time.time()})
         elif cfg.init_from:
             self.metrics.log({"event": "init_from", "stage": self.state.stage, "weights": str(cfg.init_from),
-                              "time": time.time()})
+                              "rope_theta": self.init_rope_theta, "time": time.time()})
 
     # ------------------------------------------------------------------ set-up helpers
     def _load_checkpoint(self, tag: str) -> TrainerState:
@@ -346,9 +348,11 @@ class Trainer:
             from models.hf import load_hf_weights, read_hf_config
 
             try:
-                shape = model_shape(read_hf_config(src))
+                theirs = read_hf_config(src)
             except ValueError as e:
                 raise ConfigError(f"config key 'init_from' = {path!r}: {e}") from e
+            shape = model_shape(theirs)
+            self._note_init_rope_theta(theirs.rope_theta, path)
             if shape != model_shape(self.cfg.model):
                 raise ConfigError(f"config key 'init_from' = {path!r}: its model shape {shape} differs from "
                                   f"model={self.cfg.model.name} {model_shape(self.cfg.model)}")
@@ -357,11 +361,29 @@ class Trainer:
         elif (src / "meta.json").exists():
             meta = json.loads((src / "meta.json").read_text())
             check_compatible(meta, model_shape(self.cfg.model), self.tokenizer.fingerprint, str(src))
+            if meta.get("rope_theta") is not None:
+                self._note_init_rope_theta(float(meta["rope_theta"]), path)
             self._weights_read_directly(meta, src)  # called for its refusal (what cannot be re-sharded) only
             self._init_checkpoint = src  # loaded into the engine once it exists (`_load_weights_from`)
         else:
             raise ConfigError(f"config key 'init_from' = {path!r}: neither an HF directory (config.json) "
                               f"nor a tristage checkpoint folder (meta.json)")
+
+    def _note_init_rope_theta(self, theirs: float, path: str) -> None:
+        """Say (rank 0) when the first stage trains at another RoPE base than the weights were trained at: the
+        released Qwen3 weights carry 1,000,000 and the General stage's is 10,000, which moves every position's
+        rotation (a choice, so not refused)."""
+        cfg = self.cfg
+        start = cfg.curriculum.order[first_stage_index(cfg)]
+        ours = cfg.curriculum.stages[start].rope_theta
+        self.init_rope_theta = float(theirs)
+        if float(theirs) != float(ours) and self.info.rank == 0:
+            # raising the base is ABF (the Long Context stage); lowering it undoes one, rarely what is meant
+            kind = "note" if ours > theirs else "warning"
+            print(f"[tristage] {kind}: init_from={path} was trained at RoPE base {theirs:g}; stage {start!r} trains "
+                  f"at curriculum.stages.{start}.rope_theta={ours:g}, which moves every position's rotation "
+                  f"(curriculum.stages.{start}.rope_theta={theirs:g} keeps the weights' base)", file=sys.stderr,
+                  flush=True)
 
     def _check_init_tokenizer(self, src: Path, path: str) -> None:
         """Refuse weights trained on other token ids than this run's data (when the folder has its tokenizer)."""
@@ -578,15 +600,16 @@ class Trainer:
             dist.all_reduce(packed)  # on the device: NCCL reduces GPU tensors only
         packed = collective_result(packed)  # the step's one host sync of its own
         comp_sums, comp_counts = packed[:n], packed[n: 2 * n]
+        r = 2 * n  # then the router's three sums, the preemption flag, the router probabilities (global balance)
         forwards = plan.grad_accum * info.world_size
-        router = packed[2 * n: 2 * n + 3] / forwards
+        router = packed[r: r + 3] / forwards
         if probs is not None:  # and the weighted aux loss from it, so aux = coef x balance + z_coef x z holds
-            router[1] = self.module.step_balance_loss(packed[2 * n + 4:].view(probs.shape) / forwards)
+            router[1] = self.module.step_balance_loss(packed[r + 4:].view(probs.shape) / forwards)
             router[0] = cfg.model.router_aux_loss_coef * router[1] + cfg.model.router_z_loss_coef * router[2]
         self._advance(plan)
         return StepResult(loss=comp_sums.sum().item() / max(comp_counts.sum().item(), 1.0), grad_norm=grad_norm,
                           applied=applied, comp_sums=comp_sums, comp_counts=comp_counts, router=router.tolist(),
-                          preempt=packed[2 * n + 3].item() > 0, seconds=time.perf_counter() - t0)
+                          preempt=packed[r + 3].item() > 0, seconds=time.perf_counter() - t0)
 
     def _count_skip(self, stage: StageConfig, step: int, result: StepResult) -> None:
         """Count a step whose update DeepSpeed skipped (a non-finite gradient norm, on every rank); too many in a

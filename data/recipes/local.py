@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import codecs
 import glob
+import itertools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -66,10 +67,7 @@ def _unreadable(source: str, builder: str, files: List[Path], cache_dir: Path, k
 def _is_empty(path: Path, builder: str) -> bool:
     """No document in the file: no bytes, or (JSON) only whitespace. Alone, such a file failed inside `datasets`
     with a bare `StopIteration`; among others it was skipped without a word."""
-    if builder != "json":
-        return path.stat().st_size == 0
-    with open(path, "rb") as f:
-        return all(not chunk.strip() for chunk in iter(lambda: f.read(1 << 20), b""))
+    return _first_byte(path) == b"" if builder == "json" else path.stat().st_size == 0
 
 
 def _first_byte(path: Path) -> bytes:
@@ -109,7 +107,8 @@ def locate(files: List[Path], row: int) -> Tuple[str, Optional[Any]]:
     """Where document `row` of `load`'s dataset is ('FILE line 7' for JSON lines) and its record, if JSON.
     Reads the files again: for error messages only."""
     records = (r for f in files for r in _records(f))
-    return next((r for i, r in enumerate(records) if i == row), (f"document {row} (counting from 0)", None))
+    return next(itertools.islice(records, row, None), (f"document {row} (counting from 0 over its files in order)",
+                                                       None))
 
 
 def _check_utf8(path: Path, source: str) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Dict, Sequence
 import numpy as np
 import torch
 
-from data.heldout import heldout_sets
+from data.heldout import NO_HELDOUT, heldout_sets
 from models.qwen3 import Qwen3ForCausalLM
 from train.eval.extend import set_mode
 from train.eval.outputs import md_table
@@ -66,7 +66,7 @@ def position_loss_modes(model: Qwen3ForCausalLM, manifest: Path, trained_len: in
     stream = heldout_stream(manifest)
     if not len(stream):  # a data set of one's own without held-out rows
         return {"trained_len": trained_len, "curves": [], "seconds": round(time.perf_counter() - t0, 2),
-                "note": "the data set has no held-out texts (rows whose split column says heldout)"}
+                "note": NO_HELDOUT}
     curves = []
     for mode, length in checks:
         settings = set_mode(model, mode, trained_len, length, dca_local_size)

@@ -11,7 +11,7 @@ from typing import Any, Dict
 
 import torch
 
-from data.heldout import heldout_sets
+from data.heldout import NO_HELDOUT, heldout_sets
 from train.eval.outputs import md_table
 from train.heldout import (first_languages, heldout_perplexity, make_eval_batches, pool_by_language,
                            window_tokens)
@@ -26,7 +26,7 @@ def perplexity(model: torch.nn.Module, manifest: Path, seq_len: int, max_tokens:
     if not sets:  # a data set of one's own without held-out rows (a `split` column with "heldout")
         return {"seq_len": seq_len, "max_tokens": max_tokens, "sources": [], "by_component": {}, "tokens": {},
                 "by_language": {}, "geomean": {"all": None},
-                "note": "the data set has no held-out texts (rows whose split column says heldout)"}
+                "note": NO_HELDOUT}
     components, batches = make_eval_batches(sets, seq_len, max_tokens, batch_size)
     device = next(model.parameters()).device
     ppl = heldout_perplexity(model, components, batches, device, rank=0, world=1)

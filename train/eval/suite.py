@@ -155,7 +155,8 @@ def suite_memory_shortfall(model_cfg: Any, seq_len: int, device: torch.device) -
 def stage_end_suite(cfg: Any, stage: str, manifest: Path, tok: Tokenizer, device: torch.device) -> Dict[str, Any]:
     """The suite on <run_dir>/hf/<stage>/ at a stage's end (rank 0, sizes from cfg.eval); results in
     <run_dir>/eval/<stage>/."""
-    # perplexity over the same windows as the loop's `eval` at this step, so the two records agree
+    # perplexity over the same windows as the loop's `eval` at this step, so the two records agree (batch_size
+    # is the reasoning prompts' too)
     sizes = Sizes(problems=cfg.eval.suite_problems, max_new_tokens=cfg.eval.suite_max_new_tokens,
                   trials=cfg.eval.suite_trials, ppl_max_tokens=cfg.eval.max_tokens_per_language,
                   ppl_max_languages=cfg.eval.max_languages, batch_size=cfg.eval.batch_size)

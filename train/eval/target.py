@@ -77,17 +77,19 @@ def _check_weights(stage: StageModel) -> None:
     path = stage.path
     if (path / "config.json").exists():
         wanted = [path / "model.safetensors", path / "model.safetensors.index.json"]
+        expert_parallel = False
     else:
         meta = json.loads((path / "meta.json").read_text())
         wanted = ([*path.glob("*model_states.pt")] if meta.get("zero_stage") == 3
                   else [path / "mp_rank_00_model_states.pt"])
+        expert_parallel = meta.get("expert_parallel_size", 1) > 1
     if not any(p.exists() for p in wanted):
         names = ", ".join(p.name for p in wanted) or "DeepSpeed model states (*model_states.pt)"
         raise EvalError(f"{path}: no weights here ({names} missing)")
-    if (path / "meta.json").exists() and meta.get("expert_parallel_size", 1) > 1:
-        from train.expert_parallel import expert_files
+    if expert_parallel:
+        from train.expert_parallel import expert_files, missing_expert_files
 
-        missing = [f for _, layer in expert_files(path, _checkpoint_model(path)) for f in layer if not f.exists()]
+        missing = missing_expert_files(expert_files(path, _checkpoint_model(path)))
         if missing:
             raise EvalError(f"{path}: incomplete expert-parallel checkpoint ({len(missing)} per-expert files "
                             f"missing, e.g. {missing[0].name})")
