@@ -59,7 +59,8 @@ def test_export_of_a_mid_stage_checkpoint_loads_in_transformers(data_root, tmp_p
     assert theirs.generation_config.eos_token_id == theirs.config.eos_token_id == hf_tok.eos_token_id
     # `checkpoints/latest` (the pointer file) exports the checkpoint it names
     assert export_main([str(run_dir / "checkpoints" / "latest"), str(tmp_path / "exports" / "latest")]) == 0
-    assert (tmp_path / "exports" / "latest" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    pointed = tmp_path / "exports" / "latest" / "model.safetensors"
+    assert pointed.read_bytes() == (out / "model.safetensors").read_bytes()
 
     # refused, exit 2 naming the path, nothing written or overwritten
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}

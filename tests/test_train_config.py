@@ -111,12 +111,14 @@ def test_added_sources_and_free_form_keys_are_settings():
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         dcfg = compose(config_name="config", overrides=[
-            "+data.sources.wiki={kind: local, options: {paths: [x.jsonl]}}", "+deepspeed.extra.wall_clock_breakdown=true",
+            "+data.sources.wiki={kind: local, options: {paths: [x.jsonl]}}",
+            "+deepspeed.extra.wall_clock_breakdown=true",
             "+curriculum.stages.general.mixture.weights.wiki=0.1"])
     check_known_keys(OmegaConf.to_container(dcfg, resolve=True), OmegaConf.to_object(dcfg))
 
 
-def test_own_data_config_brings_its_own_stage_weights(tmp_path, capsys, monkeypatch):
+def test_own_data_config_brings_its_stage_weights_and_replacements_and_unused_entries_are_said(tmp_path, capsys,
+                                                                                               monkeypatch):
     """A data config of one's own (in a --config-dir) names its sources and each stage's weights; nothing of the
     demo's mixture is merged in. A stage's own `mixture.weights` replaces the data config's for that stage."""
     (tmp_path / "data").mkdir()
@@ -128,12 +130,14 @@ def test_own_data_config_brings_its_own_stage_weights(tmp_path, capsys, monkeypa
     assert sorted(cfg.data.sources) == ["en", "fr"]  # the group option replaces demo's sources, not merges
     validate(cfg, world_size=1)
     stages = cfg.curriculum.stages
-    assert stages["general"].mixture.weights == {"en": 7, "fr": 3} and stages["long_context"].mixture.weights == {"fr": 1}
+    assert stages["general"].mixture.weights == {"en": 7, "fr": 3}
+    assert stages["long_context"].mixture.weights == {"fr": 1}
 
     cfg = compose_cfg([f"hydra.searchpath=[file://{tmp_path}]", "data=mine",
                        "+curriculum.stages.reasoning.mixture.weights.fr=1", "data.mixtures.general.fr=1"])
     validate(cfg, world_size=1)
     assert cfg.curriculum.stages["reasoning"].mixture.weights == {"fr": 1}  # replaced, not merged with en
+    assert cfg.curriculum.stages["general"].mixture.weights == {"en": 7, "fr": 1}  # one weight changed
     # said, since a stage weight in a YAML file merged into the stage preset's weights in earlier versions
     assert ("curriculum.stages.reasoning.mixture.weights {'fr': 1.0} replaces data.mixtures.reasoning (sources "
             "['en'] get no samples)") in capsys.readouterr().err
@@ -145,8 +149,8 @@ def test_own_data_config_brings_its_own_stage_weights(tmp_path, capsys, monkeypa
     # a curriculum of other stage names whose stages all have weights: the data config's others are unused
     validate(compose_cfg([f"hydra.searchpath=[file://{tmp_path}]", "data=mine", "curriculum.order=[general]",
                           "+data.mixtures.anneal={en: 1}"]), world_size=1)
-    assert "data.mixtures has weights for ['anneal'], which are not stages of this curriculum" in capsys.readouterr().err
-    assert cfg.curriculum.stages["general"].mixture.weights == {"en": 7, "fr": 1}
+    note = "data.mixtures has weights for ['anneal'], which are not stages of this curriculum"
+    assert note in capsys.readouterr().err
 
     cfg = compose_cfg([f"hydra.searchpath=[file://{tmp_path}]", "data=mine", "+data.mixtures.general.udhr=1"])
     with pytest.raises(ConfigError, match=r"data.mixtures.general.udhr' = 1.0: names no source in data.sources"):
