@@ -224,6 +224,21 @@ def _pieces(c: Component, cut: Optional[int]) -> tuple[np.ndarray, np.ndarray, n
     return c.doc_file[doc], c.doc_start[doc] + k * cut, np.minimum(cut, c.doc_len[doc] - k * cut)
 
 
+def check_stage_fits(manifest: Dict[str, Any], manifest_path: Path, mixture: Any, seq_len: int,
+                     num_samples: int, stage: str) -> None:
+    """Refuse (DataError) a stage its sources cannot fill even at best: their training tokens x max_epochs below the
+    stage's samples x seq_len. A bound from the manifest's totals alone (no document is read), so train and
+    launch.plan can say it before a model is built; `plan_mixture` does the exact count when the stage starts."""
+    mix = to_mixture_config(mixture)
+    wanted = {s for s, w in mix.weights.items() if w > 0} or None  # empty: every source
+    tokens = sum(c["tokens"] for c in manifest["components"].values() if wanted is None or c["source"] in wanted)
+    if tokens * mix.max_epochs < num_samples * seq_len:
+        raise DataError(f"{manifest_path}: stage {stage!r} needs {num_samples} samples of {seq_len} tokens "
+                        f"({num_samples * seq_len:,} tokens), but its sources hold {tokens:,} training tokens, "
+                        f"{tokens * mix.max_epochs:,.0f} within max_epochs={mix.max_epochs}; lower the stage's token "
+                        f"budget, raise max_epochs or use a larger data set (data=<yours>: README \"Your own data\")")
+
+
 def plan_mixture(manifest_path: Path, mixture: Any, seq_len: int, num_samples: int, stage: str = "") -> MixturePlan:
     """How many samples each part of a stage gives, with caps applied; DataError if the data cannot fill the stage."""
     mix = to_mixture_config(mixture)

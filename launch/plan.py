@@ -77,7 +77,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from models.config import Qwen3Config
 from models.params import count_parameters, flops_per_token
-from train.config import ConfigError, TrainConfig, check_known_keys, to_train_config, validate
+from train.config import (ConfigError, StagePlan, TrainConfig, check_known_keys, first_stage_index, to_train_config,
+                          validate)
 
 GIB = 2**30
 SUB_GROUP_SIZE = 1_000_000_000  # DeepSpeed's default zero_optimization.sub_group_size (elements)
@@ -353,6 +354,26 @@ def check_launch(cfg: TrainConfig) -> None:
                           "(what precision=auto runs on a GPU); fp32 is the CPU path")
 
 
+def _check_data_fits(cfg: TrainConfig, stage_plans: List[StagePlan]) -> None:
+    """Where the data set is prepared already (a shared data root), refuse a stage it cannot fill, as train would
+    before building the model (`data.loader.check_stage_fits`, from the manifest's totals); unprepared: nothing said."""
+    from data.errors import DataError
+    from data.loader import check_stage_fits
+    from data.prepare import manifest_path
+    from data.shards import read_manifest
+
+    path = manifest_path(cfg.data)
+    if not path.exists():
+        return
+    try:
+        manifest = read_manifest(path)
+        for sp in stage_plans[first_stage_index(cfg):]:
+            stage = cfg.curriculum.stages[sp.name]
+            check_stage_fits(manifest, path, stage.mixture, sp.seq_len, sp.steps * sp.samples_per_step, sp.name)
+    except DataError as e:
+        raise ConfigError(f"config key 'data' = {cfg.data.name!r}: {e}") from None
+
+
 def _check_batches(cfg: TrainConfig, world: int) -> None:
     """Name the smallest global batch a stage can take on this many ranks (train's check only says 'divisible')."""
     for name in cfg.curriculum.order:
@@ -381,6 +402,7 @@ def plan(cfg: TrainConfig | DictConfig, suggest: bool = True) -> Plan:
         if "global_batch_tokens" in str(e):
             _check_batches(cfg, world)  # the same problem, said with the smallest batch that works
         raise
+    _check_data_fits(cfg, stage_plans)
     ep = cfg.expert_parallel_size
     params = split_parameters(m, ep)
     states = model_states(params, ds.zero_stage, world, ep, ds.offload_optimizer, ds.offload_param)

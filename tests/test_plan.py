@@ -29,6 +29,20 @@ def _cfg(*overrides: str) -> TrainConfig:
         return OmegaConf.to_object(compose("config", overrides=list(overrides)))
 
 
+def test_a_prepared_data_set_too_small_for_the_curriculum_is_refused(data_root):
+    """The fixture corpus under curriculum=qwen3 (30T General tokens): named before any allocation, where the data
+    root holds the prepared set; not prepared, nothing is said (the planner reads no corpus)."""
+    from data.prepare import prepare
+
+    over = ["model=qwen3_0_6b", "curriculum=qwen3", "data=fixture", "launch.nodes=1", "launch.gpus_per_node=8",
+            f"data.root={data_root / 'plan'}"]
+    plan(_cfg(*over))  # not prepared: the plan stands
+    prepare(_cfg(*over).data)
+    with pytest.raises(ConfigError, match=r"config key 'data' = 'fixture': .* stage 'general' needs 7324218368 "
+                                          r"samples of 4096 tokens"):
+        plan(_cfg(*over))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Model states vs DeepSpeed 0.19.8's estimators
 

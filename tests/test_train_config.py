@@ -185,6 +185,17 @@ def test_cli_inconsistent_value_exits_2_before_process_group(tmp_path):
     assert not run_dir.exists()
 
 
+def test_a_curriculum_the_data_cannot_fill_is_refused_before_the_model_is_built(data_root, tmp_path):
+    """The Long Context stage asking for far more tokens than the fixture holds: exit 2 naming the stage, from the
+    manifest's totals, before the model (a released shape would take minutes to build on a cluster) and before any
+    checkpoint."""
+    run_dir = tmp_path / "run"
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", "curriculum.stages.long_context.tokens=1_000_000_000"])
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert "stage 'long_context' needs" in proc.stdout and "use a larger data set" in proc.stdout
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
+
+
 def test_multirun_sweep_gives_each_job_its_own_run_dir(data_root, tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_train(["--multirun", *SMOKE, "seed=1,2", "max_steps=1", "eval.enabled=false",

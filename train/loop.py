@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 from data.errors import DataError
 from data.heldout import heldout_sets
 from data.io import sha256_text
-from data.loader import StageStream, micro_batch_indices
+from data.loader import StageStream, check_stage_fits, micro_batch_indices
 from data.prepare import manifest_path, prepare
 from data.shards import verify
 from data.tokenizer import load_tokenizer
@@ -185,6 +185,12 @@ class Trainer:
         checked = on_rank0("verifying this node's copy of the data",
                            (lambda: checked) if checked is not None else check_data, node=True)
         self.data_manifest = checked if checked is not None else check_data()
+        # a data set far too small for the curriculum (the demo corpus under curriculum=qwen3) is named before the
+        # model is built, not when its stage starts
+        for stage_plan in plans[first_stage_index(cfg):]:
+            stage = cfg.curriculum.stages[stage_plan.name]
+            check_stage_fits(self.data_manifest, self.manifest, stage.mixture, stage_plan.seq_len,
+                             stage_plan.steps * stage_plan.samples_per_step, stage.name)
 
         if (cfg.data.doc_masking and info.device.type != "cuda"
                 and resolve_doc_mask_implementation(cfg.model.doc_mask_implementation, info.device) == "flex"):
