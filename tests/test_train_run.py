@@ -330,17 +330,32 @@ def test_heldout_perplexity_in_training_scores_each_language_on_all_its_texts(da
     assert any(len(suite["by_language"][lang]) == 3 for lang in last["heldout_ppl"])  # udhr, bible and all
 
 
+def test_a_relaunch_with_another_config_keeps_the_earlier_one(tmp_path):
+    from train.loop import record_config
+
+    record_config(tmp_path, "a: 1\n")
+    record_config(tmp_path, "a: 1\n")  # the same: nothing to keep
+    assert not (tmp_path / "config_history").exists()
+    record_config(tmp_path, "a: 2\n")
+    record_config(tmp_path, "a: 3\n")
+    assert (tmp_path / "config.yaml").read_text() == "a: 3\n"
+    assert [(p.name, p.read_text()) for p in sorted((tmp_path / "config_history").iterdir())] == [
+        ("config.1.yaml", "a: 1\n"), ("config.2.yaml", "a: 2\n")]
+
+
 def test_a_relaunch_of_a_finished_run_says_so_and_trains_nothing(data_root, tmp_path_factory, tmp_path):
     """It printed a resume line and exited without a word (correct, but a user could not tell it had finished)."""
     import shutil
 
     run_dir = tmp_path / "done"
     shutil.copytree(smoke_run(tmp_path_factory, "dense1", DENSE1), run_dir)
-    before = steps(run_dir)
+    before, config = steps(run_dir), (run_dir / "config.yaml").read_text()
     proc = run_train([*SMOKE, f"run_dir={run_dir}", *DENSE1, "logging.console=true"])
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "the curriculum is complete (2-long_context-step0000002); nothing to do" in proc.stdout
     assert steps(run_dir) == before
+    # the record of what the run trained with stays (it was overwritten with this launch's, console=true here)
+    assert (run_dir / "config.yaml").read_text() == config and not (run_dir / "config_history").exists()
     # DeepSpeed's converter lies beside the checkpoints, not among the partial saves of .tmp/
     assert (run_dir / "checkpoints" / "zero_to_fp32.py").exists()
     assert not list((run_dir / "checkpoints" / ".tmp").glob("zero_to_*.py"))

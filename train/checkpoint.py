@@ -81,7 +81,7 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     """Write `text` durably: on disk before the rename, so a crash leaves the old file or the new one."""
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
@@ -117,7 +117,7 @@ class CheckpointManager:
             shutil.rmtree(stale, ignore_errors=True)
         found = self.latest()  # the fallback, with its warning
         if found is not None and found != tag:
-            _write_atomic(pointer, found)
+            write_atomic(pointer, found)
 
     def latest(self) -> Optional[str]:
         """The newest complete checkpoint's tag, or None for a fresh run.
@@ -174,8 +174,8 @@ class CheckpointManager:
                 fault("kill_in_save")
                 torch.save(_rng_state(), tmp_root / tag / f"rng_rank{self.rank}.pt")
                 if self.rank == 0:
-                    _write_atomic(tmp_root / tag / "meta.json", json.dumps(meta | {"state": asdict(state)}, indent=1))
-                    _write_atomic(tmp_root / tag / "config.yaml", config_yaml)
+                    write_atomic(tmp_root / tag / "meta.json", json.dumps(meta | {"state": asdict(state)}, indent=1))
+                    write_atomic(tmp_root / tag / "config.yaml", config_yaml)
             except Exception as e:  # noqa: BLE001 - any failure must reach every rank, not only this one
                 ok, err = False, f"{tmp_root / tag}: {type(e).__name__}: {e}"
         else:
@@ -195,7 +195,7 @@ class CheckpointManager:
                 os.replace(tmp_root / tag, final)
                 for script in tmp_root.glob("zero_to_*.py"):  # DeepSpeed's converters, copied beside each save
                     os.replace(script, self.dir / script.name)
-                _write_atomic(self.dir / "latest", tag)
+                write_atomic(self.dir / "latest", tag)
                 shutil.rmtree(aside, ignore_errors=True)
                 self._retain(protect=tag)
             except OSError as e:

@@ -39,7 +39,7 @@ from models.config import Qwen3Config
 from models.doc_mask import resolve_doc_mask_implementation
 from models.params import count_parameters, flops_per_token
 from models.qwen3 import Qwen3ForCausalLM
-from train.checkpoint import CheckpointError, CheckpointManager, TrainerState, check_compatible
+from train.checkpoint import CheckpointError, CheckpointManager, TrainerState, write_atomic, check_compatible
 from train.config import ConfigError, StageConfig, StagePlan, TrainConfig, first_stage_index, validate
 from train import expert_parallel
 from train.dist import DistInfo, Rank0Failed, barrier, init_distributed, on_rank0, rank0_outcome, world_from_env
@@ -502,6 +502,12 @@ class Trainer:
                           "mixture": dict(stage.mixture.weights), "time": time.time()})
         return stream
 
+    def finished(self) -> bool:
+        """Whether this launch has nothing to do: the last stage's end checkpoint, its stage-end work done."""
+        state = self.state
+        return (state.stage_complete and state.stage_index >= len(self.cfg.curriculum.order) - 1
+                and self.stage_end_pending is None)
+
     def _run_stage(self, stage: StageConfig, plan: StagePlan) -> Optional[int]:
         """Train one stage to its end; returns an exit code if the launch must stop early, else None."""
         cfg, state = self.cfg, self.state
@@ -899,6 +905,20 @@ def check_resumable(meta: Dict[str, Any], cfg: TrainConfig, plans: List[StagePla
                           f"stage {name!r}, which now has {plans[index].steps} steps; {restart}")
 
 
+def record_config(run_dir: Path, text: str) -> None:
+    """`<run_dir>/config.yaml`: the config this launch trains with. One that differs from the last launch's (a key
+    a relaunch may change) keeps the earlier one as `config_history/config.<n>.yaml`."""
+    path = run_dir / "config.yaml"
+    if path.exists():
+        old = path.read_text()
+        if old == text:
+            return
+        history = run_dir / "config_history"
+        history.mkdir(exist_ok=True)
+        write_atomic(history / f"config.{len(list(history.glob('config.*.yaml'))) + 1}.yaml", old)
+    write_atomic(path, text)
+
+
 def _fail_after(items: Any, n: int) -> Any:
     """`items` for `n` elements, then a full disk (the export fault injected by tests)."""
     for i, item in enumerate(items):
@@ -925,8 +945,8 @@ def run(cfg: TrainConfig, resolved: Dict[str, Any]) -> int:
     try:
         on_rank0("creating run_dir", make_run_dir)
         trainer = Trainer(cfg, resolved, plans, info)
-        if info.rank == 0:
-            (run_dir / "config.yaml").write_text(trainer.config_yaml)
+        if info.rank == 0 and not trainer.finished():
+            record_config(run_dir, trainer.config_yaml)
         code = trainer.run()
     except (ConfigError, CheckpointError, DataError, Rank0Failed) as e:  # named, with what to do: no traceback
         print(f"error: {e}", file=sys.stderr, flush=True)
