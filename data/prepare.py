@@ -114,9 +114,9 @@ def _unlocated(row: int) -> Tuple[str, None]:
 
 
 def _normalize(ds, name: str, text: str, language: str, split: str, default_language: str,
-               where: Optional[Callable[[int], Tuple[str, Any]]] = None):
+               where: Optional[Callable[[int], Optional[Tuple[str, Any]]]] = None):
     """Rename/add columns so every source has text, language and split. `where(row)` -> (where document `row` is,
-    its record or None) for the message that refuses it."""
+    its record or None), or None where it cannot tell, for the message that refuses it."""
     import pyarrow as pa
 
     if text not in ds.column_names:
@@ -127,7 +127,7 @@ def _normalize(ds, name: str, text: str, language: str, split: str, default_lang
         values = (x for batch in ds.select_columns([text]).iter(batch_size=1024) for x in batch[text])
         row, value = next(((i, x) for i, x in enumerate(values) if not isinstance(x, str)), (None, None))
         if row is not None:
-            place, record = (where or _unlocated)(row)
+            place, record = (where and where(row)) or _unlocated(row)
             if value is not None:
                 what = f"has {type(value).__name__} {reprlib.repr(value)} in field {text!r}, not a string"
             elif isinstance(record, dict) and text not in record:  # a JSON record without the key reads as null

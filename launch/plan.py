@@ -77,7 +77,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from models.config import Qwen3Config
 from models.params import count_parameters, flops_per_token
-from train.config import (ConfigError, StagePlan, TrainConfig, check_known_keys, first_stage_index, to_train_config,
+from train.config import (ConfigError, StagePlan, TrainConfig, check_data_fits, check_known_keys, to_train_config,
                           validate)
 
 GIB = 2**30
@@ -358,7 +358,6 @@ def _check_data_fits(cfg: TrainConfig, stage_plans: List[StagePlan]) -> None:
     """Where the data set is prepared already (a shared data root), refuse a stage it cannot fill, as train would
     before building the model (`data.loader.check_stage_fits`, from the manifest's totals); unprepared: nothing said."""
     from data.errors import DataError
-    from data.loader import check_stage_fits
     from data.prepare import manifest_path
     from data.shards import read_manifest
 
@@ -366,10 +365,7 @@ def _check_data_fits(cfg: TrainConfig, stage_plans: List[StagePlan]) -> None:
     if not path.exists():
         return
     try:
-        manifest = read_manifest(path)
-        for sp in stage_plans[first_stage_index(cfg):]:
-            stage = cfg.curriculum.stages[sp.name]
-            check_stage_fits(manifest, path, stage.mixture, sp.seq_len, sp.steps * sp.samples_per_step, sp.name)
+        check_data_fits(cfg, stage_plans, read_manifest(path), path)
     except DataError as e:
         raise ConfigError(f"config key 'data' = {cfg.data.name!r}: {e}") from None
 

@@ -327,6 +327,17 @@ def first_stage_index(cfg: TrainConfig) -> int:
     return cfg.curriculum.order.index(cfg.curriculum.start) if cfg.curriculum.start else 0
 
 
+def check_data_fits(cfg: TrainConfig, plans: List[StagePlan], manifest: Dict[str, Any], manifest_path: Any) -> None:
+    """Refuse (DataError) a stage from the run's first on that the prepared data cannot fill even at best
+    (`data.loader.check_stage_fits`): train says it before building the model, launch.plan before an allocation."""
+    from data.loader import check_stage_fits
+
+    for plan in plans[first_stage_index(cfg):]:
+        stage = cfg.curriculum.stages[plan.name]
+        check_stage_fits(manifest, manifest_path, stage.mixture, plan.seq_len, plan.steps * plan.samples_per_step,
+                         stage.name)
+
+
 def apply_data_mixtures(cfg: TrainConfig) -> Set[str]:
     """Give each stage whose `mixture.weights` is empty the data config's `mixtures.<stage>`, in place; returns
     the stages filled. Refused: `data.mixtures` entries for no stage of the curriculum while a stage of

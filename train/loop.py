@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 from data.errors import DataError
 from data.heldout import heldout_sets
 from data.io import sha256_text
-from data.loader import StageStream, check_stage_fits, micro_batch_indices
+from data.loader import StageStream, micro_batch_indices
 from data.prepare import manifest_path, prepare
 from data.shards import verify
 from data.tokenizer import load_tokenizer
@@ -40,7 +40,8 @@ from models.doc_mask import resolve_doc_mask_implementation
 from models.params import count_parameters, flops_per_token
 from models.qwen3 import Qwen3ForCausalLM
 from train.checkpoint import CheckpointError, CheckpointManager, TrainerState, write_atomic, check_compatible
-from train.config import ConfigError, StageConfig, StagePlan, TrainConfig, first_stage_index, validate
+from train.config import (ConfigError, StageConfig, StagePlan, TrainConfig, check_data_fits, first_stage_index,
+                          validate)
 from train import expert_parallel
 from train.dist import DistInfo, Rank0Failed, barrier, init_distributed, on_rank0, rank0_outcome, world_from_env
 from train.engine import Engine, construction, local_parameter_elements, partitioned_init, whole
@@ -187,10 +188,7 @@ class Trainer:
         self.data_manifest = checked if checked is not None else check_data()
         # a data set far too small for the curriculum (the demo corpus under curriculum=qwen3) is named before the
         # model is built, not when its stage starts
-        for stage_plan in plans[first_stage_index(cfg):]:
-            stage = cfg.curriculum.stages[stage_plan.name]
-            check_stage_fits(self.data_manifest, self.manifest, stage.mixture, stage_plan.seq_len,
-                             stage_plan.steps * stage_plan.samples_per_step, stage.name)
+        check_data_fits(cfg, plans, self.data_manifest, self.manifest)
 
         if (cfg.data.doc_masking and info.device.type != "cuda"
                 and resolve_doc_mask_implementation(cfg.model.doc_mask_implementation, info.device) == "flex"):

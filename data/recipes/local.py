@@ -103,12 +103,11 @@ def _records(path: Path) -> Iterator[Tuple[str, Optional[Any]]]:
                         yield f"{path} line {n}", None
 
 
-def locate(files: List[Path], row: int) -> Tuple[str, Optional[Any]]:
-    """Where document `row` of `load`'s dataset is ('FILE line 7' for JSON lines) and its record, if JSON.
-    Reads the files again: for error messages only."""
+def locate(files: List[Path], row: int) -> Optional[Tuple[str, Optional[Any]]]:
+    """Where document `row` of `load`'s dataset is ('FILE line 7' for JSON lines) and its record, if JSON; None if
+    the files hold fewer. Reads the files again: for error messages only."""
     records = (r for f in files for r in _records(f))
-    return next(itertools.islice(records, row, None), (f"document {row} (counting from 0 over its files in order)",
-                                                       None))
+    return next(itertools.islice(records, row, None), None)
 
 
 def _check_utf8(path: Path, source: str) -> None:

@@ -25,8 +25,7 @@ def perplexity(model: torch.nn.Module, manifest: Path, seq_len: int, max_tokens:
     sets = first_languages(heldout_sets(manifest, by="component"), max_languages)
     if not sets:  # a data set of one's own without held-out rows (a `split` column with "heldout")
         return {"seq_len": seq_len, "max_tokens": max_tokens, "sources": [], "by_component": {}, "tokens": {},
-                "by_language": {}, "geomean": {"all": None},
-                "note": NO_HELDOUT}
+                "by_language": {}, "geomean": {"all": None}, "note": NO_HELDOUT}
     components, batches = make_eval_batches(sets, seq_len, max_tokens, batch_size)
     device = next(model.parameters()).device
     ppl = heldout_perplexity(model, components, batches, device, rank=0, world=1)
