@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from train.engine import safe_torch_load
-from trainutil import SMOKE, losses, records, run_train, steps
+from trainutil import SMOKE, losses, records, run_train, steps, stopped_at
 
 # The General stage alone for 10 steps of 16 x 64 tokens, at the General stage's real peak LR (3e-4; the
 # smoke curriculum's 3e-3 makes 10 steps chaotic enough that fp32 rounding, which differs with any change of
@@ -40,22 +40,6 @@ def ten_steps(tmp_path_factory, nproc: int, zero: str, ep: int) -> Path:
         assert proc.returncode == 0, proc.stdout[-4000:]
         _runs[key] = run_dir
     return _runs[key]
-
-
-def stopped_at_step5(tmp_path_factory, nproc: int, zero: str, ep: int, dest: Path) -> Path:
-    """A copy of that layout's ten-step run as a launch with max_steps=5 would have left it: the step-5 checkpoint
-    as `latest`, the metrics up to step 5, and neither the step-10 checkpoint nor the HF export (which a resume
-    must write itself). The same launch's numbers: a periodic save at step 5 is the save max_steps=5 makes."""
-    shutil.copytree(ten_steps(tmp_path_factory, nproc, zero, ep), dest)
-    ckpts = dest / "checkpoints"
-    shutil.rmtree(ckpts / "0-general-step0000010")
-    shutil.rmtree(dest / "hf")
-    (ckpts / "latest").write_text("0-general-step0000005")
-    lines = (dest / "metrics.jsonl").read_text().splitlines(keepends=True)
-    step6 = next(i for i, line in enumerate(lines) if (r := json.loads(line)).get("step") == 6 and "event" not in r)
-    (dest / "metrics.jsonl").write_text("".join(lines[:step6]))
-    assert [r["step"] for r in steps(dest)] == [1, 2, 3, 4, 5]
-    return dest
 
 
 def hf_weights(run_dir: Path, stage: str = "general") -> Dict[str, torch.Tensor]:
@@ -182,7 +166,7 @@ def test_resume_under_ep_is_exact_and_other_layouts_are_resharded(data_root, tmp
     """Stopped at step 5 under EP = 2 on 2 ranks: the same layout resumes bit for bit; EP = 1 re-shards the
     experts and their AdamW state (to rounding); ZeRO-3, which EP checkpoints cannot reach, is refused."""
     reference = ten_steps(tmp_path_factory, 2, "zero2", 2)
-    run_dir = stopped_at_step5(tmp_path_factory, 2, "zero2", 2, tmp_path / "resumed")
+    run_dir = stopped_at(ten_steps(tmp_path_factory, 2, "zero2", 2), 5, tmp_path / "resumed")
     base = [*TEN_STEPS, f"run_dir={run_dir}"]
     shutil.copytree(run_dir, tmp_path / "to_ep1")
 
@@ -234,7 +218,7 @@ def test_zero2_offload_under_ep_trains_and_reshards(data_root, tmp_path_factory,
 def test_ep1_checkpoint_resumes_under_ep2_and_zero1(data_root, tmp_path_factory, tmp_path):
     """The other direction: experts saved inside the dense ZeRO-2 groups, resumed under EP = 2 and ZeRO-1."""
     reference = ten_steps(tmp_path_factory, 2, "zero2", 1)
-    run_dir = stopped_at_step5(tmp_path_factory, 2, "zero2", 1, tmp_path / "run")
+    run_dir = stopped_at(ten_steps(tmp_path_factory, 2, "zero2", 1), 5, tmp_path / "run")
     proc = run_train([*TEN_STEPS, f"run_dir={run_dir}", "deepspeed=zero1", "expert_parallel_size=2"], nproc=2)
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert [r["resharded"] for r in resume_records(run_dir)] == [True]

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from trainutil import (ROOT, SMOKE, _free_port, end_spawned_worker, losses, records, run_train, smoke_run, steps,
-                       train_cmd)
+                       stopped_at, train_cmd)
 
 STAGES = ["general", "reasoning", "long_context"]
 EVERY_STEP = [f"curriculum.stages.{s}.checkpoint_every=1" for s in STAGES]
@@ -67,9 +67,7 @@ def test_world_size_change_reshards_exactly(data_root, tmp_path_factory, tmp_pat
     different universal forms, which `reshard.fit_to_layout` reconciles) as if never stopped."""
     overrides = reshard_overrides(zero, model)
     reference = losses(smoke_run(tmp_path_factory, f"ref-2-{zero}-{model}", overrides, nproc=2))
-    run_dir = tmp_path / "run"
-    proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides, "max_steps=3"], nproc=2)
-    assert proc.returncode == 0, proc.stdout[-3000:]
+    run_dir = stopped_at(reference_dir(tmp_path_factory, zero, model), 3, tmp_path / "run")
     proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides, f"deepspeed={new_zero or zero}"], nproc=new_world)
     assert proc.returncode == 0, proc.stdout[-3000:]
     resume = [r for r in records(run_dir) if r.get("event") == "resume"]
@@ -98,8 +96,8 @@ def test_zero0_checkpoint_resumes_on_another_world_size_and_gives_its_weights(da
     first = next(iter(reference))
     # fp64 sums as DeepSpeed's: to the order of the sums (the fp32 norm used before was off by 6e-5)
     assert reference[first][1] == pytest.approx(zero1[first][1], rel=1e-6) and reference[first][1] > 0
-    run_dir = tmp_path / "run"
-    assert run_train([*SMOKE, f"run_dir={run_dir}", *overrides, "max_steps=3"], nproc=2).returncode == 0
+    run_dir = stopped_at(smoke_run(tmp_path_factory, "ref-2-zero0-tiny_dense", overrides, nproc=2), 3,
+                         tmp_path / "run")
     assert run_train([*SMOKE, f"run_dir={run_dir}", *overrides, "max_steps=5"]).returncode == 0
     assert [r["resharded"] for r in records(run_dir) if r.get("event") == "resume"] == [False]
     got = losses(run_dir)
@@ -169,7 +167,9 @@ def test_world_size_change_full_matrix(data_root, tmp_path_factory, tmp_path, ze
 def reshard_overrides(zero: str, model: str) -> list:
     # MoE without the balance loss: under gradient accumulation its expert counts depend on how the global batch
     # is cut into micro-batches (models/moe.py), which a different world size changes by design
-    return [*BASE, f"deepspeed={zero}", f"model={model}"] + (["model.router_aux_loss_coef=0"] if "moe" in model else [])
+    # checkpoint.keep: every step's checkpoint stays, so a test starts from any step of the shared run (stopped_at)
+    return ([*BASE, f"deepspeed={zero}", f"model={model}", "checkpoint.keep=20"]
+            + (["model.router_aux_loss_coef=0"] if "moe" in model else []))
 
 
 def reference_dir(tmp_path_factory, zero, model):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -123,3 +124,39 @@ def end_spawned_worker() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def stopped_at(source: Path, global_step: int, dest: Path) -> Path:
+    """A copy of a finished run as a launch with max_steps=global_step would have left it.
+
+    Checkpoints after that step, the HF exports of stages not finished by then and the metrics after that step
+    go; `latest` names the step's checkpoint, which must exist (checkpoint_every and checkpoint.keep in the
+    source run keep it). A periodic save at that step is the save max_steps makes, so a resume from the copy
+    is a resume from that launch.
+    """
+    shutil.copytree(source, dest)
+    ckpts = dest / "checkpoints"
+    target, finished = None, set()
+    for path in ckpts.iterdir():
+        if not (path / "meta.json").exists():
+            continue
+        state = json.loads((path / "meta.json").read_text())["state"]
+        if state["global_step"] > global_step:
+            shutil.rmtree(path)
+        elif state["global_step"] == global_step:
+            target = path.name
+        if state["stage_complete"] and state["global_step"] <= global_step:
+            finished.add(state["stage"])
+    assert target, f"{source} has no checkpoint of step {global_step}"
+    (ckpts / "latest").write_text(target)
+    for export in (dest / "hf").iterdir() if (dest / "hf").exists() else []:
+        if export.name not in finished:
+            shutil.rmtree(export)
+    lines = (dest / "metrics.jsonl").read_text().splitlines(keepends=True)
+    end = next((i for i, line in enumerate(lines)
+                if "event" not in (r := json.loads(line)) and r["global_step"] > global_step), len(lines))
+    while end and json.loads(lines[end - 1]).get("event") == "stage_start":  # the next stage had not begun
+        end -= 1
+    (dest / "metrics.jsonl").write_text("".join(lines[:end]))
+    assert steps(dest)[-1]["global_step"] == global_step
+    return dest
