@@ -59,19 +59,43 @@ class DualChunkAttention:
         return intra, successive, torch.full_like(i, c - 1)
 
 
+# rows x columns of one block of scores: (B, G, R, 1024, 1024) fp32 is 64 MiB for 16 query heads, where one
+# chunk's whole score matrix at Qwen3's 32K chunks read out to 128K would be ~100 GB
+BLOCK = 1024
+
+
 def _partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
              causal_from: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention of q (B, G, R, t, D) over k, v (B, G, 1, n, D): output (B, G, R, t, D) fp32, lse (B, G, R, t).
 
-    causal_from: query row r may see key columns <= r + causal_from (None: every key).
+    causal_from: query row r may see key columns <= r + causal_from (None: every key). Computed in blocks of
+    BLOCK rows x BLOCK columns merged by their log-sum-exps (flash attention's online softmax), so the memory is
+    one block's scores whatever t and n are.
     """
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # (B, G, R, t, n)
-    if causal_from is not None:
-        t, n = scores.shape[-2:]
-        keep = torch.ones(t, n, dtype=torch.bool, device=q.device).tril(diagonal=causal_from)
-        scores = scores.masked_fill(~keep, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # (B, G, R, t); every row keeps at least one key
-    out = torch.matmul(torch.exp(scores - lse[..., None]), v.float())
+    t, n, block = q.shape[-2], k.shape[-2], BLOCK
+    out = torch.empty(*q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    for r0 in range(0, t, block):
+        r1 = min(t, r0 + block)
+        last = n if causal_from is None else min(n, r1 + causal_from)  # columns any of these rows sees
+        acc, acc_lse = None, None
+        for c0 in range(0, last, block):
+            c1 = min(last, c0 + block)
+            scores = torch.matmul(q[..., r0:r1, :], k[..., c0:c1, :].transpose(-1, -2)).float() * scale
+            if causal_from is not None and c1 - 1 > r0 + causal_from:  # a block the diagonal crosses
+                rows = torch.arange(r0, r1, device=q.device)[:, None]
+                cols = torch.arange(c0, c1, device=q.device)[None, :]
+                scores = scores.masked_fill(cols > rows + causal_from, float("-inf"))
+            blk_lse = torch.logsumexp(scores, dim=-1)  # (B, G, R, rows); -inf for a row that sees none
+            finite = torch.where(torch.isfinite(blk_lse), blk_lse, torch.zeros_like(blk_lse))
+            blk = torch.matmul(torch.exp(scores - finite[..., None]), v[..., c0:c1, :].float())
+            if acc is None:  # the first column block: every row sees key 0
+                acc, acc_lse = blk, blk_lse
+            else:
+                new = torch.logaddexp(acc_lse, blk_lse)
+                acc = acc * torch.exp(acc_lse - new)[..., None] + blk * torch.exp(blk_lse - new)[..., None]
+                acc_lse = new
+        out[..., r0:r1, :], lse[..., r0:r1] = acc, acc_lse
     return out, lse
 
 

@@ -69,6 +69,22 @@ def test_matches_brute_force_definition_over_several_chunks():
     assert (ours - plain).abs().max() > 1e-2
 
 
+def test_blocks_of_scores_merge_to_the_whole_softmax(monkeypatch):
+    """The partial attentions run in blocks of BLOCK x BLOCK scores (one chunk's whole matrix at Qwen3's sizes is
+    ~100 GB); blocks of 3 (rows whose later column blocks are all masked, a last block of 2) give the definition."""
+    import models.dca
+
+    torch.manual_seed(1)
+    b, h, hkv, t, d = 1, 4, 2, 23, 8
+    q, k, v = torch.randn(b, h, t, d), torch.randn(b, hkv, t, d), torch.randn(b, hkv, t, d)
+    cos, sin = rope_tables(d, 10_000.0, None, 64, torch.device("cpu"))
+    whole = dual_chunk_attention(q, k, v, cos, sin, DualChunkAttention(8, 3))
+    monkeypatch.setattr(models.dca, "BLOCK", 3)
+    blocked = dual_chunk_attention(q, k, v, cos, sin, DualChunkAttention(8, 3))
+    torch.testing.assert_close(blocked, whole, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(blocked, reference(q, k, v, cos, sin, 8, 3)[0], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("t", [12, 40])
 def test_equals_full_attention_when_the_sequence_fits(t):
     """One chunk (t <= chunk_len), or two with every query near enough (t <= chunk_size): ordinary attention."""

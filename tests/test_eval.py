@@ -180,6 +180,13 @@ def test_loss_by_position_averages_windows(manifest):
     r = position_loss.position_loss_modes(model, manifest, 40, [("plain", 40), ("dca", 40)], windows=3)
     plain, dca = (c["curve"] for c in r["curves"])
     np.testing.assert_allclose(dca, plain, atol=1e-3)  # within the trained length DCA is ordinary attention
+    # a window longer than the held-out text is noted, not a traceback that lost the stage's other results
+    too_long = len(stream)
+    r = position_loss.position_loss_modes(model, manifest, 40, [("plain", 40), ("dca", too_long)], windows=3)
+    assert r["curves"][0]["summary"]["length"] == 40 and r["curves"][1]["summary"] is None
+    note = f"the held-out text ({len(stream)} tokens) is shorter than one window of {too_long + 1}"
+    assert r["curves"][1]["note"] == note
+    assert f"dca at {too_long}: not measured, {note}." in position_loss.markdown(r)
 
 
 def test_a_data_set_without_held_out_texts_is_noted_not_a_crash(manifest, tmp_path):

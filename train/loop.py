@@ -810,7 +810,7 @@ class Trainer:
         from train.eval.suite import stage_end_suite, suite_memory_shortfall
 
         event: Dict[str, Any] = {"event": "eval_suite", "stage": stage.name, "global_step": self.state.global_step}
-        shortfall = suite_memory_shortfall(self.cfg.model, stage.seq_len, self.info.device)
+        shortfall = suite_memory_shortfall(self.cfg, stage.name, self.info.device)
         if shortfall:
             event["skipped"] = f"{shortfall}; run `python -m train.eval {self.run_dir / 'hf' / stage.name}` after"
         else:

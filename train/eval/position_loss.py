@@ -61,7 +61,8 @@ def summarize(curve: np.ndarray, trained_len: int, bins: int = 16) -> Dict[str, 
 def position_loss_modes(model: Qwen3ForCausalLM, manifest: Path, trained_len: int,
                         checks: Sequence[Sequence[Any]], windows: int = 4, batch_size: int = 2,
                         dca_local_size: int = 0, bins: int = 16) -> Dict[str, Any]:
-    """One loss-by-position curve per (mode, length) in `checks`; a length past plain RoPE's tables gets None."""
+    """One loss-by-position curve per (mode, length) in `checks`; a length past plain RoPE's tables or longer than
+    the held-out text gets None (the latter with a note)."""
     t0 = time.perf_counter()
     stream = heldout_stream(manifest)
     if not len(stream):  # a data set of one's own without held-out rows
@@ -73,6 +74,9 @@ def position_loss_modes(model: Qwen3ForCausalLM, manifest: Path, trained_len: in
         entry: Dict[str, Any] = {"mode": mode, "settings": settings, "length": length}
         if model.dca is None and length > model.rope_cos.shape[0]:
             entry["summary"] = None
+        elif len(stream) < length + 1:
+            entry["summary"] = None
+            entry["note"] = f"the held-out text ({len(stream)} tokens) is shorter than one window of {length + 1}"
         else:
             curve = loss_by_position(model, stream, length, windows, batch_size)
             entry["summary"] = summarize(curve, trained_len, bins)
@@ -94,4 +98,6 @@ def markdown(result: Dict[str, Any], title: str = "") -> str:
             f"held-out text)\n\n")
     if result.get("note"):
         return head + f"Not measured: {result['note']}.\n"
-    return head + md_table(["mode", "length", "windows", "loss < trained", "loss >= trained", "last bin"], rows)
+    notes = "".join(f"\n{c['mode']} at {c['length']}: not measured, {c['note']}.\n" for c in result["curves"]
+                    if c.get("note"))
+    return head + md_table(["mode", "length", "windows", "loss < trained", "loss >= trained", "last bin"], rows) + notes

@@ -130,36 +130,47 @@ def evaluate(target: EvalTarget, sizes: Optional[Sizes] = None, which: Sequence[
     return summaries
 
 
-def suite_memory_shortfall(model_cfg: Any, seq_len: int, device: torch.device) -> str:
+def suite_memory_shortfall(cfg: Any, stage: str, device: torch.device) -> str:
     """Why the stage-end suite's copy of the model would not fit on `device` beside training ('' if it fits).
 
-    The estimate: the bf16 weights, plus a quarter for the work buffers, plus one sequence's K/V and a
-    (seq_len x vocabulary) fp32 logits row for the longest sequence the suite reads. Only CUDA is checked.
+    The estimate: the bf16 weights plus a quarter for work buffers, then per token of the suite's longest
+    sequences (4x the stage's length, `long_batch_size` of them) the K/V of every layer (passkey's generation
+    keeps it) and one layer's bf16 activations (4 x hidden + 3 x the MLP width, the top-k experts' for MoE).
+    The loss is chunked (no logits row) and DCA's scores come in blocks (models/dca.py). Only CUDA is checked.
     """
     if device.type != "cuda":
         return ""
     from models.params import count_parameters
 
-    m = model_cfg
+    m, batch = cfg.model, suite_sizes(cfg).long_batch_size
+    first = cfg.curriculum.stages[cfg.curriculum.order[0]].seq_len
+    grids, checks = plan(first, cfg.curriculum.stages[stage].seq_len)
+    longest = max([x for grid in grids.values() for x in grid] + [length for _, length in checks])
     weights = count_parameters(m).total * 2
-    per_token = 2 * m.num_hidden_layers * m.num_key_value_heads * m.head_dim * 2 + m.vocab_size * 4
-    need = int(weights * 1.25) + seq_len * per_token
+    mlp = m.num_experts_per_tok * m.moe_intermediate_size if m.is_moe else m.intermediate_size
+    per_token = 2 * m.num_hidden_layers * m.num_key_value_heads * m.head_dim * 2 + (4 * m.hidden_size + 3 * mlp) * 2
+    need = int(weights * 1.25) + batch * longest * per_token
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(device)
     if need <= free:
         return ""
-    return (f"needs ~{need / 2**30:.1f} GiB on {device} for a second copy of the model, "
-            f"{free / 2**30:.1f} GiB free")
+    return (f"needs ~{need / 2**30:.1f} GiB on {device} for a second copy of the model and {batch} x {longest} "
+            f"tokens, {free / 2**30:.1f} GiB free")
+
+
+def suite_sizes(cfg: Any) -> Sizes:
+    """The stage-end suite's sizes from cfg.eval: its perplexity over the loop's `eval` windows (so the two
+    records of one step agree; batch_size is the reasoning prompts' too), and one long sequence per forward,
+    the least memory beside the training model."""
+    return Sizes(problems=cfg.eval.suite_problems, max_new_tokens=cfg.eval.suite_max_new_tokens,
+                 trials=cfg.eval.suite_trials, ppl_max_tokens=cfg.eval.max_tokens_per_language,
+                 ppl_max_languages=cfg.eval.max_languages, batch_size=cfg.eval.batch_size, long_batch_size=1)
 
 
 def stage_end_suite(cfg: Any, stage: str, manifest: Path, tok: Tokenizer, device: torch.device) -> Dict[str, Any]:
     """The suite on <run_dir>/hf/<stage>/ at a stage's end (rank 0, sizes from cfg.eval); results in
     <run_dir>/eval/<stage>/."""
-    # perplexity over the same windows as the loop's `eval` at this step, so the two records agree (batch_size
-    # is the reasoning prompts' too)
-    sizes = Sizes(problems=cfg.eval.suite_problems, max_new_tokens=cfg.eval.suite_max_new_tokens,
-                  trials=cfg.eval.suite_trials, ppl_max_tokens=cfg.eval.max_tokens_per_language,
-                  ppl_max_languages=cfg.eval.max_languages, batch_size=cfg.eval.batch_size)
+    sizes = suite_sizes(cfg)
     run_dir = Path(cfg.run_dir)
     order = list(cfg.curriculum.order)
     seq_lens = {s: int(cfg.curriculum.stages[s].seq_len) for s in order}
