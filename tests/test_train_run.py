@@ -344,18 +344,49 @@ def test_a_relaunch_with_another_config_keeps_the_earlier_one(tmp_path):
 
 
 def test_a_relaunch_of_a_finished_run_says_so_and_trains_nothing(data_root, tmp_path_factory, tmp_path):
-    """It printed a resume line and exited without a word (correct, but a user could not tell it had finished)."""
+    """It printed a resume line and exited without a word (correct, but a user could not tell it had finished).
+    On another world size it re-sharded the whole checkpoint (weights and AdamW state, left on disk) to say so."""
     import shutil
 
     run_dir = tmp_path / "done"
     shutil.copytree(smoke_run(tmp_path_factory, "dense1", DENSE1), run_dir)
-    before, config = steps(run_dir), (run_dir / "config.yaml").read_text()
-    proc = run_train([*SMOKE, f"run_dir={run_dir}", *DENSE1, "logging.console=true"])
+    before, config = records(run_dir), (run_dir / "config.yaml").read_text()
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", *DENSE1, "logging.console=true"], nproc=2)
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert "the curriculum is complete (2-long_context-step0000002); nothing to do" in proc.stdout
-    assert steps(run_dir) == before
+    assert ("the curriculum is complete (2-long_context-step0000002); nothing to do (a new run needs another "
+            "run_dir)") in proc.stdout
+    assert records(run_dir) == before  # no model/resume events, no steps
+    assert not (run_dir / "checkpoints" / ".universal").exists()  # nothing re-sharded for 2 ranks
     # the record of what the run trained with stays (it was overwritten with this launch's, console=true here)
     assert (run_dir / "config.yaml").read_text() == config and not (run_dir / "config_history").exists()
     # DeepSpeed's converter lies beside the checkpoints, not among the partial saves of .tmp/
     assert (run_dir / "checkpoints" / "zero_to_fp32.py").exists()
     assert not list((run_dir / "checkpoints" / ".tmp").glob("zero_to_*.py"))
+
+
+def test_a_second_live_launch_into_the_run_dir_is_refused(data_root, tmp_path):
+    """Two launches training one run_dir interleaved their metrics and deleted each other's checkpoints (seen
+    with ranks a SIGTERMed `deepspeed` launcher left running). Rank 0 holds <run_dir>/.lock for the launch; a
+    second launch exits 2 naming the holder and writes nothing; the lock goes with the holder."""
+    import fcntl
+
+    from train.config import ConfigError
+    from train.loop import lock_run_dir
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    held = lock_run_dir(run_dir)  # this test process stands for the live launch
+    holder = (run_dir / ".lock").read_text().strip()
+    assert holder.startswith(f"pid {os.getpid()} on ")
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", "model=tiny_dense"])
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert (f"config key 'run_dir' = '{run_dir}': in use by {holder} (it holds {run_dir / '.lock'}); stop that "
+            "launch or choose another run_dir") in proc.stdout
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
+    with pytest.raises(ConfigError, match="in use by pid"):
+        lock_run_dir(run_dir)
+    held.close()  # the holder ends: the next launch takes the lock
+    again = lock_run_dir(run_dir)
+    with pytest.raises(BlockingIOError):
+        fcntl.flock(open(run_dir / ".lock"), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    again.close()

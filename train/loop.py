@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import json
 import math
 import os
 import resource
 import shutil
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import IO, Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -424,9 +426,6 @@ class Trainer:
                 state.stage_complete = False
                 state.loss_history = []  # the new stage's loss has its own level (other data, length): a new window
             if state.stage_index >= len(cfg.curriculum.order):
-                if self.steps_this_launch == 0 and self.info.rank == 0:  # a relaunch of a finished run
-                    print(f"[tristage] the curriculum is complete ({self.checkpoints.latest()}); nothing to do",
-                          flush=True)
                 break
             name = cfg.curriculum.order[state.stage_index]
             state.stage = name
@@ -499,12 +498,6 @@ class Trainer:
                           "carry_optimizer": stage.carry_optimizer,
                           "mixture": dict(stage.mixture.weights), "time": time.time()})
         return stream
-
-    def finished(self) -> bool:
-        """Whether this launch has nothing to do: the last stage's end checkpoint, its stage-end work done."""
-        state = self.state
-        return (state.stage_complete and state.stage_index >= len(self.cfg.curriculum.order) - 1
-                and self.stage_end_pending is None)
 
     def _run_stage(self, stage: StageConfig, plan: StagePlan) -> Optional[int]:
         """Train one stage to its end; returns an exit code if the launch must stop early, else None."""
@@ -925,16 +918,61 @@ def _fail_after(items: Any, n: int) -> Any:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "(injected)")
 
 
+def lock_run_dir(run_dir: Path) -> Optional[IO[str]]:
+    """An exclusive lock on `<run_dir>/.lock` (rank 0, for the launch), or a refusal naming its holder.
+
+    Two live launches into one run directory interleave their metrics and delete each other's checkpoints: a
+    duplicate submission, or ranks a `deepspeed` launcher left running when it was sent SIGTERM on one node.
+    The operating system drops the lock when the process ends, however it ends, so a killed launch never leaves
+    a stale one. Where the file system has no locks (some parallel file systems), a warning and no lock.
+    """
+    path = run_dir / ".lock"
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ConfigError(f"config key 'run_dir' = {str(run_dir)!r}: in use by {holder} (it holds {path}); stop "
+                          f"that launch or choose another run_dir") from None
+    except OSError as e:
+        handle.close()
+        print(f"[tristage] warning: {path}: no file lock on this file system ({e}); nothing stops a second launch "
+              f"into this run_dir", file=sys.stderr, flush=True)
+        return None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    return handle
+
+
+def finished_checkpoint(cfg: TrainConfig, rank: int) -> Optional[str]:
+    """The tag of the run's last stage-end checkpoint when its stage-end work is done too: the run is complete
+    and a relaunch has nothing to do (decided before the model is built or a checkpoint re-sharded)."""
+    checkpoints = CheckpointManager(Path(cfg.run_dir), cfg.checkpoint.keep, rank)
+    on_rank0("checking the checkpoints", checkpoints.recover)
+    latest = checkpoints.latest()
+    if latest is None:
+        return None
+    state = checkpoints.read_meta(latest)["state"]
+    done = state["stage_complete"] and state["stage_index"] >= len(cfg.curriculum.order) - 1
+    return latest if done and (checkpoints.dir / latest / STAGE_FINISHED).exists() else None
+
+
 def run(cfg: TrainConfig, resolved: Dict[str, Any]) -> int:
     """Validate, start the process group, train the curriculum; returns the exit code."""
     _, world, _, _ = world_from_env()
     plans = validate(cfg, world)  # before any process group: a bad key fails fast, on every rank alike
     info = init_distributed(cfg)
     run_dir = Path(cfg.run_dir)
+    lock: List[Optional[IO[str]]] = [None]
 
     def make_run_dir() -> None:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
+            lock[0] = lock_run_dir(run_dir)
             (run_dir / "preempted").unlink(missing_ok=True)  # the marker of an earlier preemption is spent
         except OSError as e:
             raise ConfigError(f"config key 'run_dir' = {str(run_dir)!r}: cannot be created or written ({e})") from None
@@ -942,8 +980,15 @@ def run(cfg: TrainConfig, resolved: Dict[str, Any]) -> int:
     trainer: Optional[Trainer] = None
     try:
         on_rank0("creating run_dir", make_run_dir)
+        done = finished_checkpoint(cfg, info.rank)
+        if done is not None:
+            if info.rank == 0:
+                print(f"[tristage] the curriculum is complete ({done}); nothing to do (a new run needs another "
+                      f"run_dir)", flush=True)
+            barrier()
+            return 0
         trainer = Trainer(cfg, resolved, plans, info)
-        if info.rank == 0 and not trainer.finished():
+        if info.rank == 0:
             record_config(run_dir, trainer.config_yaml)
         code = trainer.run()
     except (ConfigError, CheckpointError, DataError, Rank0Failed) as e:  # named, with what to do: no traceback
@@ -955,6 +1000,8 @@ def run(cfg: TrainConfig, resolved: Dict[str, Any]) -> int:
     finally:
         if trainer is not None:
             trainer.close()
+        if lock[0] is not None:
+            lock[0].close()
     if code == 0:
         barrier()
     return code
