@@ -21,7 +21,7 @@ class _Run:
 
 def test_events_keep_to_their_own_keys_and_resumed_steps_are_not_sent(tmp_path):
     logger = MetricsLogger.__new__(MetricsLogger)  # just the wandb side
-    logger._wandb, logger._wandb_step = _Run(), 0
+    logger._wandb, logger._wandb_step, logger._step_file = _Run(), 0, tmp_path / "wandb_step"
     for record in [
         {"event": "model", "parameters": 123},  # no step: at the current one
         {"event": "stage_start", "stage": "general", "global_step": 0, "seq_len": 64, "rope_theta": 1e4},
@@ -53,3 +53,21 @@ def test_each_run_directory_has_its_own_wandb_id(tmp_path):
     first = wandb_run_id(a)
     assert wandb_run_id(a) == first != wandb_run_id(b)  # a relaunch continues; another folder does not
     assert first.startswith("0-abc-") and (a / "wandb_id").read_text().strip() == first
+
+
+def test_an_offline_resume_does_not_send_its_steps_again(tmp_path):
+    """A resumed offline wandb run starts at step 0 in wandb's eyes, so the steps a resume logs again (3-5 here)
+    were all sent twice; the last step sent is kept in <run_dir>/wandb_step. Real wandb, offline."""
+    from test_train_config import compose_cfg
+
+    cfg = compose_cfg(["logging.wandb.mode=offline", f"run_dir={tmp_path}", "logging.console=false"])
+    sent = []
+    for first, last in [(1, 5), (3, 7)]:  # a launch to step 5, then a resume from step 2's checkpoint
+        logger = MetricsLogger(cfg, tmp_path, 0, {})
+        log = logger._wandb.log
+        logger._wandb.log = lambda data, step, log=log: (sent.append(step), log(data, step=step))
+        for step in range(first, last + 1):
+            logger.log({"stage": "general", "step": step, "global_step": step, "loss": 1.0 / step})
+        logger.close()
+    assert sent == [1, 2, 3, 4, 5, 5, 6, 7]  # step 5 again (the same row), not 3 and 4
+    assert (tmp_path / "wandb_step").read_text() == "7\n"

@@ -68,7 +68,8 @@ class MetricsLogger:
     again, and the later record stands). wandb's history takes one row per global step, its steps only growing:
     a step's events go in under `<event>/<key>` (a `stage_start` at the last step of a stage would otherwise
     overwrite that step's lr and seq_len with the next stage's), records with no step go in at the current one,
-    and steps a resume logs again, which wandb would drop, are not sent.
+    and steps a resume logs again, which wandb would drop, are not sent. The last step sent is kept in
+    <run_dir>/wandb_step: an offline run resumes at step 0 in wandb's eyes, so its own count cannot tell.
     """
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, rank: int, resolved_config: Dict[str, Any]):
@@ -78,10 +79,13 @@ class MetricsLogger:
         self._file = open(self.path, "a") if rank == 0 else None
         self._wandb = None
         self._wandb_step = 0
+        self._step_file = run_dir / "wandb_step"
         if rank == 0 and cfg.logging.wandb.mode != "disabled":
             self._wandb = _start_wandb(cfg, run_dir, redact(resolved_config))
             if self._wandb is not None:
-                self._wandb_step = int(getattr(self._wandb, "step", 0) or 0)  # a resumed run's next step
+                sent = self._step_file.read_text().strip() if self._step_file.exists() else ""
+                # a resumed online run's next step, or the last step an earlier launch sent
+                self._wandb_step = max(int(getattr(self._wandb, "step", 0) or 0), int(sent) if sent.isdigit() else 0)
         self._last = time.time()
 
     def log(self, record: Dict[str, Any]) -> None:
@@ -108,7 +112,10 @@ class MetricsLogger:
         step = self._wandb_step if step is None else int(step)
         if step < self._wandb_step:
             return
-        self._wandb_step = step
+        if step > self._wandb_step:
+            self._wandb_step = step
+            with atomic_path(self._step_file) as tmp:
+                tmp.write_text(f"{step}\n")
         event = record.get("event")
         flat = {(f"{event}/{k}" if event else k): v for k, v in _numbers(record).items()}
         if flat:
