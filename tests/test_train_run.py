@@ -155,6 +155,9 @@ def test_micro_granularity_logs_the_global_batch_expert_load(data_root, tmp_path
     load = torch.tensor(micro["expert_load"])  # (layers, experts), the table this step (expert_load_every=1)
     assert load.sum(dim=1).tolist() == pytest.approx([1.0] * 4, abs=1e-3)
     assert (load.max(dim=1).values * 8).mean().item() == pytest.approx(micro["expert_load_max_over_mean"], rel=1e-4)
+    assert (load.max(dim=1).values * 8).max().item() == pytest.approx(micro["expert_load_max_over_mean_worst"],
+                                                                      rel=1e-4)
+    assert micro["expert_load_max_over_mean_worst"] > micro["expert_load_max_over_mean"]  # the layers differ
 
 
 def test_ranks_and_zero_stages_agree(data_root, tmp_path_factory):

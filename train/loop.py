@@ -732,7 +732,11 @@ class Trainer:
                 self.peak * info.world_size)
         if self.cfg.model.num_experts:
             load = self.module.expert_load().float()  # (layers, experts): fraction of routed tokens
-            record["expert_load_max_over_mean"] = (load.max(dim=1).values * load.shape[1]).mean().item()
+            # each layer's busiest expert's share x E (1: even; E/k: every token on the same k experts), averaged
+            # over the layers and the worst layer's: a collapse in a few layers hides in the average
+            busiest = (load.max(dim=1).values * load.shape[1]).tolist()
+            record["expert_load_max_over_mean"] = sum(busiest) / len(busiest)
+            record["expert_load_max_over_mean_worst"] = max(busiest)
             every = self.cfg.logging.expert_load_every
             if state.step == plan.steps or (every and state.step % every == 0):
                 record["expert_load"] = [[round(x, 5) for x in row] for row in load.tolist()]
