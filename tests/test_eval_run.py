@@ -192,6 +192,11 @@ def test_bad_inputs_exit_2_naming_what_is_wrong_before_anything_is_written(run_d
         (["ppl", str(run_dir), "--manifest", str(tmp_path / "none.json")], "none.json: no such file"),
         (["ppl", str(hf), "--seq-len", "64", "--manifest", str(tmp_path / "none.json")], f"{hf}: no weights here"),
         (["ppl", str(ckpt)], f"{ckpt}: no weights here (mp_rank_00_model_states.pt missing)"),
+        # a folder from outside a run needs both; they were asked for one launch at a time
+        (["ppl", str(hf)], f"{hf}: not inside a run directory; pass --seq-len (the trained length) and --manifest "
+                           "(the data set it was trained on)"),
+        (["ppl", str(hf), "--manifest", str(tmp_path / "m.json")],
+         f"{hf}: not inside a run directory; pass --seq-len (the trained length)\n"),
         (["ppl", str(run_dir), "--device", "gpu"], "--device 'gpu'"),
     ]
     if not __import__("torch").cuda.is_available():

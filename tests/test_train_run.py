@@ -54,6 +54,9 @@ def test_one_process_runs_all_three_stages(data_root, tmp_path_factory):
     for stage, theta in zip(STAGES, [1e4, 1e4, 1e6]):
         hf_cfg = json.loads((run_dir / "hf" / stage / "config.json").read_text())
         assert hf_cfg["rope_theta"] == theta
+    exports = [r for r in recs if r.get("event") == "hf_export"]  # each export is said, where and at which base
+    assert [(r["stage"], r["global_step"], r["path"], r["rope_theta"]) for r in exports] == [
+        (s, g, str(run_dir / "hf" / s), t) for s, g, t in zip(STAGES, [4, 6, 8], [1e4, 1e4, 1e6])]
     # DENSE1 profiles from global step 3 (step 2 its warm-up): General ends after step 4, and so does the range
     assert [r["steps"] for r in recs if r.get("event") == "profile"] == [[3, 4]]
     trace = json.loads((run_dir / "profile" / "step3-4" / "rank0.trace.json").read_text())

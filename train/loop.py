@@ -769,8 +769,12 @@ class Trainer:
         if not self.cfg.checkpoint.export_hf:
             return
         # known long work without steps (rank 0 writes every weight; ~1 TB in fp32 for 235B): not a hang
+        t0 = time.perf_counter()
         with self.watchdog.suspended(f"{stage.name} HF export"):
             self._write_export(stage)
+        self.metrics.log({"event": "hf_export", "stage": stage.name, "global_step": self.state.global_step,
+                          "path": str(self.run_dir / "hf" / stage.name), "rope_theta": stage.rope_theta,
+                          "seconds": round(time.perf_counter() - t0, 3), "time": time.time()})
 
     def _write_export(self, stage: StageConfig) -> None:
         from models.hf import write_hf

@@ -205,7 +205,9 @@ def resolve(target: Path, out: Optional[Path] = None, manifest: Optional[Path] =
         elif seq_len is not None:
             found = [StageModel(target.name, target, seq_len)]
         else:
-            raise EvalError(f"{target}: not inside a run directory; pass --seq-len (the trained length)")
+            need = "--seq-len (the trained length)" + (" and --manifest (the data set it was trained on)"
+                                                       if manifest is None else "")
+            raise EvalError(f"{target}: not inside a run directory; pass {need}")
     else:
         raise EvalError(f"{target}: not a run directory (config.yaml), HF directory (config.json) "
                         f"or checkpoint folder (meta.json)")
