@@ -146,3 +146,20 @@ def test_expert_parallel_block_equals_one_process():
         for name, p in model.named_parameters():
             torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-5, atol=1e-7, msg=f"EP={ep} {recompute=} {name}")
         torch.testing.assert_close(got["logits"], logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_full_state_dict_loads_this_ranks_expert_slice():
+    """The load hook's second source: the stacked tensors of all E experts go in as this rank's slice (experts
+    4-5 of 8 here), every other weight as it is."""
+    from train.expert_parallel import _restack_pre_hook
+
+    full = Qwen3ForCausalLM(load_preset("tiny_moe"))
+    full.init_weights(seed=1)
+    part = Qwen3ForCausalLM(load_preset("tiny_moe"))
+    for layer in part.model.layers:
+        layer.mlp.experts.keep_experts(4, 2)
+        layer.mlp.experts.register_load_state_dict_pre_hook(_restack_pre_hook)
+    part.init_weights(seed=0)
+    part.load_state_dict(full.state_dict())
+    for (name, got), want in zip(part.state_dict().items(), full.state_dict().values()):
+        assert torch.equal(got, want[4:6] if ".mlp.experts." in name else want), name

@@ -382,3 +382,36 @@ def test_balance_loss_coefficient_is_converted_to_and_from_transformers_meaning(
     assert cfg.router_aux_loss_coef == pytest.approx(0.008)
     assert load_preset("qwen3_30b_a3b").router_aux_loss_coef == pytest.approx(0.008)
     assert hf_config_dict(cfg)["router_aux_loss_coef"] == pytest.approx(0.001)
+
+
+@pytest.mark.parametrize("extra", [{"truncate": False}, {"beta_fast": 1.5, "beta_slow": 0.25}, {"rope_theta": 10.0}])
+def test_yarn_options_match_transformers(extra, tmp_path):
+    """YaRN's optional keys, each changing the tables here: `truncate: False` keeps the fractional ramp ends,
+    betas 1.5 / 0.25 move the ramp to dims (1, 3) from the defaults' (0, 2), and theta 10 puts its upper end
+    (8.07 -> 9) past head_dim / 2 - 1 = 7, where the clamp applies. Accepted by the config but never run before."""
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 1e6, **extra}
+    hf = random_hf_model("dense_untied", rope_parameters=yarn)
+    hf.save_pretrained(tmp_path / "hf")
+    model = load_hf(tmp_path / "hf").eval()
+    x = torch.randint(0, 512, (1, 200), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, hf(x).logits, rtol=0, atol=1e-4)
+
+
+def test_moe_gradients_match_transformers(tmp_path):
+    """The LM loss's gradient of every weight, routers included, equals transformers' (the forward alone missed
+    a detached norm_topk_prob divisor, which only changes the router's gradient)."""
+    hf = random_hf_model("moe")
+    hf.save_pretrained(tmp_path / "hf")
+    ours = load_hf(tmp_path / "hf").eval()  # eval: no balance-loss bookkeeping; the LM loss on both sides
+    x = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(1))
+    labels = torch.cat([x[:, 1:], torch.full((2, 1), -100)], dim=1)
+    hf(x, labels=x).loss.backward()
+    ours(x, labels=labels).lm_loss.backward()
+    theirs = dict(hf.named_parameters())
+    routers = 0
+    for name, p in ours.named_parameters():
+        if name in theirs and theirs[name].grad is not None and theirs[name].shape == p.shape:
+            torch.testing.assert_close(p.grad, theirs[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+            routers += ".mlp.gate." in name
+    assert routers == 2  # both layers' routers compared

@@ -139,3 +139,22 @@ def test_peak_memory_bounded_by_chunk_not_by_tokens_times_vocab():
     assert plain > full_logits, (plain, full_logits)  # the plain path holds at least one full fp32 copy
     # one 512-token chunk of fp32 logits is 64 MiB, plus the 8 MiB fp32 weight-gradient buffer
     assert fused < full_logits / 4, (fused, full_logits)
+
+
+def test_fp16_compiled_path_takes_the_loss_scale(monkeypatch):
+    """The compiled chunk path under fp16 scales its gradients by the loss scale as the eager one does (the eager
+    path's fp16 test did not cover it); run through the function torch.compile fuses, uncompiled."""
+    import models.loss as loss_mod
+
+    monkeypatch.setitem(loss_mod._COMPILED, "fn", loss_mod._softmax_xent_grad)
+    torch.manual_seed(0)
+    h = torch.randn(512, 32, dtype=torch.float16, requires_grad=True)
+    w = (torch.randn(300, 32) * 0.3).half().requires_grad_()
+    y = torch.randint(0, 300, (512,))
+    scale = 2.0 ** 8
+    loss, _ = fused_linear_cross_entropy(h, w, y, chunk_size=128, compiled=True)
+    (loss * scale).backward()
+    h32, w32 = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    F.cross_entropy(h32 @ w32.T, y).backward()
+    for got, ref in ((h.grad, h32.grad), (w.grad, w32.grad)):
+        assert ((got.float() / scale - ref).norm() / ref.norm()).item() < 1e-2

@@ -198,3 +198,16 @@ def test_bf16_forward_keeps_model_dtype_and_fp32_losses():
     out.loss.backward()
     assert model.model.layers[0].mlp.experts.gate_up_proj.grad.dtype == torch.bfloat16
     assert model.eval()(x).logits.dtype == torch.bfloat16
+
+
+def test_position_ids_at_the_end_of_the_rope_tables():
+    """The last row of the tables is usable and the next one is refused (an IndexError on the CPU, a device-side
+    assert on CUDA, without the check)."""
+    cfg = dataclasses.replace(load_preset("tiny_dense"), max_position_embeddings=16)
+    model = Qwen3ForCausalLM(cfg)
+    model.init_weights(seed=0)
+    model.eval()
+    x = torch.randint(0, 8192, (1, 4))
+    assert model(x, position_ids=torch.arange(12, 16)[None]).logits.shape == (1, 4, cfg.vocab_size)
+    with pytest.raises(ValueError, match=r"position_ids span 13..16, outside the RoPE tables \(0..15\)"):
+        model(x, position_ids=torch.arange(13, 17)[None])

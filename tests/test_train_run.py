@@ -396,3 +396,27 @@ def test_a_second_live_launch_into_the_run_dir_is_refused(data_root, tmp_path):
     with pytest.raises(BlockingIOError):
         fcntl.flock(open(run_dir / ".lock"), fcntl.LOCK_EX | fcntl.LOCK_NB)
     again.close()
+
+
+def test_logged_throughput_mfu_and_aux_loss_follow_their_formulas(data_root, tmp_path):
+    """2 ranks: tokens/s = the global batch's tokens / step time; MFU = tokens/s x flops_per_token (attention at
+    full cost) / (peak x ranks), the formula train/metrics.py states; with a z-loss, aux = 0.001 x balance +
+    0.01 x z and loss = lm + aux. No test set a peak (so no MFU was ever logged on the CPU) or a z-loss."""
+    from models import load_preset
+    from models.params import flops_per_token
+
+    proc = run_train([*SMOKE, f"run_dir={tmp_path}", "model=tiny_moe", "model.router_z_loss_coef=0.01",
+                      "logging.peak_tflops=0.001", "deepspeed=zero2", "max_steps=3", "eval.enabled=false",
+                      "checkpoint.export_hf=false"], nproc=2)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    per_step = steps(tmp_path)
+    assert len(per_step) == 3
+    fpt = flops_per_token(load_preset("tiny_moe"), 64, causal_halved=False)
+    for r in per_step:
+        samples = r["samples"][1] - r["samples"][0]  # the global batch, in sequences
+        assert samples * r["seq_len"] == 1024
+        assert r["tokens_per_s"] == pytest.approx(1024 / r["step_time_s"], rel=1e-6)
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * fpt / (0.001e12 * 2), rel=1e-6)
+        assert r["z_loss"] > 0
+        assert r["aux_loss"] == pytest.approx(0.001 * r["balance_loss"] + 0.01 * r["z_loss"], rel=1e-6)
+        assert r["loss"] == pytest.approx(r["lm_loss"] + r["aux_loss"], rel=1e-9)
