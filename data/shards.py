@@ -137,12 +137,13 @@ def check_token_range(shard: Shard, vocab_size: int) -> None:
 
 
 def resolve_in_root(root: Path, rel: str, manifest: Path) -> Path:
-    """`root / rel`, refusing paths that are absolute or lead outside the data root (e.g. "../../etc/passwd")."""
-    base = root.resolve()
-    p = (base / rel).resolve()
-    if Path(rel).is_absolute() or not p.is_relative_to(base):
-        raise DataError(f"{manifest}: path {rel!r} escapes the data root {base}")
-    return p
+    """`root / rel`, refusing paths that are absolute or have a `..` component (e.g. "../../etc/passwd").
+
+    The path is checked as written, not resolved: a folder of the data set that is a symlink (shards on a scratch
+    disk) is the user's choice and stays inside the data set, while a manifest cannot name a file outside it."""
+    if Path(rel).is_absolute() or ".." in Path(rel).parts:
+        raise DataError(f"{manifest}: path {rel!r} escapes the data root {root}")
+    return root / rel
 
 
 def read_manifest(path: Path) -> dict:

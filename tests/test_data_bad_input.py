@@ -151,6 +151,22 @@ def test_manifest_path_escaping_the_data_root(data):
     refused(cfg, mpath, rf"{E(mpath)}: path '/etc/passwd' escapes the data root")
 
 
+def test_a_symlinked_shards_folder_stays_inside_the_data_set(data, tmp_path):
+    """Shards moved to a scratch disk and linked back: refused as 'escapes the data root' before, since the check
+    resolved the link. The path as written is checked instead; `..` still escapes."""
+    cfg, mpath, m, shard = data
+    scratch = tmp_path / "scratch" / "shards"
+    scratch.parent.mkdir()
+    shutil.move(mpath.parent / "shards", scratch)
+    (mpath.parent / "shards").symlink_to(scratch)
+    assert verify(mpath)["components"] == m["components"]
+    assert prepare(cfg) == mpath
+    m["components"]["udhr/fra"]["files"][0]["path"] = "shards/../../../etc/passwd"
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(DataError, match=rf"{E(mpath)}: path 'shards/../../../etc/passwd' escapes the data root"):
+        verify(mpath)
+
+
 def test_manifest_that_is_not_json(data):
     cfg, mpath, _, _ = data
     mpath.write_text("{ not json")
