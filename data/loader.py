@@ -48,7 +48,7 @@ import torch
 
 from data.config import check_mixture, to_mixture_config
 from data.errors import DataError
-from data.io import atomic_path, sha256_file, sha256_text, usable_cpus
+from data.io import atomic_path, remove_stale_tmp, sha256_file, sha256_text, usable_cpus
 from data.shards import Shard, open_shard, read_manifest, resolve_in_root
 
 log = logging.getLogger(__name__)
@@ -474,8 +474,9 @@ def _build_arrays(folder: Optional[Path], build: Callable[[Sinks, bool], None],
     (written beside them).
 
     With a folder, the sinks are .npy files in a temporary folder renamed onto it when complete (`atomic_path`: a
-    reader sees all or nothing), then memory-mapped. A failure to write there (read-only or full disk) is a warning:
-    the arrays are then built again, in memory, on one thread (every rank of the node does the same then).
+    reader sees all or nothing), then memory-mapped; the temporary folders of killed builds beside it are deleted
+    first (`remove_stale_tmp`). A failure to write there (read-only or full disk) is a warning: the arrays are then
+    built again, in memory, on one thread (every rank of the node does the same then).
     """
     if folder is not None:
         opened: List[_Sink] = []
@@ -485,6 +486,7 @@ def _build_arrays(folder: Optional[Path], build: Callable[[Sinks, bool], None],
             return opened[-1]
 
         try:
+            remove_stale_tmp(folder.parent)  # the temporary folders of builds that were killed
             if folder.exists():  # an unreadable cache, replaced
                 shutil.rmtree(folder)
             with atomic_path(folder) as tmp:

@@ -423,6 +423,7 @@ def prepare(data_cfg: Any) -> Path:
         log.info("data set %s: %s changed, preparing again (finished shards are reused)", cfg.name,
                  ", ".join(f"the files of {k}" for k in changed) or "config")
     t0 = time.time()
+    remove_stale_tmp(dataset_dir(cfg))  # a killed run's tokenizer folder or manifest under a temporary name
     loaded = {name: load_source(name, src, cfg) for name, src in cfg.sources.items()}
     sources = {n: v[0] for n, v in loaded.items()}
     identities = {n: v[1] for n, v in loaded.items()}

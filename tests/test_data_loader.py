@@ -343,6 +343,22 @@ def test_index_arrays_are_cached_beside_the_manifest_and_memory_mapped(manifest,
     assert folder not in others and len(others) == 5
 
 
+def test_a_killed_builds_temporary_index_folder_is_removed_by_the_next_build(manifest):
+    """A build killed mid-way left `index/<stage>-<key>.tmp-<pid>/` (arrays of up to ~20 bytes per sample) for
+    ever: nothing removed temporary folders, and nothing looked in index/."""
+    from data.io import HOST
+    from data.loader import index_dir
+
+    mix = MixtureConfig(weights=WEIGHTS, language_alpha=0.3, max_epochs=50)
+    folder = index_dir(manifest, mix, 64, 31, "general", 200)
+    dead = folder.parent / f"{folder.name}{TMP_MARK}{HOST}-999999999"  # its process is gone
+    dead.mkdir(parents=True)
+    (dead / "doc_idx.npy").write_bytes(b"\x93NUMPY half")
+    s = StageStream(manifest, mix, seq_len=64, seed=31, stage="general", num_samples=200)
+    assert not s.index_cached and (folder / "done").is_file()
+    assert not dead.exists() and not list(folder.parent.glob(f"*{TMP_MARK}*"))
+
+
 def test_an_unreadable_index_cache_is_rebuilt_and_a_failed_write_falls_back_to_memory(manifest, monkeypatch, caplog):
     from data.loader import index_dir
 

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from data.config import LengthBucketConfig, MixtureConfig, compose
 from data.errors import DataError
 from data.heldout import heldout_sets
-from data.io import TMP_MARK, atomic_path, remove_stale_tmp
+from data.io import HOST, STALE_AFTER_S, TMP_MARK, atomic_path, remove_stale_tmp
 from data.loader import plan_mixture
 from data.prepare import prepare
 from data.shards import verify
@@ -230,6 +231,35 @@ def test_stale_temporary_files_of_a_running_process_are_left_to_it(tmp_path):
         child.wait()
     remove_stale_tmp(tmp_path)
     assert not live.exists()
+
+
+def test_stale_temporary_folders_go_and_another_hosts_only_once_untouched_for_an_hour(tmp_path):
+    """A killed index build left `index/<stage>-<key>.tmp-<pid>/` for ever (only files were removed). Temporary
+    names now hold the host: on a file system several nodes share, another host's pid means nothing here, so its
+    temporaries are removed only when nothing in them has been modified for STALE_AFTER_S (an hour)."""
+    with atomic_path(tmp_path / "x") as tmp:
+        assert tmp.name == f"x{TMP_MARK}{HOST}-{os.getpid()}"
+        tmp.write_text("")
+    old = time.time() - STALE_AFTER_S - 60
+
+    def leftover(name: str, modified: float = None, file_modified: float = None) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "doc_idx.npy").write_bytes(b"half")
+        if file_modified is not None:
+            os.utime(folder / "doc_idx.npy", (file_modified, file_modified))
+        if modified is not None:
+            os.utime(folder, (modified, modified))
+        return folder
+
+    leftover(f"general-a{TMP_MARK}{HOST}-999999999")  # this host, its process gone
+    leftover(f"general-b{TMP_MARK}node-b-17", modified=old, file_modified=old)  # another host's, untouched an hour
+    leftover(f"general-c{TMP_MARK}node-b-18")  # another host's, being written
+    leftover(f"general-d{TMP_MARK}node-b-19", modified=old)  # its folder old, but a file in it written just now
+    (tmp_path / f"eng.000.tok{TMP_MARK}node-b-20").write_text("")  # a file another host is writing
+    remove_stale_tmp(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"eng.000.tok{TMP_MARK}node-b-20", f"general-c{TMP_MARK}node-b-18", f"general-d{TMP_MARK}node-b-19", "x"]
 
 
 @pytest.mark.parametrize("edit, message", [
