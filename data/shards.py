@@ -156,6 +156,7 @@ def read_manifest(path: Path) -> dict:
     _check_fields(m, _MANIFEST, path, "")
     if m["dtype"] not in {d.name for d in DTYPES.values()}:
         raise DataError(f"{path}: dtype {m['dtype']!r}: expected one of {sorted(d.name for d in DTYPES.values())}")
+    _check_counts_and_files(m, path)
     return m
 
 
@@ -190,6 +191,29 @@ def _check_fields(value: Any, spec: Any, path: Path, where: str) -> None:
                 if key not in value:
                     fail(f"lacks {key!r}")
                 _check_fields(value[key], item_spec, path, f"{where}.{key}" if where else key)
+
+
+def _check_counts_and_files(m: dict, path: Path) -> None:
+    """Refuse what the field types let through: a component whose `tokens` or `documents` differ from its files'
+    sums (an inflated count would pass the pre-start fits check, and the files' own counts are checked against their
+    headers), and a file listed twice, above all a held-out file listed as training data."""
+    listed: Dict[str, str] = {}
+    for section, key, entry in manifest_files(m):
+        where = f"{section}.{key}"
+        name = os.path.normpath(entry["path"])
+        if name in listed:
+            why = (": held-out text would be trained on" if {section, listed[name].split(".")[0]} ==
+                   {"components", "heldout"} else "")
+            raise DataError(f"{path}: malformed manifest: {where} lists file {entry['path']!r}, which "
+                            f"{listed[name]} lists too{why}")
+        listed[name] = where
+    for section in ("components", "heldout"):
+        for key, comp in m[section].items():
+            for field in ("tokens", "documents"):
+                total = sum(f[field] for f in comp["files"])
+                if comp[field] != total:
+                    raise DataError(f"{path}: malformed manifest: {section}.{key}.{field} is {comp[field]}, but its "
+                                    f"files hold {total}")
 
 
 def manifest_files(manifest: dict) -> Iterator[Tuple[str, str, dict]]:

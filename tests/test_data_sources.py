@@ -273,6 +273,16 @@ def test_stale_temporary_folders_go_and_another_hosts_only_once_untouched_for_an
     (lambda m: next(iter(m["heldout"].values()))["files"][0].update(tokens=-3),
      r"heldout\.\S+\.files\[0\]\.tokens is -3, expected a non-negative int"),
     (lambda m: m["tokenizer"].update(vocab_size=10**9), "tokenizer.vocab_size is 1000000000, but .* has 1024 ids"),
+    # accepted before: only the fields' types were checked
+    (lambda m: m["components"]["udhr/fra"].update(files=m["heldout"]["udhr/fra"]["files"],
+                                                  tokens=m["heldout"]["udhr/fra"]["tokens"],
+                                                  documents=m["heldout"]["udhr/fra"]["documents"]),
+     r"heldout\.udhr/fra lists file 'shards/udhr-\w+/heldout-fra\.000\.tok', which components\.udhr/fra lists too: "
+     r"held-out text would be trained on"),
+    (lambda m: m["components"]["sotu/eng"].update(tokens=10**12),
+     r"components\.sotu/eng\.tokens is 1000000000000, but its files hold 3846"),
+    (lambda m: m["heldout"]["bible/deu"].update(documents=0),
+     r"heldout\.bible/deu\.documents is 0, but its files hold 1"),
 ])
 def test_a_hand_edited_manifest_is_refused_naming_the_field(tmp_path, edit, message):
     mpath = prepare(compose("fixture", [f"root={tmp_path}"]))
