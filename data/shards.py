@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from data.errors import DataError
+from data.errors import DataError, ShardError
 from data.io import atomic_path, read_json, sha256_file, write_json
 
 MAGIC = b"TRISTAGE"
@@ -91,22 +91,22 @@ def _header(path: Path, dtype: Optional[str] = None) -> Tuple[int, int, int, int
     try:
         size = path.stat().st_size
     except FileNotFoundError:
-        raise DataError(f"{path}: shard file is missing") from None
+        raise ShardError(f"{path}: shard file is missing") from None
     if size < HEADER_BYTES:
-        raise DataError(f"{path}: truncated: {size} bytes, shorter than the {HEADER_BYTES}-byte header")
+        raise ShardError(f"{path}: truncated: {size} bytes, shorter than the {HEADER_BYTES}-byte header")
     with open(path, "rb") as f:
         magic, version, itemsize, n_tokens, n_docs, vocab = HEADER.unpack(f.read(HEADER.size))
     if magic != MAGIC:
-        raise DataError(f"{path}: wrong magic {magic!r} at byte offset 0 (expected {MAGIC!r}): not a tristage shard")
+        raise ShardError(f"{path}: wrong magic {magic!r} at byte offset 0 (expected {MAGIC!r}): not a tristage shard")
     if version != VERSION:
-        raise DataError(f"{path}: shard format version {version} at byte offset 8; this code reads version {VERSION}")
+        raise ShardError(f"{path}: shard format version {version} at byte offset 8; this code reads version {VERSION}")
     if itemsize not in DTYPES or (dtype is not None and DTYPES[itemsize] != np.dtype(dtype)):
-        raise DataError(f"{path}: {itemsize} bytes per token at byte offset 12, expected {np.dtype(dtype).itemsize}")
+        raise ShardError(f"{path}: {itemsize} bytes per token at byte offset 12, expected {np.dtype(dtype).itemsize}")
     off, expected = _layout(itemsize, n_tokens, n_docs)
     if size != expected:
         what = "truncated" if size < expected else "has trailing bytes"
-        raise DataError(f"{path}: {what}: the header promises {expected} bytes, the file has {size} "
-                        f"(data ends at byte offset {min(size, expected)})")
+        raise ShardError(f"{path}: {what}: the header promises {expected} bytes, the file has {size} "
+                         f"(data ends at byte offset {min(size, expected)})")
     return itemsize, n_tokens, n_docs, vocab, off
 
 
@@ -123,7 +123,7 @@ def open_shard(path: Path, dtype: Optional[str] = None, check_offsets: bool = Tr
     bad = np.flatnonzero(np.diff(offsets) < 0)
     if offsets[0] != 0 or offsets[-1] != n_tokens or len(bad):
         d = int(bad[0]) + 1 if len(bad) else (0 if offsets[0] != 0 else n_docs)
-        raise DataError(f"{path}: document offset {d} is inconsistent (byte offset {off + 8 * d})")
+        raise ShardError(f"{path}: document offset {d} is inconsistent (byte offset {off + 8 * d})")
     return Shard(path, tokens, offsets, int(vocab))
 
 
@@ -132,8 +132,8 @@ def check_token_range(shard: Shard, vocab_size: int) -> None:
     if len(shard.tokens) == 0 or int(shard.tokens.max()) < vocab_size:
         return
     i = int(np.argmax(shard.tokens >= vocab_size))
-    raise DataError(f"{shard.path}: token id {int(shard.tokens[i])} >= vocab size {vocab_size} at token {i} "
-                    f"(byte offset {HEADER_BYTES + i * shard.tokens.dtype.itemsize})")
+    raise ShardError(f"{shard.path}: token id {int(shard.tokens[i])} >= vocab size {vocab_size} at token {i} "
+                     f"(byte offset {HEADER_BYTES + i * shard.tokens.dtype.itemsize})")
 
 
 def resolve_in_root(root: Path, rel: str, manifest: Path) -> Path:
@@ -226,8 +226,8 @@ def manifest_files(manifest: dict) -> Iterator[Tuple[str, str, dict]]:
 
 def _counts_match(path: Path, n_tok: int, n_doc: int, entry: dict) -> None:
     if (n_tok, n_doc) != (entry["tokens"], entry["documents"]):
-        raise DataError(f"{path}: header has {n_tok} tokens / {n_doc} documents (byte offset 16), "
-                        f"the manifest says {entry['tokens']} / {entry['documents']}")
+        raise ShardError(f"{path}: header has {n_tok} tokens / {n_doc} documents (byte offset 16), "
+                         f"the manifest says {entry['tokens']} / {entry['documents']}")
 
 
 def verify_file(root: Path, entry: dict, manifest_path: Path, dtype: str, vocab_size: int,
@@ -240,7 +240,7 @@ def verify_file(root: Path, entry: dict, manifest_path: Path, dtype: str, vocab_
     if checksums:
         actual = sha256_file(path)
         if actual != entry["sha256"]:
-            raise DataError(f"{path}: checksum mismatch: sha256 {actual} but {manifest_path} says {entry['sha256']}")
+            raise ShardError(f"{path}: checksum mismatch: sha256 {actual} but {manifest_path} says {entry['sha256']}")
     return shard
 
 
