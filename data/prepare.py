@@ -520,6 +520,13 @@ def build_manifest(cfg: DataConfig, key: str, tok: Tokenizer, recs: Dict[str, di
     }
 
 
+def _os_error(e: OSError) -> str:
+    """`<path>: <reason>` of an OSError, and what to do."""
+    where = f"{e.filename}: " if e.filename else ""
+    return (f"{where}{e.strerror or e}; what is finished is kept: free space (or fix the permissions) and run the "
+            f"same command again")
+
+
 def _cli() -> None:
     """`python -m data.prepare [overrides]`: prepare `cfg.data` of the repo's Hydra config, tokenizing a source with
     a damaged shard again; exit 1 on bad data."""
@@ -538,9 +545,12 @@ def _cli() -> None:
     def main(cfg) -> None:
         try:
             path = prepare(cfg.data, repair=True)
-        except DataError as e:
-            log.error("%s", e)
-            print(f"error: {e}", file=sys.stderr)
+        except (DataError, OSError) as e:
+            # OSError: a full disk or a folder it may not write; every file is written under a temporary name and
+            # renamed when whole, so what exists stays valid and a rerun finishes the rest
+            message = str(e) if isinstance(e, DataError) else _os_error(e)
+            log.error("%s", message)
+            print(f"error: {message}", file=sys.stderr)
             sys.exit(1)
         print(path)
 
