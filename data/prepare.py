@@ -289,9 +289,10 @@ def _check_has_training_text(name: str, ds, languages: Optional[List[str]]) -> N
 
 
 def ensure_source_shards(name: str, ds, identity: str, tok: Tokenizer, cfg: DataConfig,
-                         repair: bool = False) -> dict:
-    """Shards of one source (per language and split); reused if a finished, intact set exists. A finished set with a
-    damaged shard is refused (ShardError), or with `repair` tokenized again (said on stderr)."""
+                         repair: bool = False) -> Tuple[dict, bool]:
+    """(the `_done.json` record of one source's shards (per language and split), whether they were reused): reused
+    if a finished, intact set exists. A finished set with a damaged shard is refused (ShardError), or with `repair`
+    tokenized again (said on stderr)."""
     out = dataset_dir(cfg)
     src = cfg.sources[name]
     folder = out / "shards" / f"{name}-{_key([identity, src.languages, tok.fingerprint, cfg.shard_tokens])}"
@@ -310,7 +311,7 @@ def ensure_source_shards(name: str, ds, identity: str, tok: Tokenizer, cfg: Data
             done.unlink()  # first: until the new set is complete, the folder is an unfinished one
         else:
             log.info("source %s: shards up to date in %s", name, folder)
-            return rec
+            return rec, True
     remove_stale_tmp(folder)
     _check_has_training_text(name, ds, src.languages)
     if src.languages is not None:
@@ -337,7 +338,7 @@ def ensure_source_shards(name: str, ds, identity: str, tok: Tokenizer, cfg: Data
     n_tok = sum(c["tokens"] for c in rec["train"].values())
     log.info("source %s: %d tokens in %d languages (%.1fs, %.0f tokens/s)", name, n_tok, len(rec["train"]),
              time.time() - t0, len(flat) / max(time.time() - t0, 1e-9))
-    return rec
+    return rec, False
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -431,6 +432,7 @@ def prepare(data_cfg: Any, repair: bool = False) -> Path:
     mpath = manifest_path(cfg)
     key, inputs = config_key(cfg), input_files(cfg)
     damaged: Optional[ShardError] = None
+    before: Optional[str] = None  # the tokenizer the data set was prepared with, on a rerun
     if mpath.exists():
         try:
             manifest = verify(mpath, remember=True)  # refuse a damaged data set before touching anything
@@ -444,7 +446,8 @@ def prepare(data_cfg: Any, repair: bool = False) -> Path:
             if manifest.get("config_key") == key and not changed:
                 log.info("data set %s is prepared and verified: %s", cfg.name, mpath)
                 return mpath
-            log.info("data set %s: %s changed, preparing again (finished shards are reused)", cfg.name,
+            before = manifest["tokenizer"]["fingerprint"]
+            log.info("data set %s: %s changed, preparing again", cfg.name,
                      ", ".join(f"the files of {k}" for k in changed) or "config")
     t0 = time.time()
     remove_stale_tmp(dataset_dir(cfg))  # a killed run's tokenizer folder or manifest under a temporary name
@@ -457,7 +460,10 @@ def prepare(data_cfg: Any, repair: bool = False) -> Path:
     sources = {n: v[0] for n, v in loaded.items()}
     identities = {n: v[1] for n, v in loaded.items()}
     tok = ensure_tokenizer(cfg, sources, identities)
-    recs = {n: ensure_source_shards(n, sources[n], identities[n], tok, cfg, repair) for n in cfg.sources}
+    done = {n: ensure_source_shards(n, sources[n], identities[n], tok, cfg, repair) for n in cfg.sources}
+    recs = {n: rec for n, (rec, _) in done.items()}
+    if before is not None:
+        _say_what_was_reused(cfg.name, before, tok.fingerprint, {n: reused for n, (_, reused) in done.items()})
     manifest = build_manifest(cfg, key, tok, recs, {n: v[2] for n, v in loaded.items()})
     try:
         # a repair wrote the same shards again: the manifest stays as it is, and so stay the index caches and the
@@ -472,6 +478,16 @@ def prepare(data_cfg: Any, repair: bool = False) -> Path:
              manifest["totals"]["tokens"], manifest["totals"]["documents"], len(manifest["languages"]),
              time.time() - t0, mpath)
     return mpath
+
+
+def _say_what_was_reused(name: str, before: str, now: str, reused: Dict[str, bool]) -> None:
+    """Log which sources a rerun tokenized again and which kept their shards. A sentencepiece tokenizer is trained
+    on the sources' text, so an edit to one source usually trains another one, and then every source is tokenized
+    again: said as such, not as "finished shards are reused"."""
+    why = "" if before == now else f"; the tokenizer changed ({before} -> {now}): shards of the old one are not reused"
+    log.info("data set %s: sources tokenized again: %s; shards reused: %s%s", name,
+             ", ".join(n for n, r in reused.items() if not r) or "none",
+             ", ".join(n for n, r in reused.items() if r) or "none", why)
 
 
 def _same_but_created(mpath: Path, manifest: dict) -> bool:

@@ -103,6 +103,32 @@ def test_an_edited_local_file_or_tokenizer_file_is_prepared_again(tmp_path, toke
     assert second["fingerprint"] != first and second["vocab_size"] == 600
 
 
+def test_a_rerun_says_which_sources_it_tokenized_again_and_which_it_reused(tmp_path, tokenizer, caplog):
+    """Editing one local source retrained the tokenizer (it learns from every source's text) and so tokenized every
+    source again, while the log said "(finished shards are reused)". It now says what it did."""
+    corpus = tmp_path / "corpus"
+    shutil.copytree(REPO / "tests" / "fixtures" / "corpus", corpus)
+    paths = [f"sources.{n}.options.paths=['{corpus / n}.jsonl']"
+             for n in ("udhr", "bible", "reasoning", "code", "sotu")]
+    code = corpus / "code.jsonl"
+    caplog.set_level(logging.INFO, logger="data.prepare")
+    for extra in ([], [f"tokenizer.path={tokenizer}"]):  # a tokenizer trained on the sources; a given one
+        cfg = compose("fixture", [f"root={tmp_path / f'root{len(extra)}'}", *paths, *extra])
+        old = verify(prepare(cfg))["tokenizer"]["fingerprint"]
+        code.write_text(code.read_text().replace("def ", "dEf ", 1))  # the next one each time
+        caplog.clear()
+        new = verify(prepare(cfg))["tokenizer"]["fingerprint"]
+        assert "data set fixture: the files of data.sources.code changed, preparing again\n" in caplog.text
+        assert "reused)" not in caplog.text
+        if extra:
+            assert new == old and ("data set fixture: sources tokenized again: code; shards reused: udhr, bible, "
+                                   "reasoning, sotu\n") in caplog.text
+        else:
+            assert new != old and (f"data set fixture: sources tokenized again: udhr, bible, reasoning, code, sotu; "
+                                   f"shards reused: none; the tokenizer changed ({old} -> {new}): shards of the old "
+                                   f"one are not reused\n") in caplog.text
+
+
 def test_the_same_files_at_another_path_are_not_prepared_again(tmp_path, tokenizer, monkeypatch, caplog):
     """A data set prepared in one checkout and used from another: the GPU machine holds the tree at another path,
     with the prepared folder carried over. inputs.json names the files by absolute path, and other names counted as
