@@ -328,8 +328,9 @@ def first_stage_index(cfg: TrainConfig) -> int:
 
 
 def check_data_fits(cfg: TrainConfig, plans: List[StagePlan], manifest: Dict[str, Any], manifest_path: Any) -> None:
-    """Refuse (DataError) a stage from the run's first on that the prepared data cannot fill even at best
-    (`data.loader.check_stage_fits`): train says it before building the model, launch.plan before an allocation."""
+    """Refuse (DataError) a stage from the run's first on that the prepared data cannot fill, as its start would
+    (`data.loader.check_stage_fits`: its length buckets and each part's max_epochs cap): train says it before
+    building the model, launch.plan before an allocation."""
     from data.loader import check_stage_fits
 
     for plan in plans[first_stage_index(cfg):]:
