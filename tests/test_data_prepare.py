@@ -110,11 +110,12 @@ def test_interrupted_run_leaves_nothing_trusted_and_rerun_completes(prepared, tm
 import os, signal
 import data.prepare as P
 from data.config import compose
+from data.io import temporary_name
 real, calls = P.write_shard, []
 def dying(path, tokens, offsets, vocab):
     calls.append(path)
     if len(calls) == 8:  # a few shards in: write half a file under the temporary name, then die
-        tmp = path.with_name(path.name + ".tmp-" + str(os.getpid()))
+        tmp = temporary_name(path)
         tmp.write_bytes(b"TRISTAGE" + b"\\0" * 100)
         os.kill(os.getpid(), signal.SIGKILL)
     return real(path, tokens, offsets, vocab)
