@@ -92,8 +92,11 @@ def remove_stale_tmp(folder: Path) -> None:
         if TMP_MARK not in p.name:
             continue
         host, _, pid = p.name.rsplit(TMP_MARK, 1)[1].rpartition("-")
-        here = host in ("", HOST)
-        if not _running(pid) if here else time.time() - _last_modified(p) > STALE_AFTER_S:
+        if host in ("", HOST):
+            stale = not _running(pid)
+        else:
+            stale = time.time() - _last_modified(p) > STALE_AFTER_S
+        if stale:
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)  # a leftover: whatever of it is gone meanwhile is fine
             else:

@@ -432,7 +432,7 @@ def prepare(data_cfg: Any, repair: bool = False) -> Path:
     mpath = manifest_path(cfg)
     key, inputs = config_key(cfg), input_files(cfg)
     damaged: Optional[ShardError] = None
-    before: Optional[str] = None  # the tokenizer the data set was prepared with, on a rerun
+    tokenizer_before: Optional[str] = None  # the fingerprint of the tokenizer of the data set there, on a rerun
     if mpath.exists():
         try:
             manifest = verify(mpath, remember=True)  # refuse a damaged data set before touching anything
@@ -446,7 +446,7 @@ def prepare(data_cfg: Any, repair: bool = False) -> Path:
             if manifest.get("config_key") == key and not changed:
                 log.info("data set %s is prepared and verified: %s", cfg.name, mpath)
                 return mpath
-            before = manifest["tokenizer"]["fingerprint"]
+            tokenizer_before = manifest["tokenizer"]["fingerprint"]
             log.info("data set %s: %s changed, preparing again", cfg.name,
                      ", ".join(f"the files of {k}" for k in changed) or "config")
     t0 = time.time()
@@ -462,8 +462,9 @@ def prepare(data_cfg: Any, repair: bool = False) -> Path:
     tok = ensure_tokenizer(cfg, sources, identities)
     done = {n: ensure_source_shards(n, sources[n], identities[n], tok, cfg, repair) for n in cfg.sources}
     recs = {n: rec for n, (rec, _) in done.items()}
-    if before is not None:
-        _say_what_was_reused(cfg.name, before, tok.fingerprint, {n: reused for n, (_, reused) in done.items()})
+    if tokenizer_before is not None:
+        _say_what_was_reused(cfg.name, tokenizer_before, tok.fingerprint,
+                             {n: reused for n, (_, reused) in done.items()})
     manifest = build_manifest(cfg, key, tok, recs, {n: v[2] for n, v in loaded.items()})
     try:
         # a repair wrote the same shards again: the manifest stays as it is, and so stay the index caches and the
@@ -482,7 +483,7 @@ def prepare(data_cfg: Any, repair: bool = False) -> Path:
 
 def _say_what_was_reused(name: str, before: str, now: str, reused: Dict[str, bool]) -> None:
     """Log which sources a rerun tokenized again and which kept their shards. A sentencepiece tokenizer is trained
-    on the sources' text, so an edit to one source usually trains another one, and then every source is tokenized
+    on the sources' text, so an edit to one source usually gives a new tokenizer, and then every source is tokenized
     again: said as such, not as "finished shards are reused"."""
     why = "" if before == now else f"; the tokenizer changed ({before} -> {now}): shards of the old one are not reused"
     log.info("data set %s: sources tokenized again: %s; shards reused: %s%s", name,

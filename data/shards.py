@@ -197,16 +197,15 @@ def _check_counts_and_files(m: dict, path: Path) -> None:
     """Refuse what the field types let through: a component whose `tokens` or `documents` differ from its files'
     sums (an inflated count would pass the pre-start fits check, and the files' own counts are checked against their
     headers), and a file listed twice, above all a held-out file listed as training data."""
-    listed: Dict[str, str] = {}
+    listed: Dict[str, Tuple[str, str]] = {}  # file -> (section, component) that lists it
     for section, key, entry in manifest_files(m):
-        where = f"{section}.{key}"
         name = os.path.normpath(entry["path"])
         if name in listed:
-            why = (": held-out text would be trained on" if {section, listed[name].split(".")[0]} ==
-                   {"components", "heldout"} else "")
-            raise DataError(f"{path}: malformed manifest: {where} lists file {entry['path']!r}, which "
-                            f"{listed[name]} lists too{why}")
-        listed[name] = where
+            first_section, first_key = listed[name]
+            why = ": held-out text would be trained on" if first_section != section else ""
+            raise DataError(f"{path}: malformed manifest: {section}.{key} lists file {entry['path']!r}, which "
+                            f"{first_section}.{first_key} lists too{why}")
+        listed[name] = (section, key)
     for section in ("components", "heldout"):
         for key, comp in m[section].items():
             for field in ("tokens", "documents"):
