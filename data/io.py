@@ -6,10 +6,17 @@ import errno
 import hashlib
 import json
 import os
+import re
+import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
 TMP_MARK = ".tmp-"  # temporary files carry this in their name; nothing ever reads them
+HOST = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "host"  # in temporary names, before the pid
+STALE_AFTER_S = 3600  # another host's temporary not modified for this long is a leftover: its pid means nothing
+# here, and a writer that is alive touches its file (or its folder's files) far more often than once an hour
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -31,10 +38,11 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it onto `path` only if the block finishes.
 
     The rename is atomic on POSIX, so a reader sees either no file or the whole file, never a half-written one;
-    an exception (or a kill) leaves at most a `*.tmp-<pid>` file that no reader looks at.
+    an exception (or a kill) leaves at most a `*.tmp-<host>-<pid>` file or folder that no reader looks at (and
+    that `remove_stale_tmp` deletes later).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
+    tmp = temporary_name(path)
     try:
         yield tmp
         try:
@@ -47,11 +55,15 @@ def atomic_path(path: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             if tmp.is_dir():
-                import shutil
-
                 shutil.rmtree(tmp)
             else:
                 tmp.unlink()
+
+
+def temporary_name(path: Path) -> Path:
+    """Where `atomic_path` writes `path` first: `<name>.tmp-<host>-<pid>`, so that on a file system several nodes
+    share, a process can tell its own host's leftovers (by the pid) from another host's."""
+    return path.with_name(f"{path.name}{TMP_MARK}{HOST}-{os.getpid()}")
 
 
 def usable_cpus() -> int:
@@ -68,12 +80,39 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def remove_stale_tmp(folder: Path) -> None:
-    """Delete temporary files an interrupted run left in `folder` (they were never renamed, so never trusted); those
-    of a process still running here (another `prepare` writing the same files) are left to it."""
-    if folder.is_dir():
-        for p in folder.iterdir():
-            if TMP_MARK in p.name and p.is_file() and not _running(p.name.rsplit(TMP_MARK, 1)[1]):
+    """Delete the temporary files and folders an interrupted run left in `folder` (never renamed, so never trusted).
+
+    Left alone: those of a process still running on this host (another `prepare` writing the same files), and
+    another host's until nothing in them has been modified for STALE_AFTER_S (its process cannot be checked from
+    here; a shared file system's other node may be writing it now). Names without a host (`*.tmp-<pid>`, from
+    earlier versions) count as this host's."""
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        if TMP_MARK not in p.name:
+            continue
+        host, _, pid = p.name.rsplit(TMP_MARK, 1)[1].rpartition("-")
+        if host in ("", HOST):
+            stale = not _running(pid)
+        else:
+            stale = time.time() - _last_modified(p) > STALE_AFTER_S
+        if stale:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)  # a leftover: whatever of it is gone meanwhile is fine
+            else:
                 p.unlink(missing_ok=True)
+
+
+def _last_modified(path: Path) -> float:
+    """The newest mtime of a file, or of a folder and the files in it (a writer appends to those, which leaves the
+    folder's own mtime as it was); +inf where it vanished meanwhile (its owner renamed it: not a leftover)."""
+    try:
+        times = [path.stat().st_mtime]
+        if path.is_dir():
+            times += [e.stat(follow_symlinks=False).st_mtime for e in os.scandir(path)]
+    except FileNotFoundError:
+        return float("inf")
+    return max(times)
 
 
 def _running(pid: str) -> bool:

@@ -41,14 +41,14 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from data.config import check_mixture, to_mixture_config
+from data.config import MixtureConfig, check_mixture, to_mixture_config
 from data.errors import DataError
-from data.io import atomic_path, sha256_file, sha256_text, usable_cpus
+from data.io import atomic_path, remove_stale_tmp, sha256_file, sha256_text, usable_cpus, write_json
 from data.shards import Shard, open_shard, read_manifest, resolve_in_root
 
 log = logging.getLogger(__name__)
@@ -213,30 +213,144 @@ def _fill(weights: np.ndarray, caps: np.ndarray, total: int) -> tuple[np.ndarray
     return n, fixed  # capped, including parts too small for a single sample
 
 
-def _pieces(c: Component, cut: Optional[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(file, start, length) of the component's documents, those longer than `cut` split into `cut`-token pieces."""
-    if cut is None or not (c.doc_len > cut).any():
-        return c.doc_file, c.doc_start, c.doc_len
-    n = -(-c.doc_len // cut)  # pieces per document
+def _pieces(doc_file: np.ndarray, doc_start: np.ndarray, doc_len: np.ndarray,
+            cut: Optional[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(file, start, length) of documents, those longer than `cut` split into `cut`-token pieces."""
+    if cut is None or not (doc_len > cut).any():
+        return doc_file, doc_start, doc_len
+    n = -(-doc_len // cut)  # pieces per document
     first = np.repeat(np.cumsum(n) - n, n)  # index of each piece's first sibling
     k = np.arange(n.sum()) - first  # piece number within its document
     doc = np.repeat(np.arange(len(n)), n)
-    return c.doc_file[doc], c.doc_start[doc] + k * cut, np.minimum(cut, c.doc_len[doc] - k * cut)
+    return doc_file[doc], doc_start[doc] + k * cut, np.minimum(cut, doc_len[doc] - k * cut)
+
+
+Bucket = Tuple[int, Optional[int], float]  # (min_tokens, max_tokens or None: no bound, weight)
+
+
+def _buckets(mix: MixtureConfig) -> tuple[List[Bucket], Optional[int]]:
+    """The stage's length buckets ((0, None, 1.0): one bucket of every document, without them) and the length
+    documents are cut to first: with buckets, a document longer than the longest is cut into pieces of that length,
+    so a 50K-token address feeds the 16K-32K bucket instead of being left out (the last piece is bucketed by its
+    length)."""
+    buckets = [(b.min_tokens, b.max_tokens, b.weight) for b in mix.length_buckets] or [(0, None, 1.0)]
+    tops = [hi for _, hi, _ in buckets]
+    return buckets, (max(tops) if mix.length_buckets and None not in tops else None)
+
+
+def _bucket_masks(lengths: np.ndarray, buckets: List[Bucket]) -> Iterator[np.ndarray]:
+    """Per bucket in order, which of these documents it takes: each goes to the first bucket whose
+    [min_tokens, max_tokens] holds its length."""
+    taken = np.zeros(len(lengths), dtype=bool)
+    for lo, hi, _ in buckets:
+        keep = ~taken & (lengths >= lo) & (lengths <= (hi if hi is not None else np.iinfo(np.int64).max))
+        taken |= keep
+        yield keep
+
+
+def _source_weights(manifest_path: Path, mix: MixtureConfig, tokens_by_source: Dict[str, int],
+                    stage: str) -> Dict[str, float]:
+    """The sources a stage samples and their weights (empty weights: by token count); sources the data set lacks
+    are refused."""
+    weights = dict(mix.weights) or {s: float(t) for s, t in tokens_by_source.items()}
+    unknown = sorted(set(weights) - set(tokens_by_source))
+    if unknown:
+        raise DataError(f"{manifest_path}: stage {stage!r} mixture names sources {unknown} that the data set lacks "
+                        f"(it has {sorted(tokens_by_source)})")
+    return {s: float(w) for s, w in weights.items() if w > 0}
+
+
+def _check_fill(manifest_path: Path, stage: str, seq_len: int, num_samples: int, max_epochs: float,
+                buckets: List[Bucket], part_tokens: List[List[int]]) -> None:
+    """Refuse a stage its parts cannot fill (`part_tokens[b]`: the tokens of each part of bucket b that has any): a
+    length bucket no document falls in, or part capacities (whole samples within max_epochs) below its samples."""
+    for bi, ((lo, hi, _), tokens) in enumerate(zip(buckets, part_tokens)):
+        if not tokens:
+            raise DataError(f"{manifest_path}: stage {stage!r}: no document of the mixture's sources is "
+                            f"{lo} <= length <= {hi} tokens (length bucket {bi})")
+    capacity = sum(_capacity(t, seq_len, max_epochs) for tokens in part_tokens for t in tokens)
+    if capacity < num_samples:
+        where = " in its length buckets" if any(hi is not None for _, hi, _ in buckets) else ""
+        raise DataError(f"{manifest_path}: stage {stage!r} needs {num_samples} samples of {seq_len} tokens "
+                        f"({num_samples * seq_len:,} tokens), but its sources give only {capacity} within "
+                        f"max_epochs={max_epochs} ({sum(map(sum, part_tokens)):,} training tokens{where}); lower "
+                        f"the stage's token budget, raise max_epochs or use a larger data set (data=<yours>: README "
+                        f"\"Your own data\")")
+
+
+BUCKET_TOKENS = "bucket_tokens.json"  # beside the manifest: per length-bucket bounds, each component's tokens there
+_BUCKET_TOKENS_HERE: Dict[str, Dict[str, List[int]]] = {}  # the same, for this process (a read-only data root)
+
+
+def bucket_tokens(manifest_path: Path, manifest: Dict[str, Any], keys: Sequence[str], buckets: List[Bucket],
+                  cut: Optional[int]) -> Dict[str, List[int]]:
+    """{component: its training tokens in each length bucket}, with documents longer than `cut` in pieces, as
+    `plan_mixture` counts them, for these components of the manifest.
+
+    From the shards' document offsets (8 bytes a document, a shard at a time), once: the sums are recorded in
+    `bucket_tokens.json` beside the manifest, keyed by its sha256 and the buckets' bounds, so that a later check
+    (each launch, launch.plan) reads no shard."""
+    manifest_path = Path(manifest_path)
+    manifest_sha = sha256_file(manifest_path)
+    spec = json.dumps([[lo, hi] for lo, hi, _ in buckets] + [cut])
+    record_path = manifest_path.parent / BUCKET_TOKENS
+    try:
+        record = json.loads(record_path.read_text())
+        if not (isinstance(record, dict) and record.get("manifest") == manifest_sha
+                and isinstance(record.get("buckets"), dict)):
+            raise ValueError("another manifest's")
+    except (OSError, ValueError):
+        record = {"manifest": manifest_sha, "buckets": {}}
+    known = {k: v for k, v in (record["buckets"].get(spec) or {}).items()
+             if isinstance(v, list) and len(v) == len(buckets) and all(type(x) is int for x in v)}
+    known.update(_BUCKET_TOKENS_HERE.get(manifest_sha + spec, {}))
+    missing = [k for k in keys if k not in known]
+    for key in missing:
+        sums = np.zeros(len(buckets), np.int64)
+        for f in manifest["components"][key]["files"]:
+            path = resolve_in_root(manifest_path.parent, f["path"], manifest_path)
+            lengths = open_shard(path, manifest["dtype"]).doc_lengths
+            none = np.zeros(len(lengths), np.int8)  # which file, where: not needed for the sums
+            _, _, lengths = _pieces(none, none, lengths, cut)
+            sums += [int(lengths[m].sum(dtype=np.int64)) for m in _bucket_masks(lengths, buckets)]
+        known[key] = [int(x) for x in sums]
+    if missing:
+        _BUCKET_TOKENS_HERE[manifest_sha + spec] = known
+        try:
+            write_json(record_path, {"manifest": manifest_sha, "buckets": {**record["buckets"], spec: known}})
+        except OSError as e:  # a read-only data root: counted again by the next process
+            log.info("%s: cannot record the length buckets' tokens (%s)", record_path, e)
+    return {k: known[k] for k in keys}
 
 
 def check_stage_fits(manifest: Dict[str, Any], manifest_path: Path, mixture: Any, seq_len: int,
                      num_samples: int, stage: str) -> None:
-    """Refuse (DataError) a stage its sources cannot fill even at best: their training tokens x max_epochs below the
-    stage's samples x seq_len. A bound from the manifest's totals alone (no document is read), so train and
-    launch.plan can say it before a model is built; `plan_mixture` does the exact count when the stage starts."""
+    """Refuse (DataError), with the same count as `plan_mixture` when the stage starts, a stage its data cannot fill:
+    a length bucket no document of its sources falls in, or parts (components, or a component's documents in one
+    length bucket) whose capacities within max_epochs sum below the stage's samples. Train says it before building
+    the model, launch.plan before an allocation.
+
+    Without length buckets the parts are the components, whose tokens the manifest holds: nothing is read. With them,
+    each component's tokens per bucket come from `bucket_tokens` (the shards' document offsets, read once per
+    manifest and bucket bounds, then recorded beside the manifest)."""
     mix = to_mixture_config(mixture)
-    wanted = {s for s, w in mix.weights.items() if w > 0} or None  # empty: every source
-    tokens = sum(c["tokens"] for c in manifest["components"].values() if wanted is None or c["source"] in wanted)
-    if tokens * mix.max_epochs < num_samples * seq_len:
-        raise DataError(f"{manifest_path}: stage {stage!r} needs {num_samples} samples of {seq_len} tokens "
-                        f"({num_samples * seq_len:,} tokens), but its sources hold {tokens:,} training tokens, "
-                        f"{tokens * mix.max_epochs:,.0f} within max_epochs={mix.max_epochs}; lower the stage's token "
-                        f"budget, raise max_epochs or use a larger data set (data=<yours>: README \"Your own data\")")
+    try:
+        check_mixture(mix, f"stage {stage!r} mixture")
+    except ValueError as e:
+        raise DataError(f"{manifest_path}: {e}") from None
+    comps = manifest["components"]
+    tokens_by_source: Dict[str, int] = {}
+    for c in comps.values():
+        tokens_by_source[c["source"]] = tokens_by_source.get(c["source"], 0) + c["tokens"]
+    weights = _source_weights(manifest_path, mix, tokens_by_source, stage)
+    keys = sorted(k for k, c in comps.items() if c["source"] in weights)
+    buckets, cut = _buckets(mix)
+    if mix.length_buckets:
+        tokens = bucket_tokens(manifest_path, manifest, keys, buckets, cut)
+    else:
+        tokens = {k: [comps[k]["tokens"]] for k in keys}
+    _check_fill(manifest_path, stage, seq_len, num_samples, mix.max_epochs, buckets,
+                [[tokens[k][bi] for k in keys if tokens[k][bi]] for bi in range(len(buckets))])
 
 
 def plan_mixture(manifest_path: Path, mixture: Any, seq_len: int, num_samples: int, stage: str = "") -> MixturePlan:
@@ -250,47 +364,35 @@ def plan_mixture(manifest_path: Path, mixture: Any, seq_len: int, num_samples: i
     tokens_by_source: Dict[str, int] = {}
     for c in comps.values():
         tokens_by_source[c.source] = tokens_by_source.get(c.source, 0) + c.tokens
-    weights = dict(mix.weights) or {s: float(t) for s, t in tokens_by_source.items()}
-    unknown = sorted(set(weights) - set(tokens_by_source))
-    if unknown:
-        raise DataError(f"{manifest_path}: stage {stage!r} mixture names sources {unknown} that the data set lacks "
-                        f"(it has {sorted(tokens_by_source)})")
-    weights = {s: float(w) for s, w in weights.items() if w > 0}
-    buckets = [(b.min_tokens, b.max_tokens, b.weight) for b in mix.length_buckets] or [(0, None, 1.0)]
-    # With length buckets, a document longer than the longest bucket is cut into pieces of that length, so a
-    # 50K-token address feeds the 16K-32K bucket instead of being left out; the last piece is bucketed by its length.
-    tops = [hi for _, hi, _ in buckets]
-    cut = max(tops) if mix.length_buckets and None not in tops else None
-    docs = {k: _pieces(c, cut) for k, c in comps.items() if c.source in weights}
-    parts: List[Part] = []
-    taken = {k: np.zeros(len(d[2]), dtype=bool) for k, d in docs.items()}  # a document joins one bucket only
-    for bi, (lo, hi, bw) in enumerate(buckets):
-        candidates = []
+    weights = _source_weights(manifest_path, mix, tokens_by_source, stage)
+    buckets, cut = _buckets(mix)
+    docs = {k: _pieces(c.doc_file, c.doc_start, c.doc_len, cut) for k, c in comps.items() if c.source in weights}
+    masks = {k: _bucket_masks(d[2], buckets) for k, d in docs.items()}  # a document joins one bucket only
+    candidates = []  # per bucket: (component, its documents there, their tokens) of each component with any
+    for _ in buckets:
+        found = []
         for key in sorted(docs):
             f, st, ln = docs[key]
-            keep = ~taken[key] & (ln >= lo) & (ln <= (hi if hi is not None else np.iinfo(np.int64).max))
-            taken[key] |= keep
+            keep = next(masks[key])
             n_tok = int(ln[keep].sum(dtype=np.int64))
             if n_tok:  # every document (no length buckets): the component's own tables, not copies
-                candidates.append((comps[key], (f, st, ln) if keep.all() else (f[keep], st[keep], ln[keep]), n_tok))
-        if not candidates:
-            raise DataError(f"{manifest_path}: stage {stage!r}: no document of the mixture's sources is "
-                            f"{lo} <= length <= {hi} tokens (length bucket {bi})")
-        src_w = {s: weights[s] for s in {c.source for c, _, _ in candidates}}
+                found.append((comps[key], (f, st, ln) if keep.all() else (f[keep], st[keep], ln[keep]), n_tok))
+        candidates.append(found)
+    _check_fill(manifest_path, stage, seq_len, num_samples, mix.max_epochs, buckets,
+                [[n_tok for _, _, n_tok in found] for found in candidates])
+    parts: List[Part] = []
+    for bi, ((_, _, bw), found) in enumerate(zip(buckets, candidates)):
+        src_w = {s: weights[s] for s in {c.source for c, _, _ in found}}
         src_total = sum(src_w.values())
         lang_tok: Dict[str, float] = {}
-        for c, _, n_tok in candidates:
+        for c, _, n_tok in found:
             lang_tok[c.source] = lang_tok.get(c.source, 0.0) + n_tok ** mix.language_alpha
-        for c, (f, st, ln), n_tok in candidates:
+        for c, (f, st, ln), n_tok in found:
             w = bw * src_w[c.source] / src_total * n_tok ** mix.language_alpha / lang_tok[c.source]
             parts.append(Part(c.name, c.source, c.language, bi if mix.length_buckets else -1, f, st, ln, n_tok, w,
                               _capacity(n_tok, seq_len, mix.max_epochs)))
     w = np.array([p.weight for p in parts])
     caps = np.array([p.capacity for p in parts], dtype=np.int64)
-    if caps.sum() < num_samples:
-        raise DataError(f"{manifest_path}: stage {stage!r} needs {num_samples} samples of {seq_len} tokens, but its "
-                        f"sources give only {int(caps.sum())} within max_epochs={mix.max_epochs}; lower the stage's "
-                        f"token budget, raise max_epochs or add data")
     samples, capped = _fill(w / w.sum(), caps, num_samples)
     for p, n, cp in zip(parts, samples, capped):
         p.samples, p.capped, p.epochs = int(n), bool(cp), int(n) * seq_len / p.tokens
@@ -474,8 +576,9 @@ def _build_arrays(folder: Optional[Path], build: Callable[[Sinks, bool], None],
     (written beside them).
 
     With a folder, the sinks are .npy files in a temporary folder renamed onto it when complete (`atomic_path`: a
-    reader sees all or nothing), then memory-mapped. A failure to write there (read-only or full disk) is a warning:
-    the arrays are then built again, in memory, on one thread (every rank of the node does the same then).
+    reader sees all or nothing), then memory-mapped; the temporary folders of killed builds beside it are deleted
+    first (`remove_stale_tmp`). A failure to write there (read-only or full disk) is a warning: the arrays are then
+    built again, in memory, on one thread (every rank of the node does the same then).
     """
     if folder is not None:
         opened: List[_Sink] = []
@@ -485,6 +588,7 @@ def _build_arrays(folder: Optional[Path], build: Callable[[Sinks, bool], None],
             return opened[-1]
 
         try:
+            remove_stale_tmp(folder.parent)  # the temporary folders of builds that were killed
             if folder.exists():  # an unreadable cache, replaced
                 shutil.rmtree(folder)
             with atomic_path(folder) as tmp:

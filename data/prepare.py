@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from data.config import DataConfig, SourceConfig, to_data_config
-from data.errors import DataError
+from data.errors import DataError, ShardError
 from data.io import atomic_path, read_json, remove_stale_tmp, sha256_file, sha256_text, usable_cpus, write_json
 from data.recipes import BUILTIN, KINDS, LOADED, local
 from data.recipes.options import parse_options
@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # source names and languages become file names
 SPLITS = ("train", "heldout")
 MAX_LINE = 4000  # tokenizer sample lines are cut to this many characters
+REPAIR = ("shards are derived data: `python -m data.prepare` with this run's data settings tokenizes the damaged "
+          "source again")
 
 
 def data_root(cfg: DataConfig) -> Path:
@@ -286,20 +288,30 @@ def _check_has_training_text(name: str, ds, languages: Optional[List[str]]) -> N
         raise DataError(f"source '{name}': no training document ({len(ds)} documents, none with split 'train')")
 
 
-def ensure_source_shards(name: str, ds, identity: str, tok: Tokenizer, cfg: DataConfig) -> dict:
-    """Shards of one source (per language and split); reused if a finished, intact set exists."""
+def ensure_source_shards(name: str, ds, identity: str, tok: Tokenizer, cfg: DataConfig,
+                         repair: bool = False) -> Tuple[dict, bool]:
+    """(the `_done.json` record of one source's shards (per language and split), whether they were reused): reused
+    if a finished, intact set exists. A finished set with a damaged shard is refused (ShardError), or with `repair`
+    tokenized again (said on stderr)."""
     out = dataset_dir(cfg)
     src = cfg.sources[name]
     folder = out / "shards" / f"{name}-{_key([identity, src.languages, tok.fingerprint, cfg.shard_tokens])}"
     done = folder / "_done.json"
     if done.exists():
         rec = read_json(done)
-        for section in SPLITS:
-            for comp in rec[section].values():
-                for entry in comp["files"]:
-                    verify_file(out, entry, done, rec["dtype"], tok.vocab_size)
-        log.info("source %s: shards up to date in %s", name, folder)
-        return rec
+        try:
+            for section in SPLITS:
+                for comp in rec[section].values():
+                    for entry in comp["files"]:
+                        verify_file(out, entry, done, rec["dtype"], tok.vocab_size)
+        except ShardError as e:
+            if not repair:
+                raise ShardError(f"{e}; {REPAIR}") from None
+            _say(f"{e}: shards are derived data, tokenizing source '{name}' again")
+            done.unlink()  # first: until the new set is complete, the folder is an unfinished one
+        else:
+            log.info("source %s: shards up to date in %s", name, folder)
+            return rec, True
     remove_stale_tmp(folder)
     _check_has_training_text(name, ds, src.languages)
     if src.languages is not None:
@@ -326,7 +338,7 @@ def ensure_source_shards(name: str, ds, identity: str, tok: Tokenizer, cfg: Data
     n_tok = sum(c["tokens"] for c in rec["train"].values())
     log.info("source %s: %d tokens in %d languages (%.1fs, %.0f tokens/s)", name, n_tok, len(rec["train"]),
              time.time() - t0, len(flat) / max(time.time() - t0, 1e-9))
-    return rec
+    return rec, False
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -404,8 +416,13 @@ def _changed(mpath: Path, now: Dict[str, Any]) -> List[str]:
     return changed
 
 
-def prepare(data_cfg: Any) -> Path:
-    """Fetch, tokenize and shard the configured sources; returns the manifest path. Idempotent and cached."""
+def prepare(data_cfg: Any, repair: bool = False) -> Path:
+    """Fetch, tokenize and shard the configured sources; returns the manifest path. Idempotent and cached.
+
+    A damaged shard (missing, truncated, other bytes) is refused with a ShardError that says to run
+    `python -m data.prepare`, which passes `repair=True`: then the sources whose shards are damaged are tokenized
+    again (shards are derived data; said on stderr). Train calls this without `repair`: a shard that changed under
+    a run is worth a look before anything rewrites it."""
     cfg = to_data_config(data_cfg)
     if not cfg.sources:
         raise DataError("data.sources is empty: nothing to prepare")
@@ -414,23 +431,46 @@ def prepare(data_cfg: Any) -> Path:
     _check_name(cfg.name, "data set name")
     mpath = manifest_path(cfg)
     key, inputs = config_key(cfg), input_files(cfg)
+    damaged: Optional[ShardError] = None
+    tokenizer_before: Optional[str] = None  # the fingerprint of the tokenizer of the data set there, on a rerun
     if mpath.exists():
-        manifest = verify(mpath, remember=True)  # refuse a damaged data set before touching anything
-        changed = _changed(mpath, inputs)
-        if manifest.get("config_key") == key and not changed:
-            log.info("data set %s is prepared and verified: %s", cfg.name, mpath)
-            return mpath
-        log.info("data set %s: %s changed, preparing again (finished shards are reused)", cfg.name,
-                 ", ".join(f"the files of {k}" for k in changed) or "config")
+        try:
+            manifest = verify(mpath, remember=True)  # refuse a damaged data set before touching anything
+        except ShardError as e:
+            if not repair:
+                raise ShardError(f"{e}; {REPAIR}") from None
+            damaged = e
+            _say(f"{e}: preparing data set {cfg.name} again")
+        else:
+            changed = _changed(mpath, inputs)
+            if manifest.get("config_key") == key and not changed:
+                log.info("data set %s is prepared and verified: %s", cfg.name, mpath)
+                return mpath
+            tokenizer_before = manifest["tokenizer"]["fingerprint"]
+            log.info("data set %s: %s changed, preparing again", cfg.name,
+                     ", ".join(f"the files of {k}" for k in changed) or "config")
     t0 = time.time()
-    loaded = {name: load_source(name, src, cfg) for name, src in cfg.sources.items()}
+    remove_stale_tmp(dataset_dir(cfg))  # a killed run's tokenizer folder or manifest under a temporary name
+    try:
+        loaded = {name: load_source(name, src, cfg) for name, src in cfg.sources.items()}
+    except DataError as e:
+        if damaged is None:
+            raise
+        raise DataError(f"{damaged}; tokenizing its source again needs the sources, but {e}") from None
     sources = {n: v[0] for n, v in loaded.items()}
     identities = {n: v[1] for n, v in loaded.items()}
     tok = ensure_tokenizer(cfg, sources, identities)
-    recs = {n: ensure_source_shards(n, sources[n], identities[n], tok, cfg) for n in cfg.sources}
+    done = {n: ensure_source_shards(n, sources[n], identities[n], tok, cfg, repair) for n in cfg.sources}
+    recs = {n: rec for n, (rec, _) in done.items()}
+    if tokenizer_before is not None:
+        _say_what_was_reused(cfg.name, tokenizer_before, tok.fingerprint,
+                             {n: reused for n, (_, reused) in done.items()})
     manifest = build_manifest(cfg, key, tok, recs, {n: v[2] for n, v in loaded.items()})
     try:
-        write_json(mpath, manifest)
+        # a repair wrote the same shards again: the manifest stays as it is, and so stay the index caches and the
+        # record of verified shards, both keyed by its checksum
+        if not _same_but_created(mpath, manifest):
+            write_json(mpath, manifest)
         write_json(mpath.parent / INPUTS, {k: {f: [*st, sha256_file(Path(f))] for f, st in v.items()}
                                            for k, v in inputs.items() if v is not None})
     except OSError as e:
@@ -439,6 +479,32 @@ def prepare(data_cfg: Any) -> Path:
              manifest["totals"]["tokens"], manifest["totals"]["documents"], len(manifest["languages"]),
              time.time() - t0, mpath)
     return mpath
+
+
+def _say_what_was_reused(name: str, before: str, now: str, reused: Dict[str, bool]) -> None:
+    """Log which sources a rerun tokenized again and which kept their shards. A sentencepiece tokenizer is trained
+    on the sources' text, so an edit to one source usually gives a new tokenizer, and then every source is tokenized
+    again: said as such, not as "finished shards are reused"."""
+    why = "" if before == now else f"; the tokenizer changed ({before} -> {now}): shards of the old one are not reused"
+    log.info("data set %s: sources tokenized again: %s; shards reused: %s%s", name,
+             ", ".join(n for n, r in reused.items() if not r) or "none",
+             ", ".join(n for n, r in reused.items() if r) or "none", why)
+
+
+def _same_but_created(mpath: Path, manifest: dict) -> bool:
+    """Whether the manifest at `mpath` says what `manifest` says, but for its creation time."""
+    try:
+        old = json.loads(mpath.read_text())
+    except (OSError, ValueError):
+        return False
+    new = json.loads(json.dumps(manifest, ensure_ascii=False))
+    return isinstance(old, dict) and {**old, "created": None} == {**new, "created": None}
+
+
+def _say(message: str) -> None:
+    """A warning for the person at the terminal (stderr), and for the log."""
+    log.info("%s", message)
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def build_manifest(cfg: DataConfig, key: str, tok: Tokenizer, recs: Dict[str, dict], prov: Dict[str, dict]) -> dict:
@@ -471,8 +537,16 @@ def build_manifest(cfg: DataConfig, key: str, tok: Tokenizer, recs: Dict[str, di
     }
 
 
+def _os_error(e: OSError) -> str:
+    """`<path>: <reason>` of an OSError, and what to do."""
+    where = f"{e.filename}: " if e.filename else ""
+    return (f"{where}{e.strerror or e}; what is finished is kept: free space (or fix the permissions) and run the "
+            f"same command again")
+
+
 def _cli() -> None:
-    """`python -m data.prepare [overrides]`: prepare `cfg.data` of the repo's Hydra config; exit 1 on bad data."""
+    """`python -m data.prepare [overrides]`: prepare `cfg.data` of the repo's Hydra config, tokenizing a source with
+    a damaged shard again; exit 1 on bad data."""
     import hydra
 
     # conf/config.yaml starts from train's typed schema, so register it; data/ itself never needs train/, and a
@@ -487,10 +561,13 @@ def _cli() -> None:
     @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
     def main(cfg) -> None:
         try:
-            path = prepare(cfg.data)
-        except DataError as e:
-            log.error("%s", e)
-            print(f"error: {e}", file=sys.stderr)
+            path = prepare(cfg.data, repair=True)
+        except (DataError, OSError) as e:
+            # OSError: a full disk or a folder it may not write; every file is written under a temporary name and
+            # renamed when whole, so what exists stays valid and a rerun finishes the rest
+            message = str(e) if isinstance(e, DataError) else _os_error(e)
+            log.error("%s", message)
+            print(f"error: {message}", file=sys.stderr)
             sys.exit(1)
         print(path)
 

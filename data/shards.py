@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from data.errors import DataError
+from data.errors import DataError, ShardError
 from data.io import atomic_path, read_json, sha256_file, write_json
 
 MAGIC = b"TRISTAGE"
@@ -91,22 +91,22 @@ def _header(path: Path, dtype: Optional[str] = None) -> Tuple[int, int, int, int
     try:
         size = path.stat().st_size
     except FileNotFoundError:
-        raise DataError(f"{path}: shard file is missing") from None
+        raise ShardError(f"{path}: shard file is missing") from None
     if size < HEADER_BYTES:
-        raise DataError(f"{path}: truncated: {size} bytes, shorter than the {HEADER_BYTES}-byte header")
+        raise ShardError(f"{path}: truncated: {size} bytes, shorter than the {HEADER_BYTES}-byte header")
     with open(path, "rb") as f:
         magic, version, itemsize, n_tokens, n_docs, vocab = HEADER.unpack(f.read(HEADER.size))
     if magic != MAGIC:
-        raise DataError(f"{path}: wrong magic {magic!r} at byte offset 0 (expected {MAGIC!r}): not a tristage shard")
+        raise ShardError(f"{path}: wrong magic {magic!r} at byte offset 0 (expected {MAGIC!r}): not a tristage shard")
     if version != VERSION:
-        raise DataError(f"{path}: shard format version {version} at byte offset 8; this code reads version {VERSION}")
+        raise ShardError(f"{path}: shard format version {version} at byte offset 8; this code reads version {VERSION}")
     if itemsize not in DTYPES or (dtype is not None and DTYPES[itemsize] != np.dtype(dtype)):
-        raise DataError(f"{path}: {itemsize} bytes per token at byte offset 12, expected {np.dtype(dtype).itemsize}")
+        raise ShardError(f"{path}: {itemsize} bytes per token at byte offset 12, expected {np.dtype(dtype).itemsize}")
     off, expected = _layout(itemsize, n_tokens, n_docs)
     if size != expected:
         what = "truncated" if size < expected else "has trailing bytes"
-        raise DataError(f"{path}: {what}: the header promises {expected} bytes, the file has {size} "
-                        f"(data ends at byte offset {min(size, expected)})")
+        raise ShardError(f"{path}: {what}: the header promises {expected} bytes, the file has {size} "
+                         f"(data ends at byte offset {min(size, expected)})")
     return itemsize, n_tokens, n_docs, vocab, off
 
 
@@ -123,7 +123,7 @@ def open_shard(path: Path, dtype: Optional[str] = None, check_offsets: bool = Tr
     bad = np.flatnonzero(np.diff(offsets) < 0)
     if offsets[0] != 0 or offsets[-1] != n_tokens or len(bad):
         d = int(bad[0]) + 1 if len(bad) else (0 if offsets[0] != 0 else n_docs)
-        raise DataError(f"{path}: document offset {d} is inconsistent (byte offset {off + 8 * d})")
+        raise ShardError(f"{path}: document offset {d} is inconsistent (byte offset {off + 8 * d})")
     return Shard(path, tokens, offsets, int(vocab))
 
 
@@ -132,17 +132,18 @@ def check_token_range(shard: Shard, vocab_size: int) -> None:
     if len(shard.tokens) == 0 or int(shard.tokens.max()) < vocab_size:
         return
     i = int(np.argmax(shard.tokens >= vocab_size))
-    raise DataError(f"{shard.path}: token id {int(shard.tokens[i])} >= vocab size {vocab_size} at token {i} "
-                    f"(byte offset {HEADER_BYTES + i * shard.tokens.dtype.itemsize})")
+    raise ShardError(f"{shard.path}: token id {int(shard.tokens[i])} >= vocab size {vocab_size} at token {i} "
+                     f"(byte offset {HEADER_BYTES + i * shard.tokens.dtype.itemsize})")
 
 
 def resolve_in_root(root: Path, rel: str, manifest: Path) -> Path:
-    """`root / rel`, refusing paths that are absolute or lead outside the data root (e.g. "../../etc/passwd")."""
-    base = root.resolve()
-    p = (base / rel).resolve()
-    if Path(rel).is_absolute() or not p.is_relative_to(base):
-        raise DataError(f"{manifest}: path {rel!r} escapes the data root {base}")
-    return p
+    """`root / rel`, refusing paths that are absolute or have a `..` component (e.g. "../../etc/passwd").
+
+    The path is checked as written, not resolved: a folder of the data set that is a symlink (shards on a scratch
+    disk) is the user's choice and stays inside the data set, while a manifest cannot name a file outside it."""
+    if Path(rel).is_absolute() or ".." in Path(rel).parts:
+        raise DataError(f"{manifest}: path {rel!r} escapes the data root {root}")
+    return root / rel
 
 
 def read_manifest(path: Path) -> dict:
@@ -155,6 +156,7 @@ def read_manifest(path: Path) -> dict:
     _check_fields(m, _MANIFEST, path, "")
     if m["dtype"] not in {d.name for d in DTYPES.values()}:
         raise DataError(f"{path}: dtype {m['dtype']!r}: expected one of {sorted(d.name for d in DTYPES.values())}")
+    _check_counts_and_files(m, path)
     return m
 
 
@@ -191,6 +193,28 @@ def _check_fields(value: Any, spec: Any, path: Path, where: str) -> None:
                 _check_fields(value[key], item_spec, path, f"{where}.{key}" if where else key)
 
 
+def _check_counts_and_files(m: dict, path: Path) -> None:
+    """Refuse what the field types let through: a component whose `tokens` or `documents` differ from its files'
+    sums (an inflated count would pass the pre-start fits check, and the files' own counts are checked against their
+    headers), and a file listed twice, above all a held-out file listed as training data."""
+    listed: Dict[str, Tuple[str, str]] = {}  # file -> (section, component) that lists it
+    for section, key, entry in manifest_files(m):
+        name = os.path.normpath(entry["path"])
+        if name in listed:
+            first_section, first_key = listed[name]
+            why = ": held-out text would be trained on" if first_section != section else ""
+            raise DataError(f"{path}: malformed manifest: {section}.{key} lists file {entry['path']!r}, which "
+                            f"{first_section}.{first_key} lists too{why}")
+        listed[name] = (section, key)
+    for section in ("components", "heldout"):
+        for key, comp in m[section].items():
+            for field in ("tokens", "documents"):
+                total = sum(f[field] for f in comp["files"])
+                if comp[field] != total:
+                    raise DataError(f"{path}: malformed manifest: {section}.{key}.{field} is {comp[field]}, but its "
+                                    f"files hold {total}")
+
+
 def manifest_files(manifest: dict) -> Iterator[Tuple[str, str, dict]]:
     """(section, component, file entry) for every shard the manifest lists, training and held-out."""
     for section in ("components", "heldout"):
@@ -201,8 +225,8 @@ def manifest_files(manifest: dict) -> Iterator[Tuple[str, str, dict]]:
 
 def _counts_match(path: Path, n_tok: int, n_doc: int, entry: dict) -> None:
     if (n_tok, n_doc) != (entry["tokens"], entry["documents"]):
-        raise DataError(f"{path}: header has {n_tok} tokens / {n_doc} documents (byte offset 16), "
-                        f"the manifest says {entry['tokens']} / {entry['documents']}")
+        raise ShardError(f"{path}: header has {n_tok} tokens / {n_doc} documents (byte offset 16), "
+                         f"the manifest says {entry['tokens']} / {entry['documents']}")
 
 
 def verify_file(root: Path, entry: dict, manifest_path: Path, dtype: str, vocab_size: int,
@@ -215,7 +239,7 @@ def verify_file(root: Path, entry: dict, manifest_path: Path, dtype: str, vocab_
     if checksums:
         actual = sha256_file(path)
         if actual != entry["sha256"]:
-            raise DataError(f"{path}: checksum mismatch: sha256 {actual} but {manifest_path} says {entry['sha256']}")
+            raise ShardError(f"{path}: checksum mismatch: sha256 {actual} but {manifest_path} says {entry['sha256']}")
     return shard
 
 

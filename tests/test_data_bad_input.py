@@ -151,27 +151,85 @@ def test_manifest_path_escaping_the_data_root(data):
     refused(cfg, mpath, rf"{E(mpath)}: path '/etc/passwd' escapes the data root")
 
 
+def test_a_symlinked_shards_folder_stays_inside_the_data_set(data, tmp_path):
+    """Shards moved to a scratch disk and linked back: refused as 'escapes the data root' before, since the check
+    resolved the link. The path as written is checked instead; `..` still escapes."""
+    cfg, mpath, m, shard = data
+    scratch = tmp_path / "scratch" / "shards"
+    scratch.parent.mkdir()
+    shutil.move(mpath.parent / "shards", scratch)
+    (mpath.parent / "shards").symlink_to(scratch)
+    assert verify(mpath)["components"] == m["components"]
+    assert prepare(cfg) == mpath
+    m["components"]["udhr/fra"]["files"][0]["path"] = "shards/../../../etc/passwd"
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(DataError, match=rf"{E(mpath)}: path 'shards/../../../etc/passwd' escapes the data root"):
+        verify(mpath)
+
+
 def test_manifest_that_is_not_json(data):
     cfg, mpath, _, _ = data
     mpath.write_text("{ not json")
     refused(cfg, mpath, rf"{E(mpath)}: cannot read JSON")
 
 
-def test_cli_exits_non_zero_naming_the_file_and_overwrites_nothing(data, tmp_path):
-    _, mpath, _, shard = data
-    os.truncate(shard, shard.stat().st_size - 1)
-    before = snapshot(mpath.parent)
+def prepare_cli(tmp_path, root) -> subprocess.CompletedProcess:
+    """`python -m data.prepare` on the fixture under `root`, with a data-only primary config (so that the test does
+    not depend on train's schema)."""
     conf = tmp_path / "conf"
-    conf.mkdir()
-    # a data-only primary config, so the test does not depend on train's schema
+    conf.mkdir(exist_ok=True)
     (conf / "prep.yaml").write_text("defaults:\n  - data: fixture\n  - _self_\nhydra:\n  output_subdir: null\n"
                                     f"  run:\n    dir: {tmp_path}/hydra\n")
-    proc = subprocess.run([sys.executable, "-m", "data.prepare", "--config-dir", str(conf), "--config-name", "prep",
-                           f"data.root={mpath.parent.parent}"], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([sys.executable, "-m", "data.prepare", "--config-dir", str(conf), "--config-name", "prep",
+                           f"data.root={root}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_exits_non_zero_naming_the_file_and_overwrites_nothing(data, tmp_path):
+    _, mpath, m, _ = data
+    tokens = m["components"]["sotu/eng"]["tokens"]
+    m["components"]["sotu/eng"]["tokens"] = 1000 * tokens
+    mpath.write_text(json.dumps(m))
+    before = snapshot(mpath.parent)
+    proc = prepare_cli(tmp_path, mpath.parent.parent)
     assert proc.returncode == 1, proc.stderr
-    assert f"error: {shard}: truncated" in proc.stderr
+    assert (f"error: {mpath}: malformed manifest: components.sotu/eng.tokens is {1000 * tokens}, but its files "
+            f"hold {tokens}") in proc.stderr
     assert snapshot(mpath.parent) == before
+
+
+def test_cli_tokenizes_the_source_of_a_damaged_shard_again(data, tmp_path):
+    """Before, `python -m data.prepare` refused a damaged shard (exit 1) even with the manifest moved away, since
+    the source's _done.json was trusted and then failed its check: nothing but deleting the right folder by hand
+    repaired it. Shards are derived data: the source is tokenized again, said on stderr, the others reused."""
+    _, mpath, _, shard = data
+    before = snapshot(mpath.parent)
+    os.truncate(shard, shard.stat().st_size - 1)
+    proc = prepare_cli(tmp_path, mpath.parent.parent)
+    assert proc.returncode == 0, proc.stderr
+    assert f"warning: {shard}: truncated: the header promises" in proc.stderr
+    assert "shards are derived data, tokenizing source 'udhr' again" in proc.stderr
+    assert "tokenizing source 'bible'" not in proc.stderr
+    assert snapshot(mpath.parent) == before  # the same bytes again; the manifest (and so the index caches) kept
+
+
+def test_a_damaged_shard_without_its_manifest_is_tokenized_again_by_prepare_and_refused_to_train(data, capsys):
+    """prepare(cfg) is what train calls: it keeps refusing, and says how to repair; prepare(cfg, repair=True) is
+    the CLI's."""
+    cfg, mpath, m, shard = data
+    before = snapshot(mpath.parent)
+    shard.unlink()
+    mpath.unlink()  # moved away: the source's own record of its shards was trusted, then failed its check
+    with pytest.raises(DataError, match=rf"^{E(shard)}: shard file is missing; shards are derived data: "
+                                        rf"`python -m data.prepare` with this run's data settings tokenizes the "
+                                        rf"damaged source again$"):
+        prepare(cfg)
+    assert prepare(cfg, repair=True) == mpath
+    assert f"warning: {shard}: shard file is missing: shards are derived data, tokenizing source 'udhr' again" \
+        in capsys.readouterr().err
+    after = snapshot(mpath.parent)
+    assert after.pop(mpath) != before.pop(mpath)  # written anew: another creation time
+    assert after == before
+    assert {k: v for k, v in verify(mpath).items() if k != "created"} == {k: v for k, v in m.items() if k != "created"}
 
 
 def test_a_full_check_is_remembered_and_only_changed_shards_are_read_again(data, monkeypatch):

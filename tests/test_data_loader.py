@@ -1,5 +1,7 @@
 """StageStream on the prepared fixture: packing, mixtures, caps, length buckets, determinism across ranks and resume."""
+import json
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -7,7 +9,7 @@ import torch
 
 from data.config import LengthBucketConfig, MixtureConfig, compose
 from data.errors import DataError
-from data.io import TMP_MARK
+from data.io import TMP_MARK, sha256_file
 from data.loader import StageStream, index_workers, micro_batch_indices, open_components, plan_mixture
 from data.prepare import prepare
 from data.tokenizer import load_tokenizer
@@ -190,22 +192,68 @@ def test_epoch_cap_warns_and_moves_samples_elsewhere(manifest, caplog):
         plan_mixture(manifest, MixtureConfig(weights={"wiki": 1.0}), 64, 10, "general")
 
 
-def test_a_stage_its_sources_cannot_fill_even_at_best_is_said_from_the_manifest_alone(manifest):
-    """`check_stage_fits`: the weighted sources' tokens x max_epochs against the stage's tokens, before any model
-    (the demo corpus under curriculum=qwen3 was refused only when the stage started, after the model was built)."""
+@pytest.mark.parametrize("mix, seq_len", [
+    (MixtureConfig(weights={"sotu": 1.0}, max_epochs=2.0), 64),
+    (MixtureConfig(max_epochs=1.0), 64),  # empty weights: every source, 14 components of whole samples each
+    (MixtureConfig(weights={"bible": 0.4, "sotu": 0.4, "code": 0.2}, max_epochs=3.0,
+                   length_buckets=[LengthBucketConfig(128, 256, 0.75), LengthBucketConfig(32, 127, 0.25)]), 256),
+])
+def test_check_stage_fits_counts_what_plan_mixture_counts_when_the_stage_starts(manifest, mix, seq_len):
+    """`check_stage_fits` (train before building the model, launch.plan before an allocation) refuses exactly the
+    stages `plan_mixture` refuses. Before, it compared total tokens x max_epochs only: a stage whose parts'
+    whole-sample caps or length buckets could not fill it passed, and failed when the stage started."""
     from data.loader import check_stage_fits
     from data.shards import read_manifest
 
     m = read_manifest(manifest)
-    comps = open_components(manifest)
-    sotu = sum(c.tokens for c in comps.values() if c.source == "sotu")
-    mix = MixtureConfig(weights={"sotu": 1.0}, max_epochs=2.0)
-    check_stage_fits(m, manifest, mix, 64, (2 * sotu) // 64, "general")  # exactly the bound: not refused here
-    with pytest.raises(DataError, match=rf"stage 'general' needs {(2 * sotu) // 64 + 1} samples of 64 tokens .* "
-                                        rf"its sources hold {sotu:,} training tokens"):
-        check_stage_fits(m, manifest, mix, 64, (2 * sotu) // 64 + 1, "general")
-    every = sum(c.tokens for c in comps.values())  # empty weights: every source counts
-    check_stage_fits(m, manifest, MixtureConfig(max_epochs=1.0), 64, every // 64, "general")
+    capacity = sum(p.capacity for p in plan_mixture(manifest, mix, seq_len, 1, "general").parts)
+    check_stage_fits(m, manifest, mix, seq_len, capacity, "general")
+    with pytest.raises(DataError) as refused:
+        check_stage_fits(m, manifest, mix, seq_len, capacity + 1, "general")
+    with pytest.raises(DataError) as at_start:
+        plan_mixture(manifest, mix, seq_len, capacity + 1, "general")
+    assert str(refused.value) == str(at_start.value)
+    tokens = sum(p.tokens for p in plan_mixture(manifest, mix, seq_len, 1, "general").parts)
+    assert str(refused.value) == (
+        f"{manifest}: stage 'general' needs {capacity + 1} samples of {seq_len} tokens "
+        f"({(capacity + 1) * seq_len:,} tokens), but its sources give only {capacity} within "
+        f"max_epochs={mix.max_epochs} ({tokens:,} training tokens{' in its length buckets' * bool(mix.length_buckets)}"
+        f"); lower the stage's token budget, raise max_epochs or use a larger data set (data=<yours>: README "
+        f"\"Your own data\")")
+    if not mix.weights:  # the old bound, tokens x max_epochs: room for more samples than the parts give
+        assert tokens * mix.max_epochs // seq_len > capacity
+
+
+def test_a_length_bucket_no_document_falls_in_is_refused_before_the_stage_and_the_count_is_kept(manifest,
+                                                                                                 monkeypatch):
+    """The probe's case: a Long Context bucket of 4,000-8,000 tokens over documents of at most 3,846 was found
+    only when the stage started, after General and Reasoning had trained. The tokens per bucket come from the
+    shards' document offsets once, then from `bucket_tokens.json` beside the manifest."""
+    import data.loader as loader
+    from data.loader import BUCKET_TOKENS, check_stage_fits
+    from data.shards import read_manifest
+
+    m = read_manifest(manifest)
+    mix = MixtureConfig(weights={"sotu": 0.5, "bible": 0.3, "code": 0.2},
+                        length_buckets=[LengthBucketConfig(4000, 8000, 1.0)])
+    message = (f"{manifest}: stage 'long_context': no document of the mixture's sources is 4000 <= length <= 8000 "
+               f"tokens (length bucket 0)")
+    with pytest.raises(DataError) as refused:
+        check_stage_fits(m, manifest, mix, 1024, 1, "long_context")
+    assert str(refused.value) == message
+    with pytest.raises(DataError, match=re.escape(message)):
+        plan_mixture(manifest, mix, 1024, 1, "long_context")
+    record = json.loads((manifest.parent / BUCKET_TOKENS).read_text())
+    assert record["manifest"] == sha256_file(manifest)
+    counted = record["buckets"]["[[4000, 8000], 8000]"]
+    assert set(counted) == {k for k, c in m["components"].items() if c["source"] in mix.weights}
+    assert counted["sotu/eng"] == [0]  # its one address, 3,846 tokens, is shorter than the bucket
+    # a later check (another launch: nothing in this process) reads no shard
+    monkeypatch.setattr(loader, "_BUCKET_TOKENS_HERE", {})
+    monkeypatch.setattr(loader, "open_shard", lambda *a, **k: pytest.fail("read a shard again"))
+    with pytest.raises(DataError) as again:
+        check_stage_fits(m, manifest, mix, 1024, 1, "long_context")
+    assert str(again.value) == message
 
 
 def test_length_buckets(manifest):
@@ -341,6 +389,22 @@ def test_index_arrays_are_cached_beside_the_manifest_and_memory_mapped(manifest,
               index_dir(manifest, MixtureConfig(weights=WEIGHTS, language_alpha=0.5, max_epochs=50), 64, 11,
                         "general", 500)}
     assert folder not in others and len(others) == 5
+
+
+def test_a_killed_builds_temporary_index_folder_is_removed_by_the_next_build(manifest):
+    """A build killed mid-way left `index/<stage>-<key>.tmp-<pid>/` (arrays of up to ~20 bytes per sample) for
+    ever: nothing removed temporary folders, and nothing looked in index/."""
+    from data.io import HOST
+    from data.loader import index_dir
+
+    mix = MixtureConfig(weights=WEIGHTS, language_alpha=0.3, max_epochs=50)
+    folder = index_dir(manifest, mix, 64, 31, "general", 200)
+    dead = folder.parent / f"{folder.name}{TMP_MARK}{HOST}-999999999"  # its process is gone
+    dead.mkdir(parents=True)
+    (dead / "doc_idx.npy").write_bytes(b"\x93NUMPY half")
+    s = StageStream(manifest, mix, seq_len=64, seed=31, stage="general", num_samples=200)
+    assert not s.index_cached and (folder / "done").is_file()
+    assert not dead.exists() and not list(folder.parent.glob(f"*{TMP_MARK}*"))
 
 
 def test_an_unreadable_index_cache_is_rebuilt_and_a_failed_write_falls_back_to_memory(manifest, monkeypatch, caplog):

@@ -1,5 +1,6 @@
 """python -m data.prepare on the committed fixture: manifest, caching, interrupted runs, sources, held-out data."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -109,11 +110,12 @@ def test_interrupted_run_leaves_nothing_trusted_and_rerun_completes(prepared, tm
 import os, signal
 import data.prepare as P
 from data.config import compose
+from data.io import temporary_name
 real, calls = P.write_shard, []
 def dying(path, tokens, offsets, vocab):
     calls.append(path)
     if len(calls) == 8:  # a few shards in: write half a file under the temporary name, then die
-        tmp = path.with_name(path.name + ".tmp-" + str(os.getpid()))
+        tmp = temporary_name(path)
         tmp.write_bytes(b"TRISTAGE" + b"\\0" * 100)
         os.kill(os.getpid(), signal.SIGKILL)
     return real(path, tokens, offsets, vocab)
@@ -128,6 +130,45 @@ P.prepare(compose("fixture", ["root={root}"]))
     assert len(list(out.rglob("_done.json"))) < len(json.loads(clean.read_text())["sources"])
     mpath = prepare(compose("fixture", [f"root={root}"]))
     assert not list(out.rglob("*.tmp-*"))
+    m, ref = verify(mpath), json.loads(clean.read_text())
+    assert m["components"] == ref["components"] and m["heldout"] == ref["heldout"]
+
+
+def test_a_full_disk_is_an_error_naming_the_file_and_a_rerun_finishes(prepared, tmp_path):
+    """ENOSPC while writing a shard ended `python -m data.prepare` in a traceback; now one line naming the file,
+    exit 1, no temporary file left and nothing that a reader would trust half-written."""
+    _, clean = prepared
+    root = tmp_path / "root"
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "prep.yaml").write_text("defaults:\n  - data: fixture\n  - _self_\nhydra:\n  output_subdir: null\n"
+                                    f"  run:\n    dir: {tmp_path}/hydra\n")
+    script = f"""
+import errno, os, runpy, sys
+import data.shards as S
+from data.io import atomic_path
+real, calls = S.write_shard, []
+def full(path, tokens, offsets, vocab):
+    calls.append(path)
+    if len(calls) == 8:  # a few shards in, the disk is full half-way through one
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(b"TRISTAGE")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+    return real(path, tokens, offsets, vocab)
+S.write_shard = full  # before `python -m data.prepare` imports it
+sys.argv = ["prepare", "--config-dir", "{conf}", "--config-name", "prep", "data.root={root}"]
+runpy.run_module("data.prepare", run_name="__main__", alter_sys=True)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: {re.escape(str(root))}/fixture/shards/\S+\.000\.tok\.tmp-\S+-\d+: No space left on "
+                        rf"device; what is finished is kept: free space \(or fix the permissions\) and run the same "
+                        rf"command again", line), line
+    out = root / "fixture"
+    assert not (out / "manifest.json").exists() and not list(out.rglob("*.tmp-*"))
+    mpath = prepare(compose("fixture", [f"root={root}"]))
     m, ref = verify(mpath), json.loads(clean.read_text())
     assert m["components"] == ref["components"] and m["heldout"] == ref["heldout"]
 

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from data.config import LengthBucketConfig, MixtureConfig, compose
 from data.errors import DataError
 from data.heldout import heldout_sets
-from data.io import TMP_MARK, atomic_path, remove_stale_tmp
+from data.io import HOST, STALE_AFTER_S, TMP_MARK, atomic_path, remove_stale_tmp
 from data.loader import plan_mixture
 from data.prepare import prepare
 from data.shards import verify
@@ -100,6 +101,32 @@ def test_an_edited_local_file_or_tokenizer_file_is_prepared_again(tmp_path, toke
     own.write_bytes(Path(other.parent / verify(other)["tokenizer"]["path"]).read_bytes())
     second = verify(prepare(cfg))["tokenizer"]
     assert second["fingerprint"] != first and second["vocab_size"] == 600
+
+
+def test_a_rerun_says_which_sources_it_tokenized_again_and_which_it_reused(tmp_path, tokenizer, caplog):
+    """Editing one local source retrained the tokenizer (it learns from every source's text) and so tokenized every
+    source again, while the log said "(finished shards are reused)". It now says what it did."""
+    corpus = tmp_path / "corpus"
+    shutil.copytree(REPO / "tests" / "fixtures" / "corpus", corpus)
+    paths = [f"sources.{n}.options.paths=['{corpus / n}.jsonl']"
+             for n in ("udhr", "bible", "reasoning", "code", "sotu")]
+    code = corpus / "code.jsonl"
+    caplog.set_level(logging.INFO, logger="data.prepare")
+    for extra in ([], [f"tokenizer.path={tokenizer}"]):  # a tokenizer trained on the sources; a given one
+        cfg = compose("fixture", [f"root={tmp_path / f'root{len(extra)}'}", *paths, *extra])
+        old = verify(prepare(cfg))["tokenizer"]["fingerprint"]
+        code.write_text(code.read_text().replace("def ", "dEf ", 1))  # the next one each time
+        caplog.clear()
+        new = verify(prepare(cfg))["tokenizer"]["fingerprint"]
+        assert "data set fixture: the files of data.sources.code changed, preparing again\n" in caplog.text
+        assert "reused)" not in caplog.text
+        if extra:
+            assert new == old and ("data set fixture: sources tokenized again: code; shards reused: udhr, bible, "
+                                   "reasoning, sotu\n") in caplog.text
+        else:
+            assert new != old and (f"data set fixture: sources tokenized again: udhr, bible, reasoning, code, sotu; "
+                                   f"shards reused: none; the tokenizer changed ({old} -> {new}): shards of the old "
+                                   f"one are not reused\n") in caplog.text
 
 
 def test_the_same_files_at_another_path_are_not_prepared_again(tmp_path, tokenizer, monkeypatch, caplog):
@@ -232,6 +259,35 @@ def test_stale_temporary_files_of_a_running_process_are_left_to_it(tmp_path):
     assert not live.exists()
 
 
+def test_stale_temporary_folders_go_and_another_hosts_only_once_untouched_for_an_hour(tmp_path):
+    """A killed index build left `index/<stage>-<key>.tmp-<pid>/` for ever (only files were removed). Temporary
+    names now hold the host: on a file system several nodes share, another host's pid means nothing here, so its
+    temporaries are removed only when nothing in them has been modified for STALE_AFTER_S (an hour)."""
+    with atomic_path(tmp_path / "x") as tmp:
+        assert tmp.name == f"x{TMP_MARK}{HOST}-{os.getpid()}"
+        tmp.write_text("")
+    old = time.time() - STALE_AFTER_S - 60
+
+    def leftover(name: str, modified: float = None, file_modified: float = None) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "doc_idx.npy").write_bytes(b"half")
+        if file_modified is not None:
+            os.utime(folder / "doc_idx.npy", (file_modified, file_modified))
+        if modified is not None:
+            os.utime(folder, (modified, modified))
+        return folder
+
+    leftover(f"general-a{TMP_MARK}{HOST}-999999999")  # this host, its process gone
+    leftover(f"general-b{TMP_MARK}node-b-17", modified=old, file_modified=old)  # another host's, untouched an hour
+    leftover(f"general-c{TMP_MARK}node-b-18")  # another host's, being written
+    leftover(f"general-d{TMP_MARK}node-b-19", modified=old)  # its folder old, but a file in it written just now
+    (tmp_path / f"eng.000.tok{TMP_MARK}node-b-20").write_text("")  # a file another host is writing
+    remove_stale_tmp(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"eng.000.tok{TMP_MARK}node-b-20", f"general-c{TMP_MARK}node-b-18", f"general-d{TMP_MARK}node-b-19", "x"]
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda m: m.pop("tokenizer"), "the top level lacks 'tokenizer'"),
     (lambda m: m["tokenizer"].update(fingerprint=None), "tokenizer.fingerprint is None, expected a str"),
@@ -243,6 +299,16 @@ def test_stale_temporary_files_of_a_running_process_are_left_to_it(tmp_path):
     (lambda m: next(iter(m["heldout"].values()))["files"][0].update(tokens=-3),
      r"heldout\.\S+\.files\[0\]\.tokens is -3, expected a non-negative int"),
     (lambda m: m["tokenizer"].update(vocab_size=10**9), "tokenizer.vocab_size is 1000000000, but .* has 1024 ids"),
+    # accepted before: only the fields' types were checked
+    (lambda m: m["components"]["udhr/fra"].update(files=m["heldout"]["udhr/fra"]["files"],
+                                                  tokens=m["heldout"]["udhr/fra"]["tokens"],
+                                                  documents=m["heldout"]["udhr/fra"]["documents"]),
+     r"heldout\.udhr/fra lists file 'shards/udhr-\w+/heldout-fra\.000\.tok', which components\.udhr/fra lists too: "
+     r"held-out text would be trained on"),
+    (lambda m: m["components"]["sotu/eng"].update(tokens=10**12),
+     r"components\.sotu/eng\.tokens is 1000000000000, but its files hold 3846"),
+    (lambda m: m["heldout"]["bible/deu"].update(documents=0),
+     r"heldout\.bible/deu\.documents is 0, but its files hold 1"),
 ])
 def test_a_hand_edited_manifest_is_refused_naming_the_field(tmp_path, edit, message):
     mpath = prepare(compose("fixture", [f"root={tmp_path}"]))

@@ -196,6 +196,36 @@ def test_a_curriculum_the_data_cannot_fill_is_refused_before_the_model_is_built(
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
 
 
+def test_a_length_bucket_the_data_cannot_fill_is_refused_before_the_model_is_built(data_root, tmp_path):
+    """The probe's case: a Long Context bucket of 4,000-8,000 tokens over the fixture's documents (3,846 at most)
+    trained General and Reasoning, then failed when Long Context started; only total tokens were checked."""
+    run_dir = tmp_path / "run"
+    proc = run_train([*SMOKE, f"run_dir={run_dir}",
+                      "curriculum.stages.long_context.mixture.length_buckets=[{min_tokens: 4000, max_tokens: 8000, "
+                      "weight: 1}]"])
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert (f"error: {data_root}/fixture/manifest.json: stage 'long_context': no document of the mixture's sources "
+            f"is 4000 <= length <= 8000 tokens (length bucket 0)") in proc.stdout
+    assert "[general]" not in proc.stdout and not (run_dir / "metrics.jsonl").exists()
+
+
+def test_training_refuses_a_damaged_shard_and_says_how_to_repair_it(tmp_path):
+    """`python -m data.prepare` tokenizes a source with a damaged shard again; training does not rewrite data under
+    a run, and says to run it."""
+    from data.config import compose as compose_data
+    from data.prepare import prepare
+
+    mpath = prepare(compose_data("fixture", [f"root={tmp_path / 'data'}"]))
+    shard = next(mpath.parent.glob("shards/udhr-*/eng.000.tok"))
+    shard.unlink()
+    run_dir = tmp_path / "run"
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", f"data.root={tmp_path / 'data'}"], timeout=120)
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert (f"error: {shard}: shard file is missing; shards are derived data: `python -m data.prepare` with this "
+            f"run's data settings tokenizes the damaged source again") in proc.stdout
+    assert not shard.exists() and not (run_dir / "checkpoints").exists()
+
+
 def test_multirun_sweep_gives_each_job_its_own_run_dir(data_root, tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_train(["--multirun", *SMOKE, "seed=1,2", "max_steps=1", "eval.enabled=false",

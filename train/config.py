@@ -328,14 +328,20 @@ def first_stage_index(cfg: TrainConfig) -> int:
 
 
 def check_data_fits(cfg: TrainConfig, plans: List[StagePlan], manifest: Dict[str, Any], manifest_path: Any) -> None:
-    """Refuse (DataError) a stage from the run's first on that the prepared data cannot fill even at best
-    (`data.loader.check_stage_fits`): train says it before building the model, launch.plan before an allocation."""
+    """Refuse (DataError) a stage from the run's first on that the prepared data cannot fill, as its start would
+    (`data.loader.check_stage_fits`: its length buckets and each part's max_epochs cap): train says it before
+    building the model, launch.plan before an allocation. Rank 0 checks while the other ranks wait: with length
+    buckets the first check reads the shards' document offsets (then recorded beside the manifest)."""
     from data.loader import check_stage_fits
+    from train.dist import on_rank0
 
-    for plan in plans[first_stage_index(cfg):]:
-        stage = cfg.curriculum.stages[plan.name]
-        check_stage_fits(manifest, manifest_path, stage.mixture, plan.seq_len, plan.steps * plan.samples_per_step,
-                         stage.name)
+    def check() -> None:
+        for plan in plans[first_stage_index(cfg):]:
+            stage = cfg.curriculum.stages[plan.name]
+            check_stage_fits(manifest, manifest_path, stage.mixture, plan.seq_len,
+                             plan.steps * plan.samples_per_step, stage.name)
+
+    on_rank0("checking that the data fills each stage", check)
 
 
 def apply_data_mixtures(cfg: TrainConfig) -> Set[str]:
