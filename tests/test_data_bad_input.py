@@ -334,3 +334,12 @@ def test_a_text_that_is_not_a_string_is_named_with_file_line_and_type(data, tmp_
     else:
         bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
     refused_source(data, [bad], rf"source 'x': {E(bad)} {where} has {what} in field 'text', not a string$")
+
+
+def test_a_token_id_equal_to_the_vocabulary_size_is_refused(tmp_path):
+    from data.shards import check_token_range, open_shard, write_shard
+
+    path = tmp_path / "s.bin"
+    write_shard(path, np.array([1, 2, 1024, 3], np.uint16), np.array([0, 4]), 1024)
+    with pytest.raises(DataError, match="token id 1024 >= vocab size 1024 at token 2"):
+        check_token_range(open_shard(path), 1024)

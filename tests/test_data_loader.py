@@ -499,3 +499,43 @@ def test_index_arrays_are_int32_where_the_values_fit(tmp_path):
     sink.write(0, np.arange(2))
     assert sink.close() is None
     assert np.array_equal(np.load(tmp_path / "a.npy"), np.arange(6, dtype=np.int32).reshape(2, 3))
+
+
+def test_every_label_including_the_last_is_the_next_token_of_a_document(manifest):
+    """The whole seq_len + 1 window (the inputs and the last label, which the label test of the other positions
+    never reached) is a run of real tokens: the last document's tail, the final label included, lies in one
+    document; after an EOS input the last label starts the next one."""
+    eos = load_tokenizer(manifest).eos_id
+    comps = open_components(manifest)
+    s = StageStream(manifest, MixtureConfig(weights={"bible": 1.0}, max_epochs=50), seq_len=64, seed=7,
+                    stage="general", num_samples=50, cache=False)
+    b = s.batch(range(50))
+    for row in range(50):
+        comp = comps[s.components[int(b["component_ids"][row, 0])]]
+        docs = [np.asarray(sh.tokens[a:z]) for sh in comp.shards for a, z in zip(sh.offsets[:-1], sh.offsets[1:])]
+        window = np.concatenate([b["input_ids"][row, :1].numpy(), b["labels"][row].numpy()])  # L + 1 tokens
+        ends = int(b["input_ids"][row, -1]) == eos
+        doc = np.concatenate([b["doc_ids"][row].numpy(), b["doc_ids"][row, -1:].numpy() + ends])
+        last = window[doc == doc[-1]][-8:]
+        assert any(_contains(x, last) for x in docs), row
+
+
+def test_capacity_and_rounding_of_the_sample_counts():
+    """n samples of L tokens read n L + 1 tokens (640 tokens give 9 samples of 64, 641 give 10); the samples a
+    mixture's shares leave over go by largest remainder (shares 3.5, 2.1, 1.4 of 7 give 4, 2, 1)."""
+    from data.loader import _capacity, _fill
+
+    assert _capacity(640, 64, 1.0) == 9 and _capacity(641, 64, 1.0) == 10
+    n, capped = _fill(np.array([0.5, 0.3, 0.2]), np.array([100, 100, 100]), 7)
+    assert n.tolist() == [4, 2, 1] and not capped.any()
+
+
+def test_overlapping_length_buckets_take_each_document_once(manifest):
+    """A document goes to the first bucket it fits (the Qwen3 recipe's buckets share their 16384 bound)."""
+    mix = MixtureConfig(weights={"bible": 0.5, "sotu": 0.5}, max_epochs=1000,
+                        length_buckets=[LengthBucketConfig(64, 256, 0.5), LengthBucketConfig(32, 300, 0.5)])
+    plan = plan_mixture(manifest, mix, 64, 100, "long_context")
+    second = [p for p in plan.parts if p.bucket == 1]
+    assert second
+    for part in second:
+        assert not ((part.doc_len >= 64) & (part.doc_len <= 256)).any(), part.component
