@@ -238,3 +238,28 @@ def test_multirun_sweep_gives_each_job_its_own_run_dir(data_root, tmp_path):
     first, second = ([r for r in records(job) if "event" not in r] for job in jobs)
     assert len(first) == 1 and len(second) == 1
     assert first[0]["loss"] != second[0]["loss"]  # different seeds, different initial weights
+
+
+def test_a_stage_added_after_long_context_keeps_its_base_and_needs_its_weights(capsys):
+    """An annealing stage appended to the curriculum (`+stage@curriculum.stages.anneal=...`) that leaves out
+    rope_theta trained at 10,000 (the schema's default), undoing Long Context's ABF without a word; left without
+    weights while data.mixtures weighs the other stages, it weighed its sources by their tokens."""
+    added = ["+stage@curriculum.stages.anneal=reasoning", "curriculum.stages.anneal.name=anneal",
+             "curriculum.stages.anneal.rope_theta=null", "curriculum.order=[general,long_context,anneal]"]
+    with pytest.raises(ConfigError) as e:
+        validate(compose_cfg(added), 1)
+    assert str(e.value).startswith("config key 'data.mixtures.anneal' = None: stage(s) ['anneal'] of "
+                                   "curriculum.order have no weights, while data.mixtures gives the stages "
+                                   "['general', 'long_context', 'reasoning'] theirs: set `+data.mixtures.anneal=")
+    cfg = compose_cfg([*added, "+data.mixtures.anneal={udhr: 1, bible: 1}"])
+    validate(cfg, 1)
+    assert [cfg.curriculum.stages[s].rope_theta for s in cfg.curriculum.order] == [1e4, 1e6, 1e6]
+    assert cfg.curriculum.stages["anneal"].mixture.weights == {"udhr": 1.0, "bible": 1.0}
+    assert "lowers" not in capsys.readouterr().err
+    # the first stage without a base takes the model's; a stage that lowers its predecessor's base is warned of
+    cfg = compose_cfg(["curriculum.stages.general.rope_theta=null", "model.rope_theta=5e5",
+                       "curriculum.order=[general,long_context,reasoning]"])
+    validate(cfg, 1)
+    assert [cfg.curriculum.stages[s].rope_theta for s in cfg.curriculum.order] == [5e5, 1e6, 1e4]
+    assert ("warning: curriculum.stages.reasoning.rope_theta=10000 lowers the previous stage's RoPE base 1e+06, "
+            "which undoes its ABF") in capsys.readouterr().err

@@ -47,7 +47,9 @@ class StageConfig:
     seq_len: int = 4096  # packed sequence length
     global_batch_tokens: int = 4 * 1024 * 1024  # tokens per optimizer step over all ranks and micro-batches
     micro_batch_size: int = 1  # sequences per rank per forward pass
-    rope_theta: float = 10000.0  # RoPE base for the stage (ABF: the Long Context stage raises it)
+    # RoPE base for the stage (ABF: the Long Context stage raises it); None: the previous stage's in
+    # curriculum.order (the first stage's: model.rope_theta), so a stage added after Long Context keeps its base
+    rope_theta: Optional[float] = None
     lr: LRConfig = field(default_factory=LRConfig)
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
     carry_optimizer: bool = True  # keep AdamW moments from the previous stage (False resets them)
@@ -357,6 +359,12 @@ def apply_data_mixtures(cfg: TrainConfig) -> Set[str]:
               f"names no stage of curriculum.stages {sorted(cfg.curriculum.stages)}, and stage(s) {bare} have no "
               f"weights: set data.mixtures.<stage> (in the data config, or `+data.mixtures.{bare[0]}={{...}}`) or "
               f"curriculum.stages.<stage>.mixture.weights")
+    if bare and cfg.data.mixtures:  # a stage added to a curriculum whose data config weighs the others
+        _fail(f"data.mixtures.{bare[0]}", None,
+              f"stage(s) {bare} of curriculum.order have no weights, while data.mixtures gives the stages "
+              f"{sorted(cfg.data.mixtures)} theirs: set `+data.mixtures.{bare[0]}={{<source>: <weight>, ...}}` or "
+              f"curriculum.stages.{bare[0]}.mixture.weights (without either, its sources would be weighed by "
+              f"their tokens)")
     talk = os.environ.get("RANK", "0") == "0"
     if unmatched and talk:
         print(f"[tristage] note: data.mixtures has weights for {unmatched}, which are not stages of this curriculum "
@@ -471,9 +479,17 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int) -> List[StagePlan]:
         _fail("curriculum.start", cur.start, f"is not one of curriculum.order {cur.order}")
     dp_world = world_size  # expert parallelism shards experts, not the batch: every rank is a data-parallel rank
     plans = []
+    base = cfg.model.rope_theta
     for name in cur.order:
         stage = cur.stages[name]
         key = f"curriculum.stages.{name}"
+        if stage.rope_theta is None:  # the previous stage's base, filled in place as the mixtures are
+            stage.rope_theta = base
+        elif stage.rope_theta < base and name != cur.order[0] and os.environ.get("RANK", "0") == "0":
+            print(f"[tristage] warning: {key}.rope_theta={stage.rope_theta:g} lowers the previous stage's RoPE base "
+                  f"{base:g}, which undoes its ABF (leave the key out to keep the previous base)", file=sys.stderr,
+                  flush=True)
+        base = stage.rope_theta
         if stage.name != name:
             _fail(f"{key}.name", stage.name, f"must equal its key '{name}'")
         weights_key = f"data.mixtures.{name}" if name in from_data else f"{key}.mixture.weights"
