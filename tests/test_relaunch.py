@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from trainutil import SMOKE, records, run_train, steps
+from trainutil import DENSE1, SMOKE, records, run_train, smoke_run, steps
 
 BASE = [*SMOKE, "model=tiny_dense", "eval.enabled=false", "checkpoint.export_hf=false"]
 
@@ -93,3 +93,32 @@ def test_the_data_a_stage_is_pinned_to_is_that_of_its_own_sources():
     every = StageConfig(name="general", mixture=MixtureConfig())  # no weights: by tokens over every source
     assert data_fingerprint(manifest(udhr="a", bible="b", wiki="c"), every) != data_fingerprint(
         manifest(udhr="a", bible="b"), every)
+
+
+@pytest.mark.parametrize("override, message", [
+    # a finished run relaunched with another order said "the curriculum is complete" though its last stage never ran
+    ("curriculum.order=[long_context,reasoning,general]", "config key 'curriculum.order' = ['long_context', "
+     "'reasoning', 'general']: {ckpt} was saved in stage 'long_context' at position 2"),
+    ("curriculum.order=[general,reasoning]", "config key 'curriculum.order' = ['general', 'reasoning']: {ckpt} was "
+     "saved in stage 'long_context' at position 2 of the curriculum, where this order has 'nothing'"),
+    # its stage-end export and evaluation still to do: they ran at the new base and length (a wrong config.json)
+    ("curriculum.stages.long_context.rope_theta=500000", "config key 'curriculum.stages.long_context.rope_theta' = "
+     "500000.0: {ckpt} is at step 2 of stage 'long_context', which trains at RoPE base 1000000.0; whose stage-end "
+     "export and evaluation are still to do"),
+    ("curriculum.stages.long_context.seq_len=128", "config key 'curriculum.stages.long_context.seq_len' = 128: "
+     "{ckpt} ends stage 'long_context', trained at 256, whose stage-end evaluation is still to do"),
+])
+def test_a_relaunch_after_the_last_stage_ended_keeps_what_it_trained_with(data_root, tmp_path_factory, tmp_path,
+                                                                          override, message):
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_run(tmp_path_factory, "dense1", DENSE1), run_dir)
+    ckpt = run_dir / "checkpoints" / "2-long_context-step0000002"
+    if "stages.long_context" in override:  # as a launch preempted in the stage's last step leaves it
+        (ckpt / "stage_finished").unlink()
+    before = records(run_dir)
+    extra = ["curriculum.stages.long_context.mixture.length_buckets=[]"] if "seq_len" in override else []
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", *DENSE1, override, *extra], timeout=300)
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert message.format(ckpt=ckpt) in proc.stdout
+    assert records(run_dir) == before  # nothing trained, exported or evaluated
+    assert (ckpt / "stage_finished").exists() == ("stages" not in override)

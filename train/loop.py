@@ -216,7 +216,8 @@ class Trainer:
                 self.stage_end_pending = float(meta["rope_theta"])
             check_compatible(meta, model_shape(cfg.model), self.tokenizer.fingerprint,
                              str(self.checkpoints.dir / latest))
-            check_resumable(meta, cfg, plans, self.data_manifest, str(self.checkpoints.dir / latest))
+            check_resumable(meta, cfg, plans, self.data_manifest, str(self.checkpoints.dir / latest),
+                            self.stage_end_pending is not None)
             reshard = self._needs_reshard(meta, self.checkpoints.dir / latest)  # refuses what cannot be, early
         elif cfg.init_from:
             self._init_weights_from(cfg.init_from)  # logged as an `init_from` event below
@@ -870,11 +871,12 @@ def stage_data(cfg: TrainConfig, stage: StageConfig, manifest: Dict[str, Any]) -
 
 
 def check_resumable(meta: Dict[str, Any], cfg: TrainConfig, plans: List[StagePlan], manifest: Dict[str, Any],
-                    where: str) -> None:
+                    where: str, stage_end_pending: bool = False) -> None:
     """Refuse a resume the curriculum as configured now cannot continue exactly, naming the key: another stage at
     the checkpoint's place in `curriculum.order`, or, in the middle of a stage, another value of what decides the
     stage's samples (its budget, batch, seq_len, mixture, the seed or the data), which would repeat or skip data
-    and could leave the stage with no step to run, or another RoPE base."""
+    and could leave the stage with no step to run, or another RoPE base. A stage-end checkpoint whose stage-end
+    work (export, evaluation) is still to do keeps the stage's seq_len and RoPE base, which that work uses."""
     st = meta.get("state", {})
     order, index, name = cfg.curriculum.order, st.get("stage_index", 0), st.get("stage")
     restart = (f"keep the value it had, or start a new run_dir with init_from={where} "
@@ -884,6 +886,14 @@ def check_resumable(meta: Dict[str, Any], cfg: TrainConfig, plans: List[StagePla
                           f"position {index} of the curriculum, where this order has "
                           f"{order[index] if index < len(order) else 'nothing'!r}; {restart}")
     if st.get("stage_complete"):
+        if stage_end_pending:
+            seq_len = cfg.curriculum.stages[name].seq_len
+            saved = (meta.get("stage_data") or {}).get(f"curriculum.stages.{name}.seq_len", seq_len)
+            _check_theta(meta, cfg, name, "whose stage-end export and evaluation are still to do", where, restart)
+            if saved != seq_len:
+                raise ConfigError(f"config key 'curriculum.stages.{name}.seq_len' = {seq_len}: {where} ends stage "
+                                  f"{name!r}, trained at {saved}, whose stage-end evaluation is still to do; "
+                                  f"{restart}")
         return  # the next stage starts fresh: its config may change freely
     saved, now = meta.get("stage_data"), stage_data(cfg, cfg.curriculum.stages[name], manifest)
     for key, value in (now.items() if saved is not None else []):
@@ -894,14 +904,20 @@ def check_resumable(meta: Dict[str, Any], cfg: TrainConfig, plans: List[StagePla
             raise ConfigError(f"config key '{key}' = {value!r}: {where} is at step {st.get('step')} of stage "
                               f"{name!r}, which started with {saved.get(key)!r}{weights}; a stage's samples are "
                               f"fixed once it has started (this would repeat or skip data); {restart}")
-    saved_theta, theta = meta.get("rope_theta"), cfg.curriculum.stages[name].rope_theta
-    if saved_theta is not None and float(saved_theta) != float(theta):
-        raise ConfigError(f"config key 'curriculum.stages.{name}.rope_theta' = {theta}: {where} is at step "
-                          f"{st.get('step')} of stage {name!r}, which trains at RoPE base {saved_theta}; the base is "
-                          f"fixed once a stage has started (its steps so far learned those positions); {restart}")
+    _check_theta(meta, cfg, name, "the base is fixed once a stage has started (its steps so far learned those "
+                 "positions)", where, restart)
     if st.get("step", 0) >= plans[index].steps:  # a checkpoint from before stage_data was recorded
         raise ConfigError(f"config key 'curriculum.stages.{name}.tokens': {where} is at step {st.get('step')} of "
                           f"stage {name!r}, which now has {plans[index].steps} steps; {restart}")
+
+
+def _check_theta(meta: Dict[str, Any], cfg: TrainConfig, name: str, why: str, where: str, restart: str) -> None:
+    """Refuse another RoPE base than the one checkpoint `where` of stage `name` trained at."""
+    saved, theta = meta.get("rope_theta"), cfg.curriculum.stages[name].rope_theta
+    if saved is not None and float(saved) != float(theta):
+        raise ConfigError(f"config key 'curriculum.stages.{name}.rope_theta' = {theta}: {where} is at step "
+                          f"{meta['state'].get('step')} of stage {name!r}, which trains at RoPE base {saved}; {why}; "
+                          f"{restart}")
 
 
 def record_config(run_dir: Path, text: str) -> None:
@@ -964,9 +980,10 @@ def finished_checkpoint(cfg: TrainConfig, rank: int) -> Optional[str]:
     latest = checkpoints.latest()
     if latest is None:
         return None
-    state = checkpoints.read_meta(latest)["state"]
-    done = state["stage_complete"] and state["stage_index"] >= len(cfg.curriculum.order) - 1
-    return latest if done and (checkpoints.dir / latest / STAGE_FINISHED).exists() else None
+    state, order = checkpoints.read_meta(latest)["state"], cfg.curriculum.order
+    # the last stage of this order (another order goes on to the checks of a resume, which name what differs)
+    last = state["stage_index"] == len(order) - 1 and order[-1] == state["stage"]
+    return latest if state["stage_complete"] and last and (checkpoints.dir / latest / STAGE_FINISHED).exists() else None
 
 
 def run(cfg: TrainConfig, resolved: Dict[str, Any]) -> int:
