@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainutil import DENSE1, ROOT, SMOKE, kill_when, losses, records, run_train, smoke_run, steps, train_cmd
+from trainutil import (DENSE1, ROOT, SMOKE, kill_when, losses, records, run_train, smoke_run, steps,
+                       stopped_at, train_cmd)
 
 STAGES = ["general", "reasoning", "long_context"]
 # the smoke curriculum: 4 + 2 + 2 steps of 1,024 tokens
@@ -265,6 +266,20 @@ def test_carry_optimizer_false_resets_adamw_at_the_switch(data_root, tmp_path_fa
     assert all(reset[("general", s)] == carried[("general", s)] for s in range(1, 5))
     assert reset[("reasoning", 1)][0] == carried[("reasoning", 1)][0]
     assert abs(reset[("reasoning", 2)][0] - carried[("reasoning", 2)][0]) > 1e-3
+
+
+def test_curriculum_start_on_a_run_in_progress_is_ignored_and_said(data_root, tmp_path_factory, tmp_path):
+    """A relaunch with curriculum.start=reasoning of a run stopped after General resumes it; the start it names
+    made Reasoning count as the run's first stage, which kept the AdamW moments carry_optimizer=false resets."""
+    overrides = ["model=tiny_dense", "deepspeed=zero2", "eval.enabled=false",
+                 "curriculum.stages.reasoning.carry_optimizer=false"]
+    reset = smoke_run(tmp_path_factory, "reset", overrides)
+    run_dir = stopped_at(reset, 4, tmp_path / "run")  # General done
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides, "curriculum.start=reasoning"])
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert ("note: curriculum.start applies only to a new run; this run_dir resumes its checkpoint "
+            "'0-general-step0000004' (ignored)") in proc.stdout
+    assert losses(run_dir) == losses(reset)  # the moments were reset at the switch, as in the uninterrupted run
 
 
 def test_start_at_a_later_stage_from_an_hf_export(data_root, tmp_path_factory, tmp_path):

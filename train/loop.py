@@ -219,6 +219,11 @@ class Trainer:
             check_resumable(meta, cfg, plans, self.data_manifest, str(self.checkpoints.dir / latest),
                             self.stage_end_pending is not None)
             reshard = self._needs_reshard(meta, self.checkpoints.dir / latest)  # refuses what cannot be, early
+            given = [k for k, v in (("curriculum.start", cfg.curriculum.start), ("init_from", cfg.init_from)) if v]
+            if given and info.rank == 0:
+                print(f"[tristage] note: {' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} only to a "
+                      f"new run; this run_dir resumes its checkpoint '{latest}' (ignored)", file=sys.stderr,
+                      flush=True)
         elif cfg.init_from:
             self._init_weights_from(cfg.init_from)  # logged as an `init_from` event below
         self.engine = Engine(self.model, cfg, plans[0], info)
@@ -469,8 +474,9 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.info.device)
         self.engine.set_plan(plan)
         self.module.set_rope_theta(stage.rope_theta)
-        first = self.state.stage_index == first_stage_index(cfg)
-        if fresh and not first and not stage.carry_optimizer:
+        # the run's first stage has no moments to drop (counted by steps, not by curriculum.start, which a relaunch
+        # of a run begun elsewhere may give)
+        if fresh and self.state.global_step > 0 and not stage.carry_optimizer:
             self.engine.reset_optimizer_state()
 
         def open_stream() -> StageStream:
