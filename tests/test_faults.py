@@ -587,6 +587,11 @@ def test_config_errors_exit_2_and_a_sweep_never_shows_a_secret(data_root, tmp_pa
                 ["-m", "launch.plan", "seed=notanint"]):
         proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, (cmd, proc.stderr[-2000:])
+    # a sweep's run_dir= was dropped unsaid (each job trains in a folder of its own)
+    proc = subprocess.run([sys.executable, "-m", "train", "--multirun", f"run_dir={tmp_path / 'mine'}", "seed=1,2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "set hydra.sweep.dir=<folder> instead" in proc.stderr
+    assert not (tmp_path / "mine").exists()
     secret = "sweepsecret0123456789"
     sweep = tmp_path / "sweep"
     proc = run_train(["--multirun", *SMOKE, *BASE, "deepspeed=zero1", "max_steps=1", "logging.wandb.mode=offline",

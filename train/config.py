@@ -474,7 +474,8 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int) -> List[StagePlan]:
         _fail("curriculum.order", cur.order, "names a stage twice")
     for name in cur.order:
         if name not in cur.stages:
-            _fail("curriculum.order", cur.order, f"stage '{name}' is not in curriculum.stages {sorted(cur.stages)}")
+            _fail("curriculum.order", cur.order, f"stage '{name}' is not in curriculum.stages {sorted(cur.stages)} "
+                  f"(add one: `+stage@curriculum.stages.{name}=<a stage file>`, README \"The curriculum\")")
     if cur.start is not None and cur.start not in cur.order:
         _fail("curriculum.start", cur.start, f"is not one of curriculum.order {cur.order}")
     dp_world = world_size  # expert parallelism shards experts, not the batch: every rank is a data-parallel rank
