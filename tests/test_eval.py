@@ -256,6 +256,10 @@ def test_curriculum_effect_reads_the_right_cells():
     # accuracies of different sample sizes side by side (a later `train.eval reasoning --problems 50`) say so
     assert e["reasoning_problems"] == {"general": 50, "reasoning": 4, "long_context": None}
     assert "|   problems per task | 50 | 4 | – |" in md
+    # a stage after Long Context (an anneal at General's length): "Long Context" is still the longest-trained one
+    e = curriculum.curriculum_effect(results, ["general", "reasoning", "long_context", "anneal"],
+                                     {"general": 64, "reasoning": 64, "long_context": 256, "anneal": 64})
+    assert e["long_context_len"] == 256 and e["extension"]["dca"]["passkey"] == 0.25
 
 
 def test_yarn_tables_follow_the_paper():

@@ -30,8 +30,11 @@ def loss_over(result: Optional[Dict[str, Any]], mode: str, length: int, lo: int,
 
 def curriculum_effect(results: Dict[str, Dict[str, Any]], order: Sequence[str],
                       seq_lens: Dict[str, int]) -> Dict[str, Any]:
-    """The comparison numbers; `order` is the curriculum (General first, Long Context last)."""
-    general, longctx = order[0], order[-1]
+    """The comparison numbers; `order` is the curriculum, General first; "Long Context" is the stage trained at
+    the longest length (the last such: a stage added after it, an anneal say, keeps neither its place nor,
+    necessarily, its length)."""
+    general = order[0]
+    longctx = max(reversed(order), key=lambda s: seq_lens[s])
     lg, llc = seq_lens[general], seq_lens[longctx]
 
     def get(stage: str, name: str) -> Optional[Dict[str, Any]]:
