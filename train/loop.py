@@ -226,6 +226,9 @@ class Trainer:
                       flush=True)
         elif cfg.init_from:
             self._init_weights_from(cfg.init_from)  # logged as an `init_from` event below
+        elif first_stage_index(cfg) > 0 and info.rank == 0:
+            print(f"[tristage] warning: curriculum.start={cfg.curriculum.start} without init_from: the stage starts "
+                  f"from randomly initialised weights", file=sys.stderr, flush=True)
         self.engine = Engine(self.model, cfg, plans[0], info)
         self.module = self.engine.module
         if self._init_checkpoint is not None:
