@@ -276,10 +276,14 @@ def test_yarn_export_is_read_by_transformers_4_and_a_missing_original_length_is_
 
 
 @pytest.mark.parametrize("extra", [{"mscale": 1.0, "mscale_all_dim": 0.5}, {"attention_factor": 1.3},
-                                   {"mscale": 0.7}, {"factor": None}])
-def test_yarn_attention_factor_variants_match_transformers(extra, tmp_path):
+                                   {"mscale": 0.7}, {"factor": None}, {"truncate": False},
+                                   {"beta_fast": 1.5, "beta_slow": 0.25}, {"rope_theta": 10.0}])
+def test_yarn_variants_match_transformers(extra, tmp_path):
     """mscale / mscale_all_dim (DeepSeek-style) were ignored: the attention factor was 0.1 ln(s) + 1 whatever the
-    config said, and logits differed from transformers by 0.05-2.4. A null factor is max / original positions."""
+    config said, and logits differed from transformers by 0.05-2.4. A null factor is max / original positions.
+    The ramp's options, each changing the tables here: `truncate: False` keeps its fractional ends, betas 1.5 /
+    0.25 move it to dims (1, 3) from the defaults' (0, 2), and theta 10 puts its upper end (8.07 -> 9) past
+    head_dim / 2 - 1 = 7, where the clamp applies (accepted by the config, never run before)."""
     yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 1e6, **extra}
     hf = random_hf_model("dense_untied", rope_parameters=yarn)
     hf.save_pretrained(tmp_path / "hf")
@@ -382,20 +386,6 @@ def test_balance_loss_coefficient_is_converted_to_and_from_transformers_meaning(
     assert cfg.router_aux_loss_coef == pytest.approx(0.008)
     assert load_preset("qwen3_30b_a3b").router_aux_loss_coef == pytest.approx(0.008)
     assert hf_config_dict(cfg)["router_aux_loss_coef"] == pytest.approx(0.001)
-
-
-@pytest.mark.parametrize("extra", [{"truncate": False}, {"beta_fast": 1.5, "beta_slow": 0.25}, {"rope_theta": 10.0}])
-def test_yarn_options_match_transformers(extra, tmp_path):
-    """YaRN's optional keys, each changing the tables here: `truncate: False` keeps the fractional ramp ends,
-    betas 1.5 / 0.25 move the ramp to dims (1, 3) from the defaults' (0, 2), and theta 10 puts its upper end
-    (8.07 -> 9) past head_dim / 2 - 1 = 7, where the clamp applies. Accepted by the config but never run before."""
-    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 1e6, **extra}
-    hf = random_hf_model("dense_untied", rope_parameters=yarn)
-    hf.save_pretrained(tmp_path / "hf")
-    model = load_hf(tmp_path / "hf").eval()
-    x = torch.randint(0, 512, (1, 200), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        torch.testing.assert_close(model(x).logits, hf(x).logits, rtol=0, atol=1e-4)
 
 
 def test_moe_gradients_match_transformers(tmp_path):
