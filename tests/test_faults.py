@@ -588,10 +588,12 @@ def test_config_errors_exit_2_and_a_sweep_never_shows_a_secret(data_root, tmp_pa
         proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, (cmd, proc.stderr[-2000:])
     # a sweep's run_dir= was dropped unsaid (each job trains in a folder of its own)
-    proc = subprocess.run([sys.executable, "-m", "train", "--multirun", f"run_dir={tmp_path / 'mine'}", "seed=1,2"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "set hydra.sweep.dir=<folder> instead" in proc.stderr
-    assert not (tmp_path / "mine").exists()
+    for mode in ("--multirun", "hydra.mode=MULTIRUN"):
+        proc = subprocess.run([sys.executable, "-m", "train", mode, f"run_dir={tmp_path / 'mine'}", "seed=1,2",
+                               f"hydra.sweep.dir={tmp_path / 'sweep0'}"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 2 and "set hydra.sweep.dir=<folder> instead" in proc.stderr, proc.stderr[-2000:]
+        assert not (tmp_path / "mine").exists() and not list((tmp_path / "sweep0").glob("*/config.yaml"))
     secret = "sweepsecret0123456789"
     sweep = tmp_path / "sweep"
     proc = run_train(["--multirun", *SMOKE, *BASE, "deepspeed=zero1", "max_steps=1", "logging.wandb.mode=offline",

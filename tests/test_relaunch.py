@@ -103,8 +103,8 @@ def test_the_data_a_stage_is_pinned_to_is_that_of_its_own_sources():
      "saved in stage 'long_context' at position 2 of the curriculum, where this order has 'nothing'"),
     # its stage-end export and evaluation still to do: they ran at the new base and length (a wrong config.json)
     ("curriculum.stages.long_context.rope_theta=500000", "config key 'curriculum.stages.long_context.rope_theta' = "
-     "500000.0: {ckpt} is at step 2 of stage 'long_context', which trains at RoPE base 1000000.0; whose stage-end "
-     "export and evaluation are still to do"),
+     "500000.0: {ckpt} is at step 2 of stage 'long_context', which trains at RoPE base 1000000.0; its stage-end "
+     "export and evaluation, still to do, use that base"),
     ("curriculum.stages.long_context.seq_len=128", "config key 'curriculum.stages.long_context.seq_len' = 128: "
      "{ckpt} ends stage 'long_context', trained at 256, whose stage-end evaluation is still to do"),
 ])

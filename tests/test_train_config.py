@@ -251,6 +251,8 @@ def test_a_stage_added_after_long_context_keeps_its_base_and_needs_its_weights(c
     assert str(e.value).startswith("config key 'data.mixtures.anneal' = None: stage(s) ['anneal'] of "
                                    "curriculum.order have no weights, while data.mixtures gives the stages "
                                    "['general', 'long_context', 'reasoning'] theirs: set `+data.mixtures.anneal=")
+    # a stage before curriculum.start never trains: it needs no weights
+    validate(compose_cfg(["~data.mixtures.general", "curriculum.start=reasoning"]), 1)
     cfg = compose_cfg([*added, "+data.mixtures.anneal={udhr: 1, bible: 1}"])
     validate(cfg, 1)
     assert [cfg.curriculum.stages[s].rope_theta for s in cfg.curriculum.order] == [1e4, 1e6, 1e6]

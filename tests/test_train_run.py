@@ -325,6 +325,16 @@ def test_weights_of_another_tokenizer_or_too_few_embedding_rows_are_refused(data
                       f"init_from={other}"])
     assert proc.returncode == 2, proc.stdout[-3000:]
     assert f"'init_from' = '{other}': its tokenizer {other / 'tokenizer.model'} has another vocabulary" in proc.stdout
+    # weights of the same shapes that compute with another norm epsilon (or MoE routing) were taken unsaid
+    eps = tmp_path / "eps"
+    shutil.copytree(full / "hf" / "reasoning", eps)
+    config = json.loads((eps / "config.json").read_text())
+    (eps / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5}))
+    proc = run_train([*SMOKE, f"run_dir={tmp_path / 'run'}", "model=tiny_dense", "curriculum.start=long_context",
+                      f"init_from={eps}"])
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert (f"'init_from' = '{eps}': its rms_norm_eps=1e-05 differs from model.rms_norm_eps=1e-06; set "
+            "model.rms_norm_eps to match") in proc.stdout
     proc = run_train([*SMOKE, f"run_dir={tmp_path / 'small'}", "model=tiny_dense", "model.vocab_size=512"])
     assert proc.returncode == 2, proc.stdout[-3000:]
     assert "config key 'model.vocab_size' = 512: smaller than the tokenizer's 1024 tokens" in proc.stdout

@@ -127,7 +127,8 @@ def end_spawned_worker() -> None:
 
 
 def stopped_at(source: Path, global_step: int, dest: Path) -> Path:
-    """A copy of a finished run as a launch with max_steps=global_step would have left it.
+    """A copy of a finished run as a launch with max_steps=global_step would have left its checkpoints, exports
+    and metrics (its eval/, profile/ and wandb files are copied as they are: use it for runs without those).
 
     Checkpoints after that step, the HF exports of stages not finished by then and the metrics after that step
     go; `latest` names the step's checkpoint, which must exist (checkpoint_every and checkpoint.keep in the

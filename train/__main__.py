@@ -76,6 +76,11 @@ def main() -> None:
 
         started.append(True)
         if HydraConfig.get().mode == RunMode.MULTIRUN:  # each sweep job trains in its own folder
+            if any(o.lstrip("+~").startswith("run_dir=") for o in HydraConfig.get().overrides.task):
+                print("error: config key 'run_dir': under --multirun each job trains in <hydra.sweep.dir>/<job "
+                      "number>-<hash of its overrides>/; set hydra.sweep.dir=<folder> instead", file=sys.stderr,
+                      flush=True)
+                _exit(2)
             dcfg.run_dir = HydraConfig.get().runtime.output_dir
         try:
             _apply_secrets(dcfg, secrets)
@@ -104,12 +109,6 @@ def main() -> None:
     started: list = []  # set once Hydra has composed a config and called the job
     # what records argv later (wandb, crash reports) sees it without the secrets, as Hydra does
     sys.argv, secrets = take_secrets(_strip_launcher_args(sys.argv))
-    args = sys.argv[1:]
-    if ("--multirun" in args or "-m" in args) and any(a.lstrip("+").startswith("run_dir=") for a in args):
-        # every job trains in a folder of its own under hydra.sweep.dir: the override would be dropped unsaid
-        print("error: config key 'run_dir': under --multirun each job trains in <hydra.sweep.dir>/<job number>-"
-              "<hash of its overrides>/; set hydra.sweep.dir=<folder> instead", file=sys.stderr, flush=True)
-        _exit(2)
     try:
         _app()
     except SystemExit as e:

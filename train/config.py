@@ -352,7 +352,9 @@ def apply_data_mixtures(cfg: TrainConfig) -> Set[str]:
     `curriculum.order` is left with no weights (a typo'd or renamed stage, which would otherwise weigh the sources by
     their tokens). Said on rank 0: a stage's own weights replacing the data config's (and dropping sources)."""
     unmatched = sorted(set(cfg.data.mixtures) - set(cfg.curriculum.stages))
-    bare = [n for n in cfg.curriculum.order if n in cfg.curriculum.stages
+    order, start = cfg.curriculum.order, cfg.curriculum.start
+    trained = order[order.index(start):] if start in order else order  # stages before curriculum.start never run
+    bare = [n for n in trained if n in cfg.curriculum.stages
             and not cfg.curriculum.stages[n].mixture.weights and not cfg.data.mixtures.get(n)]
     if unmatched and bare:
         _fail(f"data.mixtures.{unmatched[0]}", cfg.data.mixtures[unmatched[0]],

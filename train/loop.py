@@ -58,6 +58,8 @@ from train.schedule import lr_at
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; the SLURM scripts requeue on it
 
 # fields that fix the shape of the weights: a resume with any of them changed is refused
+# fields that change what the same weights compute: an HF init_from with another value is refused
+_BEHAVIOUR_KEYS = ("rms_norm_eps", "norm_topk_prob")  # the latter for MoE only
 _SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "head_dim", "tie_word_embeddings", "num_experts", "num_experts_per_tok",
                "moe_intermediate_size")
@@ -371,6 +373,12 @@ class Trainer:
             if shape != model_shape(self.cfg.model):
                 raise ConfigError(f"config key 'init_from' = {path!r}: its model shape {shape} differs from "
                                   f"model={self.cfg.model.name} {model_shape(self.cfg.model)}")
+            # what the weights compute with beside their shapes: trained on under other values, they would mean
+            # something else (transformers' Qwen3-MoE default is norm_topk_prob=false, every Qwen3 preset's true)
+            for key in _BEHAVIOUR_KEYS[:None if self.cfg.model.num_experts else 1]:
+                if getattr(theirs, key) != getattr(self.cfg.model, key):
+                    raise ConfigError(f"config key 'init_from' = {path!r}: its {key}={getattr(theirs, key)} differs "
+                                      f"from model.{key}={getattr(self.cfg.model, key)}; set model.{key} to match")
             self._check_init_tokenizer(src, path)
             load_hf_weights(self.model, src, gather=whole)  # one parameter at a time, this rank's part
         elif (src / "meta.json").exists():
@@ -898,7 +906,8 @@ def check_resumable(meta: Dict[str, Any], cfg: TrainConfig, plans: List[StagePla
         if stage_end_pending:
             seq_len = cfg.curriculum.stages[name].seq_len
             saved = (meta.get("stage_data") or {}).get(f"curriculum.stages.{name}.seq_len", seq_len)
-            _check_theta(meta, cfg, name, "whose stage-end export and evaluation are still to do", where, restart)
+            _check_theta(meta, cfg, name, "its stage-end export and evaluation, still to do, use that base", where,
+                         restart)
             if saved != seq_len:
                 raise ConfigError(f"config key 'curriculum.stages.{name}.seq_len' = {seq_len}: {where} ends stage "
                                   f"{name!r}, trained at {saved}, whose stage-end evaluation is still to do; "
@@ -999,21 +1008,24 @@ def run(cfg: TrainConfig, resolved: Dict[str, Any]) -> int:
     """Validate, start the process group, train the curriculum; returns the exit code."""
     _, world, _, _ = world_from_env()
     plans = validate(cfg, world)  # before any process group: a bad key fails fast, on every rank alike
+    for name in cfg.curriculum.order:  # config.yaml records the RoPE base a stage trains at, inherited or set
+        resolved["curriculum"]["stages"][name]["rope_theta"] = cfg.curriculum.stages[name].rope_theta
     info = init_distributed(cfg)
     run_dir = Path(cfg.run_dir)
-    lock: List[Optional[IO[str]]] = [None]
+    lock: Optional[IO[str]] = None
 
-    def make_run_dir() -> None:
+    def make_run_dir() -> Optional[IO[str]]:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            lock[0] = lock_run_dir(run_dir)
+            held = lock_run_dir(run_dir)
             (run_dir / "preempted").unlink(missing_ok=True)  # the marker of an earlier preemption is spent
+            return held
         except OSError as e:
             raise ConfigError(f"config key 'run_dir' = {str(run_dir)!r}: cannot be created or written ({e})") from None
 
     trainer: Optional[Trainer] = None
     try:
-        on_rank0("creating run_dir", make_run_dir)
+        lock = on_rank0("creating run_dir", make_run_dir)
         done = finished_checkpoint(cfg, info.rank)
         if done is not None:
             if info.rank == 0:
@@ -1034,8 +1046,8 @@ def run(cfg: TrainConfig, resolved: Dict[str, Any]) -> int:
     finally:
         if trainer is not None:
             trainer.close()
-        if lock[0] is not None:
-            lock[0].close()
+        if lock is not None:
+            lock.close()
     if code == 0:
         barrier()
     return code
