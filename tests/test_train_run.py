@@ -412,7 +412,8 @@ def test_a_second_live_launch_into_the_run_dir_is_refused(data_root, tmp_path):
     proc = run_train([*SMOKE, f"run_dir={run_dir}", "model=tiny_dense"])
     assert proc.returncode == 2, proc.stdout[-3000:]
     assert (f"config key 'run_dir' = '{run_dir}': in use by {holder} (it holds {run_dir / '.lock'}); stop that "
-            "launch or choose another run_dir") in proc.stdout
+            f"launch or choose another run_dir (if it is gone, as a node that died holding the lock on NFS can "
+            f"leave it, delete {run_dir / '.lock'})") in proc.stdout
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
     with pytest.raises(ConfigError, match="in use by pid"):
         lock_run_dir(run_dir)
@@ -420,6 +421,9 @@ def test_a_second_live_launch_into_the_run_dir_is_refused(data_root, tmp_path):
     again = lock_run_dir(run_dir)
     with pytest.raises(BlockingIOError):
         fcntl.flock(open(run_dir / ".lock"), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    (run_dir / ".lock").unlink()  # what the message says to do when the holder is gone but its lock stayed
+    third = lock_run_dir(run_dir)  # a new file: a lock of its own
+    third.close()
     again.close()
 
 

@@ -977,7 +977,8 @@ def lock_run_dir(run_dir: Path) -> Optional[IO[str]]:
         holder = handle.read().strip() or "another process"
         handle.close()
         raise ConfigError(f"config key 'run_dir' = {str(run_dir)!r}: in use by {holder} (it holds {path}); stop "
-                          f"that launch or choose another run_dir") from None
+                          f"that launch or choose another run_dir (if it is gone, as a node that died holding the "
+                          f"lock on NFS can leave it, delete {path})") from None
     except OSError as e:
         handle.close()
         print(f"[tristage] warning: {path}: no file lock on this file system ({e}); nothing stops a second launch "
