@@ -12,7 +12,8 @@
 # Variables: HOSTFILE (launch/hostfile), MASTER_PORT (29500). The first host is the rendezvous master.
 # --no_local_rank: ranks read LOCAL_RANK from the environment rather than a `--local_rank=N` argument,
 # which Hydra would take for an override. Environment variables the remote ranks need (NCCL_*, PATH of
-# the virtual environment) go into a `.deepspeed_env` file (KEY=VALUE lines) in this directory or $HOME.
+# the virtual environment) go into a `.deepspeed_env` file (KEY=VALUE lines only: no comments, no blank
+# lines, no secrets; checked) in this directory or $HOME.
 # run_dir must be on a file system all hosts share. The launcher exits with the largest exit code of the
 # hosts (pdsh -S), so 75 after a SIGTERM checkpoint comes through: relaunch the same command to resume.
 set -euo pipefail
@@ -43,5 +44,42 @@ if [[ "$hosts" == "localhost" || "$hosts" == "127.0.0.1" ]]; then
   extra+=(--no_ssh_check --master_addr=127.0.0.1)
 fi
 
+args=("$@")
+if ((${#extra[@]} == 0)); then
+  # Over pdsh every remote shell parses the command line again, and DeepSpeed quotes only arguments with a space
+  # (in "..."): `${name}`, `{a: 1, b: 2}` or `a;b` would be expanded, split or run there. Quote each argument so
+  # that it arrives as given: single quotes around one without a space; in one with a space, which DeepSpeed
+  # puts in double quotes, the characters those still expand escaped.
+  args=()
+  for a in "$@"; do
+    if [[ $a == *" "* ]]; then
+      a=${a//\\/\\\\}; a=${a//\$/\\\$}; a=${a//\`/\\\`}  # DeepSpeed escapes the " itself
+    else
+      a="'${a//\'/\'\\\'\'}'"
+    fi
+    args+=("$a")
+  done
+
+  # DeepSpeed pastes each `.deepspeed_env` line into the remote command as `export <line>;` (and prints it): a
+  # comment or blank line would break that command (a comment swallows the rest: every host runs nothing and
+  # the launcher exits 0), and a secret would be printed
+  for env_file in ".deepspeed_env" "$HOME/.deepspeed_env"; do
+    [[ -f $env_file ]] || continue
+    n=0
+    while IFS= read -r line || [[ -n $line ]]; do
+      n=$((n + 1))
+      if [[ ! $line =~ ^[A-Za-z_][A-Za-z0-9_]*= ]]; then
+        echo "error: $env_file line $n: DeepSpeed reads every line as KEY=VALUE (no comments, no blank lines)" >&2
+        exit 2
+      fi
+      if [[ ${line%%=*} =~ $secret ]]; then
+        echo "error: $env_file line $n: ${line%%=*} would be printed by the deepspeed launcher; set it in each" \
+          "node's environment (its shell profile) instead" >&2
+        exit 2
+      fi
+    done < "$env_file"
+  done
+fi
+
 exec deepspeed --hostfile="$HOSTFILE" --master_port="${MASTER_PORT:-29500}" "${extra[@]}" \
-  --no_local_rank --module train "$@"
+  --no_local_rank --module train "${args[@]}"

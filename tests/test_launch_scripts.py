@@ -210,13 +210,25 @@ exit $rc
 """)
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")  # two "hosts": the pdsh path, not the local one
-    r, ranks = fake_train("deepspeed_hostfile.sh", "model=tiny_dense", "run_dir=runs/z", "name=with space",
-                          HOSTFILE=str(hostfile), MASTER_PORT=str(_free_port()),
+    # each host's shell parses the command again: an interpolation, a dict, a `;`, quotes, a backslash and a `$`
+    # in an argument with a space arrived expanded, split or run as a command
+    args = ["model=tiny_dense", "run_dir=/shared/${name}", "+data.mixtures.anneal={udhr:1,code:1}", "x.y=a;b",
+            "name=with space", "z='q' \"w\" \\n $HOME `id`", "l=[a,b]", "it's"]
+    r, ranks = fake_train("deepspeed_hostfile.sh", *args, HOSTFILE=str(hostfile), MASTER_PORT=str(_free_port()),
                           PATH=f"{stubs}:{VENV_BIN}:{os.environ['PATH']}")
     assert r.returncode == 75, r.stderr[-2000:]  # the ranks' code comes through runner and pdsh -S
     assert (tmp_path / "pdsh_ran").exists()
     assert [(x["RANK"], x["LOCAL_RANK"], x["WORLD_SIZE"]) for x in ranks] == [("0", "0", "2"), ("1", "0", "2")]
-    assert all(x["argv"] == ["model=tiny_dense", "run_dir=runs/z", "name=with space"] for x in ranks)  # no --local_rank
+    assert all(x["argv"] == args for x in ranks)  # as given, and no --local_rank
+    # DeepSpeed pastes each .deepspeed_env line into that command as `export <line>;`: a comment line swallowed
+    # the rest (every host ran nothing, exit 0), a blank line was a traceback, a key was printed
+    for text, why in [("NCCL_DEBUG=INFO\n# IB: NCCL_IB_HCA=mlx5\n", "line 2: DeepSpeed reads every line as KEY=VALUE"),
+                      ("A=1\n\n", "line 2: DeepSpeed reads every line as KEY=VALUE"),
+                      ("WANDB_API_KEY=SECRET42\n", "line 1: WANDB_API_KEY would be printed")]:
+        (tmp_path / ".deepspeed_env").write_text(text)
+        r, _ = fake_train("deepspeed_hostfile.sh", "run_dir=runs/z", HOSTFILE=str(hostfile),
+                          PATH=f"{stubs}:{VENV_BIN}:{os.environ['PATH']}")
+        assert r.returncode == 2 and f"error: .deepspeed_env {why}" in r.stderr and "SECRET42" not in r.stderr
 
 
 def test_deepspeed_hostfile_missing(fake_train, tmp_path):
