@@ -40,6 +40,9 @@ echo "tristage: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $NNODES
 # --kill-on-bad-exit=0: on SIGTERM every rank saves its shard and exits 75; the first to finish must not
 # take the others down mid-save.
 set +e
+# A SIGTERM (preemption, scancel, --signal=B:TERM) that reaches this batch shell would end it at once, before the
+# requeue below: trapped, bash waits for srun, whose ranks got the signal themselves (children reset the trap)
+trap 'echo "tristage: the batch shell got a signal; waiting for the ranks" >&2' TERM USR1
 # shellcheck disable=SC2016  # the $SLURM_* variables must expand inside each task, not here
 srun --kill-on-bad-exit=0 bash -c '
   export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID \

@@ -19,7 +19,11 @@ if [[ -z "${NPROC:-}" ]]; then
       echo "nvidia-smi lists no GPU (driver or device problem?); set NPROC to the ranks to start" >&2
       exit 2
     fi
-    NPROC=$(wc -l <<< "$gpus")
+    NPROC=$(grep -c '^GPU ' <<< "$gpus")  # the GPUs, not their MIG devices' lines
+    if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then  # the ranks see only these: one rank each
+      IFS=, read -ra visible <<< "$CUDA_VISIBLE_DEVICES"
+      NPROC=${#visible[@]}
+    fi
   else
     NPROC=1
   fi

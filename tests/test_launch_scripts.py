@@ -73,6 +73,7 @@ def slurm(tmp_path):
     # srun: run the command once per task, with the variables slurmstepd sets; return the highest exit code.
     _executable(stubs / "srun", """#!/usr/bin/env bash
 while [[ $1 == --* ]]; do shift; done
+if [[ -n ${TERM_BATCH_SHELL:-} ]]; then kill -TERM $PPID; sleep 0.5; fi  # preemption reaching the batch shell too
 rc=0
 for ((i = 0; i < SLURM_NTASKS; i++)); do
   SLURM_PROCID=$i SLURM_LOCALID=$((i % SLURM_NTASKS_PER_NODE)) "$@" || { c=$?; ((c > rc)) && rc=$c; }
@@ -126,7 +127,15 @@ def test_slurm_exit_75_requeues_with_every_rank_in_one_run_dir(slurm):
     assert " run_dir=runs/qwen3_8b " in train_argv and train_argv.endswith("curriculum.stages.general.tokens=1000")
 
 
-@pytest.mark.parametrize("train_rc", ["0", "1"])
+def test_slurm_requeues_when_the_batch_shell_got_the_sigterm_too(slurm):
+    """A SIGTERM to the batch shell (preemption, scancel, --signal=B:TERM) ended it at once (143), before the
+    requeue: the ranks saved their checkpoint and the job was never requeued."""
+    r, calls, requeued = slurm("slurm_qwen3_8b.sbatch", TRAIN_RC="75", TERM_BATCH_SHELL="1")
+    assert r.returncode == 75 and requeued == ["4242"], r.stderr
+    assert "the batch shell got a signal; waiting for the ranks" in r.stderr and len(calls) == 5
+
+
+@pytest.mark.parametrize("train_rc", ["0", "1", "2"])
 def test_slurm_other_exit_codes_do_not_requeue(slurm, train_rc):
     r, calls, requeued = slurm("slurm_qwen3_235b_a22b.sbatch", TRAIN_RC=train_rc, RUN_DIR="/shared/q235")
     assert r.returncode == int(train_rc) and requeued == []
@@ -257,3 +266,19 @@ def test_a_failing_nvidia_smi_is_named(fake_train, tmp_path, script):
                           PATH=f"{stubs}:{VENV_BIN}:{os.environ['PATH']}")
     assert r.returncode == 2 and not ranks
     assert "nvidia-smi lists no GPU" in r.stderr and "NPROC" in r.stderr
+
+
+def test_nproc_counts_the_gpus_the_ranks_can_see(fake_train, tmp_path):
+    """NPROC came from every line of `nvidia-smi -L` (MIG devices included) whatever CUDA_VISIBLE_DEVICES said,
+    so ranks asked for devices they could not see."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    _executable(stubs / "nvidia-smi", "#!/usr/bin/env bash\nfor i in 0 1 2; do echo \"GPU $i: H200 (UUID: x$i)\";"
+                                      " done\necho '  MIG 1g.18gb Device 0: (UUID: m)'\n")
+    path = f"{stubs}:{VENV_BIN}:{os.environ['PATH']}"
+    r, ranks = fake_train("torchrun_single_node.sh", "run_dir=runs/x", PATH=path)
+    assert len(ranks) == 3, r.stderr[-2000:]  # the GPUs, not the MIG line
+    for f in tmp_path.glob("rank*.json"):
+        f.unlink()
+    r, ranks = fake_train("torchrun_single_node.sh", "run_dir=runs/x", PATH=path, CUDA_VISIBLE_DEVICES="0,2")
+    assert [x["WORLD_SIZE"] for x in ranks] == ["2", "2"], r.stderr[-2000:]
