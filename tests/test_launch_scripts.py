@@ -49,7 +49,7 @@ def test_sbatch_headers(script, nodes, overrides):
     for line in [f"#SBATCH --nodes={nodes}", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --requeue", "#SBATCH --signal=TERM@", "#SBATCH --open-mode=append"]:
         assert line in text, line
-    assert '"run_dir=$RUN_DIR" "$@"' in text  # fixed run directory, then the user's overrides
+    assert '${RUN_DIR:+"run_dir=$RUN_DIR"} "$@"' in text  # RUN_DIR if set (else runs/<name>), then the user's overrides
     for o in overrides:
         assert o in text
 
@@ -124,7 +124,9 @@ def test_slurm_exit_75_requeues_with_every_rank_in_one_run_dir(slurm):
     assert len(argv) == 1  # every rank: the same overrides, so the same run_dir
     (train_argv,) = argv
     assert train_argv.startswith("-m train model=qwen3_8b curriculum=qwen3 deepspeed=zero2")
-    assert " run_dir=runs/qwen3_8b " in train_argv and train_argv.endswith("curriculum.stages.general.tokens=1000")
+    # no run_dir without RUN_DIR: runs/<name>, so a `name=` override moves it (a fixed default resumed another run)
+    assert "run_dir=" not in train_argv and " name=qwen3_8b " in train_argv
+    assert train_argv.endswith("curriculum.stages.general.tokens=1000")
 
 
 def test_slurm_requeues_when_the_batch_shell_got_the_sigterm_too(slurm):
