@@ -21,9 +21,11 @@ set -euo pipefail
 # The deepspeed launcher prints its whole command line (and pdsh the environment it exports): a secret given as an
 # override would reach the console and the job's log. wandb reads WANDB_API_KEY from each node's environment.
 secret='([Aa][Pp][Ii][_-]?[Kk][Ee][Yy]|[Tt][Oo][Kk][Ee][Nn]|[Ss][Ee][Cc][Rr][Ee][Tt]|[Pp][Aa][Ss][Ss][Ww][Oo][Rr][Dd])$'
+inline='([Aa][Pp][Ii][_-]?[Kk][Ee][Yy]|[Tt][Oo][Kk][Ee][Nn]|[Ss][Ee][Cc][Rr][Ee][Tt]|[Pp][Aa][Ss][Ss][Ww][Oo][Rr][Dd])[[:space:]]*:'
 for arg in "$@"; do
   key=${arg%%=*}
-  if [[ "$arg" == *=* && "${key##*.}" =~ $secret ]]; then
+  # the key itself (logging.wandb.api_key=...), or one inside a dict value (logging.wandb={api_key: ...})
+  if [[ "$arg" == *=* && ( "${key##*.}" =~ $secret || "${arg#*=}" =~ $inline ) ]]; then
     echo "error: ${key#[+~]} on the deepspeed launcher's command line would be printed by the launcher; set it in" \
       "each node's environment instead (WANDB_API_KEY for logging.wandb.api_key)" >&2
     exit 2

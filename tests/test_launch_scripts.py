@@ -256,6 +256,9 @@ def test_deepspeed_hostfile_refuses_a_secret_on_its_command_line(fake_train, tmp
     assert r.returncode == 2 and not ranks
     assert "logging.wandb.api_key on the deepspeed launcher's command line" in r.stderr
     assert "SUPERSECRET42" not in r.stdout + r.stderr
+    r, ranks = fake_train("deepspeed_hostfile.sh", "logging.wandb={mode: online, api_key: SUPERSECRET42}",
+                          HOSTFILE=str(hostfile))  # inside a dict value
+    assert r.returncode == 2 and not ranks and "SUPERSECRET42" not in r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("script", ["torchrun_single_node.sh", "torchrun_multi_node.sh"])

@@ -312,6 +312,13 @@ def test_cli_fits_exit_0_and_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []  # no run directory, no .hydra
 
 
+def test_cli_drops_a_secret_unread(tmp_path):
+    """Hydra quoted a secret override it could not parse ("Ambiguous value for argument ...") into the job log."""
+    r = _cli(tmp_path, "logging.wandb.api_key=SEC,RET42")
+    assert r.returncode == 0, r.stderr
+    assert "RET42" not in r.stdout + r.stderr
+
+
 def test_cli_refuses_zero3_with_expert_parallelism(tmp_path):
     r = _cli(tmp_path, "model=qwen3_235b_a22b", "deepspeed=zero3", "expert_parallel_size=8", "launch.nodes=32",
              "launch.gpus_per_node=8")
