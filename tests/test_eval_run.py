@@ -109,26 +109,28 @@ def test_a_failing_stage_end_suite_is_logged_and_training_goes_on(data_root, tmp
 
 def test_suite_is_skipped_when_a_second_copy_would_not_fit(monkeypatch):
     """The estimate for Qwen3-0.6B under the Qwen3 curriculum: 596,049,920 parameters x 2 bytes x 1.25, plus per
-    token of the suite's longest sequence (4x the stage's length, one per forward) 28 layers x 8 K/V heads x 128
-    x 2 (K and V) x 2 bytes = 114,688 B and (4 x 1,024 + 3 x 3,072) x 2 bytes = 26,624 B of activations.
-    General: 1.490e9 + 16,384 x 141,312 = 3.805e9 B (3.5 GiB); Long Context: + 131,072 x 141,312 = 20.01e9 B
-    (18.6 GiB). It used to count the stage's length, not 4x, and one sequence where the suite read four."""
+    token of the suite's longest sequences (4x the stage's length) 28 layers x 8 K/V heads x 128 x 2 (K and V) x
+    2 bytes = 114,688 B and (4 x 1,024 + 3 x 3,072) x 2 bytes = 26,624 B of activations. General: 1.490e9 +
+    16,384 x 141,312 = 3.805e9 B (3.5 GiB) for one sequence per forward, 10.75e9 B (10.01 GiB) for four; Long
+    Context: 20.01e9 B (18.6 GiB) for one. It used to count the stage's length, not 4x, and one sequence where
+    the suite read four; now it reads four where they fit, else one."""
     import torch
 
     from test_train_config import compose_cfg
-    from train.eval.suite import suite_memory_shortfall
+    from train.eval.suite import suite_long_batch
 
     cfg = compose_cfg(["model=qwen3_0_6b", "curriculum=qwen3"])
-    assert suite_memory_shortfall(cfg, "long_context", torch.device("cpu")) == ""  # only CUDA is checked
+    assert suite_long_batch(cfg, "long_context", torch.device("cpu")) == (4, "")  # only CUDA is checked
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     gib = 2 ** 30
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10 * gib, 141 * gib))
-    assert suite_memory_shortfall(cfg, "general", torch.device("cuda", 0)) == ""
-    assert suite_memory_shortfall(cfg, "long_context", torch.device("cuda", 0)) == (
-        "needs ~18.6 GiB on cuda:0 for a second copy of the model and 1 x 131072 tokens, 10.0 GiB free")
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (3 * gib, 141 * gib))
-    assert suite_memory_shortfall(cfg, "general", torch.device("cuda", 0)) == (
-        "needs ~3.5 GiB on cuda:0 for a second copy of the model and 1 x 16384 tokens, 3.0 GiB free")
+    for free, stage, expect in [
+            (11 * gib, "general", (4, "")), (10 * gib, "general", (1, "")),
+            (10 * gib, "long_context", (0, "needs ~18.6 GiB on cuda:0 for a second copy of the model and 1 x 131072 "
+                                           "tokens, 10.0 GiB free")),
+            (3 * gib, "general", (0, "needs ~3.5 GiB on cuda:0 for a second copy of the model and 1 x 16384 tokens, "
+                                     "3.0 GiB free"))]:
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 141 * gib))
+        assert suite_long_batch(cfg, stage, torch.device("cuda", 0)) == expect, (free, stage)
 
 
 def test_a_mid_stage_checkpoint_and_bad_sizes_leave_the_stage_results_alone(run_dir, tmp_path):

@@ -826,17 +826,18 @@ class Trainer:
         failure inside it is logged, not raised: an evaluation must not end (or, with the other ranks waiting,
         hang) a training run. `python -m train.eval` runs the same suite on the export afterwards.
         """
-        from train.eval.suite import stage_end_suite, suite_memory_shortfall
+        from train.eval.suite import stage_end_suite, suite_long_batch
 
         event: Dict[str, Any] = {"event": "eval_suite", "stage": stage.name, "global_step": self.state.global_step}
-        shortfall = suite_memory_shortfall(self.cfg, stage.name, self.info.device)
+        long_batch, shortfall = suite_long_batch(self.cfg, stage.name, self.info.device)
         if shortfall:
             event["skipped"] = f"{shortfall}; run `python -m train.eval {self.run_dir / 'hf' / stage.name}` after"
         else:
             try:
                 if injected("suite_error", stage.name, self.state.step, self.info.rank):
                     raise RuntimeError("injected evaluation failure")
-                event |= stage_end_suite(self.cfg, stage.name, self.manifest, self.tokenizer, self.info.device)
+                event |= stage_end_suite(self.cfg, stage.name, self.manifest, self.tokenizer, self.info.device,
+                                         long_batch)
             except Exception as e:  # noqa: BLE001 - logged and reported; training goes on
                 event["error"] = f"{type(e).__name__}: {e}"
                 print(f"[tristage] warning: the {stage.name} evaluation suite failed ({event['error']}); "

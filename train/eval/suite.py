@@ -130,11 +130,21 @@ def evaluate(target: EvalTarget, sizes: Optional[Sizes] = None, which: Sequence[
     return summaries
 
 
-def suite_memory_shortfall(cfg: Any, stage: str, device: torch.device) -> str:
+def suite_long_batch(cfg: Any, stage: str, device: torch.device) -> Tuple[int, str]:
+    """(long sequences per forward, '') for the stage-end suite: Sizes' default where it fits beside training,
+    else one; (0, why) where not even one does."""
+    for batch in (Sizes.long_batch_size, 1):
+        shortfall = suite_memory_shortfall(cfg, stage, device, batch)
+        if not shortfall:
+            return batch, ""
+    return 0, shortfall
+
+
+def suite_memory_shortfall(cfg: Any, stage: str, device: torch.device, batch: int) -> str:
     """Why the stage-end suite's copy of the model would not fit on `device` beside training ('' if it fits).
 
     The estimate: the bf16 weights plus a quarter for work buffers, then per token of the suite's longest
-    sequences (4x the stage's length, `long_batch_size` of them) the K/V of every layer (passkey's generation
+    sequences (4x the stage's length, `batch` of them per forward) the K/V of every layer (passkey's generation
     keeps it) and one layer's bf16 activations (4 x hidden + 3 x the MLP width, the top-k experts' for MoE).
     The loss is chunked (no logits row) and DCA's scores come in blocks (models/dca.py). Only CUDA is checked.
     """
@@ -142,7 +152,7 @@ def suite_memory_shortfall(cfg: Any, stage: str, device: torch.device) -> str:
         return ""
     from models.params import count_parameters
 
-    m, batch = cfg.model, suite_sizes(cfg).long_batch_size
+    m = cfg.model
     first = cfg.curriculum.stages[cfg.curriculum.order[0]].seq_len
     grids, checks = plan(first, cfg.curriculum.stages[stage].seq_len)
     longest = max([x for grid in grids.values() for x in grid] + [length for _, length in checks])
@@ -158,19 +168,15 @@ def suite_memory_shortfall(cfg: Any, stage: str, device: torch.device) -> str:
             f"tokens, {free / 2**30:.1f} GiB free")
 
 
-def suite_sizes(cfg: Any) -> Sizes:
-    """The stage-end suite's sizes from cfg.eval: its perplexity over the loop's `eval` windows (so the two
-    records of one step agree; batch_size is the reasoning prompts' too), and one long sequence per forward,
-    the least memory beside the training model."""
-    return Sizes(problems=cfg.eval.suite_problems, max_new_tokens=cfg.eval.suite_max_new_tokens,
-                 trials=cfg.eval.suite_trials, ppl_max_tokens=cfg.eval.max_tokens_per_language,
-                 ppl_max_languages=cfg.eval.max_languages, batch_size=cfg.eval.batch_size, long_batch_size=1)
-
-
-def stage_end_suite(cfg: Any, stage: str, manifest: Path, tok: Tokenizer, device: torch.device) -> Dict[str, Any]:
-    """The suite on <run_dir>/hf/<stage>/ at a stage's end (rank 0, sizes from cfg.eval); results in
-    <run_dir>/eval/<stage>/."""
-    sizes = suite_sizes(cfg)
+def stage_end_suite(cfg: Any, stage: str, manifest: Path, tok: Tokenizer, device: torch.device,
+                    long_batch: int) -> Dict[str, Any]:
+    """The suite on <run_dir>/hf/<stage>/ at a stage's end (rank 0, sizes from cfg.eval, `long_batch` long
+    sequences per forward: `suite_long_batch`); results in <run_dir>/eval/<stage>/."""
+    # perplexity over the loop's `eval` windows, so the two records of one step agree (batch_size is the
+    # reasoning prompts' too)
+    sizes = Sizes(problems=cfg.eval.suite_problems, max_new_tokens=cfg.eval.suite_max_new_tokens,
+                  trials=cfg.eval.suite_trials, ppl_max_tokens=cfg.eval.max_tokens_per_language,
+                  ppl_max_languages=cfg.eval.max_languages, batch_size=cfg.eval.batch_size, long_batch_size=long_batch)
     run_dir = Path(cfg.run_dir)
     order = list(cfg.curriculum.order)
     seq_lens = {s: int(cfg.curriculum.stages[s].seq_len) for s in order}
