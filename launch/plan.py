@@ -604,8 +604,10 @@ def format_plan(p: Plan) -> str:
             lines.append("any one of these overrides would fit:")
             lines += [f"  {s}" for s in p.suggestions]
         else:
-            lines.append("no combination of checkpointing, micro-batch, ZeRO stage, EP, offload or up to 4096 nodes "
-                         "fits; use GPUs with more memory or a smaller model.")
+            lines.append("the planner's search (one change at a time, then its strongest changes together, without "
+                         "adding nodes to those) found no fitting overrides; try more nodes with activation "
+                         "checkpointing, ZeRO-3 and optimizer offload together, GPUs with more memory (or "
+                         "launch.cpu_memory_gb if only the CPU side overflows), or a smaller model.")
     return "\n".join(lines)
 
 
