@@ -255,3 +255,19 @@ def test_uint32_shards_for_large_vocabularies(tmp_path):
     assert list(shard.doc_lengths) == [2, 3] and entry["sha256"] == sha256_file(tmp_path / "x.tok")
     with pytest.raises(DataError, match="4 bytes per token at byte offset 12, expected 2"):
         open_shard(tmp_path / "x.tok", "uint16")
+
+
+def test_a_changed_shard_size_is_not_served_from_the_old_shards(tmp_path):
+    """m12 (shard_tokens dropped from the shard folder's cache key): config_key changes, so the manifest is
+    rebuilt, but the sources' finished shards of the old size are reused: data.shard_tokens has no effect on a
+    data root that was prepared before."""
+    from data.config import compose
+    from data.prepare import prepare
+    from data.shards import verify
+
+    root = tmp_path / "d"
+    prepare(compose("fixture", [f"root={root}"]))
+    m = verify(prepare(compose("fixture", [f"root={root}", "shard_tokens=1000"])))
+    files = [f for c in m["components"].values() for f in c["files"]]
+    assert any(len(c["files"]) > 1 for c in m["components"].values())
+    assert all(f["tokens"] <= 1000 or f["documents"] == 1 for f in files)  # a shard holds >= 1 whole document

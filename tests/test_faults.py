@@ -748,3 +748,106 @@ def test_retention_keeps_the_newest_periodic_checkpoints_and_every_stage_end(tmp
     assert save(4, stage_end=True) == [2, 3, 4]
     assert save(5) == [3, 4, 5]
     assert save(6) == [4, 5, 6]
+
+
+def _checkpoint(manager, step, stage_end=False):
+    tag = f"0-general-step{step:07d}"
+    (manager.dir / tag).mkdir(parents=True)
+    (manager.dir / tag / "meta.json").write_text(
+        json.dumps({"state": {"global_step": step, "stage_complete": stage_end}}))
+    return tag
+
+
+def test_latest_falls_back_to_the_newest_complete_checkpoint_not_the_oldest(tmp_path):
+    """m01 (`return others[0]`): with three complete checkpoints left and `latest` naming a fourth that is gone,
+    the fallback is step 3, the newest (the docstring; README "a missing one falls back"). The suite's fallback
+    tests leave only one complete checkpoint, where newest == oldest."""
+    from train.checkpoint import CheckpointManager
+
+    manager = CheckpointManager(tmp_path, keep=5, rank=1)
+    for s in (1, 2, 3):
+        _checkpoint(manager, s)
+    (manager.dir / "latest").write_text("0-general-step0000004")
+    assert manager.latest() == "0-general-step0000003"
+
+
+def test_retention_with_keep_3_never_drops_below_keep(tmp_path):
+    """m02 (`periodic[: len(periodic) - keep]`, the max(0, ...) dropped): with keep=3 and only two periodic
+    checkpoints besides a stage-end save, nothing may go (2 <= 3). The suite uses keep=2, where the negative
+    slice of a 1-element list happens to be empty too."""
+    from train.checkpoint import CheckpointManager
+
+    manager = CheckpointManager(tmp_path, keep=3, rank=0)
+    _checkpoint(manager, 1)
+    _checkpoint(manager, 2)
+    manager._retain(protect=_checkpoint(manager, 3, stage_end=True))
+    assert sorted(p.name for p in manager.dir.iterdir()) == [
+        "0-general-step0000001", "0-general-step0000002", "0-general-step0000003"]
+
+
+def test_spike_detector_judges_from_min_history_steps_on():
+    """m03 (`>=` -> `>` on min_history): 'after `min_history` steps' -- with 3 losses seen and min_history=3 the
+    4th is judged. The run tests spike at step 8 with min_history=3, far past the boundary."""
+    from train.faults import SpikeDetector
+
+    d = SpikeDetector(factor=3, window=5, min_history=3)
+    assert [d.check(x) for x in (1.0, 1.0, 1.0)] == [None, None, None]
+    assert d.check(10.0) == 1.0
+
+
+def test_spike_detector_factor_0_is_off_and_spikes_are_not_recorded():
+    """m51 (`factor <= 0` -> `< 0`): spike_factor=0 is the documented 'detector off' (the default), so no loss
+    is ever a spike (with the mutant, every loss > 0 = 0 x median is one: every default run logs loss_spike events
+    and, with spike_action=rollback, rolls back at every step). m50 (the loss appended before the check): a spike
+    must not enter the window (the docstring), else its median creeps up after each spike."""
+    from train.faults import SpikeDetector
+
+    off = SpikeDetector(factor=0.0, window=5, min_history=1)
+    assert all(off.check(x) is None for x in (1.0, 2.0, 100.0, 1e6))
+    d = SpikeDetector(factor=3, window=5, min_history=3)
+    for x in (1.0, 1.0, 1.0):
+        d.check(x)
+    assert d.check(10.0) == 1.0
+    assert list(d.history) == [1.0, 1.0, 1.0]
+
+
+def test_rollbacks_are_capped_skip_before_is_skipped_and_spikes_stay_out_of_the_window(data_root, tmp_path):
+    """Spikes injected at General steps 8 and 10 with spike_skip_before=1 and max_rollbacks=1.
+    m26 (`first = step`, spike_skip_before ignored; no test sets it): the rollback skips steps 7 and 8.
+    m25 (`rollbacks` not carried over the reload): the count lives in the checkpoint the rollback reloads (0
+    there), so the cap never bit: the second spike rolled back again; it must only be logged.
+    m50 (a spike's loss entering the detector's window): the logged spike of step 10 is not in the window saved
+    with the stage-end checkpoint."""
+    overrides = ["model=tiny_dense", "eval.enabled=false", "deepspeed=zero1", "curriculum.order=[general]",
+                 "curriculum.stages.general.tokens=12288", "curriculum.stages.general.checkpoint_every=2",
+                 "faults.spike_factor=3", "faults.spike_window=5", "faults.spike_min_history=3",
+                 "faults.spike_action=rollback", "faults.spike_skip_before=1", "faults.max_rollbacks=1",
+                 f"run_dir={tmp_path}"]
+    proc = run_train([*SMOKE, *overrides], env={"TRISTAGE_INJECT": "spike@general:8,spike@general:10"})
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    recs = records(tmp_path)
+    assert [(r["to_checkpoint"], r["skip_steps"]) for r in recs if r.get("event") == "rollback"] == [
+        ("0-general-step0000006", ["general:7", "general:8"])]
+    assert [r["step"] for r in recs if r.get("event") == "skipped_batch"] == [7, 8]
+    assert [(r["step"], r["action"]) for r in recs if r.get("event") == "loss_spike"] == [(8, "rollback"), (10, "log")]
+    spike = [r["loss"] for r in steps(tmp_path) if r["step"] == 10][-1]
+    meta = json.loads((tmp_path / "checkpoints" / "0-general-step0000012" / "meta.json").read_text())
+    assert meta["state"]["rollbacks"] == 1 and len(meta["state"]["loss_history"]) == 5
+    assert spike not in meta["state"]["loss_history"]
+
+
+def test_a_spike_before_the_first_checkpoint_is_only_logged(data_root, tmp_path):
+    """m79 (`and self.checkpoints.latest() is not None` dropped from can_roll): with nothing to roll back to,
+    a spike under spike_action=rollback is logged (action 'log') and training goes on; the mutant raised _Rollback
+    and died in _rollback's `assert tag is not None` (a traceback, exit 1). Every suite spike test has a
+    checkpoint before its spike."""
+    proc = run_train([*SMOKE, f"run_dir={tmp_path}", "model=tiny_dense", "eval.enabled=false", "deepspeed=zero1",
+                      "curriculum.order=[general]", "checkpoint.export_hf=false",
+                      "curriculum.stages.general.tokens=8192", "faults.spike_factor=3", "faults.spike_window=5",
+                      "faults.spike_min_history=3", "faults.spike_action=rollback"],
+                     env={"TRISTAGE_INJECT": "spike@general:5"})
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    recs = records(tmp_path)
+    assert [(r["step"], r["action"]) for r in recs if r.get("event") == "loss_spike"] == [(5, "log")]
+    assert not [r for r in recs if r.get("event") == "rollback"]
+    assert [r["step"] for r in steps(tmp_path)] == list(range(1, 9))

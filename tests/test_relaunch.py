@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 
+from test_train_config import compose_cfg
 from trainutil import DENSE1, SMOKE, records, run_train, smoke_run, steps
 
 BASE = [*SMOKE, "model=tiny_dense", "eval.enabled=false", "checkpoint.export_hf=false"]
@@ -70,7 +71,9 @@ def test_a_sweep_with_a_failed_job_fails_and_its_other_jobs_finish(data_root, tm
     proc = run_train(["--multirun", *BASE, "curriculum.stages.general.lr.peak=1e30,3e-3",
                       "faults.max_consecutive_skips=0", "dist.timeout_s=6", f"hydra.sweep.dir={sweep}"], timeout=600)
     assert proc.returncode == 4, proc.stdout[-3000:]
-    assert "consecutive steps had a non-finite loss" in proc.stdout and "no progress" not in proc.stdout
+    assert "1 consecutive step had a non-finite loss" in proc.stdout and "no progress" not in proc.stdout
+    # before its first checkpoint: said so (it named a checkpoint 'None' as holding finite weights)
+    assert "No checkpoint was saved yet (relaunching starts the run again): lower the LR" in proc.stdout
     job1 = next(sweep.glob("1-*"))  # <job number>-<hash of its overrides>
     assert [r["stage"] for r in records(job1) if r.get("event") == "stage_end"] == [
         "general", "reasoning", "long_context"]
@@ -122,3 +125,19 @@ def test_a_relaunch_after_the_last_stage_ended_keeps_what_it_trained_with(data_r
     assert message.format(ckpt=ckpt) in proc.stdout
     assert records(run_dir) == before  # nothing trained, exported or evaluated
     assert (ckpt / "stage_finished").exists() == ("stages" not in override)
+
+
+def test_a_checkpoint_without_stage_data_at_the_stages_last_step_is_refused():
+    """m14 (`step >= plans[index].steps` -> `>`): a checkpoint from before stage_data was recorded, mid-stage at
+    step == the stage's steps now, has no step left to run; it must be refused naming the tokens key (the
+    relaunch tests never reach this check: their checkpoints have stage_data, whose check fires first)."""
+    from train.config import ConfigError, validate
+    from train.loop import check_resumable
+
+    cfg = compose_cfg([])
+    plans = validate(cfg, world_size=1)
+    meta = {"state": {"stage_index": 1, "stage": "reasoning", "step": plans[1].steps, "stage_complete": False}}
+    with pytest.raises(ConfigError, match="config key 'curriculum.stages.reasoning.tokens'"):
+        check_resumable(meta, cfg, plans, {"components": {}}, "ckpt")
+    meta["state"]["step"] = plans[1].steps - 1
+    check_resumable(meta, cfg, plans, {"components": {}}, "ckpt")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -265,3 +266,65 @@ def test_a_stage_added_after_long_context_keeps_its_base_and_needs_its_weights(c
     assert [cfg.curriculum.stages[s].rope_theta for s in cfg.curriculum.order] == [5e5, 1e6, 1e4]
     assert ("warning: curriculum.stages.reasoning.rope_theta=10000 lowers the previous stage's RoPE base 1e+06, "
             "which undoes its ABF") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["deepspeed.offload_optimizer=true", "deepspeed.zero_stage=0"], "deepspeed.offload_optimizer"),  # m06
+    (["faults.spike_action=rollbak"], "faults.spike_action"),  # m07
+    (["checkpoint.keep=0"], "checkpoint.keep"),  # m08
+    (["dist.timeout_s=0"], "dist.timeout_s"),
+    (["faults.max_consecutive_skips=-1"], "faults.max_consecutive_skips"),
+    (["device=tpu"], "device"),
+    (["dist.backend=mpi"], "dist.backend"),
+    (["logging.wandb.mode=on"], "logging.wandb.mode"),
+    (["optim.fused=yes"], "optim.fused"),
+    (["deepspeed.precision=fp16"], "deepspeed.precision"),
+])
+def test_validate_refuses_what_no_existing_test_feeds_it(overrides, key):
+    """Each check of validate() below is absent from test_inconsistent_values_name_the_key: removing any of them
+    (m06, m07, m08 were run) leaves the suite green."""
+    from train.config import ConfigError, validate
+
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg(overrides), world_size=1)
+    assert f"config key '{key}'" in str(err.value)
+
+
+def test_stage_budget_rounds_down_to_whole_steps_and_warmup_may_span_the_stage():
+    """m45 (`round(tokens / gbt)`): README/schema 'rounded down to whole optimizer steps': 1.5625 steps -> 1.
+    m09 (`warmup_steps >= steps`): warmup over all of the stage's steps is inside the documented [0, steps]."""
+    from train.config import LRConfig, StageConfig, plan_stage
+
+    stage = StageConfig(name="general", tokens=1600, seq_len=64, global_batch_tokens=1024, micro_batch_size=4, rope_theta=1e4)
+    assert plan_stage(stage, "k", 1).steps == 1
+    stage = StageConfig(name="general", tokens=4096, seq_len=64, global_batch_tokens=1024, micro_batch_size=4, rope_theta=1e4,
+                        lr=LRConfig(peak=1e-3, final=1e-4, warmup_steps=4))
+    assert plan_stage(stage, "k", 1).steps == 4
+
+
+def test_a_stage_may_train_at_exactly_max_position_embeddings():
+    """m49 (`seq_len >= max_position_embeddings`): seq_len equal to the model's maximum is legal (Qwen3's own
+    Long Context stage trains at 32,768 = max_position_embeddings of the report's base models)."""
+    from train.config import validate
+
+    cfg = compose_cfg(["model.max_position_embeddings=1024"])  # the demo's Long Context seq_len
+    validate(cfg, world_size=1)
+
+
+def test_deepspeed_json_takes_clip_extra_and_no_cuda_only_options_on_cpu():
+    """m05 (`"gradient_clipping": 1.0`): deepspeed.grad_clip reaches DeepSpeed. m11 (`extra` merged first /
+    setdefault): `deepspeed.extra` is 'merged last' (schema comment), so it overrides a derived key.
+    m42 (overlap_comm without the cuda condition): on the CPU overlap_comm is off, pin_memory too."""
+    from train.config import validate
+    from train.engine import deepspeed_config
+
+    cfg = compose_cfg(["deepspeed.grad_clip=0.25", "deepspeed=zero2_offload", "+deepspeed.extra.steps_per_print=7"])
+    plans = validate(cfg, world_size=1)
+    ds = deepspeed_config(cfg, plans[0], torch.device("cpu"))
+    assert ds["gradient_clipping"] == 0.25
+    assert ds["steps_per_print"] == 7
+    assert ds["zero_optimization"]["overlap_comm"] is False
+    assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": False}
+    assert ds["gradient_accumulation_steps"] * ds["train_micro_batch_size_per_gpu"] == ds["train_batch_size"]
+    assert ds["bf16"]["enabled"] is False
+    assert deepspeed_config(cfg, plans[0], torch.device("cuda"))["bf16"]["enabled"] is True

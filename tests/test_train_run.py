@@ -419,6 +419,7 @@ def test_a_second_live_launch_into_the_run_dir_is_refused(data_root, tmp_path):
         lock_run_dir(run_dir)
     held.close()  # the holder ends: the next launch takes the lock
     again = lock_run_dir(run_dir)
+    assert len((run_dir / ".lock").read_text().splitlines()) == 1  # only its holder: a refusal names no old one
     with pytest.raises(BlockingIOError):
         fcntl.flock(open(run_dir / ".lock"), fcntl.LOCK_EX | fcntl.LOCK_NB)
     (run_dir / ".lock").unlink()  # what the message says to do when the holder is gone but its lock stayed
@@ -449,3 +450,42 @@ def test_logged_throughput_mfu_and_aux_loss_follow_their_formulas(data_root, tmp
         assert r["z_loss"] > 0
         assert r["aux_loss"] == pytest.approx(0.001 * r["balance_loss"] + 0.01 * r["z_loss"], rel=1e-6)
         assert r["loss"] == pytest.approx(r["lm_loss"] + r["aux_loss"], rel=1e-9)
+
+
+RESET_AT_REASONING = ["model=tiny_dense", "deepspeed=zero2", "eval.enabled=false",
+                      "curriculum.stages.reasoning.carry_optimizer=false"]
+
+
+def test_a_mid_stage_resume_keeps_the_moments_of_a_carry_optimizer_false_stage(data_root, tmp_path_factory, tmp_path):
+    """m23 (`fresh` dropped from the reset condition in _enter_stage): a relaunch in the middle of a stage with
+    carry_optimizer=false reset AdamW's moments again at the resume, so the resumed run differs from the
+    uninterrupted one. m32 (stage_end_pending set for every stage-end checkpoint, the stage_finished marker
+    ignored): a relaunch from General's finished stage-end checkpoint exported and closed General again.
+    Expected values: the shared "reset" smoke run (the one test_carry_optimizer_false_... uses)."""
+    reference = smoke_run(tmp_path_factory, "reset", RESET_AT_REASONING)
+    run_dir = stopped_at(reference, 4, tmp_path / "run")  # General done, its stage-end work done (marker there)
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", *RESET_AT_REASONING, "max_steps=1"])  # Reasoning step 1, saved
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "1-reasoning-step0000001"
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", *RESET_AT_REASONING])  # resumes in the middle of Reasoning
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    recs = records(run_dir)
+    assert [r["stage"] for r in recs if r.get("event") == "stage_end"] == ["general", "reasoning", "long_context"]
+    assert [r["stage"] for r in recs if r.get("event") == "hf_export"] == ["general", "reasoning", "long_context"]
+    assert losses(run_dir) == losses(reference)
+
+
+def test_eval_every_log_every_and_isolated_non_finite_steps(data_root, tmp_path):
+    """Settings no test set (each found by a hand mutation the suite let through): eval_every=2 over General's 4
+    steps evaluates after step 2 and at the stage end, not before the first step; log_every=3 logs step 3 and the
+    stage's last step 4; two isolated NaN steps (2 and 4) under faults.max_consecutive_skips=1 are not
+    'consecutive' (an applied step resets the count), so the run finishes."""
+    proc = run_train([*SMOKE, f"run_dir={tmp_path}", "model=tiny_dense", "deepspeed=zero1", "curriculum.order=[general]",
+                      "checkpoint.export_hf=false", "curriculum.stages.general.eval_every=2", "logging.log_every=3",
+                      "faults.max_consecutive_skips=1"], env={"TRISTAGE_INJECT": "nan@general:2,nan@general:4"})
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    recs = records(tmp_path)
+    assert [r["step"] for r in recs if r.get("event") == "eval"] == [2, 4]
+    assert [r["step"] for r in steps(tmp_path)] == [3, 4]
+    skips = [r for r in recs if r.get("event") == "skipped_update"]
+    assert [(r["step"], r["consecutive"], r["skipped_total"]) for r in skips] == [(2, 1, 1), (4, 1, 2)]

@@ -646,11 +646,15 @@ class Trainer:
                           "skipped_total": state.skipped_steps, "consecutive": state.consecutive_skips,
                           "time": time.time()})
         if state.consecutive_skips > cfg.faults.max_consecutive_skips:
+            latest = self.checkpoints.latest()
+            where = (f"The last checkpoint '{latest}' holds finite weights" if latest is not None
+                     else "No checkpoint was saved yet (relaunching starts the run again)")
+            n = state.consecutive_skips
             raise NonFiniteError(
-                f"{state.consecutive_skips} consecutive steps had a non-finite loss or gradient "
+                f"{n} consecutive step{'s' if n > 1 else ''} had a non-finite loss or gradient "
                 f"(up to {stage.name} step {step}, loss {result.loss}, grad norm {result.grad_norm}); "
-                f"faults.max_consecutive_skips={cfg.faults.max_consecutive_skips}. The last checkpoint "
-                f"'{self.checkpoints.latest()}' holds finite weights: lower the LR or skip the data")
+                f"faults.max_consecutive_skips={cfg.faults.max_consecutive_skips}. {where}: lower the LR or skip "
+                f"the data")
 
     def _finish_stage(self, stage: StageConfig) -> None:
         """After the stage-end checkpoint: the HF export, the stage-end suite on it, the evaluation."""
