@@ -58,11 +58,11 @@ from train.schedule import lr_at
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; the SLURM scripts requeue on it
 
 # fields that fix the shape of the weights: a resume with any of them changed is refused
-# fields that change what the same weights compute: an HF init_from with another value is refused
-_BEHAVIOUR_KEYS = ("rms_norm_eps", "norm_topk_prob")  # the latter for MoE only
 _SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "head_dim", "tie_word_embeddings", "num_experts", "num_experts_per_tok",
                "moe_intermediate_size")
+# fields that change what the same weights compute: an HF init_from with another value is refused
+_BEHAVIOUR_KEYS = ("rms_norm_eps", "norm_topk_prob")  # the latter for MoE only
 
 
 class NonFiniteError(RuntimeError):
