@@ -280,9 +280,8 @@ def test_expert_parallel_conversion_reassembles_every_expert(data_root, tmp_path
 def test_reshard_of_an_incomplete_checkpoint_fails_on_every_rank(data_root, tmp_path_factory, tmp_path):
     """A missing ZeRO shard: the launch stops on both ranks naming the folder and what is missing (not a hang
     in the barrier behind rank 0), and the checkpoint is left as it was."""
-    run_dir = tmp_path / "run"
-    shutil.copytree(ten_steps(tmp_path_factory, 2, "zero2", 2), run_dir)
-    ckpt = run_dir / "checkpoints" / "0-general-step0000010"
+    run_dir = stopped_at(ten_steps(tmp_path_factory, 2, "zero2", 2), 5, tmp_path / "run")  # a run to go on with
+    ckpt = run_dir / "checkpoints" / "0-general-step0000005"
     (ckpt / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
     before = sorted(p.name for p in ckpt.iterdir())
     proc = run_train([*TEN_STEPS, f"run_dir={run_dir}", "deepspeed=zero2", "expert_parallel_size=1"], nproc=2,

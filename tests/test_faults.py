@@ -91,10 +91,12 @@ def test_zero0_checkpoint_resumes_on_another_world_size_and_gives_its_weights(da
     assert reference[first][1] == pytest.approx(zero1[first][1], rel=1e-6) and reference[first][1] > 0
     run_dir = stopped_at(smoke_run(tmp_path_factory, "ref-2-zero0-tiny_dense", overrides, nproc=2), 3,
                          tmp_path / "run")
-    assert run_train([*SMOKE, f"run_dir={run_dir}", *overrides, "max_steps=5"]).returncode == 0
+    # 3 steps more: to Reasoning's step 2 of 2, so the run is not finished (a finished run has nothing to resume)
+    assert run_train([*SMOKE, f"run_dir={run_dir}", *overrides, "max_steps=3"]).returncode == 0
     assert [r["resharded"] for r in records(run_dir) if r.get("event") == "resume"] == [False]
     got = losses(run_dir)
-    for key in list(reference)[3:8]:
+    assert len(got) == 6
+    for key in list(reference)[3:6]:
         assert got[key][0] == pytest.approx(reference[key][0], rel=1e-6), key
     ckpt = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
     proc = run_train([*SMOKE, f"run_dir={run_dir}", *BASE, "deepspeed=zero1"])
