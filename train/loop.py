@@ -205,7 +205,7 @@ class Trainer:
             dist.all_gather_object(held, held[info.rank])
         self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint.keep, info.rank)
         self.state = TrainerState()
-        on_rank0("checking the checkpoints", self.checkpoints.recover)
+        # `run` mended the folder (CheckpointManager.recover, in finished_checkpoint) before building this
         latest = self.checkpoints.latest()
         self._init_checkpoint: Optional[Path] = None
         self.init_rope_theta: Optional[float] = None  # the RoPE base init_from's weights were trained at
