@@ -84,7 +84,7 @@ def test_the_data_a_stage_is_pinned_to_is_that_of_its_own_sources():
     new shards of a source it reads do."""
     from data.config import MixtureConfig
     from train.config import StageConfig
-    from train.loop import data_fingerprint
+    from train.relaunch import data_fingerprint
 
     def manifest(**shas):
         return {"components": {f"{s}/eng": {"source": s, "files": [{"sha256": h}]} for s, h in shas.items()}}
@@ -132,7 +132,7 @@ def test_a_checkpoint_without_stage_data_at_the_stages_last_step_is_refused():
     step == the stage's steps now, has no step left to run; it must be refused naming the tokens key (the
     relaunch tests never reach this check: their checkpoints have stage_data, whose check fires first)."""
     from train.config import ConfigError, validate
-    from train.loop import check_resumable
+    from train.relaunch import check_resumable
 
     cfg = compose_cfg([])
     plans = validate(cfg, world_size=1)

@@ -362,7 +362,7 @@ def test_heldout_perplexity_in_training_scores_each_language_on_all_its_texts(da
 
 
 def test_a_relaunch_with_another_config_keeps_the_earlier_one(tmp_path):
-    from train.loop import record_config
+    from train.relaunch import record_config
 
     record_config(tmp_path, "a: 1\n")
     record_config(tmp_path, "a: 1\n")  # the same: nothing to keep
@@ -402,7 +402,7 @@ def test_a_second_live_launch_into_the_run_dir_is_refused(data_root, tmp_path):
     import fcntl
 
     from train.config import ConfigError
-    from train.loop import lock_run_dir
+    from train.relaunch import lock_run_dir
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

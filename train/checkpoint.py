@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from data.io import atomic_path
+from models.config import Qwen3Config
 from train.faults import collective_result
 
 
@@ -273,12 +274,24 @@ class CheckpointManager:
         return TrainerState(**client["trainer_state"])
 
 
-def check_compatible(meta: Dict[str, Any], model_shape: Dict[str, Any], tokenizer_fingerprint: str,
-                     where: str) -> None:
+# fields that fix the shape of the weights: a resume with any of them changed is refused
+_SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "tie_word_embeddings", "num_experts", "num_experts_per_tok",
+               "moe_intermediate_size")
+
+STAGE_FINISHED = "stage_finished"  # in a stage-end checkpoint: its stage-end work is done
+
+
+def model_shape(cfg: Qwen3Config) -> Dict[str, Any]:
+    """The config fields that fix the weights' shapes."""
+    return {k: getattr(cfg, k) for k in _SHAPE_KEYS}
+
+
+def check_compatible(meta: Dict[str, Any], model: Qwen3Config, tokenizer_fingerprint: str, where: str) -> None:
     """Refuse to load a checkpoint of another model shape or tokenizer, naming what changed (a different layout,
     world size, ZeRO stage or expert_parallel_size, is re-sharded instead: train/reshard.py)."""
     saved_shape = meta.get("model_shape", {})
-    changed = {k: (saved_shape.get(k), v) for k, v in model_shape.items() if saved_shape.get(k) != v}
+    changed = {k: (saved_shape.get(k), v) for k, v in model_shape(model).items() if saved_shape.get(k) != v}
     if changed:
         detail = ", ".join(f"model.{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in changed.items())
         raise CheckpointError(f"{where} was saved with a different model shape ({detail}); "
