@@ -361,6 +361,19 @@ def save_hf(model: Qwen3ForCausalLM, path: PathLike, dtype: Optional[torch.dtype
     return write_hf(model.config, path, sd.items(), sd, dtype, max_shard_size)
 
 
+def _clear_killed_writes(path: Path) -> None:
+    """Remove what a killed `write_hf` of `path` left beside it: a partial `.<name>.tmp-*` (up to a whole model's
+    weights), and a `.<name>.old-*` copy, which is the previous complete export and goes back in place when the
+    kill fell between the two renames."""
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in sorted(path.parent.glob(f".{path.name}.old-*")):
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.rename(path)
+
+
 def write_hf(cfg: Qwen3Config, path: PathLike, tensors: Iterable[Tuple[str, torch.Tensor]],
              layout: Dict[str, torch.Tensor], dtype: Optional[torch.dtype] = None,
              max_shard_size: Union[int, str] = "5GB", extra: Optional[Callable[[Path], None]] = None) -> Path:
@@ -397,6 +410,7 @@ def write_hf(cfg: Qwen3Config, path: PathLike, tensors: Iterable[Tuple[str, torc
         lambda i: f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    _clear_killed_writes(path)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:

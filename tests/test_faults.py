@@ -279,18 +279,34 @@ def test_sigterm_to_torchrun_saves_once_and_marks_preemption(data_root, tmp_path
 
 
 def test_full_disk_fails_every_rank_and_keeps_the_last_checkpoint(data_root, tmp_path_factory, tmp_path):
+    """A write failing inside DeepSpeed's save on rank 1 only made that rank leave the save before its closing
+    barrier: both ranks then waited for the watchdog (30 min), the disk error never shown. A damaged file that
+    only rank 1 reads at a resume (its RNG state) failed rank 1 alone, with a traceback, while rank 0 trained on."""
     overrides = [*BASE, "deepspeed=zero2"]
     reference = losses(smoke_run(tmp_path_factory, "ref-2-zero2-faults", overrides, nproc=2))
     run_dir = tmp_path / "run"
-    proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides], nproc=2, env=inject("enospc@general:2:1"))
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides, "dist.timeout_s=60"], nproc=2,
+                     env=inject("enospc_in_write@general:2:1"))
     assert proc.returncode != 0
     assert "saving checkpoint '0-general-step0000002' failed" in proc.stdout
-    assert "No space left on device" in proc.stdout and str(run_dir / "checkpoints" / ".tmp") in proc.stdout
+    assert "No space left on device" in proc.stdout and "GiB free on that file system" in proc.stdout
+    assert str(run_dir / "checkpoints" / ".tmp") in proc.stdout
+    assert "watchdog" not in proc.stdout
     ckpts = run_dir / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "0-general-step0000001"
     assert (ckpts / "0-general-step0000001" / "meta.json").exists()
     assert not (ckpts / ".tmp" / "0-general-step0000002").exists()
     assert len(steps(run_dir)) == 2  # no rank went on training after the failed save
+
+    rng = ckpts / "0-general-step0000001" / "rng_rank1.pt"
+    good = rng.read_bytes()
+    rng.write_bytes(good[: len(good) // 2])
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides, "dist.timeout_s=60"], nproc=2)
+    assert proc.returncode != 0 and proc.stdout.count("exitcode  : 2") == 2, proc.stdout[-3000:]  # both ranks
+    assert f"{rng}: cannot be read, truncated or damaged" in proc.stdout
+    assert "checkpoint '0-general-step0000001' failed to load on another rank" in proc.stdout
+    assert len(steps(run_dir)) == 2  # rank 0 did not train on alone
+    rng.write_bytes(good)
     proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides], nproc=2)
     assert proc.returncode == 0
     assert losses(run_dir) == reference

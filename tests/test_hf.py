@@ -199,6 +199,26 @@ def test_streamed_export_writes_each_shard_once_complete(tmp_path):
         assert sorted(p.name for p in tmp_path.iterdir()) == ["streamed", "whole"]
 
 
+def test_what_a_killed_export_left_is_cleared_and_a_moved_aside_export_put_back(tmp_path):
+    """A SIGKILL during an export left `.<name>.tmp-*` (up to a whole model's weights) beside the target forever,
+    and between the two renames left the previous complete export only as `.<name>.old-*`."""
+    model = Qwen3ForCausalLM(load_preset("tiny_dense"))
+    model.init_weights(seed=0)
+    stale = tmp_path / ".general.tmp-0badc0de"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+    other = tmp_path / ".reasoning.tmp-0badc0de"  # another export's: not this one's to clear
+    other.mkdir()
+    old = save_hf(model, tmp_path / "general")
+    assert not stale.exists() and other.exists()
+    old.rename(tmp_path / ".general.old-12345678")  # killed between `path -> .old` and `.tmp -> path`
+    hf_module._clear_killed_writes(tmp_path / "general")
+    assert files_tensors(tmp_path / "general").keys() == files_tensors(save_hf(model, tmp_path / "ref")).keys()
+    (tmp_path / ".general.old-87654321").mkdir()  # and beside a complete export it is a leftover
+    save_hf(model, tmp_path / "general")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".reasoning.tmp-0badc0de", "general", "ref"]
+
+
 @pytest.mark.parametrize("defect", ["shape", "missing", "extra"])
 def test_a_bad_checkpoint_is_refused_before_any_weight_is_written(tmp_path, defect):
     """Names and shapes are checked for the whole directory first: the model is untouched by a refused load."""

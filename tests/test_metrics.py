@@ -2,6 +2,12 @@
 events apart from the step values they would overwrite."""
 from __future__ import annotations
 
+import json
+import re
+
+import pytest
+
+from train.config import ConfigError
 from train.metrics import MetricsLogger, wandb_run_id
 
 
@@ -53,6 +59,23 @@ def test_each_run_directory_has_its_own_wandb_id(tmp_path):
     first = wandb_run_id(a)
     assert wandb_run_id(a) == first != wandb_run_id(b)  # a relaunch continues; another folder does not
     assert first.startswith("0-abc-") and (a / "wandb_id").read_text().strip() == first
+    for damaged in ("", "runs/a:b"):  # wandb's own error named no file (an empty id) or none at all (offline)
+        (b / "wandb_id").write_text(damaged + "\n")
+        with pytest.raises(ConfigError, match=re.escape(f"{b / 'wandb_id'}: holds {damaged!r}, not a wandb run id")):
+            wandb_run_id(b)
+
+
+def test_a_line_a_killed_launch_cut_off_stays_apart_from_the_next(tmp_path):
+    """The next launch's first record was appended to the cut-off line: both lost to a JSON reader."""
+    from test_train_config import compose_cfg
+
+    cfg = compose_cfg([f"run_dir={tmp_path}", "logging.console=false", "logging.wandb.mode=disabled"])
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    logger = MetricsLogger(cfg, tmp_path, 0, {})
+    logger.log({"event": "resume", "global_step": 1})
+    logger.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert lines[1] == '{"step": 2, "lo' and json.loads(lines[2])["event"] == "resume"
 
 
 def test_an_offline_resume_does_not_send_its_steps_again(tmp_path):

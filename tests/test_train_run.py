@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -194,6 +195,9 @@ def test_resume_after_sigkill_is_exact(data_root, tmp_path_factory, tmp_path, np
     assert proc.returncode == 0, proc.stdout[-4000:]
     resumed = [r for r in records(run_dir) if r.get("event") == "stage_start" and r["resumed_at_step"] is not None]
     assert resumed or any(r.get("event") == "stage_start" and r["stage"] == stage for r in records(run_dir))
+    # from the kill point, not later: every rank died with the launcher (none trained on and saved again)
+    resume = next(r for r in records(run_dir) if r.get("event") == "resume")
+    assert resume["stage"] != stage or int(resume["checkpoint"].rsplit("step", 1)[1]) <= step, resume
     assert losses(run_dir) == reference  # bit for bit, loss and gradient norm at every step
 
 
@@ -362,6 +366,7 @@ def test_heldout_perplexity_in_training_scores_each_language_on_all_its_texts(da
 
 
 def test_a_relaunch_with_another_config_keeps_the_earlier_one(tmp_path):
+    from train.config import ConfigError
     from train.relaunch import record_config
 
     record_config(tmp_path, "a: 1\n")
@@ -372,6 +377,10 @@ def test_a_relaunch_with_another_config_keeps_the_earlier_one(tmp_path):
     assert (tmp_path / "config.yaml").read_text() == "a: 3\n"
     assert [(p.name, p.read_text()) for p in sorted((tmp_path / "config_history").iterdir())] == [
         ("config.1.yaml", "a: 1\n"), ("config.2.yaml", "a: 2\n")]
+    (tmp_path / "config.yaml").unlink()
+    (tmp_path / "config.yaml").mkdir()  # unwritable (a full disk was a bare OSError traceback on rank 0 alone)
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'config.yaml'} cannot be recorded (")):
+        record_config(tmp_path, "a: 4\n")
 
 
 def test_a_relaunch_of_a_finished_run_says_so_and_trains_nothing(data_root, tmp_path_factory, tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -44,16 +43,34 @@ def run_train(overrides: Sequence[str], nproc: int = 1, timeout: float = 600, la
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL process `pid` and all its descendants: torchrun starts its workers in sessions of their own, so a
+    signal to the launcher's process group would leave them training."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=30)
+
+
 def kill_when(overrides: Sequence[str], run_dir: Path, stage: str, step: int, nproc: int = 1,
               timeout: float = 600) -> int:
-    """Start training, SIGKILL the whole process group once metrics show (stage, step); returns the exit code."""
+    """Start training, SIGKILL the launcher and every rank once metrics show (stage, step); returns the exit code."""
     proc = subprocess.Popen(train_cmd(overrides, nproc), cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
     try:
         while time.time() < deadline:
             if any(r.get("stage") == stage and r.get("step") == step for r in steps(run_dir)):
-                os.killpg(proc.pid, signal.SIGKILL)
+                kill_tree(proc.pid)
                 return proc.wait()
             if proc.poll() is not None:
                 raise AssertionError(f"run ended (code {proc.returncode}) before {stage} step {step}")
@@ -61,7 +78,7 @@ def kill_when(overrides: Sequence[str], run_dir: Path, stage: str, step: int, np
         raise AssertionError("timed out waiting for the step to kill at")
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
             proc.wait()
 
 

@@ -157,7 +157,7 @@ class CheckpointManager:
              fault: Callable[[str], None] = lambda kind: None) -> Path:
         """Write one checkpoint atomically on every rank; raise CheckpointError on every rank if any rank fails.
 
-        `fault(kind)` is the test hook for faults in the middle of a save (`enospc`, `kill`).
+        `fault(kind)` is the test hook for faults in the middle of a save (`enospc`, `enospc_in_write`, `kill`).
         """
         tmp_root = self.dir / ".tmp"
         final = self.dir / tag
@@ -170,7 +170,7 @@ class CheckpointManager:
                 ok, err = False, f"{tmp_root / tag}: {e}"
         if all_ok(ok):
             try:
-                engine.save(str(tmp_root), tag, client_state={"trainer_state": asdict(state)})
+                engine.save(str(tmp_root), tag, client_state={"trainer_state": asdict(state)}, fault=fault)
                 fault("enospc")
                 fault("kill_in_save")
                 torch.save(_rng_state(), tmp_root / tag / f"rng_rank{self.rank}.pt")
@@ -253,22 +253,36 @@ class CheckpointManager:
     def load(self, engine: Any, tag: str, load_dir: Optional[str] = None) -> TrainerState:
         """Load weights, optimizer and this rank's RNG state; returns the trainer state.
 
-        `load_dir` holds a re-sharded (universal) copy of `tag` when the world size changed.
+        `load_dir` holds a re-sharded (universal) copy of `tag` when the world size changed. A file only one rank
+        reads (its optimizer partition, its RNG state) that is damaged fails every rank, not that rank alone: a
+        rank going on alone would wait in the first step's collectives until the watchdog.
         """
-        from train.engine import CheckpointLoadError
+        from train.engine import CheckpointLoadError, safe_torch_load
 
+        error: Optional[str] = None
         try:
             client = engine.load(load_dir or str(self.dir), tag, universal=load_dir is not None)
             rng_path = self.dir / tag / f"rng_rank{self.rank}.pt"
             if rng_path.exists():
-                _set_rng_state(torch.load(rng_path, weights_only=True))
+                try:
+                    with safe_torch_load():
+                        rng = torch.load(rng_path, weights_only=True)
+                except CheckpointLoadError:
+                    raise
+                except (OSError, RuntimeError, EOFError) as e:  # torch's zip reader names no file
+                    raise CheckpointLoadError(f"{rng_path}: cannot be read, truncated or damaged "
+                                              f"({type(e).__name__}: {e})") from None
+                _set_rng_state(rng)
         except CheckpointLoadError as e:
-            raise CheckpointError(f"{e}{self._way_out(tag)}") from None
+            error = str(e)
         except pickle.UnpicklingError as e:
-            raise CheckpointError(f"{self.dir / tag}: refused to load ({str(e).splitlines()[0]})") from None
+            error = f"{self.dir / tag}: refused to load ({str(e).splitlines()[0]})"
         except (OSError, AssertionError, KeyError, ValueError) as e:  # a missing or damaged DeepSpeed file
-            raise CheckpointError(f"{load_dir or self.dir / tag}: cannot be loaded ({type(e).__name__}: "
-                                  f"{str(e) or 'a file is missing'}){self._way_out(tag)}") from None
+            error = (f"{load_dir or self.dir / tag}: cannot be loaded ({type(e).__name__}: "
+                     f"{str(e) or 'a file is missing'})")
+        if not all_ok(error is None):
+            error = error or f"checkpoint '{tag}' failed to load on another rank (whose message names the file)"
+            raise CheckpointError(f"{error}{self._way_out(tag)}")
         if "trainer_state" not in client:
             raise CheckpointError(f"{self.dir / tag} holds no tristage trainer state")
         return TrainerState(**client["trainer_state"])

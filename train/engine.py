@@ -15,7 +15,8 @@ import io
 import math
 import os
 import pickle
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+import shutil
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -160,6 +161,39 @@ def safe_torch_load() -> Iterator[None]:
         torch.load = original  # type: ignore[assignment]
 
 
+class _RecordingWriter:
+    """DeepSpeed's checkpoint writer for one save, recording its first failed write instead of raising it
+    (`Engine.save`); every other attribute is the wrapped writer's."""
+
+    def __init__(self, inner: Any, fault: Callable[[str], None]):
+        self.inner = inner
+        self.fault = fault
+        self.error: Optional[str] = None
+
+    def guard(self, write: Callable[..., Any]) -> Callable[..., Any]:
+        """`write`, skipped once a write has failed, and its own failure recorded."""
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self.error is None:
+                try:
+                    return write(*args, **kwargs)
+                except Exception as e:  # noqa: BLE001 - raised by Engine.save once every rank is through
+                    # torch's zip writer says only "unexpected pos" for a full disk: the file and the free space
+                    where = kwargs.get("path", args[-1] if args else "")
+                    self.error = f"{where}: {type(e).__name__}: {e}"
+            return None
+        return call
+
+    def save(self, state_dict: Any, path: str) -> None:
+        def write(state_dict: Any, path: str) -> None:
+            self.fault("enospc_in_write")
+            self.inner.save(state_dict, path)
+
+        self.guard(write)(state_dict, path)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
 class CheckpointLoadError(RuntimeError):
     """A checkpoint file that cannot be loaded safely."""
 
@@ -267,9 +301,27 @@ class Engine:
         norm = float(norm) if norm is not None else own_norm if own_norm is not None else float("nan")
         return norm, bool(self.ds.was_step_applied())
 
-    def save(self, save_dir: str, tag: str, client_state: Dict[str, Any]) -> None:
-        """Every rank writes its shard of weights and optimizer state to save_dir/tag (no `latest` file)."""
-        self.ds.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
+    def save(self, save_dir: str, tag: str, client_state: Dict[str, Any],
+             fault: Callable[[str], None] = lambda kind: None) -> None:
+        """Every rank writes its shard of weights and optimizer state to save_dir/tag (no `latest` file).
+
+        A write that fails on one rank (a full disk fills first where rank 0 writes the most) must not make that
+        rank leave DeepSpeed's save at the failed file: it would skip the save's closing barrier, where the other
+        ranks would wait until the watchdog. The failed write is recorded instead, the rest of this checkpoint is
+        not written, and the error is raised once every rank is through the save's collectives. `fault` is the
+        test hook for a failed write inside DeepSpeed's save (`enospc_in_write`).
+        """
+        writer = _RecordingWriter(self.ds.checkpoint_engine, fault)
+        copy_scripts = self.ds._copy_recovery_script  # DeepSpeed's zero_to_fp32.py beside the shards (rank 0)
+        self.ds.checkpoint_engine, self.ds._copy_recovery_script = writer, writer.guard(copy_scripts)
+        try:
+            self.ds.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
+        finally:
+            self.ds.checkpoint_engine = writer.inner
+            del self.ds._copy_recovery_script  # the class's method again
+        if writer.error is not None:
+            free = shutil.disk_usage(save_dir).free / 2**30
+            raise OSError(f"{writer.error} ({free:.1f} GiB free on that file system)")
         if self.cfg.expert_parallel_size > 1:  # DeepSpeed's writer skips our stacked experts
             expert_parallel.save_expert_files(self.ds, save_dir, tag)
 

@@ -233,7 +233,10 @@ class Trainer:
             self.state.stage = order[self.state.stage_index]
         self.peak = peak_flops(cfg, info.device)
         self.eval_sets = heldout_sets(self.manifest, by="component") if cfg.eval.enabled else {}
-        self.metrics = MetricsLogger(cfg, self.run_dir, info.rank, resolved)
+        # rank 0 opens metrics.jsonl and wandb, and a failure there (a damaged wandb_id) reaches every rank
+        self.metrics = (on_rank0("opening metrics.jsonl and wandb",
+                                 lambda: MetricsLogger(cfg, self.run_dir, 0, resolved))
+                        or MetricsLogger(cfg, self.run_dir, info.rank, resolved))
         self.watchdog = Watchdog(info.rank, info.world_size, cfg.dist.timeout_s, "start").start()
         self.profiler = StepProfiler(cfg.logging.profile, self.run_dir, info.rank, info.device)
         self.closed = False
@@ -898,8 +901,7 @@ def run(cfg: TrainConfig, resolved: Dict[str, Any]) -> int:
             barrier()
             return 0
         trainer = Trainer(cfg, resolved, plans, info)
-        if info.rank == 0:
-            record_config(run_dir, trainer.config_yaml)
+        on_rank0("recording config.yaml", lambda: record_config(run_dir, trainer.config_yaml))
         code = trainer.run()
     except (ConfigError, CheckpointError, DataError, Rank0Failed) as e:  # named, with what to do: no traceback
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -20,7 +20,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from data.io import atomic_path
-from train.config import TrainConfig
+from train.config import ConfigError, TrainConfig
 
 _SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)$", re.IGNORECASE)
 _REDACTED = "***"
@@ -77,6 +77,11 @@ class MetricsLogger:
         self.console = cfg.logging.console
         self.path = run_dir / "metrics.jsonl"
         self._file = open(self.path, "a") if rank == 0 else None
+        if self._file is not None and self._file.tell() > 0:
+            with open(self.path, "rb") as f:  # a launch killed mid-line: its fragment stays a line of its own
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    self._file.write("\n")
         self._wandb = None
         self._wandb_step = 0
         self._step_file = run_dir / "wandb_step"
@@ -176,7 +181,11 @@ def wandb_run_id(run_dir: Path) -> str:
     continue the run and no two run directories share one (the run's `name` is the demo's `demo` in most)."""
     path = run_dir / "wandb_id"
     if path.exists():
-        return path.read_text().strip()
+        run_id = path.read_text(errors="replace").strip()
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,128}", run_id):
+            raise ConfigError(f"{path}: holds {run_id[:80]!r}, not a wandb run id (letters, digits, '_' and '-'); "
+                              f"write the run's id there, or delete the file to start a new wandb run")
+        return run_id
     run_id = re.sub(r"[^A-Za-z0-9_-]", "_", run_dir.name[:40]) + f"-{uuid.uuid4().hex[:8]}"
     with atomic_path(path) as tmp:
         tmp.write_text(run_id + "\n")

@@ -96,14 +96,18 @@ def record_config(run_dir: Path, text: str) -> None:
     """`<run_dir>/config.yaml`: the config this launch trains with. One that differs from the last launch's (a key
     a relaunch may change) keeps the earlier one as `config_history/config.<n>.yaml`."""
     path = run_dir / "config.yaml"
-    if path.exists():
-        old = path.read_text()
-        if old == text:
-            return
-        history = run_dir / "config_history"
-        history.mkdir(exist_ok=True)
-        write_atomic(history / f"config.{len(list(history.glob('config.*.yaml'))) + 1}.yaml", old)
-    write_atomic(path, text)
+    try:
+        if path.exists():
+            old = path.read_text()
+            if old == text:
+                return
+            history = run_dir / "config_history"
+            history.mkdir(exist_ok=True)
+            write_atomic(history / f"config.{len(list(history.glob('config.*.yaml'))) + 1}.yaml", old)
+        write_atomic(path, text)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config key 'run_dir' = {str(run_dir)!r}: {path} cannot be recorded "
+                          f"({type(e).__name__}: {e})") from None
 
 
 def lock_run_dir(run_dir: Path) -> Optional[IO[str]]:
