@@ -54,7 +54,13 @@ def assert_grads_close(ref, got, rtol):
 
 def test_bench_tiny_on_cpu_has_every_row_and_sane_numbers(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert bench.main(["--device", "cpu", "--tiny", "--warmup", "1", "--steps", "1", "--json", str(out)]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--device", "cpu", "--tiny", "--warmup", "1", "--steps", "1", "--json", str(out)]) == 0
+        # one thread for every implementation, the ds regime's engine included (its set-up would take them all)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
     rows = {(r["case"], r["impl"], r["regime"], r["micro_batch"]): r for r in result["rows"]}
@@ -88,6 +94,7 @@ def test_bench_tiny_on_cpu_has_every_row_and_sane_numbers(tmp_path, capsys):
     assert table[("tiny_dense", "bf16")]["best_vs_hf"] > 0
     assert {(z["case"], z["micro_batch"]) for z in result["summary"]["zero1"]} == {("tiny_dense", 2), ("tiny_dense", 4)}
     assert result["meta"]["torch"] == torch.__version__ and result["meta"]["command"].startswith("python -m train.bench")
+    assert result["meta"]["threads"] == 1
     assert "## tristage vs peers" in printed and printed.rstrip().endswith("`")  # the table comes last
 
 
@@ -95,12 +102,15 @@ def test_train_metrics_are_compared_with_the_bench_ds_row(tmp_path):
     rows = [{"case": "c", "impl": "tristage", "regime": "ds", "micro_batch": 4, "variant": "default", "status": "ok",
              "tokens_per_s": 1000.0}]
     metrics = tmp_path / "metrics.jsonl"
-    lines = [{"event": "stage_start"}] + [{"step": i, "tokens_per_s": 10.0 if i < 3 else 950.0, "memory_gib": 1.0}
+    # each step 95 tokens in 0.1 s of its own, then 0.025 s of the loop's work before the next one starts
+    lines = [{"event": "stage_start"}] + [{"step": i, "global_step": i, "tokens": 95 * i, "time": 0.125 * i,
+                                           "tokens_per_s": 10.0 if i < 3 else 950.0, "memory_gib": 1.0}
                                           for i in range(1, 14)]
     metrics.write_text("\n".join(json.dumps(x) for x in lines) + "\n{\"partial")
     out = bench.train_comparison(metrics, rows, "c", 4, skip_steps=3)
     assert out["steps_logged"] == 13 and out["steps_used"] == 10
-    assert out["tokens_per_s"] == 950.0 and out["ratio"] == pytest.approx(0.95)
+    assert out["step_tokens_per_s"] == 950.0  # timed inside the step
+    assert out["tokens_per_s"] == pytest.approx(760.0) and out["ratio"] == pytest.approx(0.76)  # by the clock
 
 
 def test_liger_patches_last_for_the_run_and_are_undone(monkeypatch):

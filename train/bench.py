@@ -296,6 +296,7 @@ def _deepspeed_engine(model: torch.nn.Module, cfg: Qwen3Config, run: Run, device
     tcfg.deepspeed.zero_stage = 1
     tcfg.deepspeed.precision = "bf16"
     tcfg.optim.fused = "true" if fused else "false"
+    tcfg.threads = torch.get_num_threads()  # the bench's choice (`--threads`), which init_distributed would reset
     info = init_distributed(tcfg)
     plan = StagePlan("bench", 1, run.micro_batch, 1, run.micro_batch, 0)
     engine = Engine(model, tcfg, plan, info)
@@ -542,7 +543,12 @@ def summarise(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 def train_comparison(metrics_path: Path, rows: List[Dict[str, Any]], case: str, micro_batch: int,
                      skip_steps: int = 10) -> Dict[str, Any]:
-    """Median tokens/s of a `python -m train` run's steps (after `skip_steps`) against the bench's ds row."""
+    """Median tokens/s of a `python -m train` run's steps (after `skip_steps`) against the bench's ds row.
+
+    A step's rate is taken from the clock between its record and the one before (tokens over seconds), so the
+    loop's own work between steps (logging, the data, the spike check) counts against it; `step_tokens_per_s`
+    is the median of the records' own `tokens_per_s`, timed inside the step.
+    """
     steps = []
     for line in metrics_path.read_text().splitlines():
         try:
@@ -551,13 +557,20 @@ def train_comparison(metrics_path: Path, rows: List[Dict[str, Any]], case: str, 
             continue
         if "event" not in rec and "tokens_per_s" in rec:
             steps.append(rec)
-    timed = steps[skip_steps:] or steps
+    first = skip_steps if len(steps) > skip_steps else 0
+    timed = steps[first:]
     out: Dict[str, Any] = {"metrics": str(metrics_path), "steps_logged": len(steps), "steps_used": len(timed)}
     if not timed:
         return {**out, "status": "no steps logged"}
-    tps = statistics.median(r["tokens_per_s"] for r in timed)
-    out.update(tokens_per_s=tps, memory_gib=max(r.get("memory_gib", 0.0) for r in timed),
-               mfu=statistics.median(r["mfu"] for r in timed) if all("mfu" in r for r in timed) else None)
+    pairs = [(steps[i - 1], steps[i]) for i in range(max(first, 1), len(steps))]
+    wall = [(b["tokens"] - a["tokens"]) / (b["time"] - a["time"]) for a, b in pairs  # consecutive steps only
+            if b.get("global_step") == a.get("global_step", -2) + 1 and b.get("time", 0) > a.get("time", 0)]
+    step_tps = statistics.median(r["tokens_per_s"] for r in timed)
+    tps = statistics.median(wall) if wall else step_tps
+    out.update(tokens_per_s=tps, step_tokens_per_s=step_tps, rate_from="clock between records" if wall else
+               "records' tokens_per_s", memory_gib=max(r.get("memory_gib", 0.0) for r in timed),
+               mfu=statistics.median(r["mfu"] for r in timed) * tps / step_tps if all("mfu" in r for r in timed)
+               else None)
     bench = [r for r in rows if r["status"] == "ok" and r["impl"] == "tristage" and r["regime"] == "ds"
              and r["case"] == case and r["micro_batch"] == micro_batch and r["variant"] == "default"]
     if bench:
@@ -606,7 +619,8 @@ def format_report(result: Dict[str, Any]) -> str:
     if result.get("train"):
         t = result["train"]
         lines += ["", "## The real training path (`python -m train`, DeepSpeed ZeRO-1 bf16)", "",
-                  f"{t.get('steps_used')} steps: {_fmt(t.get('tokens_per_s'))} tokens/s, "
+                  f"{t.get('steps_used')} steps: {_fmt(t.get('tokens_per_s'))} tokens/s by the {t.get('rate_from')} "
+                  f"({_fmt(t.get('step_tokens_per_s'))} inside the steps), "
                   f"{_fmt(t.get('ratio'), '.1%')} of the bench's tristage ds row "
                   f"({t.get('case')}, mb {t.get('micro_batch')}: {_fmt(t.get('bench_tokens_per_s'))} tokens/s)"]
     if result.get("probes"):
@@ -640,7 +654,8 @@ def _meta(device: torch.device, argv: Sequence[str]) -> Dict[str, Any]:
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
             or "cpu", "torch": torch.__version__, "transformers": _version("transformers"),
             "liger_kernel": _version("liger-kernel") or _version("liger_kernel"),
-            "deepspeed": _version("deepspeed"), "python": platform.python_version()}
+            "deepspeed": _version("deepspeed"), "python": platform.python_version(),
+            "threads": torch.get_num_threads()}
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -659,6 +674,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="model.compile (auto: on CUDA)")
     p.add_argument("--attention", default="best",
                    help="tristage attention_backend: best (fastest in the probe), auto, flash, cudnn, cudnn_mha, ...")
+    p.add_argument("--threads", type=int, default=1, help="torch threads on the CPU (default 1: steady ratios)")
     p.add_argument("--ablate", action="store_true", help="time each optimisation on its own instead of the table")
     p.add_argument("--warmup", type=int, default=0, help="override each case's warmup steps")
     p.add_argument("--steps", type=int, default=0, help="override each case's timed steps")
@@ -713,6 +729,9 @@ def bench(args: argparse.Namespace, argv: Sequence[str],
             setattr(torch._dynamo.config, knob, 64)
     if device.type == "cpu":
         torch.manual_seed(0)
+        # every implementation on the same fixed number of threads: on cores shared with other work, idle
+        # intra-op threads spin and swamp the comparison (2 shared cores: 0.56x HF with all threads, 1.04x with 1)
+        torch.set_num_threads(args.threads)
 
     result: Dict[str, Any] = {"meta": _meta(device, argv), "probes": {}, "rows": []}
     attention: Dict[str, str] = {}
