@@ -65,7 +65,8 @@ class DataConfig:
     """Where the data lives, what it is made of and how it is tokenized."""
 
     name: str = "demo"  # names the prepared data set: shards go to <root>/<name>/
-    root: str = ".cache/tristage"  # cache for downloads, corpora, tokenizers and shards (relative = to the cwd)
+    # cache for downloads, corpora, tokenizers and shards (relative = to the cwd); $TRISTAGE_DATA_ROOT if set
+    root: str = "${oc.env:TRISTAGE_DATA_ROOT,.cache/tristage}"
     # source name -> recipe: SourceConfig fields, checked against it by `to_data_config`. Typed Any because OmegaConf
     # refuses to add a plain dict to a dict of dataclasses, so `+data.sources.wiki={kind: hub, ...}` would fail.
     sources: Dict[str, Any] = field(default_factory=dict)

@@ -23,3 +23,14 @@ def test_models_imports_no_framework():
                 continue
             for n in names:
                 assert n.split(".")[0] not in banned, f"{path}: imports {n}"
+
+
+def test_ci_runs_the_readmes_two_commands_word_for_word():
+    """`.ci/run` is the README's test command in a fresh environment: the set-up a user copies is the one CI checks
+    (a fresh virtual environment needs the pip/setuptools/wheel step, which only .ci/run had)."""
+    readme = (ROOT / "README.md").read_text()
+    setup = readme.split("## Set-up on a fresh machine: two commands", 1)[1].split("\n## ", 1)[0]
+    demo, tests = [line.strip() for line in setup.splitlines() if line.startswith("    pip install")]
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert tests in ci
+    assert demo.replace("'.[data]' && python -m train", "'.[test,data]' && python -m pytest -q") == tests
