@@ -106,6 +106,7 @@ def test_prompt_is_the_training_format_and_the_answer_is_read_back():
     assert reasoning.extract_answer(doc[len(reasoning.prompt(q)):]) == "7"
     assert reasoning.extract_answer("3 + 4 = 7 and then 7<|im_end|>") == ""  # never closed its thinking
     assert reasoning.extract_answer("x</think> -12 \n<|im_end|>junk") == "-12"
+    assert reasoning.extract_answer("a</think>b</think> 9<|im_end|>") == "9"  # after the last </think>
 
 
 def test_fresh_problems_start_after_the_training_seeds(manifest, tmp_path):
@@ -163,6 +164,11 @@ def test_perplexity_matches_a_direct_computation(manifest):
                        ["udhr/eng"]) / (r["tokens"]["bible/eng"] + r["tokens"]["udhr/eng"]))
     assert eng["all"] == pytest.approx(pooled)
     assert "| eng |" in ppl.markdown(r)
+    # geometric means over the languages that have each source (spa has no UDHR text here, arb no Bible book)
+    for source in ("udhr", "bible", "all"):
+        values = [v[source] for v in r["by_language"].values() if source in v]
+        assert 0 < len(values) < len(r["by_language"]) or source == "all"
+        assert r["geomean"][source] == pytest.approx(math.exp(sum(map(math.log, values)) / len(values)))
 
 
 def test_loss_by_position_averages_windows(manifest):
@@ -260,6 +266,10 @@ def test_curriculum_effect_reads_the_right_cells():
     e = curriculum.curriculum_effect(results, ["general", "reasoning", "long_context", "anneal"],
                                      {"general": 64, "reasoning": 64, "long_context": 256, "anneal": 64})
     assert e["long_context_len"] == 256 and e["extension"]["dca"]["passkey"] == 0.25
+    # two stages at the longest length: the later one is "Long Context" (no passkey results of its own here)
+    e = curriculum.curriculum_effect(results, ["general", "long_context", "longer"],
+                                     {"general": 64, "long_context": 256, "longer": 256})
+    assert e["extension"]["dca"]["passkey"] is None
 
 
 def test_yarn_tables_follow_the_paper():
@@ -282,3 +292,37 @@ def test_yarn_tables_follow_the_paper():
     assert attention == pytest.approx(0.1 * math.log(factor) + 1)
     cos, sin = rope_tables(head_dim, theta, scaling, 8, torch.device("cpu"))
     torch.testing.assert_close(cos[0], torch.full((head_dim // 2,), attention))
+
+
+def test_a_short_stream_gives_fewer_windows_counted_as_such(monkeypatch):
+    """Held-out text for 2 windows of 40 (+1) tokens but 4 asked for: the curve is the mean of the 2 there are, and
+    the result says 2 (not 4, and not a third window cut short)."""
+    model = build(std=0.02)
+    stream = np.random.default_rng(0).integers(0, 1024, 3 * 40).astype(np.int32)
+    monkeypatch.setattr(position_loss, "heldout_stream", lambda manifest: stream)
+    r = position_loss.position_loss_modes(model, None, 40, [("plain", 40)], windows=4, batch_size=4)
+    [c] = r["curves"]
+    ids = torch.from_numpy(np.stack([stream[:41], stream[40:81]]).astype(np.int64))
+    with torch.no_grad():
+        tl = model(ids[:, :-1], labels=ids[:, 1:], return_token_losses=True).token_losses
+    assert c["windows"] == 2
+    np.testing.assert_allclose(c["curve"], tl.double().mean(0).numpy(), atol=1e-4)
+
+
+def test_passkey_scores_the_answer_the_model_writes_and_runs_up_to_its_tables(tok, monkeypatch):
+    """A model that writes the key right after the prompt scores 1 at every depth, up to and including the last
+    position its RoPE tables cover (plain RoPE runs at exactly max_position_embeddings)."""
+    import re
+
+    def oracle(model, ids, max_new_tokens, vocab_size=None):  # writes the needle's key, then a full stop
+        rows = []
+        for row in ids.tolist():
+            key = re.search(r"pass key is (\d+)", tok.decode(row)).group(1)
+            answer = (tok.encode(key + ". Remember") + [0] * max_new_tokens)[:max_new_tokens]
+            rows.append(row + answer)
+        return torch.tensor(rows)
+
+    monkeypatch.setattr(passkey, "generate", oracle)
+    model = build(max_position_embeddings=256)
+    g = passkey.passkey_grid(model, tok, [200, 256], [0.0, 1.0], trials=1)
+    assert g["accuracy"] == [[1.0, 1.0], [1.0, 1.0]] and g["accuracy_by_length"] == [1.0, 1.0]

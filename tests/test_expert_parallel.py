@@ -163,3 +163,54 @@ def test_a_full_state_dict_loads_this_ranks_expert_slice():
     part.load_state_dict(full.state_dict())
     for (name, got), want in zip(part.state_dict().items(), full.state_dict().values()):
         assert torch.equal(got, want[4:6] if ".mlp.experts." in name else want), name
+
+
+def test_per_expert_files_round_trip_on_non_square_experts(tmp_path, monkeypatch):
+    """`save_expert_files` of two expert-parallel ranks (experts 0-3 and 4-7, F = 64 != d = 128 so gate/up rows and
+    down's axes cannot be mixed up unseen), read back whole by `read_expert_files` and, per expert, by the load
+    hook of a rank holding experts 4-5: every expert's tensors under its HF name and global id."""
+    from types import SimpleNamespace
+
+    from deepspeed.utils import groups
+
+    from train.engine import safe_torch_load
+    from train.expert_parallel import _restack_pre_hook, experts_modules, read_expert_files, save_expert_files
+
+    cfg = dataclasses.replace(load_preset("tiny_moe"), moe_intermediate_size=64, num_hidden_layers=2)
+    full = Qwen3ForCausalLM(cfg)
+    full.init_weights(seed=3)
+    f = cfg.moe_intermediate_size
+    monkeypatch.setattr(groups, "_get_expert_data_parallel_rank", lambda name: 0)
+    ckpt = tmp_path / "step5"
+    ckpt.mkdir()
+    for first in (0, 4):  # two expert-parallel ranks' halves
+        rank = Qwen3ForCausalLM(cfg)
+        rank.load_state_dict(full.state_dict())
+        for _, experts in experts_modules(rank):
+            experts.keep_experts(first, 4)
+            experts.expert_group_name = "ep_size_2"
+        engine = SimpleNamespace(module=rank, checkpoint_mp_rank=0,
+                                 checkpoint_engine=SimpleNamespace(save=lambda state, path: torch.save(state, path)))
+        save_expert_files(engine, str(tmp_path), ckpt.name)
+    name = "model.layers.1.mlp.experts"
+    one = torch.load(ckpt / "layer_1_expert_6_mp_rank_00_model_states.pt", weights_only=True)
+    stack = full.state_dict()
+    assert torch.equal(one[f"{name}.6.gate_proj.weight"], stack[f"{name}.gate_up_proj"][6, :f])
+    assert torch.equal(one[f"{name}.6.up_proj.weight"], stack[f"{name}.gate_up_proj"][6, f:])
+    assert torch.equal(one[f"{name}.6.down_proj.weight"], stack[f"{name}.down_proj"][6])
+    with safe_torch_load():
+        whole = read_expert_files(ckpt, full)
+    assert sorted(whole) == sorted(k for k in stack if ".mlp.experts." in k)
+    assert all(torch.equal(whole[k], stack[k]) for k in whole)
+
+    part = Qwen3ForCausalLM(cfg)  # a rank of EP = 4 holding experts 4-5, loading the per-expert tensors
+    for layer in part.model.layers:
+        layer.mlp.experts.keep_experts(4, 2)
+        layer.mlp.experts.register_load_state_dict_pre_hook(_restack_pre_hook)
+    per_expert = {k: v for k, v in stack.items() if ".mlp.experts." not in k}
+    for layer_id in range(cfg.num_hidden_layers):
+        per_expert.update(torch.load(ckpt / f"layer_{layer_id}_expert_4_mp_rank_00_model_states.pt", weights_only=True))
+        per_expert.update(torch.load(ckpt / f"layer_{layer_id}_expert_5_mp_rank_00_model_states.pt", weights_only=True))
+    part.load_state_dict(per_expert)
+    for key, got in part.state_dict().items():
+        assert torch.equal(got, stack[key][4:6] if ".mlp.experts." in key else stack[key]), key

@@ -357,3 +357,136 @@ def test_smoke_curriculum_with_expert_parallelism(data_root, tmp_path):
     evals = [r for r in (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
              if r.get("event") == "eval"]
     assert len(evals) == 3 and all(math.isfinite(e["heldout_ppl_geomean"]) for e in evals)
+
+
+# --------------------------------------------------------------------------------------------------------
+# train/reshard.py on hand-made ZeRO-2 shards (seconds, no launch): which rank holds which fragment is spelled out
+
+def _fake_ep_checkpoint(ckpt: Path, world: int = 4, ep: int = 2, experts: int = 4) -> Dict[str, Dict[str, torch.Tensor]]:
+    """A ZeRO-2 checkpoint folder as `world` ranks with expert_parallel_size `ep` save it: a dense group
+    (a (3, 4) weight and a (5,) bias, flattened, padded to a multiple of `world`, one slice per rank) and an expert
+    group (each rank's stack of experts/ep experts of shape (2, 3), sliced over its expert-data-parallel group).
+    Returns {name: {state: whole tensor}} with every value distinct, what the universal copy must hold."""
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    local = (experts // ep, 2, 3)
+    shapes = {"dense.weight": (3, 4), "dense.bias": (5,), "experts.stack": local}
+    whole: Dict[str, Dict[str, torch.Tensor]] = {}
+    offset = 0.0
+    for name, shape in shapes.items():
+        full = (experts, *shape[1:]) if name == "experts.stack" else shape
+        n = math.prod(full)
+        whole[name] = {key: torch.arange(n, dtype=torch.float32).add(offset + 1000 * i).view(full)
+                       for i, key in enumerate(("fp32", "exp_avg", "exp_avg_sq"))}
+        offset += n
+    ckpt.mkdir(parents=True)
+    torch.save({"param_shapes": [{k: shapes[k] for k in ("dense.weight", "dense.bias")}, {"experts.stack": local}],
+                "module": {"dense.weight": torch.zeros(3, 4), "dense.bias": torch.zeros(5),
+                           "rope_cos": torch.zeros(2)}, "buffer_names": ["rope_cos"], "ds_version": "0.19.8"},
+               ckpt / "mp_rank_00_model_states.pt")
+
+    def partition(flats: List[torch.Tensor], names: List[str], ranks: int, pos: int):
+        flat = torch.cat(flats)
+        size = -(-flat.numel() // ranks)
+        flat = torch.cat([flat, torch.zeros(size * ranks - flat.numel())])
+        lo, hi, mapping, start = pos * size, (pos + 1) * size, {}, 0
+        for name, t in zip(names, flats):
+            a, b = max(lo, start), min(hi, start + t.numel())
+            if a < b:
+                mapping[name] = fragment_address(numel=b - a, start=a - lo)
+            start += t.numel()
+        return flat[lo:hi].clone(), mapping
+
+    for rank in range(world):
+        k, pos = rank % ep, rank // ep
+        flat, maps = {}, []
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            dense, m0 = partition([whole[n][key].flatten() for n in ("dense.weight", "dense.bias")],
+                                  ["dense.weight", "dense.bias"], world, rank)
+            mine = whole["experts.stack"][key][k * local[0]:(k + 1) * local[0]].flatten()
+            expert, m1 = partition([mine], ["experts.stack"], world // ep, pos)
+            flat[key], maps = (dense, expert), [m0, m1]
+        sd = {"zero_stage": 2, "loss_scaler": None, "partition_count": [world, world // ep],
+              "base_optimizer_state": {
+                  "param_groups": [{"params": [0, 1], "lr": 1e-3, "name": "group0"},
+                                   {"params": [2], "lr": 1e-3, "name": "ep_size_2_group0", "moe": True}],
+                  "state": {g: {"step": torch.tensor(7.0), "exp_avg": flat["exp_avg"][g],
+                                "exp_avg_sq": flat["exp_avg_sq"][g]} for g in (0, 1)}},
+              "param_slice_mappings": maps, "single_partition_of_fp32_groups": list(flat["fp32"])}
+        torch.save({"optimizer_state_dict": sd}, ckpt / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+    return whole
+
+
+def test_reshard_reassembles_hand_made_expert_parallel_shards(tmp_path):
+    """4 ranks, EP = 2: ranks 0 and 2 hold experts 0-1 (each half of their state), ranks 1 and 3 experts 2-3; the
+    dense group is sliced over all four. Every state of every parameter comes back whole, in its shape; the
+    fitted copy tags the expert stack for the loader, keeps the step, and carries the loading layout's groups."""
+    from deepspeed.checkpoint.constants import EP_IS_EXPERT_PARAM, EP_NUM_EXPERTS, OPTIMIZER_STATE_DICT
+    from train.reshard import convert_expert_parallel, fit_to_layout
+
+    whole = _fake_ep_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "u"
+    convert_expert_parallel(tmp_path / "ckpt", out, 2, 4)
+    zero = out / "zero"
+    assert sorted(p.name for p in zero.iterdir()) == ["dense.bias", "dense.weight", "experts.stack",
+                                                      "optimizer_state.pt"]
+    for name, states in whole.items():
+        for key, want in states.items():
+            got = torch.load(zero / name / f"{key}.pt", weights_only=True)
+            assert list(got) == ["param"] and torch.equal(got["param"], want), (name, key)
+        assert torch.load(zero / name / "step.pt", weights_only=True) == 7.0
+    saved = torch.load(zero / "optimizer_state.pt", weights_only=True)
+    assert saved["param_groups"] == [{"lr": 1e-3, "name": "group0"},
+                                     {"lr": 1e-3, "name": "ep_size_2_group0", "moe": True}]
+    assert saved["partition_count"] == [4, 2] and "base_optimizer_state" not in saved
+    assert not (out / "tmp").exists() and (out / "mp_rank_00_model_states.pt").exists()
+
+    # loaded with EP = 2 and ZeRO-1 (the same ranks' layout or another): the stack is tagged, nothing else
+    groups = [{"params": [0, 1], "lr": 5e-4, "weight_decay": 0.1}, {"params": [2], "lr": 5e-4, "moe": True}]
+    fit_to_layout(out, ["experts.stack"], groups, 2, zero3=False)
+    stack = torch.load(zero / "experts.stack" / "fp32.pt", weights_only=True)
+    assert stack[EP_IS_EXPERT_PARAM] is True and stack[EP_NUM_EXPERTS] == 4
+    assert torch.equal(stack["param"], whole["experts.stack"]["fp32"])
+    assert list(torch.load(zero / "dense.weight" / "exp_avg.pt", weights_only=True)) == ["param"]
+    state = torch.load(zero / "optimizer_state.pt", weights_only=True)
+    want_groups = [{"lr": 5e-4, "weight_decay": 0.1}, {"lr": 5e-4, "moe": True}]
+    assert state["param_groups"] == want_groups
+    assert state[OPTIMIZER_STATE_DICT] == {"state": {0: {"step": 7.0}}, "param_groups": want_groups}
+    # and for ZeRO-3: its model-states file, module entries as placeholders, the buffer as saved
+    fit_to_layout(out, [], groups[:1], 1, zero3=True)
+    z3 = torch.load(out / "zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=True)
+    assert [tuple(v.shape) for v in z3["module"].values()] == [(0,), (0,), (2,)]
+
+
+def test_fit_to_layout_turns_zero3s_flat_universal_form_into_shaped_states(tmp_path):
+    """DeepSpeed's ZeRO-3 universal form: flat tensors, no step.pt, the step in the saved optimizer state, the
+    model-states file of ZeRO-3's name. Loaded under ZeRO-1/2: shaped {param: tensor} states, a step.pt each, and
+    mp_rank_00_model_states.pt with the whole weights (a tied head read from the embedding's files)."""
+    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT
+    from train.reshard import fit_to_layout
+
+    shapes = {"embed.weight": (4, 3), "norm.weight": (3,)}
+    values = {n: {k: torch.arange(math.prod(s), dtype=torch.float32).add(100 * i).view(s)
+                  for i, k in enumerate(("fp32", "exp_avg", "exp_avg_sq"))} for n, s in shapes.items()}
+    zero = tmp_path / "zero"
+    for name, states in values.items():
+        (zero / name).mkdir(parents=True)
+        for key, t in states.items():
+            torch.save(t.flatten(), zero / name / f"{key}.pt")
+    torch.save({OPTIMIZER_STATE_DICT: {"state": {0: {"step": 3}}, "param_groups": [{"lr": 1.0}]},
+                "fp32_flat_groups": [torch.zeros(15)], "param_groups": [{"lr": 1.0}]}, zero / "optimizer_state.pt")
+    torch.save({"param_shapes": [shapes], "module": {n: torch.empty(0) for n in ("embed.weight", "norm.weight",
+                                                                                 "head.weight")},
+                "shared_params": {"head.weight": "embed.weight"}, "ds_version": "0.19.8"},
+               tmp_path / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    fit_to_layout(tmp_path, [], [{"params": [0, 1], "lr": 2.0}], 1, zero3=False)
+    for name, states in values.items():
+        for key, want in states.items():
+            assert torch.equal(torch.load(zero / name / f"{key}.pt", weights_only=True)["param"], want), (name, key)
+        assert torch.load(zero / name / "step.pt", weights_only=True) == 3
+    state = torch.load(zero / "optimizer_state.pt", weights_only=True)
+    assert "fp32_flat_groups" not in state and state["param_groups"] == [{"lr": 2.0}]
+    assert state[OPTIMIZER_STATE_DICT] == {"state": {0: {"step": 3}}, "param_groups": [{"lr": 2.0}]}
+    module = torch.load(tmp_path / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+    assert torch.equal(module["head.weight"], values["embed.weight"]["fp32"])
+    assert torch.equal(module["norm.weight"], values["norm.weight"]["fp32"])

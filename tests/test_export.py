@@ -75,6 +75,18 @@ def test_export_of_a_mid_stage_checkpoint_loads_in_transformers(data_root, tmp_p
         assert message in capsys.readouterr().err, argv
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
     assert not (tmp_path / "o").exists()
+    # a checkpoint trained with another tokenizer than the manifest's: refused before any weight is read
+    import shutil
+
+    other = tmp_path / "checkpoints_other" / ckpt.name
+    shutil.copytree(ckpt, other)
+    meta = json.loads((other / "meta.json").read_text())
+    meta["tokenizer_fingerprint"] = "sentencepiece-0123456789abcdef"
+    (other / "meta.json").write_text(json.dumps(meta))
+    assert export_main([str(other), str(tmp_path / "o")]) == 2
+    assert ("was trained with (sentencepiece-0123456789abcdef); pass --manifest of the run's data set"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "o").exists()
 
     # a write that fails halfway (after the weights, in the tokenizer files) leaves no folder, temporary or not
     import train.export
@@ -86,3 +98,26 @@ def test_export_of_a_mid_stage_checkpoint_loads_in_transformers(data_root, tmp_p
     assert export_main([str(ckpt), str(tmp_path / "exports" / "again")]) == 2
     assert "No space left on device" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == ["latest", "mid"]
+
+
+def test_export_config_and_generation_config(tmp_path):
+    """What every export carries (the loop's and `train.export`'s alike, so comparing the two cannot catch it): the
+    stage's RoPE base, the tokenizer's EOS unless the model names one, and a generation_config.json that stops at
+    that EOS, pads with the tokenizer's pad id and never picks the padded embedding rows past the tokenizer."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from models import load_preset
+    from train.export import export_config, write_tokenizer_files
+
+    tok = SimpleNamespace(eos_id=3, pad_id=0, vocab_size=1020, write_hf=lambda folder: None)
+    model = dataclasses.replace(load_preset("tiny_dense"), vocab_size=1024, eos_token_id=None, bos_token_id=None)
+    cfg = export_config(model, 1e6, tok)
+    assert (cfg.rope_theta, cfg.eos_token_id) == (1e6, 3)
+    assert export_config(dataclasses.replace(model, eos_token_id=7), 1e4, tok).eos_token_id == 7
+    write_tokenizer_files(tmp_path, tok, cfg)
+    generation = json.loads((tmp_path / "generation_config.json").read_text())
+    assert generation == {"eos_token_id": 3, "pad_token_id": 0, "bos_token_id": None, "do_sample": False,
+                          "suppress_tokens": [1020, 1021, 1022, 1023]}
+    write_tokenizer_files(tmp_path, SimpleNamespace(**{**vars(tok), "vocab_size": 1024}), cfg)  # no padded rows
+    assert "suppress_tokens" not in json.loads((tmp_path / "generation_config.json").read_text())

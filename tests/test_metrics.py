@@ -94,3 +94,34 @@ def test_an_offline_resume_does_not_send_its_steps_again(tmp_path):
         logger.close()
     assert sent == [1, 2, 3, 4, 5, 5, 6, 7]  # step 5 again (the same row), not 3 and 4
     assert (tmp_path / "wandb_step").read_text() == "7\n"
+
+
+def test_redaction_hides_secret_values_only(tmp_path, capsys):
+    """Only keys that end in a secret word lose their value (an unset one stays visible as unset); a key that merely
+    starts with one (`tokenizer`, `tokens_per_s`) keeps its value."""
+    from train.metrics import redact
+
+    cfg = {"logging": {"wandb": {"api_key": "k3y", "project": "p"}}, "hf_token": "t0k", "password": "",
+           "secret": None, "tokenizer": {"path": "x.model"}, "tokens_per_s": 5, "list": [{"db_password": "pw"}]}
+    assert redact(cfg) == {"logging": {"wandb": {"api_key": "***", "project": "p"}}, "hf_token": "***",
+                           "password": "", "secret": None, "tokenizer": {"path": "x.model"}, "tokens_per_s": 5,
+                           "list": [{"db_password": "***"}]}
+
+
+def test_a_step_record_is_one_console_line_and_non_finite_values_are_null_json(tmp_path, capsys):
+    """metrics.jsonl must stay JSON (NaN is not); steps print the one-line summary, events their fields."""
+    import json
+
+    logger = MetricsLogger.__new__(MetricsLogger)  # just the file and console side
+    logger.rank, logger.console, logger._wandb = 0, True, None
+    logger._file = open(tmp_path / "metrics.jsonl", "a")
+    logger.log({"stage": "general", "step": 3, "stage_steps": 10, "loss": float("nan"), "lr": 3e-4,
+                "grad_norm": float("inf"), "tokens_per_s": 12345.6, "seq_len": 64, "rope_theta": 1e4, "mfu": 0.4123})
+    logger.log({"event": "eval", "stage": "general", "global_step": 3, "heldout_ppl_geomean": 48.99})
+    logger.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    first = json.loads(lines[0], parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
+    assert first["loss"] is None and first["grad_norm"] is None
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "[general] step 3/10  loss nan  lr 3.00e-04  12,346 tok/s  seq 64  theta 10000  mfu 41.2%"
+    assert out[1] == "[general] eval: global_step=3, heldout_ppl_geomean=48.99"

@@ -112,3 +112,23 @@ def test_switches_come_from_the_stage_starts_and_tokens_are_each_stages_own(tmp_
     rows = report.stage_table(recs, {})
     assert [row[2] for row in rows] == [400, 200, 200]  # 100 tokens a step (step()), per stage
     assert set(report.report(tmp_path)) >= {"loss", "throughput", "report"}
+
+
+def test_without_stage_starts_the_switch_is_the_step_before_a_stages_first_record_and_the_last_record_counts(
+        tmp_path, monkeypatch):
+    """A metrics file without stage_start events (an older run's, or one cut before them): the switch falls after
+    the previous stage's step; a stage's perplexity is its last eval, and the expert-load panel its last step;
+    the perplexity bars list languages by the first stage's perplexity."""
+    recs = [step("general", 1, 1, 5.0, [[0.5, 0.5]]), step("general", 2, 2, 4.0, [[0.9, 0.1]]),
+            step("reasoning", 1, 3, 3.5, [[0.5, 0.5]]),
+            {"event": "eval", "stage": "general", "global_step": 1, "heldout_ppl": {"eng": 90.0, "fra": 10.0}},
+            {"event": "eval", "stage": "general", "global_step": 2, "heldout_ppl": {"eng": 30.0, "fra": 50.0}}]
+    assert report.stage_switches(recs) == [(2, "reasoning")]
+    ppl = report.stage_perplexities(recs, {})
+    assert ppl == {"general": {"eng": 30.0, "fra": 50.0}}
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, path, tight=True: figures.append(fig) or path)
+    report.plot_expert_load(recs, tmp_path / "load.png")
+    assert [ax.get_title() for ax in figures[0].axes if ax.get_title()] == ["general, step 2", "reasoning, step 1"]
+    report.plot_perplexity({"general": {"fra": 50.0, "eng": 30.0, "deu": 40.0}}, tmp_path / "ppl.png")
+    assert [t.get_text() for t in figures[1].axes[0].get_xticklabels()] == ["eng", "deu", "fra"]
