@@ -317,3 +317,17 @@ def test_deepspeed_json_takes_clip_extra_and_no_cuda_only_options_on_cpu():
     assert ds["gradient_accumulation_steps"] * ds["train_micro_batch_size_per_gpu"] == ds["train_batch_size"]
     assert ds["bf16"]["enabled"] is False
     assert deepspeed_config(cfg, plans[0], torch.device("cuda"))["bf16"]["enabled"] is True
+
+
+def test_help_says_how_a_run_is_launched_and_lists_the_groups():
+    """--help said only "__main__ is powered by Hydra" above the groups."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "train", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("tristage: the Qwen3 three-stage pretraining curriculum")
+    assert "Usage: python -m train [--config-dir DIR] [group=option ...] [key=value ...]" in proc.stdout
+    assert "75 preempted" in proc.stdout and "powered by Hydra" not in proc.stdout
+    assert "model: qwen3_0_6b, qwen3_14b" in proc.stdout  # the groups still follow
