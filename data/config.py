@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,7 +67,7 @@ class DataConfig:
 
     name: str = "demo"  # names the prepared data set: shards go to <root>/<name>/
     # cache for downloads, corpora, tokenizers and shards (relative = to the cwd); $TRISTAGE_DATA_ROOT if set
-    root: str = "${oc.env:TRISTAGE_DATA_ROOT,.cache/tristage}"
+    root: str = field(default_factory=lambda: os.environ.get("TRISTAGE_DATA_ROOT", ".cache/tristage"))
     # source name -> recipe: SourceConfig fields, checked against it by `to_data_config`. Typed Any because OmegaConf
     # refuses to add a plain dict to a dict of dataclasses, so `+data.sources.wiki={kind: hub, ...}` would fail.
     sources: Dict[str, Any] = field(default_factory=dict)

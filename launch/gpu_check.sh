@@ -2,12 +2,14 @@
 # Speed on the H200 test machine in one prepared command: tristage vs HF vs HF + Liger (train/bench.py), the real
 # training path at the same shape, each optimisation on its own, and the GPU tests; results land in $OUT.
 #
-# Use when: a session holds the H200 (shared/gpu/README.md: Python 3.12, torch 2.11, transformers 5.17, no
-# deepspeed/hydra/datasets, no network). Here first, with the package registries, from the repository root:
-#   bash ../shared/gpu/wheels.sh liger-kernel==0.8.5                              # fills .whl/ (git-ignored)
-#   TRISTAGE_DATA_ROOT=$PWD/.cache/gpu_data python -m data.prepare data=fixture   # the fixture corpus, tokenized
-# then the device call: run(command="bash launch/gpu_check.sh", carry=[".whl", ".cache/gpu_data/fixture"],
-# timeout_s=600). About 9.5 minutes. PARTS picks parts (default "bench train ablate tests"; "extra" is the
+# Use when: the project's H200 machine is at hand (Python 3.12, torch 2.11, transformers 5.17, no
+# deepspeed/hydra/datasets, no network). First, on a machine with the package registries, from the repository
+# root: the wheels it lacks go into .whl/ (git-ignored; the development sessions use their helper script outside
+# the repository, `bash ../shared/gpu/wheels.sh liger-kernel==0.8.5`), and the fixture corpus is tokenized:
+#   TRISTAGE_DATA_ROOT=$PWD/.cache/gpu_data python -m data.prepare data=fixture
+# then on the GPU machine, with .whl/ and .cache/gpu_data/fixture beside the tree: OUT=<folder> bash
+# launch/gpu_check.sh (a session's device call: command "bash launch/gpu_check.sh", carrying those two paths,
+# timeout 600 s). About 9.5 minutes. PARTS picks parts (default "bench train ablate tests"; "extra" is the
 # FlexAttention and partitioned-build GPU tests), BUDGET_S (560: the final reports need ~15 s of the call's 600)
 # caps the parts; each stops at its own limit, and what it finished stays in $OUT (JSON written after every run).
 # A CPU rehearsal of the script itself (tests/test_bench.py): PY=python SKIP_WHEELS=1 BENCH_ARGS="--device cpu"

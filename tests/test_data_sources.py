@@ -327,10 +327,11 @@ def test_heldout_sets_still_read_the_prepared_fixture(tmp_path):
 
 def test_a_data_config_of_ones_own_without_root_takes_the_environments(monkeypatch, tmp_path):
     """Only the shipped data configs read $TRISTAGE_DATA_ROOT: one's own wrote a large corpus under the cwd."""
-    from data.config import to_data_config
+    from data.config import DataConfig, to_data_config
 
     monkeypatch.setenv("TRISTAGE_DATA_ROOT", str(tmp_path))
     assert to_data_config({"name": "mine"}).root == str(tmp_path)
     assert to_data_config({"name": "mine", "root": "/scratch/x"}).root == "/scratch/x"
+    assert DataConfig(name="mine").root == str(tmp_path)  # built in Python too, not only through OmegaConf
     monkeypatch.delenv("TRISTAGE_DATA_ROOT")
     assert to_data_config({"name": "mine"}).root == ".cache/tristage"

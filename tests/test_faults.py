@@ -745,6 +745,31 @@ def test_only_a_damaged_file_is_called_damaged(monkeypatch, tmp_path):
         torch.load(path)
 
 
+def test_a_rank_finds_its_own_cut_short_files_before_the_load(tmp_path):
+    """Under ZeRO-3 on GPUs DeepSpeed's load ends in a collective (the persistent parameters' all-gather): a rank
+    that failed on its own optimizer partition waited in the agreement after the load while the others waited in
+    that collective, both until the process group's timeout (~1 h). Each rank now checks the files only it reads
+    before the load: empty, or a zip archive without its closing directory."""
+    from train.checkpoint import CheckpointManager
+
+    folder = tmp_path / "checkpoints" / "0-general-step0000002"
+    folder.mkdir(parents=True)
+    for name in ("zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                 "zero_pp_rank_10_mp_rank_00_optim_states.pt", "rng_rank0.pt", "rng_rank1.pt"):
+        torch.save({"a": torch.ones(64)}, folder / name)
+    legacy = folder / "zero_pp_rank_2_mp_rank_00_optim_states.pt"  # the old pickle format: no zip to check
+    torch.save({"a": torch.ones(64)}, legacy, _use_new_zipfile_serialization=False)
+    ranks = {r: CheckpointManager(tmp_path, keep=2, rank=r) for r in (0, 1, 2, 10)}
+    assert all(m.cut_short(folder.name) is None for m in ranks.values())
+    rank1 = folder / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    rank1.write_bytes(rank1.read_bytes()[:-30])  # the end of the archive lost
+    assert ranks[1].cut_short(folder.name) == (f"{rank1}: cannot be read, truncated or damaged (cut short: "
+                                               f"{rank1.stat().st_size} bytes)")
+    assert ranks[0].cut_short(folder.name) is None and ranks[10].cut_short(folder.name) is None
+    (folder / "rng_rank0.pt").write_bytes(b"")
+    assert ranks[0].cut_short(folder.name).startswith(f"{folder / 'rng_rank0.pt'}: cannot be read, truncated")
+
+
 def test_retention_keeps_the_newest_periodic_checkpoints_and_every_stage_end(tmp_path):
     """checkpoint.keep periodic checkpoints stay, whether the save that just happened was periodic or a stage end
     (a stage-end save kept one periodic checkpoint fewer), and stage-end checkpoints always stay."""

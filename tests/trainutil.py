@@ -58,7 +58,7 @@ def kill_tree(pid: int) -> None:
             p.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(tree, timeout=30)
+    psutil.wait_procs(tree[1:], timeout=30)  # not the root: its parent reaps it, and reads its exit code
 
 
 def kill_when(overrides: Sequence[str], run_dir: Path, stage: str, step: int, nproc: int = 1,

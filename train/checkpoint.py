@@ -21,6 +21,7 @@ import pickle
 import random
 import shutil
 import sys
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -234,6 +235,29 @@ class CheckpointManager:
         for _, path in periodic[: max(0, len(periodic) - keep)]:
             shutil.rmtree(path, ignore_errors=True)
 
+    def _fail_together(self, error: Optional[str], tag: str) -> None:
+        """Raise CheckpointError on every rank when loading `tag` failed on this one (`error`) or on another."""
+        if not all_ok(error is None):
+            error = error or f"checkpoint '{tag}' failed to load on another rank (whose message names the file)"
+            raise CheckpointError(f"{error}{self._way_out(tag)}")
+
+    def cut_short(self, tag: str) -> Optional[str]:
+        """The first file of checkpoint `tag` that only this rank reads (its ZeRO partition, its RNG state) and
+        that is empty or a zip archive without its closing directory, i.e. cut short; None if there is none.
+        Reads each file's last bytes only."""
+        folder = self.dir / tag
+        for path in sorted(folder.glob(f"zero_pp_rank_{self.rank}_mp_rank_*")) + [folder / f"rng_rank{self.rank}.pt"]:
+            try:
+                with open(path, "rb") as f:
+                    head = f.read(4)
+                if not head or (head == b"PK\x03\x04" and not zipfile.is_zipfile(path)):
+                    return f"{path}: cannot be read, truncated or damaged (cut short: {path.stat().st_size} bytes)"
+            except FileNotFoundError:
+                continue  # a missing file is named by the load itself
+            except OSError as e:
+                return f"{path}: cannot be read ({e})"
+        return None
+
     def read_meta(self, tag: str) -> Dict[str, Any]:
         """meta.json of a checkpoint (stage, step, model shape, tokenizer fingerprint)."""
         path = self.dir / tag / "meta.json"
@@ -259,6 +283,9 @@ class CheckpointManager:
         """
         from train.engine import CheckpointLoadError, safe_torch_load
 
+        # before DeepSpeed's load, whose collectives (ZeRO-3's, with persistent parameters on GPUs) would wait for
+        # a rank that failed on its own file while that rank waits in all_ok
+        self._fail_together(None if load_dir else self.cut_short(tag), tag)
         error: Optional[str] = None
         try:
             client = engine.load(load_dir or str(self.dir), tag, universal=load_dir is not None)
@@ -280,9 +307,7 @@ class CheckpointManager:
         except (OSError, AssertionError, KeyError, ValueError) as e:  # a missing or damaged DeepSpeed file
             error = (f"{load_dir or self.dir / tag}: cannot be loaded ({type(e).__name__}: "
                      f"{str(e) or 'a file is missing'})")
-        if not all_ok(error is None):
-            error = error or f"checkpoint '{tag}' failed to load on another rank (whose message names the file)"
-            raise CheckpointError(f"{error}{self._way_out(tag)}")
+        self._fail_together(error, tag)
         if "trainer_state" not in client:
             raise CheckpointError(f"{self.dir / tag} holds no tristage trainer state")
         return TrainerState(**client["trainer_state"])

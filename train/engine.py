@@ -312,7 +312,8 @@ class Engine:
         test hook for a failed write inside DeepSpeed's save (`enospc_in_write`).
         """
         writer = _RecordingWriter(self.ds.checkpoint_engine, fault)
-        copy_scripts = self.ds._copy_recovery_script  # DeepSpeed's zero_to_fp32.py beside the shards (rank 0)
+        # DeepSpeed's zero_to_fp32.py beside the shards (rank 0; a private method of deepspeed==0.19.8, pinned)
+        copy_scripts = self.ds._copy_recovery_script
         self.ds.checkpoint_engine, self.ds._copy_recovery_script = writer, writer.guard(copy_scripts)
         try:
             self.ds.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
@@ -320,8 +321,11 @@ class Engine:
             self.ds.checkpoint_engine = writer.inner
             del self.ds._copy_recovery_script  # the class's method again
         if writer.error is not None:
-            free = shutil.disk_usage(save_dir).free / 2**30
-            raise OSError(f"{writer.error} ({free:.1f} GiB free on that file system)")
+            try:
+                free = f" ({shutil.disk_usage(save_dir).free / 2**30:.1f} GiB free on that file system)"
+            except OSError:
+                free = ""
+            raise OSError(f"{writer.error}{free}")
         if self.cfg.expert_parallel_size > 1:  # DeepSpeed's writer skips our stacked experts
             expert_parallel.save_expert_files(self.ds, save_dir, tag)
 
