@@ -224,16 +224,17 @@ def test_training_with_doc_masking_runs_and_changes_the_attention(data_root, tmp
 
     plain = losses(smoke_run(tmp_path_factory, "dense1", DENSE1))
     run_dir = tmp_path / "docmask"
+    # General and Reasoning (a stage switch with the mask on); Long Context's T x T dense masks would only add time
     proc = run_train([*SMOKE, f"run_dir={run_dir}", "model=tiny_dense", "data.doc_masking=true",
-                      "eval.enabled=false"])
+                      "eval.enabled=false", "curriculum.order=[general,reasoning]"])
     assert proc.returncode == 0, proc.stdout[-3000:]
     masked = losses(run_dir)
-    assert list(masked) == list(plain)
+    assert list(masked) == [k for k in plain if k[0] != "long_context"]
     assert all(math.isfinite(loss) for loss, _ in masked.values())
     # at initialisation attention hardly matters (equal first losses); once trained, the context does
     assert masked[("general", 1)][0] == pytest.approx(plain[("general", 1)][0], rel=1e-6)
-    last = list(plain)[-1]
-    assert abs(masked[last][0] - plain[last][0]) > 1e-2
+    last = list(masked)[-1]
+    assert abs(masked[last][0] - plain[last][0]) > 1e-4  # measured 1.0e-3 at Reasoning's last step; kernels' ~1e-6
 
 
 def test_training_refuses_flex_on_the_cpu(data_root, tmp_path):
