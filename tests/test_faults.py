@@ -670,7 +670,7 @@ def test_resave_of_a_tag_keeps_the_old_copy_until_the_new_one_is_published(tmp_p
         def __init__(self, payload):
             self.payload = payload
 
-        def save(self, save_dir, tag, client_state):
+        def save(self, save_dir, tag, client_state, fault=lambda kind: None):
             (Path(save_dir) / tag / "weights").write_text(self.payload)
 
     manager = CheckpointManager(tmp_path, keep=2, rank=0)
