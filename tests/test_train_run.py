@@ -44,6 +44,12 @@ def test_one_process_runs_all_three_stages(data_root, tmp_path_factory):
     assert set(first["loss_by_source"]) <= {"udhr", "bible", "code", "reasoning", "sotu"}
     assert "python" in first["loss_by_language"] or "eng" in first["loss_by_language"]
     assert first["ledger"]["tokens"] == 1024 and sum(first["ledger"]["source"].values()) == 1024
+    # the tables by language and component every logging.ledger_every steps (100) and at a stage's last step only
+    assert "component" not in first["ledger"] and "language" not in first["ledger"]
+    general_end = per_step[3]
+    assert general_end["step"] == general_end["stage_steps"] == 4
+    assert sum(general_end["ledger"]["component"].values()) == general_end["ledger"]["tokens"] == 4 * 1024
+    assert sum(general_end["ledger"]["language"].values()) == 4 * 1024
     evals = [r for r in recs if r.get("event") == "eval"]
     assert [e["stage"] for e in evals] == STAGES and all(e["heldout_ppl"] for e in evals)
     assert evals[-1]["heldout_ppl_geomean"] < evals[0]["heldout_ppl_geomean"]

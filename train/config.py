@@ -124,6 +124,7 @@ class LoggingConfig:
     # MoE: the (layers x experts) load table in step records every this many steps and at each stage's last step
     # (0: the last steps only); 48 x 128 numbers are ~55 KB a line. Its max/mean summary is in every record.
     expert_load_every: int = 100
+    ledger_every: int = 100  # the data ledger's language and component tables in step records (+ stage ends)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
 
@@ -439,8 +440,9 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int) -> List[StagePlan]:
         _fail("device", cfg.device, "must be auto, cpu or cuda")
     if cfg.dist.backend not in ("auto", "nccl", "gloo"):
         _fail("dist.backend", cfg.dist.backend, "must be auto, nccl or gloo")
-    if cfg.logging.expert_load_every < 0:
-        _fail("logging.expert_load_every", cfg.logging.expert_load_every, "must be >= 0 (0: each stage's last step)")
+    for key in ("expert_load_every", "ledger_every"):
+        if getattr(cfg.logging, key) < 0:
+            _fail(f"logging.{key}", getattr(cfg.logging, key), "must be >= 0 (0: each stage's last step)")
     if cfg.logging.profile.start_step < 0:
         _fail("logging.profile.start_step", cfg.logging.profile.start_step, "must be 0 (off) or a global step >= 1")
     if cfg.logging.profile.num_steps < 1:

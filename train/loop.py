@@ -84,6 +84,11 @@ class _Preemption:
         self.requested = True
 
 
+def _table_due(every: int, step: int, steps: int) -> bool:
+    """Whether a step record carries a table logged every `every` steps (0: never) and at a stage's last step."""
+    return step == steps or bool(every and step % every == 0)
+
+
 def build_model(cfg: TrainConfig, plan: StagePlan, info: DistInfo) -> Qwen3ForCausalLM:
     """Construct, materialise on this rank's device and initialise from the seed.
 
@@ -735,9 +740,13 @@ class Trainer:
             "memory_gib": _memory_gib(info.device), "time": time.time(),
             "loss_by_source": {k: v[0] / v[1] for k, v in sorted(by_source.items())},
             "loss_by_language": {k: v[0] / v[1] for k, v in sorted(by_language.items())},
-            "ledger": stream.ledger(state.consumed_samples),
+            "ledger": stream.ledger(state.consumed_samples),  # its tables by language and component: below
             "samples": [first_sample, first_sample + plan.samples_per_step],
         }
+        if not _table_due(self.cfg.logging.ledger_every, state.step, plan.steps):
+            # at hundreds of components these tables were ~10 KB in every step record (GBs of metrics.jsonl over
+            # a stage of millions of steps); the totals and the per-source table stay in each
+            record["ledger"] = {k: v for k, v in record["ledger"].items() if k not in ("language", "component")}
         if self.peak:
             record["mfu"] = tps * flops_per_token(self.cfg.model, plan.seq_len, causal_halved=False) / (
                 self.peak * info.world_size)
@@ -748,8 +757,7 @@ class Trainer:
             busiest = (load.max(dim=1).values * load.shape[1]).tolist()
             record["expert_load_max_over_mean"] = sum(busiest) / len(busiest)
             record["expert_load_max_over_mean_worst"] = max(busiest)
-            every = self.cfg.logging.expert_load_every
-            if state.step == plan.steps or (every and state.step % every == 0):
+            if _table_due(self.cfg.logging.expert_load_every, state.step, plan.steps):
                 record["expert_load"] = [[round(x, 5) for x in row] for row in load.tolist()]
         self.metrics.log(record)
 
