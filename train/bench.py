@@ -567,10 +567,12 @@ def train_comparison(metrics_path: Path, rows: List[Dict[str, Any]], case: str, 
             if b.get("global_step") == a.get("global_step", -2) + 1 and b.get("time", 0) > a.get("time", 0)]
     step_tps = statistics.median(r["tokens_per_s"] for r in timed)
     tps = statistics.median(wall) if wall else step_tps
-    out.update(tokens_per_s=tps, step_tokens_per_s=step_tps, rate_from="clock between records" if wall else
-               "records' tokens_per_s", memory_gib=max(r.get("memory_gib", 0.0) for r in timed),
-               mfu=statistics.median(r["mfu"] for r in timed) * tps / step_tps if all("mfu" in r for r in timed)
-               else None)
+    rate_from = "clock between records" if wall else "records' tokens_per_s"
+    mfu = None
+    if all("mfu" in r for r in timed):  # the records' MFU is the in-step rate's: scaled to the clock's
+        mfu = statistics.median(r["mfu"] for r in timed) * tps / step_tps
+    out.update(tokens_per_s=tps, step_tokens_per_s=step_tps, rate_from=rate_from, mfu=mfu,
+               memory_gib=max(r.get("memory_gib", 0.0) for r in timed))
     bench = [r for r in rows if r["status"] == "ok" and r["impl"] == "tristage" and r["regime"] == "ds"
              and r["case"] == case and r["micro_batch"] == micro_batch and r["variant"] == "default"]
     if bench:
