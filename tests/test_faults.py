@@ -224,15 +224,22 @@ def test_loss_spike_rolls_back_and_skips_the_batch(data_root, tmp_path_factory, 
 
 def test_a_spike_at_a_stages_last_step_ends_the_stage(data_root, tmp_path):
     """The skipped batch is the stage's last step: the stage still ends (its checkpoint, its export) and the
-    next one starts. It re-entered the finished stage forever, writing stage_start records without end."""
+    next one starts. It re-entered the finished stage forever, writing stage_start records without end.
+    With spike_skip_before=3 the rollback goes to step 4, before the first batch to skip (it went to step 6, whose
+    weights had trained on batches 5 and 6 already, while the skip list named them); max_steps=10, the run's
+    10 steps, counts what the run moved on, not the steps retrained after the rollback (it stopped in General)."""
     overrides = ["model=tiny_dense", "eval.enabled=false", "deepspeed=zero1", "curriculum.stages.general.tokens=8192",
                  "faults.spike_factor=3", "faults.spike_window=5", "faults.spike_min_history=3",
                  "curriculum.stages.general.checkpoint_every=2", "curriculum.order=[general,reasoning]",
-                 "curriculum.stages.reasoning.tokens=2048", "faults.spike_action=rollback", f"run_dir={tmp_path}"]
+                 "curriculum.stages.reasoning.tokens=2048", "faults.spike_action=rollback", f"run_dir={tmp_path}",
+                 "faults.spike_skip_before=3", "max_steps=10"]
     proc = run_train([*SMOKE, *overrides], env=inject("spike@general:8"), timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:]
     recs = records(tmp_path)
-    assert [r["step"] for r in recs if r.get("event") == "skipped_batch"] == [8]
+    rollback = [r for r in recs if r.get("event") == "rollback"]
+    assert [(r["to_checkpoint"], r["skip_steps"]) for r in rollback] == [
+        ("0-general-step0000004", ["general:5", "general:6", "general:7", "general:8"])]
+    assert [r["step"] for r in recs if r.get("event") == "skipped_batch"] == [5, 6, 7, 8]
     assert [r["stage"] for r in recs if r.get("event") == "stage_start"] == ["general", "general", "reasoning"]
     assert [r["stage"] for r in recs if r.get("event") == "stage_end"] == ["general", "reasoning"]
     assert (tmp_path / "checkpoints" / "0-general-step0000008").is_dir() and (tmp_path / "hf" / "general").is_dir()

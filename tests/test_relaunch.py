@@ -6,7 +6,9 @@ samples, a sweep with failed jobs exited 0, and a failed job's watchdog later ki
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import shutil
 
 import pytest
@@ -141,3 +143,27 @@ def test_a_checkpoint_without_stage_data_at_the_stages_last_step_is_refused():
         check_resumable(meta, cfg, plans, {"components": {}}, "ckpt")
     meta["state"]["step"] = plans[1].steps - 1
     check_resumable(meta, cfg, plans, {"components": {}}, "ckpt")
+
+
+def test_a_checkpoint_is_refused_under_another_norm_eps_or_topk_normalisation():
+    """Shapes were the only check on a resume or an init_from of a checkpoint folder: a relaunch with
+    model.norm_topk_prob=false trained on silently (step 3: 9.0373 against 9.0114), as did another rms_norm_eps,
+    while an init_from of the HF export refused the same change."""
+    from models.presets import load_preset
+    from train.checkpoint import CheckpointError, check_compatible, model_behaviour, model_shape
+
+    moe = load_preset("tiny_moe")
+    meta = {"model_shape": model_shape(moe), "model_behaviour": model_behaviour(moe), "tokenizer_fingerprint": "t"}
+    check_compatible(meta, moe, "t", "ckpt")
+    for key, value in (("norm_topk_prob", False), ("rms_norm_eps", 1e-5)):
+        other = dataclasses.replace(moe, **{key: value})
+        with pytest.raises(CheckpointError, match=re.escape(f"model.{key}: checkpoint {getattr(moe, key)!r} vs "
+                                                            f"config {value!r}")):
+            check_compatible(meta, other, "t", "ckpt")
+    # a dense model's norm_topk_prob means nothing; a checkpoint of an earlier version has no record to check
+    dense = load_preset("tiny_dense")
+    dense_meta = {"model_shape": model_shape(dense), "model_behaviour": model_behaviour(dense),
+                  "tokenizer_fingerprint": "t"}
+    check_compatible(dense_meta, dataclasses.replace(dense, norm_topk_prob=not dense.norm_topk_prob), "t", "ckpt")
+    check_compatible({"model_shape": model_shape(moe), "tokenizer_fingerprint": "t"},
+                     dataclasses.replace(moe, norm_topk_prob=False), "t", "ckpt")

@@ -318,6 +318,9 @@ _SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_lay
                "num_key_value_heads", "head_dim", "tie_word_embeddings", "num_experts", "num_experts_per_tok",
                "moe_intermediate_size")
 
+# fields that change what the same weights compute: a resume or init_from with another value is refused
+_BEHAVIOUR_KEYS = ("rms_norm_eps", "norm_topk_prob")  # the latter for MoE only
+
 STAGE_FINISHED = "stage_finished"  # in a stage-end checkpoint: its stage-end work is done
 
 
@@ -326,14 +329,23 @@ def model_shape(cfg: Qwen3Config) -> Dict[str, Any]:
     return {k: getattr(cfg, k) for k in _SHAPE_KEYS}
 
 
+def model_behaviour(cfg: Qwen3Config) -> Dict[str, Any]:
+    """The config fields beside the shapes that the weights were trained to compute with (norm_topk_prob for MoE:
+    transformers' Qwen3-MoE default is false, every Qwen3 preset's true)."""
+    return {k: getattr(cfg, k) for k in _BEHAVIOUR_KEYS[:None if cfg.num_experts else 1]}
+
+
 def check_compatible(meta: Dict[str, Any], model: Qwen3Config, tokenizer_fingerprint: str, where: str) -> None:
     """Refuse to load a checkpoint of another model shape or tokenizer, naming what changed (a different layout,
     world size, ZeRO stage or expert_parallel_size, is re-sharded instead: train/reshard.py)."""
     saved_shape = meta.get("model_shape", {})
     changed = {k: (saved_shape.get(k), v) for k, v in model_shape(model).items() if saved_shape.get(k) != v}
+    saved_behaviour = meta.get("model_behaviour", {})  # absent from checkpoints of earlier versions
+    changed |= {k: (saved_behaviour[k], v) for k, v in model_behaviour(model).items()
+                if k in saved_behaviour and saved_behaviour[k] != v}
     if changed:
         detail = ", ".join(f"model.{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in changed.items())
-        raise CheckpointError(f"{where} was saved with a different model shape ({detail}); "
+        raise CheckpointError(f"{where} was saved with a different model shape or behaviour ({detail}); "
                               f"use a new run_dir or restore the config")
     saved_fp = meta.get("tokenizer_fingerprint")
     if saved_fp != tokenizer_fingerprint:

@@ -38,7 +38,7 @@ from models.doc_mask import resolve_doc_mask_implementation
 from models.params import count_parameters, flops_per_token
 from models.qwen3 import Qwen3ForCausalLM
 from train.checkpoint import (STAGE_FINISHED, CheckpointError, CheckpointManager, TrainerState, check_compatible,
-                              model_shape)
+                              model_behaviour, model_shape)
 from train.relaunch import check_resumable, finished_checkpoint, lock_run_dir, record_config, stage_data
 from train.config import (ConfigError, StageConfig, StagePlan, TrainConfig, check_data_fits, first_stage_index,
                           validate)
@@ -55,8 +55,6 @@ from train.schedule import lr_at
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; the SLURM scripts requeue on it
 
-# fields that change what the same weights compute: an HF init_from with another value is refused
-_BEHAVIOUR_KEYS = ("rms_norm_eps", "norm_topk_prob")  # the latter for MoE only
 
 
 class NonFiniteError(RuntimeError):
@@ -64,11 +62,12 @@ class NonFiniteError(RuntimeError):
 
 
 class _Rollback(Exception):
-    """Raised inside a stage to reload the last checkpoint after a loss spike."""
+    """Raised inside a stage to reload a checkpoint from before `before_global_step` after a loss spike."""
 
-    def __init__(self, stage: str):
+    def __init__(self, stage: str, before_global_step: int):
         super().__init__(stage)
         self.stage = stage
+        self.before_global_step = before_global_step  # the global step of the first batch to skip
 
 
 class _Preemption:
@@ -369,7 +368,7 @@ class Trainer:
                                   f"model={self.cfg.model.name} {model_shape(self.cfg.model)}")
             # what the weights compute with beside their shapes: trained on under other values, they would mean
             # something else (transformers' Qwen3-MoE default is norm_topk_prob=false, every Qwen3 preset's true)
-            for key in _BEHAVIOUR_KEYS[:None if self.cfg.model.num_experts else 1]:
+            for key in model_behaviour(self.cfg.model):
                 if getattr(theirs, key) != getattr(self.cfg.model, key):
                     raise ConfigError(f"config key 'init_from' = {path!r}: its {key}={getattr(theirs, key)} differs "
                                       f"from model.{key}={getattr(self.cfg.model, key)}; set model.{key} to match")
@@ -420,7 +419,7 @@ class Trainer:
     def run(self) -> int:
         """Run the remaining stages; returns the process exit code."""
         cfg = self.cfg
-        self.steps_this_launch = 0
+        self.launch_global_step = self.state.global_step  # max_steps counts from here (a rollback goes back)
         exit_code = 0
         while True:
             state = self.state
@@ -462,9 +461,17 @@ class Trainer:
             self.metrics.close()
 
     def _rollback(self, rb: "_Rollback") -> None:
-        """Reload the last checkpoint, keeping the new skip list, and carry on from there."""
-        tag = self.checkpoints.latest()
+        """Reload the newest checkpoint from before the first batch to skip (else the newest, saying which of those
+        batches it has trained on already), keeping the new skip list, and carry on from there."""
+        tags = self.checkpoints.complete()
+        steps = {t: self.checkpoints.read_meta(t)["state"]["global_step"] for t in tags}
+        earlier = [t for t in tags if steps[t] < rb.before_global_step]
+        tag = earlier[-1] if earlier else self.checkpoints.latest()
         assert tag is not None
+        if not earlier and self.info.rank == 0:
+            print(f"[tristage] warning: no checkpoint kept from before the first batch faults.spike_skip_before asks "
+                  f"to skip; rolled back to '{tag}', which has trained on the batches up to its step "
+                  f"(checkpoint.keep, checkpoint_every keep older ones)", file=sys.stderr, flush=True)
         skip, history, rollbacks = self.state.skip_steps, self.state.loss_history, self.state.rollbacks
         self.state = self._load_checkpoint(tag)  # saved by an earlier launch in another layout, perhaps
         self.state.skip_steps = sorted(set(self.state.skip_steps) | set(skip))
@@ -538,10 +545,10 @@ class Trainer:
                 if preempt:  # out within the grace period: the relaunch does the stage-end work before going on
                     return self._preempted(stage)
                 self._finish_stage(stage)
-                if cfg.max_steps and self.steps_this_launch >= cfg.max_steps:
+                if cfg.max_steps and self._steps_this_launch() >= cfg.max_steps:
                     return 0  # the stage-end checkpoint is saved: the next launch starts the next stage
                 return None
-            stop = preempt or bool(cfg.max_steps and self.steps_this_launch >= cfg.max_steps)
+            stop = preempt or bool(cfg.max_steps and self._steps_this_launch() >= cfg.max_steps)
             if stop or (stage.checkpoint_every and state.step % stage.checkpoint_every == 0):
                 self._save(stage)  # once, whatever asked for it
             if preempt:
@@ -690,7 +697,10 @@ class Trainer:
         state.global_step += 1
         state.consumed_samples = state.step * plan.samples_per_step
         state.tokens += plan.samples_per_step * plan.seq_len
-        self.steps_this_launch += 1
+
+    def _steps_this_launch(self) -> int:
+        """Optimizer steps this launch has moved the run on by (steps a rollback went back over do not count)."""
+        return self.state.global_step - self.launch_global_step
 
     def _on_spike(self, stage: StageConfig, step: int, loss: float, median: float, first_sample: int,
                   plan: StagePlan) -> None:
@@ -707,7 +717,7 @@ class Trainer:
             self.state.skip_steps = sorted(set(self.state.skip_steps)
                                            | {f"{stage.name}:{s}" for s in range(first, step + 1)})
             self.state.rollbacks += 1
-            raise _Rollback(stage.name)
+            raise _Rollback(stage.name, self.state.global_step - (step - first))
 
     # ------------------------------------------------------------------ pieces of a step
     def _log_step(self, stage: StageConfig, plan: StagePlan, stream: StageStream, lr: float, result: StepResult,
@@ -766,6 +776,7 @@ class Trainer:
 
     def _save(self, stage: StageConfig) -> None:
         meta = {"stage": stage.name, "model_shape": model_shape(self.cfg.model),
+                "model_behaviour": model_behaviour(self.cfg.model),
                 "tokenizer_fingerprint": self.tokenizer.fingerprint, "world_size": self.info.world_size,
                 "zero_stage": self.cfg.deepspeed.zero_stage, "expert_parallel_size": self.cfg.expert_parallel_size,
                 "rope_theta": stage.rope_theta, "stage_data": stage_data(self.cfg, stage, self.data_manifest)}
