@@ -343,3 +343,28 @@ def test_a_token_id_equal_to_the_vocabulary_size_is_refused(tmp_path):
     write_shard(path, np.array([1, 2, 1024, 3], np.uint16), np.array([0, 4]), 1024)
     with pytest.raises(DataError, match="token id 1024 >= vocab size 1024 at token 2"):
         check_token_range(open_shard(path), 1024)
+
+
+def test_a_document_offset_one_below_its_predecessor_is_refused(tmp_path):
+    """Offsets must not decrease, by any amount: a one-token step back names the document and its byte offset."""
+    from data.shards import _layout, open_shard, write_shard
+
+    path = tmp_path / "s.bin"
+    write_shard(path, np.arange(6, dtype=np.uint16), np.array([0, 3, 4, 6]), 1024)
+    off, _ = _layout(2, 6, 3)
+    offsets = np.memmap(path, dtype="<u8", mode="r+", offset=off, shape=(4,))
+    offsets[:] = [0, 4, 3, 6]  # document 2 starts one token before document 1
+    offsets.flush()
+    del offsets
+    with pytest.raises(DataError, match=rf"document offset 2 is inconsistent \(byte offset {off + 16}\)"):
+        open_shard(path)
+
+
+def test_token_width_and_the_8_byte_aligned_offsets_table():
+    """uint16 holds every id of a 65,536-token vocabulary (uint32 from 65,537); the offsets table starts on an
+    8-byte boundary after any number of tokens (the format on disk: a reader padding otherwise misreads them)."""
+    from data.shards import _layout, token_dtype
+
+    assert token_dtype(1 << 16) == np.uint16 and token_dtype((1 << 16) + 1) == np.uint32
+    assert [_layout(2, n, 1)[0] - HEADER_BYTES for n in (1, 3, 4, 5)] == [8, 8, 8, 16]
+    assert _layout(4, 3, 2) == (HEADER_BYTES + 16, HEADER_BYTES + 16 + 24)

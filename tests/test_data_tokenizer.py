@@ -188,3 +188,35 @@ def test_the_qwen3_kind_exports_the_training_eos(tmp_path):
     HFTokenizer(raw / "tokenizer.json").write_hf(out)
     config = json.loads((out / "tokenizer_config.json").read_text())
     assert config["eos_token"] == config["pad_token"] == "<|endoftext|>" and config["chat_template"] == "{{x}}"
+
+
+def test_a_tokenizers_json_counts_its_added_tokens_and_encodes_and_decodes_as_training_does(tmp_path):
+    """The qwen3 kind without the registry: a tokenizer.json whose post-processor would add a BOS. Its vocabulary
+    counts the added special tokens (Qwen3's 26 sit past the BPE ids), encoding adds no template tokens, decoding
+    writes special tokens out, and an id outside [0, vocab) -- negative ones too -- is a DataError."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from data.errors import DataError
+    from data.tokenizer import HFTokenizer
+
+    raw = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "b": 2}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.add_special_tokens(list(SPECIAL_TOKENS))  # ids 3, 4, ...
+    eos = 3 + list(SPECIAL_TOKENS).index("<|endoftext|>")
+    raw.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", eos)])
+    raw.save(str(tmp_path / "tokenizer.json"))
+    tok = HFTokenizer(tmp_path / "tokenizer.json")
+    n = 3 + len(SPECIAL_TOKENS)
+    assert tok.vocab_size == n and tok.token_to_id("<|endoftext|>") == eos
+    assert tok.encode("a b a") == [1, 2, 1]
+    assert tok.decode([1, eos, 2]) == "a <|endoftext|> b"
+    for bad in (n, -1):
+        with pytest.raises(DataError, match=rf"token id {bad} is outside the vocabulary \[0, {n}\)"):
+            tok.decode([1, bad])
+    with pytest.raises(DataError, match="special token <nope> is missing"):
+        tok.token_to_id("<nope>")
+
+
+def test_the_sentencepiece_unknown_piece_is_a_token_not_a_missing_one(tok):
+    unk = tok.sp.unk_id()
+    assert tok.token_to_id(tok.sp.id_to_piece(unk)) == unk

@@ -901,3 +901,73 @@ def test_a_spike_before_the_first_checkpoint_is_only_logged(data_root, tmp_path)
     assert [(r["step"], r["action"]) for r in recs if r.get("event") == "loss_spike"] == [(5, "log")]
     assert not [r for r in recs if r.get("event") == "rollback"]
     assert [r["step"] for r in steps(tmp_path)] == list(range(1, 9))
+
+
+def test_spike_detector_compares_with_the_median_of_its_window_and_its_seed_history():
+    """The window is the last `window` losses (not all of them), the baseline their median (not the mean, which
+    one high early loss drags up), a resumed detector starts from the checkpoint's history, and a loss equal to
+    factor x median is not above it."""
+    from train.faults import SpikeDetector
+
+    d = SpikeDetector(factor=3, window=3, min_history=1)
+    for x in (1.0, 1.0, 1.0, 2.5, 2.5, 2.5):
+        assert d.check(x) is None
+    assert list(d.history) == [2.5, 2.5, 2.5] and d.check(7.0) is None  # 7 < 3 x 2.5; all six: median 1.75
+    d = SpikeDetector(factor=3, window=5, min_history=3)
+    assert [d.check(x) for x in (1.0, 1.0, 7.0)] == [None, None, None]  # before min_history: recorded unjudged
+    assert d.check(4.0) == 1.0  # median 1 (the mean, 3, would call 4 normal)
+    assert d.check(3.0) is None  # 3 = 3 x 1 is not above it
+    resumed = SpikeDetector(factor=3, window=5, min_history=3, history=[1.0, 1.0, 1.0])
+    assert resumed.check(10.0) == 1.0
+
+
+def test_watchdog_verdict_names_the_stuck_the_silent_and_the_waiting_ranks():
+    """The verdict from the ranks' states on the store: stuck and silent ranks named, and the waiting ranks are
+    those that said so (the hung-rank run has 2 ranks, where 'every rank but me' looks the same)."""
+    from train.faults import Watchdog
+
+    class Store:
+        def __init__(self, values):
+            self.values = dict(values)
+
+        def set(self, key, value):
+            self.values[key] = value
+
+        def check(self, keys):
+            return all(k in self.values for k in keys)
+
+        def get(self, key):
+            return self.values[key].encode()
+
+    dog = Watchdog(rank=3, world=4, timeout_s=0.4)
+    dog._store = Store({"tristage/hang/0": "1|waiting in a collective in wait (x.py:1)",
+                        "tristage/hang/1": "0|stuck in sleep (y.py:2)"})  # rank 2 does not answer
+    verdict = dog._gather("waiting in a collective in wait (x.py:1)", True)
+    assert verdict == ("hung collective: rank 1 (stuck in sleep (y.py:2)), rank 2 (did not answer); "
+                       "ranks [0, 3] wait for them")
+    assert dog._store.values["tristage/hang/3"] == "1|waiting in a collective in wait (x.py:1)"
+    dog._store = Store({f"tristage/hang/{r}": "1|waiting" for r in range(3)})
+    assert dog._gather("waiting", True).startswith("every rank waits in a collective")
+
+
+def test_each_rank0_wait_has_its_own_key_even_under_the_same_name(monkeypatch):
+    """The waiting ranks read rank 0's outcome from the store: a second wait under the same name (a stage's data
+    index built again after a rollback) must not find the first one's answer there and go on before rank 0."""
+    import torch.distributed as dist
+    import torch.distributed.distributed_c10d as c10d
+
+    from train import dist as tdist
+
+    keys = []
+
+    class Store:
+        def set(self, key, value):
+            keys.append(key)
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(c10d, "_get_default_store", lambda: Store())
+    assert tdist.rank0_outcome("building the index", None) is None
+    assert tdist.rank0_outcome("building the index", "OSError: disk full") == "OSError: disk full"
+    assert len(keys) == 2 and len(set(keys)) == 2

@@ -158,3 +158,18 @@ def test_fp16_compiled_path_takes_the_loss_scale(monkeypatch):
     F.cross_entropy(h32 @ w32.T, y).backward()
     for got, ref in ((h.grad, h32.grad), (w.grad, w32.grad)):
         assert ((got.float() / scale - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_labels_of_another_length_are_refused_by_name():
+    h, w, y = _inputs(n=20)
+    with pytest.raises(ValueError, match=r"labels \(N,\)"):
+        fused_linear_cross_entropy(h, w, y[:-1])
+
+
+def test_weight_gradient_is_kept_in_the_weights_dtype_until_backward():
+    """The gradients are computed in the forward and held until the backward: the (V, d) weight gradient is
+    accumulated in fp32 but must be held in the weight's dtype (at 151,936 x 4,096 an fp32 copy is 2.5 GiB, twice
+    a bf16 one). autograd casts what backward returns, so only the saved tensors show it."""
+    h, w, y = _inputs(n=64, v=200, dtype=torch.bfloat16)
+    loss, _ = fused_linear_cross_entropy(h, w, y, chunk_size=16)
+    assert [t.dtype for t in loss.grad_fn.saved_tensors] == [torch.bfloat16, torch.bfloat16]

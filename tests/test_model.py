@@ -106,6 +106,18 @@ def test_yarn_scaling_extends_tables_and_changes_long_positions_only():
     assert rope_table_length(64, {**yarn, "factor": 4.0, "original_max_position_embeddings": 64}) == 256
 
 
+def test_legacy_type_key_selects_yarn_as_rope_type_does():
+    """HF's older configs spell it `type`; the config check and the table length accept it, so the frequencies must
+    be YaRN's too (not plain RoPE's over a longer table)."""
+    from models.rope import rope_inv_freq
+
+    scaling = {"factor": 4.0, "original_max_position_embeddings": 64}
+    new, new_attention = rope_inv_freq(16, 1e4, {"rope_type": "yarn", **scaling})
+    old, old_attention = rope_inv_freq(16, 1e4, {"type": "yarn", **scaling})
+    assert torch.equal(old, new) and old_attention == new_attention > 1.0
+    assert not torch.equal(old, rope_inv_freq(16, 1e4)[0])
+
+
 def test_loss_path_matches_logits_path():
     model = build("tiny_moe").eval()
     torch.manual_seed(0)
