@@ -822,8 +822,9 @@ class StageStream:
         }
         return out
 
-    def ledger(self, consumed_samples: int) -> Dict[str, Any]:
-        """Tokens consumed per source, language and component by the first `consumed_samples` samples."""
+    def ledger(self, consumed_samples: int, tables: bool = True) -> Dict[str, Any]:
+        """Tokens consumed per source, language and component by the first `consumed_samples` samples (without
+        `tables`, the totals and the per-source table only)."""
         n = min(max(int(consumed_samples), 0), self.num_samples)
         done, counts = self._ledger_counts
         if n < done:  # gone back (a rollback): count from the start
@@ -838,5 +839,5 @@ class StageStream:
         for c, t in by_comp.items():
             by_src[self.component_source[c]] = by_src.get(self.component_source[c], 0) + t
             by_lang[self.component_language[c]] = by_lang.get(self.component_language[c], 0) + t
-        return {"stage": self.stage, "samples": n, "tokens": n * self.seq_len,
-                "source": by_src, "language": by_lang, "component": by_comp}
+        out = {"stage": self.stage, "samples": n, "tokens": n * self.seq_len, "source": by_src}
+        return out | {"language": by_lang, "component": by_comp} if tables else out

@@ -750,13 +750,13 @@ class Trainer:
             "memory_gib": _memory_gib(info.device), "time": time.time(),
             "loss_by_source": {k: v[0] / v[1] for k, v in sorted(by_source.items())},
             "loss_by_language": {k: v[0] / v[1] for k, v in sorted(by_language.items())},
-            "ledger": stream.ledger(state.consumed_samples),  # its tables by language and component: below
+            # the ledger's tables by language and component every logging.ledger_every steps and at a stage's end:
+            # at hundreds of components they were ~10 KB in every step record (GBs of metrics.jsonl over a stage
+            # of millions of steps); the totals and the per-source table are in each
+            "ledger": stream.ledger(state.consumed_samples,
+                                    tables=_table_due(self.cfg.logging.ledger_every, state.step, plan.steps)),
             "samples": [first_sample, first_sample + plan.samples_per_step],
         }
-        if not _table_due(self.cfg.logging.ledger_every, state.step, plan.steps):
-            # at hundreds of components these tables were ~10 KB in every step record (GBs of metrics.jsonl over
-            # a stage of millions of steps); the totals and the per-source table stay in each
-            record["ledger"] = {k: v for k, v in record["ledger"].items() if k not in ("language", "component")}
         if self.peak:
             record["mfu"] = tps * flops_per_token(self.cfg.model, plan.seq_len, causal_halved=False) / (
                 self.peak * info.world_size)
