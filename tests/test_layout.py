@@ -33,4 +33,4 @@ def test_ci_runs_the_readmes_two_commands_word_for_word():
     demo, tests = [line.strip() for line in setup.splitlines() if line.startswith("    pip install")]
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert tests in ci
-    assert demo.replace("'.[data]' && python -m train", "'.[test,data]' && python -m pytest -q") == tests
+    assert demo.replace("'.[data]' && python -m train", "'.[test,data]' && python -m pytest -q -n 2") == tests

@@ -254,16 +254,17 @@ def test_sigusr1_at_a_stage_end_leaves_at_once_and_the_relaunch_finishes_the_sta
     assert (run_dir / "checkpoints" / "2-long_context-step0000002" / "stage_finished").exists()
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("model.hidden_size=64", "different model shape"),
-    ("data.tokenizer.vocab_size=768", "tokenizer"),
+@pytest.mark.parametrize("overrides, needle", [
+    (["model.hidden_size=64"], "different model shape"),
+    # a data set of its own name: prepared again in place, the session's fixture would change under other runs
+    (["data.tokenizer.vocab_size=768", "data.name=fixture_vocab768"], "tokenizer"),
 ])
-def test_resume_refuses_a_changed_model_or_tokenizer(data_root, tmp_path, override, needle):
+def test_resume_refuses_a_changed_model_or_tokenizer(data_root, tmp_path, overrides, needle):
     run_dir = tmp_path / "run"
     base = [*SMOKE, f"run_dir={run_dir}", "model=tiny_dense", "max_steps=1", "eval.enabled=false"]
     assert run_train(base).returncode == 0
     before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    proc = run_train([*base, override])
+    proc = run_train([*base, *overrides])
     assert proc.returncode == 2
     assert needle in proc.stdout
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before  # nothing overwritten

@@ -1,6 +1,7 @@
 """Helpers for tests that run `python -m train` for real (one process, torchrun or deepspeed) and read its metrics."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -11,7 +12,10 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from filelock import FileLock
+
 ROOT = Path(__file__).resolve().parents[1]
+UNDER_XDIST = "PYTEST_XDIST_WORKER" in os.environ  # a pytest-xdist worker (tests/conftest.py)
 SMOKE = ["experiment=smoke"]
 # the one-process dense smoke run several tests share (smoke_run "dense1"); it also records steps 3-4 under
 # torch.profiler, and its golden loss file shows that the profiler changes no number
@@ -24,8 +28,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def shared_dir(tmp_path_factory) -> Path:
+    """A folder of this test session that every pytest-xdist worker sees (the session's base folder without xdist,
+    whose workers each have a folder of their own under it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if UNDER_XDIST else base
+
+
 def train_cmd(overrides: Sequence[str], nproc: int = 1, launcher: str = "torchrun") -> List[str]:
-    """The command line for a training run (torchrun or deepspeed launcher when nproc > 1)."""
+    """The command line for a training run (torchrun or deepspeed launcher when nproc > 1); under xdist its ranks
+    run on one thread each (tests/conftest.py)."""
+    if UNDER_XDIST:
+        overrides = [*overrides, "threads=1"]
     if nproc == 1:
         return [sys.executable, "-m", "train", *overrides]
     if launcher == "deepspeed":
@@ -119,13 +133,19 @@ def smoke_run(tmp_path_factory, name: str, overrides: Sequence[str], nproc: int 
     """Run the smoke curriculum once per test session for each config and return its run directory.
 
     Tests that ask for the same overrides on the same number of ranks share one run (`name` only labels its
-    folder), so a test must not write into the directory it gets: copy it first.
+    folder), so a test must not write into the directory it gets: copy it first. Under xdist the first worker to
+    ask makes it and the others wait for it (a lock beside the folder; `.done` once it finished).
     """
     key = run_key(overrides, nproc)
     if key not in _RUNS:
-        run_dir = tmp_path_factory.mktemp(name)
-        proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides], nproc=nproc)
-        assert proc.returncode == 0, proc.stdout[-4000:]
+        run_dir = shared_dir(tmp_path_factory) / f"{name}-{hashlib.sha1(repr(key).encode()).hexdigest()[:12]}"
+        done = run_dir.parent / f"{run_dir.name}.done"
+        with FileLock(f"{run_dir}.lock"):
+            if not done.exists():
+                shutil.rmtree(run_dir, ignore_errors=True)  # a run that failed in another worker: again, here
+                proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides], nproc=nproc)
+                assert proc.returncode == 0, proc.stdout[-4000:]
+                done.touch()
         _RUNS[key] = run_dir
     return _RUNS[key]
 
