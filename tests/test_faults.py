@@ -460,6 +460,37 @@ def test_data_that_fails_to_prepare_stops_every_rank_naming_it(data_root, tmp_pa
     assert time.time() - start < 60
 
 
+def test_data_prepared_again_under_a_live_run_stops_it_before_the_next_stage(tmp_path):
+    """A run of another data config under the same data set name prepares it again in place (here another
+    tokenizer, while this run's General export takes 15 s): the next stage would read other token ids than the
+    launch checked. The run stops there, exit 2, naming the manifest, with the General checkpoint kept."""
+    from data.config import compose
+    from data.prepare import prepare
+
+    root, run_dir = tmp_path / "data", tmp_path / "run"  # not the session's corpus: other tests' runs read that
+    manifest = prepare(compose("fixture", [f"root={root}"]))
+    cmd = train_cmd([*SMOKE, f"run_dir={run_dir}", f"data.root={root}", "model=tiny_dense", "eval.enabled=false"])
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "TRISTAGE_SLOW_S": "15",
+                                 **inject("slow_export@general:4")})
+    try:
+        deadline = time.time() + 120
+        while not any(r.get("event") == "checkpoint" and r["stage"] == "general" and r["global_step"] == 4
+                      for r in records(run_dir)):
+            assert proc.poll() is None and time.time() < deadline, proc.poll()
+            time.sleep(0.1)
+        prepare(compose("fixture", [f"root={root}", "tokenizer.vocab_size=768"]))  # inside the slow export
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2, out[-3000:]
+    assert f"error: {manifest}: the data set was prepared again while this run trained" in out
+    assert "stage 'reasoning' would read other data" in out
+    assert not [r for r in steps(run_dir) if r["stage"] != "general"]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "0-general-step0000004"
+
+
 def test_hung_rank_ends_the_job_naming_it(data_root, tmp_path):
     run_dir = tmp_path / "run"
     start = time.time()

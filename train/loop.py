@@ -39,7 +39,8 @@ from models.params import count_parameters, flops_per_token
 from models.qwen3 import Qwen3ForCausalLM
 from train.checkpoint import (STAGE_FINISHED, CheckpointError, CheckpointManager, TrainerState, check_compatible,
                               model_behaviour, model_shape)
-from train.relaunch import check_resumable, finished_checkpoint, lock_run_dir, record_config, stage_data
+from train.relaunch import (check_data_unchanged, check_resumable, finished_checkpoint, lock_run_dir,
+                            record_config, stage_data)
 from train.config import (ConfigError, StageConfig, StagePlan, TrainConfig, check_data_fits, first_stage_index,
                           validate)
 from train import expert_parallel
@@ -492,6 +493,7 @@ class Trainer:
             self.engine.reset_optimizer_state()
 
         def open_stream() -> StageStream:
+            check_data_unchanged(self.manifest, self.data_manifest, stage)
             return StageStream(self.manifest, stage.mixture, seq_len=stage.seq_len, seed=cfg.seed, stage=stage.name,
                                num_samples=plan.steps * plan.samples_per_step, doc_masking=cfg.data.doc_masking,
                                workers=cfg.data.index_workers, verbose=self.info.rank == 0)

@@ -17,7 +17,9 @@ import time
 from pathlib import Path
 from typing import IO, Any, Dict, List, Optional
 
+from data.errors import DataError
 from data.io import sha256_text
+from data.shards import read_manifest
 from train.checkpoint import STAGE_FINISHED, CheckpointManager, write_atomic
 from train.config import ConfigError, StageConfig, StagePlan, TrainConfig
 from train.dist import on_rank0
@@ -30,6 +32,19 @@ def data_fingerprint(manifest: Dict[str, Any], stage: StageConfig) -> str:
     files = {k: [f["sha256"] for f in c["files"]] for k, c in sorted(manifest["components"].items())
              if sources is None or c["source"] in sources}
     return sha256_text(json.dumps(files, sort_keys=True))[:16]
+
+
+def check_data_unchanged(path: Path, checked: Dict[str, Any], stage: StageConfig) -> None:
+    """Refuse to start a stage on data prepared again since this launch checked it: a run of another data config
+    under the same data set name rewrites it in place, and the stage would then read other samples, or token ids of
+    another tokenizer, than the launch's checks and its checkpoints' records assume."""
+    now = read_manifest(path)
+    if (now["tokenizer"]["fingerprint"] != checked["tokenizer"]["fingerprint"]
+            or data_fingerprint(now, stage) != data_fingerprint(checked, stage)):
+        raise DataError(f"{path}: the data set was prepared again while this run trained (a run of another data "
+                        f"config under the same data.name?), so stage {stage.name!r} would read other data than this "
+                        "launch checked; give the other config a data.name of its own, and prepare this run's "
+                        "config again (python -m data.prepare) before relaunching")
 
 
 def stage_data(cfg: TrainConfig, stage: StageConfig, manifest: Dict[str, Any]) -> Dict[str, Any]:
