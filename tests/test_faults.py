@@ -227,26 +227,49 @@ def test_a_spike_at_a_stages_last_step_ends_the_stage(data_root, tmp_path):
     next one starts. It re-entered the finished stage forever, writing stage_start records without end.
     With spike_skip_before=3 the rollback goes to step 4, before the first batch to skip (it went to step 6, whose
     weights had trained on batches 5 and 6 already, while the skip list named them); max_steps=10, the run's
-    10 steps, counts what the run moved on, not the steps retrained after the rollback (it stopped in General)."""
+    10 steps, counts what the run moved on, not the steps retrained after the rollback (it stopped in General).
+
+    Killed right after the rollback, the relaunch resumes the rollback: checkpoint 4 with the skip list. It
+    resumed the checkpoint of step 6 (trained on batches 5 and 6) without it, and trained into the spike again."""
     overrides = ["model=tiny_dense", "eval.enabled=false", "deepspeed=zero1", "curriculum.stages.general.tokens=8192",
                  "faults.spike_factor=3", "faults.spike_window=5", "faults.spike_min_history=3",
                  "curriculum.stages.general.checkpoint_every=2", "curriculum.order=[general,reasoning]",
-                 "curriculum.stages.reasoning.tokens=2048", "faults.spike_action=rollback", f"run_dir={tmp_path}",
+                 "curriculum.stages.reasoning.tokens=2048", "faults.spike_action=rollback",
                  "faults.spike_skip_before=3", "max_steps=10"]
-    proc = run_train([*SMOKE, *overrides], env=inject("spike@general:8"), timeout=240)
+    run_dir, killed = tmp_path / "run", tmp_path / "killed"
+    proc = run_train([*SMOKE, *overrides, f"run_dir={run_dir}"], env=inject("spike@general:8"), timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:]
-    recs = records(tmp_path)
+    recs = records(run_dir)
     rollback = [r for r in recs if r.get("event") == "rollback"]
-    assert [(r["to_checkpoint"], r["skip_steps"]) for r in rollback] == [
-        ("0-general-step0000004", ["general:5", "general:6", "general:7", "general:8"])]
+    assert [(r["to_checkpoint"], r["skip_steps"], r["discarded"]) for r in rollback] == [
+        ("0-general-step0000004", ["general:5", "general:6", "general:7", "general:8"], ["0-general-step0000006"])]
+    # the spike window goes back with the weights: General's steps 1-4, not the losses of 5-7 gone back over
+    meta = json.loads((run_dir / "checkpoints" / "0-general-step0000008" / "meta.json").read_text())
+    assert meta["state"]["loss_history"] == [r["loss"] for r in steps(run_dir) if r["stage"] == "general"][:4]
     assert [r["step"] for r in recs if r.get("event") == "skipped_batch"] == [5, 6, 7, 8]
     assert [r["stage"] for r in recs if r.get("event") == "stage_start"] == ["general", "general", "reasoning"]
     assert [r["stage"] for r in recs if r.get("event") == "stage_end"] == ["general", "reasoning"]
-    assert (tmp_path / "checkpoints" / "0-general-step0000008").is_dir() and (tmp_path / "hf" / "general").is_dir()
-    assert [r["step"] for r in steps(tmp_path) if r["stage"] == "reasoning"] == [1, 2]
+    assert (run_dir / "checkpoints" / "0-general-step0000008").is_dir() and (run_dir / "hf" / "general").is_dir()
+    assert [r["step"] for r in steps(run_dir) if r["stage"] == "reasoning"] == [1, 2]
     # the spike window starts empty in a new stage (General's losses are no baseline for Reasoning's)
-    meta = json.loads((tmp_path / "checkpoints" / "1-reasoning-step0000002" / "meta.json").read_text())
-    assert meta["state"]["loss_history"] == [r["loss"] for r in steps(tmp_path) if r["stage"] == "reasoning"]
+    meta = json.loads((run_dir / "checkpoints" / "1-reasoning-step0000002" / "meta.json").read_text())
+    assert meta["state"]["loss_history"] == [r["loss"] for r in steps(run_dir) if r["stage"] == "reasoning"]
+
+    proc = run_train([*SMOKE, *overrides, f"run_dir={killed}"],
+                     env=inject("spike@general:8,kill_after_rollback@general:4"), timeout=240)
+    assert proc.returncode != 0
+    ckpts = killed / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "0-general-step0000004"
+    assert not (ckpts / "0-general-step0000006").exists()
+    proc = run_train([*SMOKE, *overrides, f"run_dir={killed}"], env=inject("spike@general:8"), timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    again = records(killed)
+    resume = next(i for i, r in enumerate(again) if r.get("event") == "resume")
+    assert again[resume]["checkpoint"] == "0-general-step0000004"
+    assert [r["step"] for r in again[resume:] if r.get("event") == "skipped_batch"] == [5, 6, 7, 8]
+    assert not [r for r in again[resume:] if r.get("event") in ("loss_spike", "rollback")]
+    assert [r["loss"] for r in steps(killed) if r["stage"] == "reasoning"] == [
+        r["loss"] for r in steps(run_dir) if r["stage"] == "reasoning"]
 
 
 def test_rollback_after_a_world_size_change_reads_the_old_layout_again(data_root, tmp_path):

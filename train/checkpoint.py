@@ -6,12 +6,15 @@ Layout under `<run_dir>/checkpoints/`:
     .tmp/<tag>/            a checkpoint being written; never read (a save clears what killed saves left here)
     zero_to_fp32.py        DeepSpeed's converter of a checkpoint to fp32 weights (it writes one beside every save)
     latest                 the tag of the newest complete checkpoint, written last with an atomic rename
+    <tag>/rollback.json    after a spike rollback to <tag>: the batches to skip from there (load() adds them)
 
 A save writes everything into `.tmp/<tag>`, every rank reports success, rank 0 renames the folder into place
 and only then replaces `latest`. A crash at any point leaves `latest` naming the previous complete checkpoint.
 A failed write on any rank (a full disk, say) fails every rank together and keeps what was there. Saving a tag
 that exists (a relaunch that reached the step again) moves the old folder aside only once the new one is
 complete; were a crash to fall between those two renames, `recover()` puts the old copy back at the next start.
+A spike rollback (`mark_rollback`) makes the checkpoint it went back to `latest` again, with its skip list, and
+removes the newer ones, which trained on the batches it skips: a crash before the next save resumes there.
 """
 from __future__ import annotations
 
@@ -115,7 +118,7 @@ class CheckpointManager:
         aside = self.dir / f".replaced-{tag}"
         if not (self.dir / tag / "meta.json").exists() and (aside / "meta.json").exists():
             os.rename(aside, self.dir / tag)
-        for stale in self.dir.glob(".replaced-*"):
+        for stale in [*self.dir.glob(".replaced-*"), *self.dir.glob(".discarded-*")]:
             shutil.rmtree(stale, ignore_errors=True)
         found = self.latest()  # the fallback, with its warning
         if found is not None and found != tag:
@@ -210,6 +213,24 @@ class CheckpointManager:
             raise CheckpointError(f"publishing checkpoint '{tag}' failed ({err or 'on rank 0'}); "
                                   f"'latest' still names '{named}'")
         return final
+
+    def mark_rollback(self, tag: str, skip_steps: List[str], rollbacks: int) -> List[str]:
+        """Rank 0, after a spike rollback to `tag`: make `tag` what a relaunch resumes, with the rollback's skip list
+        (`rollback.json` beside its files, which keep the state they were saved with), and remove the checkpoints
+        newer than it, which trained on batches the list skips. Returns the removed tags, oldest first.
+
+        Each removal is a rename out of sight first: a crash in the middle of one leaves no half-deleted folder
+        that `complete()` would offer as a checkpoint.
+        """
+        write_atomic(self.dir / tag / ROLLBACK_FILE, json.dumps({"skip_steps": skip_steps, "rollbacks": rollbacks}))
+        write_atomic(self.dir / "latest", tag)
+        step = self.read_meta(tag)["state"]["global_step"]
+        newer = [t for t in self.complete() if self.read_meta(t)["state"]["global_step"] > step]
+        for t in newer:
+            aside = self.dir / f".discarded-{t}"
+            os.rename(self.dir / t, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+        return newer
 
     def _retain(self, protect: str) -> None:
         """Keep the newest `keep` periodic checkpoints; stage-end checkpoints and `protect` always stay.
@@ -310,7 +331,17 @@ class CheckpointManager:
         self._fail_together(error, tag)
         if "trainer_state" not in client:
             raise CheckpointError(f"{self.dir / tag} holds no tristage trainer state")
-        return TrainerState(**client["trainer_state"])
+        state = TrainerState(**client["trainer_state"])
+        rolled = self.dir / tag / ROLLBACK_FILE
+        if rolled.exists():  # a spike rollback went back to this checkpoint: the batches it skips from here
+            try:
+                extra = json.loads(rolled.read_text())
+                state.skip_steps = sorted(set(state.skip_steps) | set(extra["skip_steps"]))
+                state.rollbacks = max(state.rollbacks, int(extra["rollbacks"]))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                why = f"{type(e).__name__}: {e}"
+                raise CheckpointError(f"{rolled}: cannot be read ({why}){self._way_out(tag)}") from None
+        return state
 
 
 # fields that fix the shape of the weights: a resume with any of them changed is refused
@@ -322,6 +353,7 @@ _SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_lay
 _BEHAVIOUR_KEYS = ("rms_norm_eps", "norm_topk_prob")  # the latter for MoE only
 
 STAGE_FINISHED = "stage_finished"  # in a stage-end checkpoint: its stage-end work is done
+ROLLBACK_FILE = "rollback.json"  # in a checkpoint a spike rollback went back to: the skip list from there on
 
 
 def model_shape(cfg: Qwen3Config) -> Dict[str, Any]:

@@ -54,9 +54,9 @@ def injected(kind: str, stage: str, step: int, rank: int) -> bool:
 def inject(kind: str, stage: str, step: int, rank: int) -> None:
     """Carry out the process-level faults: `stall` (sleep forever), `slow_export` (an HF export that takes
     TRISTAGE_SLOW_S seconds more, default 10), `enospc` / `enospc_in_write` (a full disk after DeepSpeed's part of
-    a checkpoint save / in its first file), `kill` / `kill_in_save` (SIGKILL at the
-    start of a step / in the middle of a checkpoint save), `sigusr1` (the signal, to this process, at the start of
-    a step)."""
+    a checkpoint save / in its first file), `kill` / `kill_in_save` / `kill_after_rollback` (SIGKILL at the start
+    of a step / in the middle of a checkpoint save / right after a spike rollback to the checkpoint at that step),
+    `sigusr1` (the signal, to this process, at the start of a step)."""
     if not injected(kind, stage, step, rank):
         return
     if kind == "stall":
@@ -68,7 +68,7 @@ def inject(kind: str, stage: str, step: int, rank: int) -> None:
         os.kill(os.getpid(), signal.SIGUSR1)
     if kind in ("enospc", "enospc_in_write"):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "(injected)")
-    if kind in ("kill", "kill_in_save"):
+    if kind in ("kill", "kill_in_save", "kill_after_rollback"):
         os.kill(os.getpid(), signal.SIGKILL)
 
 

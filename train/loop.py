@@ -463,7 +463,11 @@ class Trainer:
 
     def _rollback(self, rb: "_Rollback") -> None:
         """Reload the newest checkpoint from before the first batch to skip (else the newest, saying which of those
-        batches it has trained on already), keeping the new skip list, and carry on from there."""
+        batches it has trained on already), keeping the new skip list, and carry on from there.
+
+        The checkpoint becomes `latest` again with the skip list beside it, and the newer ones go (they trained on
+        the skipped batches): a crash before the next save resumes the rollback, not the spike. The spike window
+        is the checkpoint's own, without the losses of the steps gone back over (retrained, they come again)."""
         tags = self.checkpoints.complete()
         steps = {t: self.checkpoints.read_meta(t)["state"]["global_step"] for t in tags}
         earlier = [t for t in tags if steps[t] < rb.before_global_step]
@@ -473,12 +477,16 @@ class Trainer:
             print(f"[tristage] warning: no checkpoint kept from before the first batch faults.spike_skip_before asks "
                   f"to skip; rolled back to '{tag}', which has trained on the batches up to its step "
                   f"(checkpoint.keep, checkpoint_every keep older ones)", file=sys.stderr, flush=True)
-        skip, history, rollbacks = self.state.skip_steps, self.state.loss_history, self.state.rollbacks
+        skip, rollbacks = self.state.skip_steps, self.state.rollbacks
         self.state = self._load_checkpoint(tag)  # saved by an earlier launch in another layout, perhaps
         self.state.skip_steps = sorted(set(self.state.skip_steps) | set(skip))
-        self.state.loss_history, self.state.rollbacks = history, rollbacks
+        self.state.rollbacks = rollbacks
+        discarded = on_rank0("recording the rollback in the checkpoints",
+                             lambda: self.checkpoints.mark_rollback(tag, self.state.skip_steps, rollbacks))
         self.metrics.log({"event": "rollback", "stage": rb.stage, "global_step": self.state.global_step,
-                          "to_checkpoint": tag, "skip_steps": self.state.skip_steps, "time": time.time()})
+                          "to_checkpoint": tag, "skip_steps": self.state.skip_steps, "discarded": discarded,
+                          "time": time.time()})
+        inject("kill_after_rollback", self.state.stage, self.state.step, self.info.rank)
 
     def _enter_stage(self, stage: StageConfig, plan: StagePlan, fresh: bool) -> StageStream:
         """Apply a stage's switches to model, engine and data; log them."""
