@@ -511,10 +511,28 @@ def suggestions(cfg: TrainConfig, current: Plan, limit: int = 4) -> Tuple[List[s
                 break
     if found:
         return found, False
-    # No single change is enough: take the changes in order while each one lowers the excess; for keys with
-    # several candidate values (micro-batch, EP) the last one is the strongest.
+    together = _together(cfg, current)
+    if together:
+        return together, True
+    # nor at this size: the fewest nodes (doubling) at which the strongest changes together fit
+    nodes = cfg.launch.nodes
+    while nodes < 4096:
+        nodes *= 2
+        wider_cfg = copy.deepcopy(cfg)
+        wider_cfg.launch.nodes = nodes
+        wider = _try(wider_cfg, [])
+        together = _together(wider_cfg, wider) if wider is not None else []
+        if together:
+            return [f"launch.nodes={nodes}", *together], True
+    return [], False
+
+
+def _together(cfg: TrainConfig, current: Plan) -> List[str]:
+    """No single change being enough: the changes taken in order while each lowers the excess, until the plan
+    fits (for keys with several candidate values, micro-batch and EP, the last is the strongest); [] if it never
+    does. The node count stays."""
     strongest = {}
-    for label, apply in candidates:
+    for label, apply in _candidates(cfg, current):
         if not label.startswith("launch.nodes="):
             strongest[label.split("=")[0]] = (label, apply)
     chosen: List[Change] = []
@@ -524,8 +542,8 @@ def suggestions(cfg: TrainConfig, current: Plan, limit: int = 4) -> Tuple[List[s
         if trial is not None and _excess(trial) < best:
             chosen, best = chosen + [change], _excess(trial)
             if trial.fits:
-                return [label for label, _ in chosen], True
-    return [], False
+                return [label for label, _ in chosen]
+    return []
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -604,10 +622,10 @@ def format_plan(p: Plan) -> str:
             lines.append("any one of these overrides would fit:")
             lines += [f"  {s}" for s in p.suggestions]
         else:
-            lines.append("the planner's search (one change at a time, then its strongest changes together, without "
-                         "adding nodes to those) found no fitting overrides; try more nodes with activation "
-                         "checkpointing, ZeRO-3 and optimizer offload together, GPUs with more memory (or "
-                         "launch.cpu_memory_gb if only the CPU side overflows), or a smaller model.")
+            lines.append("the planner's search (one change at a time, then its strongest changes together, at this "
+                         "node count and at each doubling of it up to 4096 nodes) found no fitting overrides; try "
+                         "GPUs with more memory (or launch.cpu_memory_gb if only the CPU side overflows), or a "
+                         "smaller model.")
     return "\n".join(lines)
 
 

@@ -256,6 +256,20 @@ def test_combined_suggestion_when_no_single_change_fits():
     assert plan(fixed).fits
 
 
+def test_combined_suggestion_adds_nodes_when_changes_alone_cannot_fit():
+    """235B-A22B on one node of 8 GPUs: no change nor set of changes fits there; the fewest doubled node count at
+    which the strongest changes together fit is named with them (the search stopped at 'no fitting overrides')."""
+    base = ["model=qwen3_235b_a22b", "curriculum=qwen3", "deepspeed=zero0", "launch.nodes=1", "launch.gpus_per_node=8"]
+    p = plan(_cfg(*base))
+    assert not p.fits and p.suggestions_combined
+    nodes = [s for s in p.suggestions if s.startswith("launch.nodes=")]
+    assert len(nodes) == 1 and "deepspeed.zero_stage=3" in p.suggestions
+    assert plan(_cfg(*base, *p.suggestions)).fits
+    n = int(nodes[0].split("=")[1])
+    assert n > 1 and not plan(_cfg(*base, *p.suggestions, f"launch.nodes={n // 2}")).fits  # the fewest
+    assert "launch.nodes=" in format_plan(p)
+
+
 def test_offload_needs_cpu_memory():
     p = plan(_cfg("model=qwen3_32b", "curriculum=qwen3", "deepspeed=zero3_offload", "launch.nodes=1",
                   "launch.gpus_per_node=8", "launch.cpu_memory_gb=256", "model.activation_checkpointing=true"))
