@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Iterator, List, Optional, Tuple
 
 from data.errors import DataError
-from data.io import sha256_file, sha256_text
+from data.io import sha256_file, sha256_text, write_error
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
@@ -161,6 +161,9 @@ def load(opts: Options, cache_dir: Path, source: str):
         ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
                                    cache_dir=str(cache_dir), **kwargs)
     except Exception as e:  # a malformed file: name it, and what is wrong with it
+        written = write_error(e, cache_dir)
+        if written is not None:  # the disk `datasets` converts the files onto is full: not the files' fault
+            raise written from e
         raise _unreadable(source, builder, files, cache_dir, kwargs, e) from e
     # content and how it is read, not where it lies: the same files from another checkout reuse the shards
     identity = sha256_text(json.dumps([builder, [sha256_file(f) for f in files]]))
