@@ -373,7 +373,7 @@ def input_files(cfg: DataConfig) -> Dict[str, Optional[Dict[str, List[int]]]]:
         if src.kind == "local":
             try:
                 out[f"data.sources.{name}"] = stats(local.resolve(parse_options(local.Options, src.options, name).paths,
-                                                                  name))
+                                                                  name, quiet=True))
             except (DataError, OSError):
                 out[f"data.sources.{name}"] = None
     if cfg.tokenizer.path:

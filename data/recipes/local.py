@@ -6,9 +6,10 @@ import glob
 import itertools
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from data.errors import DataError
 from data.io import sha256_file, sha256_text, write_error
@@ -27,8 +28,10 @@ class Options:
     split_field: str = "split"  # column with "train"/"heldout", if the files have one (else all "train")
 
 
-def resolve(paths: List[str], source: str) -> List[Path]:
-    """Expand globs; a relative path is looked up in the cwd first, then in the repository root."""
+def resolve(paths: List[str], source: str, quiet: bool = False) -> List[Path]:
+    """Expand globs; a relative path is looked up in the cwd first, then in the repository root. A file that several
+    entries match (`[a.jsonl, "*.jsonl"]`, or a symlink to it) is read once, with a warning unless `quiet`: its
+    documents were trained on twice, unsaid (weights are the mixture's job)."""
     out: List[Path] = []
     for p in paths:
         bases = [Path("/")] if Path(p).is_absolute() else list(dict.fromkeys([Path.cwd(), REPO]))
@@ -40,7 +43,12 @@ def resolve(paths: List[str], source: str) -> List[Path]:
         else:
             where = "" if Path(p).is_absolute() else f" (looked in {' and '.join(map(str, bases))})"
             raise DataError(f"source '{source}': no file matches {p}{where}")
-    return out
+    first: Dict[str, Path] = {}
+    for f in out:
+        if first.setdefault(os.path.realpath(f), f) is not f and not quiet:
+            log.warning("source '%s': %s is matched again by options.paths %s (as %s); reading it once", source,
+                        first[os.path.realpath(f)], paths, f)
+    return list(first.values())
 
 
 def _reason(e: BaseException) -> str:
