@@ -229,6 +229,22 @@ def test_a_file_that_cannot_be_read_is_named_with_the_reason(tmp_path, tokenizer
         prepare(local(tmp_path, tokenizer, f"paths: ['{good}', '{latin1}']"))
 
 
+@pytest.mark.parametrize("lines, bad, what", [
+    (['{"text": "fine"}'] * 3000 + ["oops"], 3001, r"is not JSON \(Expecting value at character 1\): 'oops'"),
+    (['{"text": "a"}', '{"text": "b"'], 2, r"is not JSON \(Expecting ',' delimiter at character 14\): '\{\"text\": \"b\"'"),
+    (['{"text": "a"}', "[1, 2]"], 2, r"is list \[1, 2\], not a JSON object"),
+])
+def test_a_line_that_is_not_a_json_object_is_named(tmp_path, tokenizer, lines, bad, what):
+    """`datasets` (pandas' fallback on the whole file) said `ValueError: Trailing data at position 13` of any such
+    line, here line 3001: nothing in a file of millions of lines to find it by."""
+    good = write_jsonl(tmp_path / "a.jsonl", [{"text": "fine"}])
+    f = tmp_path / "b.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    for paths in ([f], [good, f]):  # alone, and found among other files
+        with pytest.raises(DataError, match=rf"^source 'j': could not read {f}: line {bad} {what}$"):
+            prepare(local(tmp_path, tokenizer, f"paths: {[str(p) for p in paths]}"))
+
+
 @pytest.mark.parametrize("mixture, message", [
     (MixtureConfig(weights={"udhr": -1.0, "bible": 1.0}), r"weights.udhr = -1.0: must be a finite weight >= 0"),
     (MixtureConfig(weights={"udhr": float("nan")}), "weights.udhr = nan"),

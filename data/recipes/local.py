@@ -7,6 +7,7 @@ import itertools
 import json
 import logging
 import os
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -67,9 +68,29 @@ def _unreadable(source: str, builder: str, files: List[Path], cache_dir: Path, k
         try:
             datasets.load_dataset(builder, data_files=[str(f)], split="train", cache_dir=str(cache_dir), **kwargs)
         except Exception as e:  # noqa: BLE001 - this is the one to name
-            return DataError(f"source '{source}': could not read {f}: {_reason(e)}")
+            return DataError(f"source '{source}': could not read {f}: {_bad_line(f, builder) or _reason(e)}")
     where = files[0] if len(files) == 1 else [str(f) for f in files]
-    return DataError(f"source '{source}': could not read {where}: {_reason(error)}")
+    bad = _bad_line(files[0], builder) if len(files) == 1 else None
+    return DataError(f"source '{source}': could not read {where}: {bad or _reason(error)}")
+
+
+def _bad_line(path: Path, builder: str) -> Optional[str]:
+    """'line N is not JSON (why): <the line>' for the first line of a JSON lines file that is not a JSON object, else
+    None. What `datasets` says of one (pandas' fallback on the whole file) is 'Trailing data at position 13' whatever
+    the line, which in a file of millions of lines leads nowhere."""
+    if builder != "json" or _first_byte(path) == b"[":
+        return None
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                return f"line {n} is not JSON ({e.msg} at character {e.pos + 1}): {reprlib.repr(line.strip())}"
+            if not isinstance(record, dict):
+                return f"line {n} is {type(record).__name__} {reprlib.repr(record)}, not a JSON object"
+    return None
 
 
 def _is_empty(path: Path, builder: str) -> bool:
