@@ -11,10 +11,12 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 TMP_MARK = ".tmp-"  # temporary files carry this in their name; nothing ever reads them
 HOST = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "host"  # in temporary names, before the pid
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}  # a write failed: full disk, quota, size limit,
+# read-only file system. The OSError of a write names no file, so these are given the path that was being written
 STALE_AFTER_S = 3600  # another host's temporary not modified for this long is a leftover: its pid means nothing
 # here, and a writer that is alive touches its file (or its folder's files) far more often than once an hour
 
@@ -44,7 +46,12 @@ def atomic_path(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(path)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as e:
+            if e.filename is None and e.errno in WRITE_ERRNOS:  # write()'s ENOSPC names no file: name what it wrote
+                raise OSError(e.errno, e.strerror, str(tmp)) from e
+            raise
         try:
             os.replace(tmp, path)
         except OSError as e:
@@ -58,6 +65,18 @@ def atomic_path(path: Path) -> Iterator[Path]:
                 shutil.rmtree(tmp)
             else:
                 tmp.unlink()
+
+
+def write_error(e: BaseException, path: Path) -> Optional[OSError]:
+    """The failed write (`WRITE_ERRNOS`) somewhere in `e`'s chain (`datasets` wraps its own), as an OSError naming
+    `path` where it names no file; None when `e` is something else. `write()`'s ENOSPC names no file, so a full disk
+    under `datasets` was `could not read <your file>: OSError: [Errno 28] No space left on device`."""
+    cause: Optional[BaseException] = e
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in WRITE_ERRNOS:
+            return OSError(cause.errno, cause.strerror, cause.filename or str(path))
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def temporary_name(path: Path) -> Path:

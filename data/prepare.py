@@ -18,6 +18,7 @@ import re
 import reprlib
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -26,7 +27,8 @@ import numpy as np
 
 from data.config import DataConfig, SourceConfig, to_data_config
 from data.errors import DataError, ShardError
-from data.io import atomic_path, read_json, remove_stale_tmp, sha256_file, sha256_text, usable_cpus, write_json
+from data.io import (atomic_path, read_json, remove_stale_tmp, sha256_file, sha256_text, usable_cpus, write_error,
+                     write_json)
 from data.recipes import BUILTIN, KINDS, LOADED, local
 from data.recipes.options import parse_options
 from data.shards import MANIFEST_FORMAT, MANIFEST_VERSION, token_dtype, verify, verify_file, write_shard
@@ -221,9 +223,17 @@ def tokenize(ds, tok: Tokenizer, num_proc: Optional[int], desc: str):
     del features["text"]
     features["input_ids"] = datasets.List(datasets.Value("int32"))
     n = num_proc or usable_cpus()
-    # load_from_cache_file=False: finished sources are skipped by their _done.json, not by datasets' cache
-    return ds.map(_Encode(tok), batched=True, batch_size=256, num_proc=n if n > 1 and len(ds) > 1 else None,
-                  remove_columns=["text"], features=features, desc=desc, load_from_cache_file=False)
+    try:
+        # load_from_cache_file=False: finished sources are skipped by their _done.json, not by datasets' cache
+        return ds.map(_Encode(tok), batched=True, batch_size=256, num_proc=n if n > 1 and len(ds) > 1 else None,
+                      remove_columns=["text"], features=features, desc=desc, load_from_cache_file=False)
+    except Exception as e:
+        # datasets writes the result beside the source's arrow files; a full disk there names no file
+        written = write_error(e, Path(ds.cache_files[0]["filename"]).parent if ds.cache_files else
+                              Path(tempfile.gettempdir()))
+        if written is None:
+            raise
+        raise written from e
 
 
 def drop_cache_files(ds, keep=None) -> None:
@@ -363,7 +373,7 @@ def input_files(cfg: DataConfig) -> Dict[str, Optional[Dict[str, List[int]]]]:
         if src.kind == "local":
             try:
                 out[f"data.sources.{name}"] = stats(local.resolve(parse_options(local.Options, src.options, name).paths,
-                                                                  name))
+                                                                  name, quiet=True))
             except (DataError, OSError):
                 out[f"data.sources.{name}"] = None
     if cfg.tokenizer.path:

@@ -1,4 +1,5 @@
 """python -m data.prepare on the committed fixture: manifest, caching, interrupted runs, sources, held-out data."""
+import errno
 import json
 import re
 import subprocess
@@ -171,6 +172,62 @@ runpy.run_module("data.prepare", run_name="__main__", alter_sys=True)
     mpath = prepare(compose("fixture", [f"root={root}"]))
     m, ref = verify(mpath), json.loads(clean.read_text())
     assert m["components"] == ref["components"] and m["heldout"] == ref["heldout"]
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_real_full_disk_names_the_file_it_was_writing(tmp_path):
+    """The test above gives its OSError a file name; a real write()'s ENOSPC has none, and a full disk ended
+    `python -m data.prepare` with `error: No space left on device`: no file, so no telling which disk. /dev/full fails
+    every write with ENOSPC, as a full disk does."""
+    from data.io import temporary_name
+    from data.prepare import _os_error
+
+    path = tmp_path / "eng.000.tok"
+    tmp = temporary_name(path)
+    tmp.symlink_to("/dev/full")  # where write_shard writes first
+    with pytest.raises(OSError) as e:
+        write_shard(path, np.arange(5000) % 1024, np.array([0, 5000]), 1024)
+    assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(tmp))
+    assert _os_error(e.value).startswith(f"{tmp}: No space left on device; what is finished is kept")
+    assert not path.exists() and not tmp.is_symlink()
+
+
+FULL_UNDER_DATASETS = """
+import json, resource, signal, sys
+from pathlib import Path
+from data.config import compose
+from data.prepare import _os_error, load_source, prepare, tokenize
+from data.tokenizer import load_tokenizer
+root, corpus, tok, stage = sys.argv[1:]
+cfg = compose("fixture", [f"root={root}", f"tokenizer.path={tok}", "~sources",
+                          f"+sources.j={{kind: local, options: {{paths: ['{corpus}']}}}}"])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as a full disk's ENOSPC
+ds = load_source("j", cfg.sources["j"], cfg)[0] if stage == "tokenize" else None
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))  # the corpus's arrow copy and its ids are larger
+try:
+    prepare(cfg) if ds is None else tokenize(ds, load_tokenizer(tok), 1, "tokenize j")
+except Exception as e:
+    print(json.dumps([type(e).__name__, str(e), _os_error(e) if isinstance(e, OSError) else None]))
+"""
+
+
+@pytest.mark.parametrize("stage", ["load", "tokenize"])
+def test_a_full_disk_under_datasets_names_its_cache_not_the_input(prepared, tmp_path, stage):
+    """A write that `datasets` makes (the corpus converted to arrow, the token ids) failing for lack of space was
+    `could not read <the user's file>: OSError: [Errno 28] No space left on device` (the file is fine), or the bare
+    `error: No space left on device`. A real write failure: the file size limit (EFBIG), in a process of its own."""
+    _, mpath = prepared
+    corpus = tmp_path / "big.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document {i} " + "lorem ipsum dolor " * 50}) + "\n"
+                              for i in range(300)))
+    tok = mpath.parent / verify(mpath)["tokenizer"]["path"]
+    root = tmp_path / "root"
+    proc = subprocess.run([sys.executable, "-c", FULL_UNDER_DATASETS, str(root), str(corpus), str(tok), stage],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    kind, message, cli = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert kind == "OSError" and str(corpus) not in message, (kind, message)
+    assert re.fullmatch(rf"\[Errno {errno.EFBIG}\] File too large: '{re.escape(str(root / 'hf'))}\S*'", message)
+    assert cli.startswith(f"{root / 'hf'}") and ": File too large; what is finished is kept" in cli
 
 
 def test_rerun_with_changed_config_reuses_finished_sources(prepared, tmp_path):

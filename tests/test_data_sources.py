@@ -196,6 +196,22 @@ def test_rows_without_a_language_take_the_default(tmp_path, tokenizer):
     assert {k: c["documents"] for k, c in m["components"].items()} == {"j/deu": 1, "j/eng": 2}
 
 
+def test_a_file_that_several_paths_match_is_read_once(tmp_path, tokenizer, caplog):
+    """`paths: [main.jsonl, "*.jsonl"]` (or a symlink to a listed file) read main.jsonl twice: its documents were
+    trained on twice and the manifest counted them twice, without a word."""
+    data = tmp_path / "data"
+    data.mkdir()
+    main = write_jsonl(data / "main.jsonl", [{"text": "alpha"}, {"text": "beta"}])
+    write_jsonl(data / "more.jsonl", [{"text": "gamma"}])
+    (tmp_path / "link.jsonl").symlink_to(main)
+    caplog.set_level(logging.WARNING, logger="data.recipes.local")
+    m = prepare(local(tmp_path, tokenizer, f"paths: ['{main}', '{data}/*.jsonl', '{tmp_path}/link.jsonl']"))
+    assert verify(m)["components"]["j/und"]["documents"] == 3
+    assert sorted(decoded(m, tokenizer)["j/und"]) == [f"{t}<|endoftext|>" for t in ("alpha", "beta", "gamma")]
+    assert f"source 'j': {main} is matched again by options.paths" in caplog.text
+    assert f"(as {tmp_path}/link.jsonl); reading it once" in caplog.text
+
+
 def test_a_file_that_cannot_be_read_is_named_with_the_reason(tmp_path, tokenizer):
     good = write_jsonl(tmp_path / "a.jsonl", [{"text": "fine"}])
     bad = tmp_path / "b.jsonl"
@@ -211,6 +227,22 @@ def test_a_file_that_cannot_be_read_is_named_with_the_reason(tmp_path, tokenizer
     latin1.write_bytes('{"text": "fine"}\n{"text": "sch\u00f6n"}\n'.encode("latin-1"))
     with pytest.raises(DataError, match=rf"{latin1} is not UTF-8 text: byte 30 \(line 2\)"):
         prepare(local(tmp_path, tokenizer, f"paths: ['{good}', '{latin1}']"))
+
+
+@pytest.mark.parametrize("lines, bad, what", [
+    (['{"text": "fine"}'] * 3000 + ["oops"], 3001, r"is not JSON \(Expecting value at character 1\): 'oops'"),
+    (['{"text": "a"}', '{"text": "b"'], 2, r"is not JSON \(Expecting ',' delimiter at character 14\): '\{\"text\": \"b\"'"),
+    (['{"text": "a"}', "[1, 2]"], 2, r"is list \[1, 2\], not a JSON object"),
+])
+def test_a_line_that_is_not_a_json_object_is_named(tmp_path, tokenizer, lines, bad, what):
+    """`datasets` (pandas' fallback on the whole file) said `ValueError: Trailing data at position 13` of any such
+    line, here line 3001: nothing in a file of millions of lines to find it by."""
+    good = write_jsonl(tmp_path / "a.jsonl", [{"text": "fine"}])
+    f = tmp_path / "b.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    for paths in ([f], [good, f]):  # alone, and found among other files
+        with pytest.raises(DataError, match=rf"^source 'j': could not read {f}: line {bad} {what}$"):
+            prepare(local(tmp_path, tokenizer, f"paths: {[str(p) for p in paths]}"))
 
 
 @pytest.mark.parametrize("mixture, message", [

@@ -6,12 +6,14 @@ import glob
 import itertools
 import json
 import logging
+import os
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from data.errors import DataError
-from data.io import sha256_file, sha256_text
+from data.io import sha256_file, sha256_text, write_error
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
@@ -27,8 +29,10 @@ class Options:
     split_field: str = "split"  # column with "train"/"heldout", if the files have one (else all "train")
 
 
-def resolve(paths: List[str], source: str) -> List[Path]:
-    """Expand globs; a relative path is looked up in the cwd first, then in the repository root."""
+def resolve(paths: List[str], source: str, quiet: bool = False) -> List[Path]:
+    """Expand globs; a relative path is looked up in the cwd first, then in the repository root. A file that several
+    entries match (`[a.jsonl, "*.jsonl"]`, or a symlink to it) is read once, with a warning unless `quiet`: its
+    documents were trained on twice, unsaid (weights are the mixture's job)."""
     out: List[Path] = []
     for p in paths:
         bases = [Path("/")] if Path(p).is_absolute() else list(dict.fromkeys([Path.cwd(), REPO]))
@@ -40,7 +44,12 @@ def resolve(paths: List[str], source: str) -> List[Path]:
         else:
             where = "" if Path(p).is_absolute() else f" (looked in {' and '.join(map(str, bases))})"
             raise DataError(f"source '{source}': no file matches {p}{where}")
-    return out
+    first: Dict[str, Path] = {}
+    for f in out:
+        if first.setdefault(os.path.realpath(f), f) is not f and not quiet:
+            log.warning("source '%s': %s is matched again by options.paths %s (as %s); reading it once", source,
+                        first[os.path.realpath(f)], paths, f)
+    return list(first.values())
 
 
 def _reason(e: BaseException) -> str:
@@ -59,9 +68,29 @@ def _unreadable(source: str, builder: str, files: List[Path], cache_dir: Path, k
         try:
             datasets.load_dataset(builder, data_files=[str(f)], split="train", cache_dir=str(cache_dir), **kwargs)
         except Exception as e:  # noqa: BLE001 - this is the one to name
-            return DataError(f"source '{source}': could not read {f}: {_reason(e)}")
+            return DataError(f"source '{source}': could not read {f}: {_bad_line(f, builder) or _reason(e)}")
     where = files[0] if len(files) == 1 else [str(f) for f in files]
-    return DataError(f"source '{source}': could not read {where}: {_reason(error)}")
+    bad = _bad_line(files[0], builder) if len(files) == 1 else None
+    return DataError(f"source '{source}': could not read {where}: {bad or _reason(error)}")
+
+
+def _bad_line(path: Path, builder: str) -> Optional[str]:
+    """'line N is not JSON (why): <the line>' for the first line of a JSON lines file that is not a JSON object, else
+    None. What `datasets` says of one (pandas' fallback on the whole file) is 'Trailing data at position 13' whatever
+    the line, which in a file of millions of lines leads nowhere."""
+    if builder != "json" or _first_byte(path) == b"[":
+        return None
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                return f"line {n} is not JSON ({e.msg} at character {e.pos + 1}): {reprlib.repr(line.strip())}"
+            if not isinstance(record, dict):
+                return f"line {n} is {type(record).__name__} {reprlib.repr(record)}, not a JSON object"
+    return None
 
 
 def _is_empty(path: Path, builder: str) -> bool:
@@ -161,6 +190,9 @@ def load(opts: Options, cache_dir: Path, source: str):
         ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
                                    cache_dir=str(cache_dir), **kwargs)
     except Exception as e:  # a malformed file: name it, and what is wrong with it
+        written = write_error(e, cache_dir)
+        if written is not None:  # the disk `datasets` converts the files onto is full: not the files' fault
+            raise written from e
         raise _unreadable(source, builder, files, cache_dir, kwargs, e) from e
     # content and how it is read, not where it lies: the same files from another checkout reuse the shards
     identity = sha256_text(json.dumps([builder, [sha256_file(f) for f in files]]))
