@@ -338,6 +338,30 @@ def test_rope_scaling_is_checked_whole_before_the_model_changes():
     assert model.config.rope_scaling["original_max_position_embeddings"] == 128 and model.rope_cos.shape[0] == 512
 
 
+def test_a_stored_head_other_than_the_tied_embedding_is_refused(tmp_path):
+    """A config with tie_word_embeddings whose checkpoint also stores lm_head.weight: transformers ties the two only
+    when they are equal, and otherwise warns and keeps both (the head it read). This model took the embedding as the
+    head regardless, and its logits differed from transformers' by up to 30 without a word."""
+    from safetensors.torch import save_file
+
+    hf = random_hf_model("dense_tied")
+    hf.save_pretrained(tmp_path / "hf")
+    tensors = files_tensors(tmp_path / "hf")
+    x = torch.randint(0, 512, (1, 30), generator=torch.Generator().manual_seed(5))
+    for head in [tensors["model.embed_tokens.weight"].clone(), torch.randn(512, 64, generator=torch.Generator())]:
+        save_file({**tensors, "lm_head.weight": head}, str(tmp_path / "hf" / "model.safetensors"))
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+        assert torch.equal(theirs.lm_head.weight, head)
+        if torch.equal(head, tensors["model.embed_tokens.weight"]):  # the same values: one tied matrix
+            with torch.no_grad():
+                torch.testing.assert_close(load_hf(tmp_path / "hf").eval()(x).logits, theirs(x).logits,
+                                           rtol=0, atol=1e-4)
+        else:
+            with pytest.raises(ValueError, match=re.escape(
+                    "lm_head.weight differs from model.embed_tokens.weight under tie_word_embeddings")):
+                load_hf(tmp_path / "hf")
+
+
 def test_transformers_stacked_expert_layout_loads(tmp_path):
     """transformers 5 writes experts stacked (`mlp.experts.gate_up_proj`) with save_original_format=False; that
     was refused as an unexpected key. Expert-parallel ranks still read only their rows."""
