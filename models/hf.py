@@ -75,12 +75,9 @@ def _config_from_hf(d: Dict[str, Any], name: Optional[str]) -> Qwen3Config:
         v = d.get(key)
         return defaults.get(key) if v is None else v
 
-    rope = dict(d.get("rope_parameters") or {})
-    legacy = d.get("rope_scaling")
+    # as transformers 5 (and 4.x, which knows no rope_parameters): a non-null rope_scaling is read first, whole
+    rope = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})
     theta = rope.pop("rope_theta", None) or d.get("rope_theta") or 10000.0
-    if rope.get("rope_type", rope.get("type", "default")) == "default" and legacy:
-        rope = dict(legacy)  # 4.x layout: scaling in rope_scaling, theta at the top level
-        rope.pop("rope_theta", None)
     kind = rope.get("rope_type", rope.get("type", "default"))
     scaling = None if kind == "default" else {k: v for k, v in rope.items() if k != "type"} | {"rope_type": kind}
 
