@@ -75,12 +75,9 @@ def _config_from_hf(d: Dict[str, Any], name: Optional[str]) -> Qwen3Config:
         v = d.get(key)
         return defaults.get(key) if v is None else v
 
-    rope = dict(d.get("rope_parameters") or {})
-    legacy = d.get("rope_scaling")
+    # as transformers 5 (and 4.x, which knows no rope_parameters): a non-null rope_scaling is read first, whole
+    rope = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})
     theta = rope.pop("rope_theta", None) or d.get("rope_theta") or 10000.0
-    if rope.get("rope_type", rope.get("type", "default")) == "default" and legacy:
-        rope = dict(legacy)  # 4.x layout: scaling in rope_scaling, theta at the top level
-        rope.pop("rope_theta", None)
     kind = rope.get("rope_type", rope.get("type", "default"))
     scaling = None if kind == "default" else {k: v for k, v in rope.items() if k != "type"} | {"rope_type": kind}
 
@@ -232,10 +229,12 @@ class HFWeights:
         expected = {**required, **{name: tuple(t.shape) for name, t in state.items() if name.endswith(_STACKED)}}
         self.files: Dict[str, Path] = {}
         self._open: Dict[Path, Any] = {}
+        tied_head: Optional[Path] = None
         for file in _checkpoint_files(self.path):
             for key, shape in self._keys(file):
                 if key == "lm_head.weight" and cfg.tie_word_embeddings:
-                    continue  # some exports store the tied head anyway; the embedding is the source
+                    tied_head = file  # some exports store the tied head anyway: checked below
+                    continue
                 if key not in expected:
                     raise ValueError(f"{file}: unexpected key {key}")
                 if shape != expected[key]:
@@ -247,6 +246,12 @@ class HFWeights:
         missing = sorted(k for k in required if k not in self.files and stacked_of.get(k) not in self.files)
         if missing:
             raise ValueError(f"{self.path}: missing weights {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        # transformers ties a stored head only when it equals the embedding, and otherwise uses both untied
+        if tied_head is not None and not torch.equal(self._file_at(tied_head).get_tensor("lm_head.weight"),
+                                                     self._read("model.embed_tokens.weight")):
+            raise ValueError(f"{tied_head}: lm_head.weight differs from model.embed_tokens.weight under "
+                             f"tie_word_embeddings: true (transformers then keeps both, untied); set "
+                             f"tie_word_embeddings to false in config.json to load them as two matrices")
 
     @staticmethod
     def _keys(file: Path) -> List[Tuple[str, tuple]]:
@@ -258,7 +263,9 @@ class HFWeights:
             raise ValueError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from e
 
     def _file(self, key: str) -> Any:
-        file = self.files[key]
+        return self._file_at(self.files[key])
+
+    def _file_at(self, file: Path) -> Any:
         if file not in self._open:  # memory-mapped; kept open for the (many) per-expert reads
             self._open[file] = safe_open(str(file), framework="pt")
         return self._open[file]

@@ -314,6 +314,33 @@ def test_yarn_variants_match_transformers(extra, tmp_path):
     assert model.config.rope_scaling["factor"] == (4.0 if extra.get("factor", 4.0) else 256 / 64)
 
 
+@pytest.mark.parametrize("edit", [
+    # Qwen3's model card: add rope_scaling for YaRN, here to a config transformers 5 wrote (rope_parameters, no
+    # top-level rope_theta)
+    {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}},
+    # both layouts, disagreeing
+    {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 1e6},
+     "rope_scaling": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64},
+     "rope_theta": 5e5},
+])
+def test_rope_scaling_is_read_first_as_transformers_does(edit, tmp_path):
+    """transformers (5.x as 4.x) takes a non-null rope_scaling over rope_parameters, with the top-level rope_theta
+    (else 10,000). This model read rope_parameters first, and a folder with both computed other RoPE tables than
+    transformers (logits off by 3.6-6.9) without a word."""
+    hf = random_hf_model("dense_untied", rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    hf.save_pretrained(tmp_path / "hf")
+    cfg_file = tmp_path / "hf" / "config.json"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), **edit}))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ours = load_hf(tmp_path / "hf").eval()
+    assert ours.config.rope_theta == theirs.config.rope_parameters["rope_theta"]
+    assert ours.config.rope_scaling["factor"] == theirs.config.rope_parameters["factor"] == \
+        edit["rope_scaling"]["factor"]
+    x = torch.randint(0, 512, (1, 200), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).logits, theirs(x).logits, rtol=0, atol=1e-4)
+
+
 def test_rope_scaling_is_checked_whole_before_the_model_changes():
     model = Qwen3ForCausalLM(dict(load_preset("tiny_dense").to_dict(), max_position_embeddings=128))
     model.init_weights(seed=0)
@@ -336,6 +363,30 @@ def test_rope_scaling_is_checked_whole_before_the_model_changes():
     # transformers 5 style rope_theta inside, equal to the model's, is taken
     model.set_rope_scaling({"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4})
     assert model.config.rope_scaling["original_max_position_embeddings"] == 128 and model.rope_cos.shape[0] == 512
+
+
+def test_a_stored_head_other_than_the_tied_embedding_is_refused(tmp_path):
+    """A config with tie_word_embeddings whose checkpoint also stores lm_head.weight: transformers ties the two only
+    when they are equal, and otherwise warns and keeps both (the head it read). This model took the embedding as the
+    head regardless, and its logits differed from transformers' by up to 30 without a word."""
+    from safetensors.torch import save_file
+
+    hf = random_hf_model("dense_tied")
+    hf.save_pretrained(tmp_path / "hf")
+    tensors = files_tensors(tmp_path / "hf")
+    x = torch.randint(0, 512, (1, 30), generator=torch.Generator().manual_seed(5))
+    for head in [tensors["model.embed_tokens.weight"].clone(), torch.randn(512, 64, generator=torch.Generator())]:
+        save_file({**tensors, "lm_head.weight": head}, str(tmp_path / "hf" / "model.safetensors"))
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+        assert torch.equal(theirs.lm_head.weight, head)
+        if torch.equal(head, tensors["model.embed_tokens.weight"]):  # the same values: one tied matrix
+            with torch.no_grad():
+                torch.testing.assert_close(load_hf(tmp_path / "hf").eval()(x).logits, theirs(x).logits,
+                                           rtol=0, atol=1e-4)
+        else:
+            with pytest.raises(ValueError, match=re.escape(
+                    "lm_head.weight differs from model.embed_tokens.weight under tie_word_embeddings")):
+                load_hf(tmp_path / "hf")
 
 
 def test_transformers_stacked_expert_layout_loads(tmp_path):
