@@ -247,8 +247,7 @@ class HFWeights:
         if missing:
             raise ValueError(f"{self.path}: missing weights {missing[:8]}{' ...' if len(missing) > 8 else ''}")
         # transformers ties a stored head only when it equals the embedding, and otherwise uses both untied
-        if tied_head is not None and not torch.equal(self._file_at(tied_head).get_tensor("lm_head.weight"),
-                                                     self._read("model.embed_tokens.weight")):
+        if tied_head is not None and not self._same_rows(tied_head, "lm_head.weight", "model.embed_tokens.weight"):
             raise ValueError(f"{tied_head}: lm_head.weight differs from model.embed_tokens.weight under "
                              f"tie_word_embeddings: true (transformers then keeps both, untied); set "
                              f"tie_word_embeddings to false in config.json to load them as two matrices")
@@ -285,6 +284,13 @@ class HFWeights:
 
     def _read(self, key: str) -> torch.Tensor:
         return self._file(key).get_tensor(key)
+
+    def _same_rows(self, file: Path, key: str, other: str, rows: int = 4096) -> bool:
+        """Whether `key` in `file` equals the tensor `other` exactly, read a block of rows at a time (a vocabulary
+        matrix of a large model is GBs, and every rank of a partitioned build reads it)."""
+        a, b = self._file_at(file).get_slice(key), self._file(other).get_slice(other)
+        n = a.get_shape()[0]
+        return all(torch.equal(a[i:i + rows], b[i:i + rows]) for i in range(0, n, rows))
 
 
 def load_hf_weights(model: Qwen3ForCausalLM, path: PathLike,
