@@ -245,37 +245,51 @@ def drop_cache_files(ds, keep=None) -> None:
             Path(f["filename"]).unlink(missing_ok=True)
 
 
-def _flat_ids(ds) -> tuple[np.ndarray, np.ndarray]:
-    """(all token ids concatenated, offsets (n_docs + 1,)) from the arrow column, without Python loops."""
-    import pyarrow as pa
+def _rows_by_component(table) -> Dict[Tuple[str, str], np.ndarray]:
+    """(split, language) -> the table's rows of that component, ascending; from those two columns only (four
+    integers a document, not its tokens)."""
     import pyarrow.compute as pc
 
-    col = ds.data.column("input_ids")
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    lens = pc.list_value_length(arr).to_numpy(zero_copy_only=False).astype(np.int64)
-    flat = arr.flatten().to_numpy(zero_copy_only=False)
-    return flat, np.concatenate([[0], np.cumsum(lens)])
+    names, codes = [], []
+    for col in ("split", "language"):
+        values = table.column(col)
+        uniq = pc.unique(values)
+        names.append(uniq.to_pylist())
+        codes.append(pc.index_in(values, value_set=uniq).to_numpy().astype(np.int64))
+    code = codes[0] * len(names[1]) + codes[1]
+    order = np.argsort(code, kind="stable")  # rows grouped by component, each group in row order
+    ordered = code[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if len(order) else np.zeros(0, np.int64)
+    ends = np.r_[starts[1:], len(order)]
+    return {(names[0][ordered[a] // len(names[1])], names[1][ordered[a] % len(names[1])]): order[a:b]
+            for a, b in zip(starts, ends)}
 
 
-def _gather(flat: np.ndarray, offsets: np.ndarray, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens and offsets of the documents `docs` (in that order)."""
-    lens = offsets[docs + 1] - offsets[docs]
-    new_off = np.concatenate([[0], np.cumsum(lens)])
-    idx = np.repeat(offsets[docs] - new_off[:-1], lens) + np.arange(new_off[-1])
-    return flat[idx], new_off
+def _take_tokens(column, chunk_starts: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The token ids of `rows` (ascending) of the chunked `input_ids` column, concatenated: read from the memory-
+    mapped table chunk by chunk (a take over the whole chunked column may concatenate the column first)."""
+    import pyarrow as pa
+
+    which = np.searchsorted(chunk_starts, rows, "right") - 1
+    cuts = np.flatnonzero(np.r_[True, which[1:] != which[:-1]]) if len(rows) else np.zeros(0, np.int64)
+    parts = [column.chunk(int(which[a])).take(pa.array(rows[a:b] - chunk_starts[which[a]])).flatten()
+             .to_numpy(zero_copy_only=False) for a, b in zip(cuts, np.r_[cuts[1:], len(rows)])]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int32)
 
 
-def _write_component(folder: Path, stem: str, tokens: np.ndarray, offsets: np.ndarray, vocab: int,
-                     shard_tokens: int, root: Path) -> List[dict]:
-    """Write a component's documents into files of at most ~shard_tokens tokens (split at document boundaries)."""
-    files, start_doc, n_docs, part = [], 0, len(offsets) - 1, 0
+def _write_component(folder: Path, stem: str, column, chunk_starts: np.ndarray, rows: np.ndarray,
+                     lengths: np.ndarray, vocab: int, shard_tokens: int, root: Path) -> List[dict]:
+    """Write a component's documents (`rows` of the tokenized table) into files of at most ~shard_tokens tokens,
+    split at document boundaries; one file's tokens are in memory at a time, never the component's."""
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    files, start_doc, n_docs, part = [], 0, len(rows), 0
     while start_doc < n_docs:
         # last document that still fits (always at least one)
         end_doc = max(start_doc + 1, int(np.searchsorted(offsets, offsets[start_doc] + shard_tokens, "right")) - 1)
         end_doc = min(end_doc, n_docs)
-        a, b = offsets[start_doc], offsets[end_doc]
+        tokens = _take_tokens(column, chunk_starts, rows[start_doc:end_doc])
         path = folder / f"{stem}.{part:03d}.tok"
-        entry = write_shard(path, tokens[a:b], offsets[start_doc:end_doc + 1] - a, vocab)
+        entry = write_shard(path, tokens, offsets[start_doc:end_doc + 1] - offsets[start_doc], vocab)
         files.append({"path": str(path.relative_to(root)), **entry})
         start_doc, part = end_doc, part + 1
     return files
@@ -329,25 +343,31 @@ def ensure_source_shards(name: str, ds, identity: str, tok: Tokenizer, cfg: Data
         ds = ds.filter(lambda ls: [l in keep for l in ls], input_columns="language", batched=True)
     t0 = time.time()
     tokenized = tokenize(ds, tok, cfg.num_proc, desc=f"tokenize {name}")
-    flat, offsets = _flat_ids(tokenized)
-    langs = np.asarray(tokenized["language"], dtype=object)
-    splits = np.asarray(tokenized["split"], dtype=object)
-    drop_cache_files(tokenized, keep=ds)  # the shards hold the result now
-    del tokenized
+    # the token ids stay in datasets' memory-mapped arrow file: each shard reads its documents' ids from there, so
+    # a source of any size is written with one shard's tokens in memory (plus a few integers a document)
+    table = tokenized.data  # map's output: its own table, rows in dataset order
+    column = table.column("input_ids")
+    chunk_starts = np.cumsum([0] + [len(c) for c in column.chunks], dtype=np.int64)
+    import pyarrow.compute as pc
+    lengths = pc.list_value_length(column).to_numpy().astype(np.int64)
+    groups = _rows_by_component(table)
     rec: Dict[str, Any] = {"source": name, "dtype": token_dtype(tok.vocab_size).name,
                            "tokenizer": tok.fingerprint, "train": {}, "heldout": {}}
     for section in SPLITS:
-        for lang in sorted(set(langs[splits == section])):
-            docs = np.flatnonzero((langs == lang) & (splits == section))
-            tokens, offs = _gather(flat, offsets, docs)
+        for lang in sorted(lang for split, lang in groups if split == section):
+            rows = groups[(section, lang)]
             stem = lang if section == "train" else f"heldout-{lang}"
-            files = _write_component(folder, stem, tokens, offs, tok.vocab_size, cfg.shard_tokens, out)
-            rec[section][f"{name}/{lang}"] = {"source": name, "language": lang, "tokens": int(offs[-1]),
-                                              "documents": len(docs), "files": files}
+            files = _write_component(folder, stem, column, chunk_starts, rows, lengths[rows], tok.vocab_size,
+                                     cfg.shard_tokens, out)
+            rec[section][f"{name}/{lang}"] = {"source": name, "language": lang, "tokens": int(lengths[rows].sum()),
+                                              "documents": len(rows), "files": files}
+    del table, column
+    drop_cache_files(tokenized, keep=ds)  # the shards hold the result now
+    del tokenized
     write_json(done, rec)  # last: marks the source finished
     n_tok = sum(c["tokens"] for c in rec["train"].values())
     log.info("source %s: %d tokens in %d languages (%.1fs, %.0f tokens/s)", name, n_tok, len(rec["train"]),
-             time.time() - t0, len(flat) / max(time.time() - t0, 1e-9))
+             time.time() - t0, int(lengths.sum()) / max(time.time() - t0, 1e-9))
     return rec, False
 
 

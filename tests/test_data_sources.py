@@ -367,3 +367,59 @@ def test_a_data_config_of_ones_own_without_root_takes_the_environments(monkeypat
     assert DataConfig(name="mine").root == str(tmp_path)  # built in Python too, not only through OmegaConf
     monkeypatch.delenv("TRISTAGE_DATA_ROOT")
     assert to_data_config({"name": "mine"}).root == ".cache/tristage"
+
+
+def test_a_source_is_sharded_with_one_shards_tokens_in_memory(tmp_path, tokenizer, monkeypatch):
+    """The token ids stay in datasets' memory-mapped arrow file and each shard reads its documents' ids from there:
+    sharding ~0.5M tokens of two languages into 4,096-token files allocates (numpy, which tracemalloc sees) a small
+    fraction of the ids' bytes. It gathered each component's ids whole, with an int64 index per token: a corpus of
+    one's own larger than the machine's memory could not be prepared. The shards are the same documents in the same
+    order, split where the next document would pass shard_tokens."""
+    import random
+    import tracemalloc
+
+    import numpy as np
+
+    import data.prepare as P
+    from data.config import to_data_config
+    from data.shards import open_shard
+
+    rng = random.Random(0)
+    words = ["stream", "shard", "token", "memory", "corpus", "document", "river", "mountain", "garden", "signal"]
+    rows = [{"text": " ".join(rng.choice(words) for _ in range(rng.randint(20, 400))), "lang": ["eng", "deu"][i % 2]}
+            for i in range(3000)]
+    write_jsonl(tmp_path / "big.jsonl", rows)
+    cfg = to_data_config(local(tmp_path, tokenizer, f"paths: ['{tmp_path}/big.jsonl'], language_field: lang",
+                               ["shard_tokens=4096"]))
+    ds, identity, _ = P.load_source("j", cfg.sources["j"], cfg)
+    tok = P.ensure_tokenizer(cfg, {"j": ds}, {"j": identity})
+    def tokenize_then_measure(*args, **kwargs):  # datasets' map holds a batch of Python lists: not the sharding
+        out = real_tokenize(*args, **kwargs)
+        tracemalloc.reset_peak()
+        return out
+
+    real_tokenize = P.tokenize
+    monkeypatch.setattr(P, "tokenize", tokenize_then_measure)
+    tracemalloc.start()
+    try:
+        rec, reused = P.ensure_source_shards("j", ds, identity, tok, cfg)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert not reused
+    out = tmp_path / "root" / cfg.name
+    total = sum(c["tokens"] for c in rec["train"].values())
+    assert total > 400_000 and peak < 0.25 * 4 * total, (peak, total)  # the ids as int32: 4 bytes each
+    for lang, texts in (("eng", rows[0::2]), ("deu", rows[1::2])):
+        comp = rec["train"][f"j/{lang}"]
+        assert len(comp["files"]) > 20 and comp["documents"] == len(texts)
+        docs = []
+        for i, f in enumerate(comp["files"]):
+            s = open_shard(out / f["path"])
+            lengths = np.diff(s.offsets)
+            assert s.offsets[-1] <= 4096 or len(lengths) == 1  # at most shard_tokens, or one longer document
+            if i + 1 < len(comp["files"]):  # full: the next file's first document would not have fitted
+                nxt = open_shard(out / comp["files"][i + 1]["path"])
+                assert s.offsets[-1] + nxt.offsets[1] > 4096
+            docs += [tok.decode(s.tokens[a:b].tolist()) for a, b in zip(s.offsets[:-1], s.offsets[1:])]
+        assert [d.removesuffix(tok.decode([tok.eos_id])).strip() for d in docs] == [r["text"] for r in texts]
