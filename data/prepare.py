@@ -20,8 +20,9 @@ import shutil
 import sys
 import tempfile
 import time
+from array import array
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -32,7 +33,7 @@ from data.io import (atomic_path, read_json, remove_stale_tmp, sha256_file, sha2
 from data.recipes import BUILTIN, KINDS, LOADED, local
 from data.recipes.options import parse_options
 from data.shards import MANIFEST_FORMAT, MANIFEST_VERSION, token_dtype, verify, verify_file, write_shard
-from data.tokenizer import Tokenizer, describe, fetch_qwen3, load_tokenizer, train_sentencepiece
+from data.tokenizer import Tokenizer, describe, fetch_qwen3, load_tokenizer, sample_lines, train_on_sample
 
 log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # source names and languages become file names
@@ -161,17 +162,39 @@ def _normalize(ds, name: str, text: str, language: str, split: str, default_lang
 # Tokenizer
 
 
-def _tokenizer_lines(sources: Dict[str, Any]) -> Dict[str, List[str]]:
-    """Training text (split == train only, never held-out) as lines per language."""
-    lines: Dict[str, List[str]] = {}
+def _tokenizer_lines(sources: Dict[str, Any]) -> Iterator[Tuple[str, str]]:
+    """(language, line) of the training text (split == train only, never held-out), lines cut to MAX_LINE
+    characters, in a fixed order; read a batch of documents at a time."""
     for ds in sources.values():
-        for text, lang, split in zip(ds["text"], ds["language"], ds["split"]):
-            if split != "train":
-                continue
-            out = lines.setdefault(lang, [])
-            for line in text.split("\n"):
-                out += [line[i:i + MAX_LINE] for i in range(0, len(line), MAX_LINE)]
-    return lines
+        for batch in ds.iter(batch_size=256):
+            for text, lang, split in zip(batch["text"], batch["language"], batch["split"]):
+                if split != "train":
+                    continue
+                for line in text.split("\n"):
+                    for i in range(0, len(line), MAX_LINE):
+                        yield lang, line[i:i + MAX_LINE]
+
+
+def _tokenizer_sample(sources: Dict[str, Any], t: Any) -> List[str]:
+    """The sentencepiece training sample of the sources' training text (`data.tokenizer.sample_lines`), in two
+    passes: the first keeps each line's length, the second the lines drawn; never the whole text, so a corpus of
+    any size trains its tokenizer in memory for its line count (8 bytes a line) and the sample."""
+    lengths: Dict[str, array] = {}
+    for lang, line in _tokenizer_lines(sources):
+        lengths.setdefault(lang, array("q")).append(len(line))
+    picks = sample_lines({l: np.frombuffer(a, dtype=np.int64) for l, a in lengths.items()}, t.sample_chars, t.alpha,
+                         t.seed)
+    del lengths
+    drawn: Dict[str, Dict[int, str]] = {}
+    for lang, i in picks:
+        drawn.setdefault(lang, {})[i] = ""
+    seen: Dict[str, int] = {}
+    for lang, line in _tokenizer_lines(sources):
+        i = seen.get(lang, 0)
+        seen[lang] = i + 1
+        if i in drawn.get(lang, ()):
+            drawn[lang][i] = line
+    return [drawn[lang][i] for lang, i in picks]
 
 
 def ensure_tokenizer(cfg: DataConfig, sources: Dict[str, Any], identities: Dict[str, str]) -> Tokenizer:
@@ -196,7 +219,7 @@ def ensure_tokenizer(cfg: DataConfig, sources: Dict[str, Any], identities: Dict[
     d = out / f"tokenizer-{_key([dataclasses.asdict(t), sorted(identities.items())])}"
     if not (d / "tokenizer.model").exists():
         t0 = time.time()
-        train_sentencepiece(_tokenizer_lines(sources), t, d)
+        train_on_sample(_tokenizer_sample(sources, t), t, d)
         log.info("tokenizer: trained %s (vocab %d) in %.1fs", d, t.vocab_size, time.time() - t0)
     return load_tokenizer(d / "tokenizer.model")
 

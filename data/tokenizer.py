@@ -13,7 +13,7 @@ import shutil
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Sequence, Union
+from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -271,33 +271,44 @@ _CONVERSION_PROBES = [
 ]
 
 
-def language_sample(lines: Mapping[str, Sequence[str]], total_chars: int, alpha: float, seed: int) -> List[str]:
-    """Lines drawn so that language l gets total_chars * p_l characters, p_l ∝ chars_l^alpha.
+def sample_lines(lengths: Mapping[str, np.ndarray], total_chars: int, alpha: float,
+                 seed: int) -> List[Tuple[str, int]]:
+    """The lines of the tokenizer's training sample, as (language, index of the line in that language), in sample
+    order, from each line's length alone: language l gets total_chars * p_l characters, p_l ∝ chars_l^alpha.
 
     alpha < 1 flattens the distribution: small languages are repeated (upsampled), large ones subsampled, so the
     vocabulary is not all English and Chinese.
     """
-    langs = sorted(l for l in lines if lines[l])
-    chars = np.array([sum(len(s) for s in lines[l]) for l in langs], dtype=np.float64)
+    langs = sorted(l for l in lengths if len(lengths[l]))
+    chars = np.array([lengths[l].sum() for l in langs], dtype=np.float64)
     p = chars**alpha / (chars**alpha).sum()
     rng = np.random.default_rng(seed)
-    out: List[str] = []
+    out: List[Tuple[str, int]] = []
     for lang, budget in zip(langs, p * total_chars):
-        pool = lines[lang]
-        lens = np.fromiter((len(s) for s in pool), dtype=np.int64, count=len(pool))
+        lens = np.asarray(lengths[lang], dtype=np.int64)
         reps = int(np.ceil(budget / lens.sum()))
-        order = np.concatenate([rng.permutation(len(pool)) for _ in range(max(reps, 1))])
+        order = np.concatenate([rng.permutation(len(lens)) for _ in range(max(reps, 1))])
         n = int(np.searchsorted(np.cumsum(lens[order]), budget)) + 1  # at least one line per language
-        out += [pool[i] for i in order[:n]]
-    rng.shuffle(out)
+        out += [(lang, int(i)) for i in order[:n]]
+    rng.shuffle(out)  # the same permutation whatever the elements: it draws on the length alone
     return out
+
+
+def language_sample(lines: Mapping[str, Sequence[str]], total_chars: int, alpha: float, seed: int) -> List[str]:
+    """`sample_lines` of lines held in memory: the lines themselves."""
+    lengths = {l: np.fromiter((len(s) for s in v), dtype=np.int64, count=len(v)) for l, v in lines.items()}
+    return [lines[l][i] for l, i in sample_lines(lengths, total_chars, alpha, seed)]
 
 
 def train_sentencepiece(lines: Mapping[str, Sequence[str]], cfg: TokenizerConfig, out_dir: Path) -> Path:
     """Train a BPE sentencepiece model with byte fallback on a language-balanced sample; returns the .model path."""
+    return train_on_sample(language_sample(lines, cfg.sample_chars, cfg.alpha, cfg.seed), cfg, out_dir)
+
+
+def train_on_sample(sample: List[str], cfg: TokenizerConfig, out_dir: Path) -> Path:
+    """Train a BPE sentencepiece model with byte fallback on the lines of `sample`; returns the .model path."""
     import sentencepiece as spm
 
-    sample = language_sample(lines, cfg.sample_chars, cfg.alpha, cfg.seed)
     model = io.BytesIO()
     spm.set_random_generator_seed(cfg.seed)  # the trainer shuffles its input: same seed, same model
     try:

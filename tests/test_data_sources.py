@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Dict, List
 
 import pytest
 
@@ -369,13 +370,55 @@ def test_a_data_config_of_ones_own_without_root_takes_the_environments(monkeypat
     assert to_data_config({"name": "mine"}).root == ".cache/tristage"
 
 
+def write_words(path: Path, n: int) -> List[dict]:
+    """A JSON lines file of `n` documents of 20-400 random words, alternately English and German."""
+    import random
+
+    rng = random.Random(0)
+    words = ["stream", "shard", "token", "memory", "corpus", "document", "river", "mountain", "garden", "signal"]
+    rows = [{"text": " ".join(rng.choice(words) for _ in range(rng.randint(20, 400))), "lang": ["eng", "deu"][i % 2]}
+            for i in range(n)]
+    return write_jsonl(path, rows) and rows
+
+
+def test_the_tokenizer_sample_is_drawn_without_holding_the_text(tmp_path, tokenizer):
+    """The sentencepiece sample is drawn in two passes over the documents, holding each line's length and then the
+    lines drawn: 200K characters out of ~17M allocate a small fraction of the text at the peak. All the text was
+    held as Python strings first (a corpus of one's own larger than memory could not train its tokenizer). The
+    sample is the one `language_sample` draws from all the lines in memory: same lines, same order."""
+    import tracemalloc
+
+    import data.prepare as P
+    from data.config import to_data_config
+    from data.tokenizer import language_sample
+
+    write_words(tmp_path / "big.jsonl", 12000)
+    cfg = to_data_config(local(tmp_path, tokenizer, f"paths: ['{tmp_path}/big.jsonl'], language_field: lang",
+                               ["tokenizer.sample_chars=200000"]))
+    ds, _, _ = P.load_source("j", cfg.sources["j"], cfg)
+    sources = {"j": ds}
+    text = sum(len(line) for _, line in P._tokenizer_lines(sources))
+    tracemalloc.start()
+    try:
+        sample = P._tokenizer_sample(sources, cfg.tokenizer)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert text > 15_000_000 and peak < 0.25 * text, (peak, text)  # str of ASCII: a byte a character, and more
+    lines: Dict[str, List[str]] = {}
+    for lang, line in P._tokenizer_lines(sources):
+        lines.setdefault(lang, []).append(line)
+    t = cfg.tokenizer
+    assert sample == language_sample(lines, t.sample_chars, t.alpha, t.seed)
+    assert 200_000 <= sum(map(len, sample)) < 210_000 and {"eng", "deu"} == set(lines)
+
+
 def test_a_source_is_sharded_with_one_shards_tokens_in_memory(tmp_path, tokenizer, monkeypatch):
     """The token ids stay in datasets' memory-mapped arrow file and each shard reads its documents' ids from there:
     sharding ~0.5M tokens of two languages into 4,096-token files allocates (numpy, which tracemalloc sees) a small
     fraction of the ids' bytes. It gathered each component's ids whole, with an int64 index per token: a corpus of
     one's own larger than the machine's memory could not be prepared. The shards are the same documents in the same
     order, split where the next document would pass shard_tokens."""
-    import random
     import tracemalloc
 
     import numpy as np
@@ -384,11 +427,7 @@ def test_a_source_is_sharded_with_one_shards_tokens_in_memory(tmp_path, tokenize
     from data.config import to_data_config
     from data.shards import open_shard
 
-    rng = random.Random(0)
-    words = ["stream", "shard", "token", "memory", "corpus", "document", "river", "mountain", "garden", "signal"]
-    rows = [{"text": " ".join(rng.choice(words) for _ in range(rng.randint(20, 400))), "lang": ["eng", "deu"][i % 2]}
-            for i in range(3000)]
-    write_jsonl(tmp_path / "big.jsonl", rows)
+    rows = write_words(tmp_path / "big.jsonl", 3000)
     cfg = to_data_config(local(tmp_path, tokenizer, f"paths: ['{tmp_path}/big.jsonl'], language_field: lang",
                                ["shard_tokens=4096"]))
     ds, identity, _ = P.load_source("j", cfg.sources["j"], cfg)
