@@ -86,6 +86,11 @@ def _config_from_hf(d: Dict[str, Any], name: Optional[str]) -> Qwen3Config:
 
     heads = get("num_attention_heads")
     top_k = get("num_experts_per_tok") if moe else 0
+    # transformers 5 reads num_local_experts for num_experts; a 0 was taken for "missing" and became the default 128
+    experts = next((d[k] for k in ("num_experts", "num_local_experts") if d.get(k) is not None),
+                   defaults.get("num_experts", 0))
+    if moe and (not isinstance(experts, int) or isinstance(experts, bool) or experts < 1):
+        raise ValueError(f"num_experts: a qwen3_moe config needs a positive number of experts, got {experts!r}")
     cfg = Qwen3Config(
         name=name or d.get("_name_or_path") or model_type,
         vocab_size=get("vocab_size"),
@@ -102,7 +107,7 @@ def _config_from_hf(d: Dict[str, Any], name: Optional[str]) -> Qwen3Config:
         rope_scaling=scaling,
         max_position_embeddings=get("max_position_embeddings"),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        num_experts=(d.get("num_experts") or d.get("num_local_experts") or defaults["num_experts"]) if moe else 0,
+        num_experts=experts if moe else 0,
         num_experts_per_tok=top_k,
         moe_intermediate_size=get("moe_intermediate_size") if moe else 0,
         norm_topk_prob=bool(get("norm_topk_prob")) if moe else True,

@@ -141,6 +141,13 @@ def test_config_from_transformers_4_layout_and_unsupported_options():
     for bad in [{"mlp_only_layers": [3]}, {"use_sliding_window": True}, {"model_type": "llama"}]:
         with pytest.raises(ValueError):
             config_from_hf(dict(released, **bad))
+    # a 0 read as "missing": 128 experts, then an unexpected-key error at the weights that named no config key
+    for experts in (0, -8, "64"):
+        with pytest.raises(ValueError, match=re.escape(f"num_experts: a qwen3_moe config needs a positive number "
+                                                       f"of experts, got {experts!r}")):
+            config_from_hf(dict(released, num_experts=experts))
+    assert config_from_hf(dict({k: v for k, v in released.items() if k != "num_experts"},
+                               num_local_experts=64)).num_experts == 64
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):
