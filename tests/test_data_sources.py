@@ -3,6 +3,7 @@ command line can add a source. Each case here was a wrong data set or a tracebac
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -462,3 +463,16 @@ def test_a_source_is_sharded_with_one_shards_tokens_in_memory(tmp_path, tokenize
                 assert s.offsets[-1] + nxt.offsets[1] > 4096
             docs += [tok.decode(s.tokens[a:b].tolist()) for a, b in zip(s.offsets[:-1], s.offsets[1:])]
         assert [d.removesuffix(tok.decode([tok.eos_id])).strip() for d in docs] == [r["text"] for r in texts]
+
+
+def test_a_folder_in_paths_is_named_and_a_glob_skips_subfolders(tmp_path, tokenizer):
+    """A folder given as a path was refused as 'files must all be one of [...]: [folder]'; a glob over a folder
+    with a subfolder in it failed the same way."""
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    write_jsonl(data / "a.jsonl", [{"text": "alpha"}])
+    with pytest.raises(DataError, match=re.escape(f"source 'j': options.paths entry '{data}' is a folder ({data}), "
+                                                  f"not files; name its files, e.g. '{data}/*.jsonl'")):
+        prepare(local(tmp_path, tokenizer, f"paths: ['{data}']"))
+    m = prepare(local(tmp_path, tokenizer, f"paths: ['{data}/*']"))
+    assert decoded(m, tokenizer)["j/und"][0].startswith("alpha")

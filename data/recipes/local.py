@@ -39,7 +39,11 @@ def resolve(paths: List[str], source: str, quiet: bool = False) -> List[Path]:
         for base in bases:
             hits = sorted(glob.glob(str(base / p), recursive=True))
             if hits:
-                out += [Path(h) for h in hits]
+                files = [Path(h) for h in hits if not Path(h).is_dir()]  # `dir/*` over subfolders: their files
+                if not files:
+                    raise DataError(f"source '{source}': options.paths entry {p!r} is a folder ({hits[0]}), not "
+                                    f"files; name its files, e.g. '{p.rstrip('/')}/*.jsonl'")
+                out += files
                 break
         else:
             where = "" if Path(p).is_absolute() else f" (looked in {' and '.join(map(str, bases))})"
