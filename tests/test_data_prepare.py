@@ -290,6 +290,24 @@ def test_hub_source_without_network_is_a_clear_error(tmp_path, monkeypatch):
                                     "+sources.wiki={kind: hub, options: {dataset: wikitext}}"]))
 
 
+def test_hub_source_on_a_full_disk_names_the_disk_not_the_network(tmp_path, monkeypatch):
+    """A download that fills the disk was reported as 'needs a network' (every OSError was). Offline, the failure
+    of the download itself is stood in for: datasets' own error, an ENOSPC without a file name."""
+    import errno
+
+    import datasets
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(datasets, "load_dataset", full)
+    with pytest.raises(OSError) as err:
+        prepare(compose("fixture", [f"root={tmp_path}", "~sources",
+                                    "+sources.wiki={kind: hub, options: {dataset: wikitext}}"]))
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(tmp_path / "hf")
+    assert "network" not in str(err.value)
+
+
 def test_reasoning_recipe_records_generator_seeds(prepared, tmp_path):
     cfg, mpath = prepared
     tok = str(mpath.parent / verify(mpath)["tokenizer"]["path"])

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from data.errors import DataError
+from data.io import write_error
 
 
 @dataclass
@@ -30,6 +31,9 @@ def load(opts: Options, cache_dir: Path, source: str):
         ds = datasets.load_dataset(opts.dataset, opts.subset, split=opts.split, revision=opts.revision,
                                    cache_dir=str(cache_dir))
     except (ConnectionError, OSError) as e:
+        written = write_error(e, cache_dir)
+        if written is not None:  # a full disk under the download or its arrow copy: not the network's fault
+            raise written from e
         raise DataError(
             f"source '{source}': hub data set {opts.dataset!r} could not be loaded ({type(e).__name__}: {e}). "
             "This needs a network that reaches the Hugging Face hub; without one, download the files elsewhere "
