@@ -483,6 +483,21 @@ def test_data_that_fails_to_prepare_stops_every_rank_naming_it(data_root, tmp_pa
     assert time.time() - start < 60
 
 
+def test_a_config_yaml_rank_0_cannot_record_stops_every_rank_naming_it(data_root, tmp_path):
+    """config.yaml is written by rank 0 alone while the other ranks wait (on_rank0): a run_dir where it cannot be
+    written (here a folder in its place) ends both ranks with exit 2 and the file named, nothing trained, and no
+    rank left in the first step's collectives until the watchdog."""
+    run_dir = tmp_path / "run"
+    (run_dir / "config.yaml").mkdir(parents=True)
+    start = time.time()
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", *BASE], nproc=2, timeout=240)
+    assert proc.returncode != 0
+    named = f"config key 'run_dir' = '{run_dir}': {run_dir / 'config.yaml'} cannot be recorded (IsADirectoryError"
+    assert f"error: {named}" in proc.stdout  # rank 0
+    assert f"error: rank 0 failed at recording config.yaml: ConfigError: {named}" in proc.stdout  # rank 1
+    assert not steps(run_dir) and time.time() - start < 90
+
+
 def test_data_prepared_again_under_a_live_run_stops_it_before_the_next_stage(tmp_path):
     """A run of another data config under the same data set name prepares it again in place (here another
     tokenizer, while this run's General export takes 15 s): the next stage would read other token ids than the
