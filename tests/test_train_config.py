@@ -58,6 +58,10 @@ def test_any_key_overrides():
     (["curriculum.start=foo"], 1, "curriculum.start"),
     (["+curriculum.stages.general.mixture.weights.wiki=0.5"], 1, "curriculum.stages.general.mixture.weights.wiki"),
     (["curriculum.stages.general.tokens=100"], 1, "curriculum.stages.general.tokens"),
+    # 0 was a ZeroDivisionError traceback (exit 1); a negative one was blamed on `tokens`
+    (["curriculum.stages.general.global_batch_tokens=0"], 1, "'curriculum.stages.general.global_batch_tokens' = 0"),
+    (["curriculum.stages.general.global_batch_tokens=-16384"], 1,
+     "'curriculum.stages.general.global_batch_tokens' = -16384: must be positive"),
     (["deepspeed.zero_stage=4"], 1, "deepspeed.zero_stage"),
     (["deepspeed.offload_param=true"], 1, "deepspeed.offload_param"),
     (["+deepspeed.extra._target_=os.system"], 1, "deepspeed.extra._target_"),

@@ -252,6 +252,8 @@ def plan_stage(stage: StageConfig, key: str, dp_world: int) -> StagePlan:
         _fail(f"{key}.seq_len", stage.seq_len, "must be positive")
     if stage.micro_batch_size <= 0:
         _fail(f"{key}.micro_batch_size", stage.micro_batch_size, "must be positive")
+    if stage.global_batch_tokens <= 0:  # 0 divided the budget by zero; a negative one blamed `tokens`
+        _fail(f"{key}.global_batch_tokens", stage.global_batch_tokens, "must be positive")
     if stage.global_batch_tokens % stage.seq_len:
         _fail(f"{key}.global_batch_tokens", stage.global_batch_tokens,
               f"must be a multiple of {key}.seq_len={stage.seq_len}")
