@@ -62,6 +62,13 @@ def test_any_key_overrides():
     (["curriculum.stages.general.global_batch_tokens=0"], 1, "'curriculum.stages.general.global_batch_tokens' = 0"),
     (["curriculum.stages.general.global_batch_tokens=-16384"], 1,
      "'curriculum.stages.general.global_batch_tokens' = -16384: must be positive"),
+    # NaN and inf passed (`<= 0` is false for NaN) and trained on NaN RoPE tables; a base in (0, 1] passed here
+    # while models.config refuses it for model.rope_theta (and the export's config.json would not load)
+    (["curriculum.stages.long_context.rope_theta=nan"], 1, "'curriculum.stages.long_context.rope_theta' = nan"),
+    (["curriculum.stages.general.rope_theta=inf"], 1, "'curriculum.stages.general.rope_theta' = inf"),
+    (["curriculum.stages.general.rope_theta=0.5"], 1, "'curriculum.stages.general.rope_theta' = 0.5"),
+    (["model.rope_theta=nan", "curriculum.stages.general.rope_theta=null"], 1,  # inherited by the first stage
+     "'curriculum.stages.general.rope_theta' = nan"),
     (["deepspeed.zero_stage=4"], 1, "deepspeed.zero_stage"),
     (["deepspeed.offload_param=true"], 1, "deepspeed.offload_param"),
     (["+deepspeed.extra._target_=os.system"], 1, "deepspeed.extra._target_"),

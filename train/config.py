@@ -285,8 +285,9 @@ def plan_stage(stage: StageConfig, key: str, dp_world: int) -> StagePlan:
     for name in ("checkpoint_every", "eval_every"):
         if getattr(stage, name) < 0:
             _fail(f"{key}.{name}", getattr(stage, name), "must be >= 0 (0: never)")
-    if stage.rope_theta <= 0:
-        _fail(f"{key}.rope_theta", stage.rope_theta, "must be positive")
+    # NaN or inf made NaN RoPE tables (every loss NaN); a base <= 1 is what models.config refuses for the model
+    if not (math.isfinite(stage.rope_theta) and stage.rope_theta > 1):
+        _fail(f"{key}.rope_theta", stage.rope_theta, "must be a finite RoPE base > 1 (as model.rope_theta)")
     return StagePlan(stage.name, steps, samples, samples // per_pass, stage.micro_batch_size, stage.seq_len)
 
 
