@@ -460,6 +460,8 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int) -> List[StagePlan]:
         _fail("faults.max_consecutive_skips", cfg.faults.max_consecutive_skips, "must be >= 0")
     if cfg.dist.timeout_s <= 0:
         _fail("dist.timeout_s", cfg.dist.timeout_s, "must be positive")
+    if cfg.max_steps < 0:  # `steps >= max_steps` held after the first step: a negative one stopped the run there
+        _fail("max_steps", cfg.max_steps, "must be >= 0 (0: run to the end)")
     if cfg.checkpoint.keep < 1:
         _fail("checkpoint.keep", cfg.checkpoint.keep, "must keep at least one checkpoint")
     if cfg.logging.log_every < 1:
