@@ -95,6 +95,9 @@ def test_any_key_overrides():
     (["optim.eps=-1"], 1, "optim.eps"),
     (["deepspeed.grad_clip=-1"], 1, "deepspeed.grad_clip' = -1.0"),
     (["logging.log_every=0"], 1, "logging.log_every' = 0"),
+    (["eval.batch_size=0"], 1, "config key 'eval.batch_size' = 0"),  # a traceback once General had trained
+    (["eval.max_tokens_per_language=0"], 1, "config key 'eval.max_tokens_per_language' = 0"),
+    (["eval.max_languages=-1"], 1, "config key 'eval.max_languages' = -1"),
     (["max_steps=-1"], 1, "config key 'max_steps' = -1"),  # it stopped the launch after one step, exit 0
     # checks a hand mutation found untested (removing any left the suite green)
     (["deepspeed.offload_optimizer=true", "deepspeed.zero_stage=0"], 1, "config key 'deepspeed.offload_optimizer'"),

@@ -460,6 +460,11 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int) -> List[StagePlan]:
         _fail("faults.max_consecutive_skips", cfg.faults.max_consecutive_skips, "must be >= 0")
     if cfg.dist.timeout_s <= 0:
         _fail("dist.timeout_s", cfg.dist.timeout_s, "must be positive")
+    # read at the first evaluation, after a stage has trained: batch_size 0 ended the run there (range() step 0),
+    # max_tokens_per_language 0 evaluated nothing, max_languages -1 dropped the last language
+    for key, least in (("batch_size", 1), ("max_tokens_per_language", 1), ("max_languages", 0)):
+        if getattr(cfg.eval, key) < least:
+            _fail(f"eval.{key}", getattr(cfg.eval, key), f"must be >= {least}")
     if cfg.max_steps < 0:  # `steps >= max_steps` held after the first step: a negative one stopped the run there
         _fail("max_steps", cfg.max_steps, "must be >= 0 (0: run to the end)")
     if cfg.checkpoint.keep < 1:
