@@ -106,6 +106,14 @@ def test_any_key_overrides():
     (["dist.timeout_s=0"], 1, "config key 'dist.timeout_s'"),
     (["faults.max_consecutive_skips=-1"], 1, "config key 'faults.max_consecutive_skips'"),
     (["device=tpu"], 1, "config key 'device'"),
+    # the spike detector: a window shorter than the history it needs (or a NaN factor) never judged, silently off
+    (["faults.spike_factor=3", "faults.spike_window=5"], 1, "config key 'faults.spike_window' = 5: must be >= "
+                                                            "faults.spike_min_history=10"),
+    (["faults.spike_factor=nan"], 1, "config key 'faults.spike_factor' = nan"),
+    (["faults.spike_factor=-2"], 1, "config key 'faults.spike_factor' = -2.0"),
+    (["faults.spike_min_history=0"], 1, "config key 'faults.spike_min_history' = 0"),  # median of no losses
+    (["faults.spike_skip_before=-1"], 1, "config key 'faults.spike_skip_before' = -1"),
+    (["faults.max_rollbacks=-1"], 1, "config key 'faults.max_rollbacks' = -1"),
     (["dist.backend=mpi"], 1, "config key 'dist.backend'"),
     (["logging.wandb.mode=on"], 1, "config key 'logging.wandb.mode'"),
     (["optim.fused=yes"], 1, "config key 'optim.fused'"),

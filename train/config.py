@@ -458,6 +458,20 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int) -> List[StagePlan]:
         _fail("faults.spike_action", cfg.faults.spike_action, "must be log or rollback")
     if cfg.faults.max_consecutive_skips < 0:
         _fail("faults.max_consecutive_skips", cfg.faults.max_consecutive_skips, "must be >= 0")
+    # the spike detector (train.faults.SpikeDetector) judges once it holds spike_min_history losses of its last
+    # spike_window: a window below that never judged (the detector silently off), as did a NaN factor (no loss is
+    # above NaN x median); a min_history of 0 took the median of no losses (a StatisticsError at the first step)
+    faults = cfg.faults
+    if not (math.isfinite(faults.spike_factor) and faults.spike_factor >= 0):
+        _fail("faults.spike_factor", faults.spike_factor, "must be a finite factor >= 0 (0: the detector is off)")
+    if faults.spike_min_history < 1:
+        _fail("faults.spike_min_history", faults.spike_min_history, "must be at least 1")
+    if faults.spike_window < faults.spike_min_history:
+        _fail("faults.spike_window", faults.spike_window, f"must be >= faults.spike_min_history="
+              f"{faults.spike_min_history} (the losses the detector needs before it judges a spike)")
+    for key in ("spike_skip_before", "max_rollbacks"):
+        if getattr(faults, key) < 0:
+            _fail(f"faults.{key}", getattr(faults, key), "must be >= 0")
     if cfg.dist.timeout_s <= 0:
         _fail("dist.timeout_s", cfg.dist.timeout_s, "must be positive")
     # read at the first evaluation, after a stage has trained: batch_size 0 ended the run there (range() step 0),
