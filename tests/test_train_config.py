@@ -106,6 +106,7 @@ def test_any_key_overrides():
     (["dist.timeout_s=0"], 1, "config key 'dist.timeout_s'"),
     (["faults.max_consecutive_skips=-1"], 1, "config key 'faults.max_consecutive_skips'"),
     (["device=tpu"], 1, "config key 'device'"),
+    (["threads=-1"], 1, "config key 'threads' = -1"),  # "set_num_threads expects a positive integer", exit 1
     # the spike detector: a window shorter than the history it needs (or a NaN factor) never judged, silently off
     (["faults.spike_factor=3", "faults.spike_window=5"], 1, "config key 'faults.spike_window' = 5: must be >= "
                                                             "faults.spike_min_history=10"),

@@ -439,6 +439,8 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int) -> List[StagePlan]:
             raise ConfigError(f"config key {e}") from None
     if cfg.data.index_workers is not None and cfg.data.index_workers < 1:
         _fail("data.index_workers", cfg.data.index_workers, "must be at least 1 (or null: one per core, up to 16)")
+    if cfg.threads < 0:  # torch.set_num_threads raised it in init_distributed, a traceback not naming the key
+        _fail("threads", cfg.threads, "must be >= 0 (0: cores / local ranks)")
     if cfg.device not in ("auto", "cpu", "cuda"):
         _fail("device", cfg.device, "must be auto, cpu or cuda")
     if cfg.dist.backend not in ("auto", "nccl", "gloo"):
