@@ -355,3 +355,21 @@ def test_help_says_how_a_run_is_launched_and_lists_the_groups():
     assert "Usage: python -m train [--config-dir DIR] [group=option ...] [key=value ...]" in proc.stdout
     assert "75 preempted" in proc.stdout and "powered by Hydra" not in proc.stdout
     assert "model: qwen3_0_6b, qwen3_14b" in proc.stdout  # the groups still follow
+
+
+@pytest.mark.parametrize("overrides, world, peak", [
+    (["model=qwen3_8b", "curriculum=qwen3", "curriculum.stages.general.lr.peak=1.5e-4"], 64, 1.5e-4),
+    (["curriculum.stages.general.lr.peak=1e-3"], 1, 1e-3),  # the demo
+])
+def test_the_general_stage_lr_is_set_by_its_peak_alone(overrides, world, peak):
+    """README: the LR is "to be set per model (`curriculum.stages.<stage>.lr.peak=...`)". General holds its peak
+    (decay_frac 0), but its `final` was a second copy of the peak: a lower peak was refused ("lr.final = 0.0003:
+    must lie in [0, ...peak]") until the unused final was set too."""
+    from train.schedule import lr_at
+
+    cfg = compose_cfg(overrides)
+    plans = validate(cfg, world_size=world)
+    lr, steps = cfg.curriculum.stages["general"].lr, plans[0].steps
+    assert lr.final == peak
+    assert [lr_at(lr, s, steps) for s in (lr.warmup_steps - 1, lr.warmup_steps, steps - 1)] == [peak] * 3
+    assert lr_at(lr, 0, steps) == pytest.approx(peak / lr.warmup_steps)
