@@ -232,6 +232,18 @@ def test_a_curriculum_the_data_cannot_fill_is_refused_before_the_model_is_built(
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
 
 
+def test_an_init_from_that_holds_no_weights_is_refused_before_the_data_and_the_model(data_root, tmp_path):
+    """A typo'd `init_from` was named only after the data was prepared and verified and the model built (on a
+    cluster: hours of tokenizing a new corpus, minutes to build a large model)."""
+    run_dir = tmp_path / "run"
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", f"init_from={tmp_path / 'nope'}", "curriculum.start=reasoning"],
+                     timeout=120)
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert (f"error: config key 'init_from' = '{tmp_path / 'nope'}': neither an HF directory (config.json) nor a "
+            f"tristage checkpoint folder (meta.json)") in proc.stdout
+    assert "prepared and verified" not in proc.stdout and not (run_dir / "metrics.jsonl").exists()
+
+
 def test_a_length_bucket_the_data_cannot_fill_is_refused_before_the_model_is_built(data_root, tmp_path):
     """The probe's case: a Long Context bucket of 4,000-8,000 tokens over the fixture's documents (3,846 at most)
     trained General and Reasoning, then failed when Long Context started; only total tokens were checked."""
