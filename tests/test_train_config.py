@@ -58,6 +58,17 @@ def test_any_key_overrides():
     (["curriculum.start=foo"], 1, "curriculum.start"),
     (["+curriculum.stages.general.mixture.weights.wiki=0.5"], 1, "curriculum.stages.general.mixture.weights.wiki"),
     (["curriculum.stages.general.tokens=100"], 1, "curriculum.stages.general.tokens"),
+    # 0 was a ZeroDivisionError traceback (exit 1); a negative one was blamed on `tokens`
+    (["curriculum.stages.general.global_batch_tokens=0"], 1, "'curriculum.stages.general.global_batch_tokens' = 0"),
+    (["curriculum.stages.general.global_batch_tokens=-16384"], 1,
+     "'curriculum.stages.general.global_batch_tokens' = -16384: must be positive"),
+    # NaN and inf passed (`<= 0` is false for NaN) and trained on NaN RoPE tables; a base in (0, 1] passed here
+    # while models.config refuses it for model.rope_theta (and the export's config.json would not load)
+    (["curriculum.stages.long_context.rope_theta=nan"], 1, "'curriculum.stages.long_context.rope_theta' = nan"),
+    (["curriculum.stages.general.rope_theta=inf"], 1, "'curriculum.stages.general.rope_theta' = inf"),
+    (["curriculum.stages.general.rope_theta=0.5"], 1, "'curriculum.stages.general.rope_theta' = 0.5"),
+    (["model.rope_theta=nan", "curriculum.stages.general.rope_theta=null"], 1,  # inherited by the first stage
+     "'curriculum.stages.general.rope_theta' = nan"),
     (["deepspeed.zero_stage=4"], 1, "deepspeed.zero_stage"),
     (["deepspeed.offload_param=true"], 1, "deepspeed.offload_param"),
     (["+deepspeed.extra._target_=os.system"], 1, "deepspeed.extra._target_"),
@@ -84,6 +95,10 @@ def test_any_key_overrides():
     (["optim.eps=-1"], 1, "optim.eps"),
     (["deepspeed.grad_clip=-1"], 1, "deepspeed.grad_clip' = -1.0"),
     (["logging.log_every=0"], 1, "logging.log_every' = 0"),
+    (["eval.batch_size=0"], 1, "config key 'eval.batch_size' = 0"),  # a traceback once General had trained
+    (["eval.max_tokens_per_language=0"], 1, "config key 'eval.max_tokens_per_language' = 0"),
+    (["eval.max_languages=-1"], 1, "config key 'eval.max_languages' = -1"),
+    (["max_steps=-1"], 1, "config key 'max_steps' = -1"),  # it stopped the launch after one step, exit 0
     # checks a hand mutation found untested (removing any left the suite green)
     (["deepspeed.offload_optimizer=true", "deepspeed.zero_stage=0"], 1, "config key 'deepspeed.offload_optimizer'"),
     (["faults.spike_action=rollbak"], 1, "config key 'faults.spike_action'"),
@@ -91,6 +106,15 @@ def test_any_key_overrides():
     (["dist.timeout_s=0"], 1, "config key 'dist.timeout_s'"),
     (["faults.max_consecutive_skips=-1"], 1, "config key 'faults.max_consecutive_skips'"),
     (["device=tpu"], 1, "config key 'device'"),
+    (["threads=-1"], 1, "config key 'threads' = -1"),  # "set_num_threads expects a positive integer", exit 1
+    # the spike detector: a window shorter than the history it needs (or a NaN factor) never judged, silently off
+    (["faults.spike_factor=3", "faults.spike_window=5"], 1, "config key 'faults.spike_window' = 5: must be >= "
+                                                            "faults.spike_min_history=10"),
+    (["faults.spike_factor=nan"], 1, "config key 'faults.spike_factor' = nan"),
+    (["faults.spike_factor=-2"], 1, "config key 'faults.spike_factor' = -2.0"),
+    (["faults.spike_min_history=0"], 1, "config key 'faults.spike_min_history' = 0"),  # median of no losses
+    (["faults.spike_skip_before=-1"], 1, "config key 'faults.spike_skip_before' = -1"),
+    (["faults.max_rollbacks=-1"], 1, "config key 'faults.max_rollbacks' = -1"),
     (["dist.backend=mpi"], 1, "config key 'dist.backend'"),
     (["logging.wandb.mode=on"], 1, "config key 'logging.wandb.mode'"),
     (["optim.fused=yes"], 1, "config key 'optim.fused'"),
@@ -206,6 +230,18 @@ def test_a_curriculum_the_data_cannot_fill_is_refused_before_the_model_is_built(
     assert proc.returncode == 2, proc.stdout[-3000:]
     assert "stage 'long_context' needs" in proc.stdout and "use a larger data set" in proc.stdout
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
+
+
+def test_an_init_from_that_holds_no_weights_is_refused_before_the_data_and_the_model(data_root, tmp_path):
+    """A typo'd `init_from` was named only after the data was prepared and verified and the model built (on a
+    cluster: hours of tokenizing a new corpus, minutes to build a large model)."""
+    run_dir = tmp_path / "run"
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", f"init_from={tmp_path / 'nope'}", "curriculum.start=reasoning"],
+                     timeout=120)
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert (f"error: config key 'init_from' = '{tmp_path / 'nope'}': neither an HF directory (config.json) nor a "
+            f"tristage checkpoint folder (meta.json)") in proc.stdout
+    assert "prepared and verified" not in proc.stdout and not (run_dir / "metrics.jsonl").exists()
 
 
 def test_a_length_bucket_the_data_cannot_fill_is_refused_before_the_model_is_built(data_root, tmp_path):
@@ -331,3 +367,21 @@ def test_help_says_how_a_run_is_launched_and_lists_the_groups():
     assert "Usage: python -m train [--config-dir DIR] [group=option ...] [key=value ...]" in proc.stdout
     assert "75 preempted" in proc.stdout and "powered by Hydra" not in proc.stdout
     assert "model: qwen3_0_6b, qwen3_14b" in proc.stdout  # the groups still follow
+
+
+@pytest.mark.parametrize("overrides, world, peak", [
+    (["model=qwen3_8b", "curriculum=qwen3", "curriculum.stages.general.lr.peak=1.5e-4"], 64, 1.5e-4),
+    (["curriculum.stages.general.lr.peak=1e-3"], 1, 1e-3),  # the demo
+])
+def test_the_general_stage_lr_is_set_by_its_peak_alone(overrides, world, peak):
+    """README: the LR is "to be set per model (`curriculum.stages.<stage>.lr.peak=...`)". General holds its peak
+    (decay_frac 0), but its `final` was a second copy of the peak: a lower peak was refused ("lr.final = 0.0003:
+    must lie in [0, ...peak]") until the unused final was set too."""
+    from train.schedule import lr_at
+
+    cfg = compose_cfg(overrides)
+    plans = validate(cfg, world_size=world)
+    lr, steps = cfg.curriculum.stages["general"].lr, plans[0].steps
+    assert lr.final == peak
+    assert [lr_at(lr, s, steps) for s in (lr.warmup_steps - 1, lr.warmup_steps, steps - 1)] == [peak] * 3
+    assert lr_at(lr, 0, steps) == pytest.approx(peak / lr.warmup_steps)

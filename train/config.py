@@ -252,6 +252,8 @@ def plan_stage(stage: StageConfig, key: str, dp_world: int) -> StagePlan:
         _fail(f"{key}.seq_len", stage.seq_len, "must be positive")
     if stage.micro_batch_size <= 0:
         _fail(f"{key}.micro_batch_size", stage.micro_batch_size, "must be positive")
+    if stage.global_batch_tokens <= 0:  # 0 divided the budget by zero; a negative one blamed `tokens`
+        _fail(f"{key}.global_batch_tokens", stage.global_batch_tokens, "must be positive")
     if stage.global_batch_tokens % stage.seq_len:
         _fail(f"{key}.global_batch_tokens", stage.global_batch_tokens,
               f"must be a multiple of {key}.seq_len={stage.seq_len}")
@@ -283,8 +285,9 @@ def plan_stage(stage: StageConfig, key: str, dp_world: int) -> StagePlan:
     for name in ("checkpoint_every", "eval_every"):
         if getattr(stage, name) < 0:
             _fail(f"{key}.{name}", getattr(stage, name), "must be >= 0 (0: never)")
-    if stage.rope_theta <= 0:
-        _fail(f"{key}.rope_theta", stage.rope_theta, "must be positive")
+    # NaN or inf made NaN RoPE tables (every loss NaN); a base <= 1 is what models.config refuses for the model
+    if not (math.isfinite(stage.rope_theta) and stage.rope_theta > 1):
+        _fail(f"{key}.rope_theta", stage.rope_theta, "must be a finite RoPE base > 1 (as model.rope_theta)")
     return StagePlan(stage.name, steps, samples, samples // per_pass, stage.micro_batch_size, stage.seq_len)
 
 
@@ -436,6 +439,8 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int) -> List[StagePlan]:
             raise ConfigError(f"config key {e}") from None
     if cfg.data.index_workers is not None and cfg.data.index_workers < 1:
         _fail("data.index_workers", cfg.data.index_workers, "must be at least 1 (or null: one per core, up to 16)")
+    if cfg.threads < 0:  # torch.set_num_threads raised it in init_distributed, a traceback not naming the key
+        _fail("threads", cfg.threads, "must be >= 0 (0: cores / local ranks)")
     if cfg.device not in ("auto", "cpu", "cuda"):
         _fail("device", cfg.device, "must be auto, cpu or cuda")
     if cfg.dist.backend not in ("auto", "nccl", "gloo"):
@@ -455,8 +460,29 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int) -> List[StagePlan]:
         _fail("faults.spike_action", cfg.faults.spike_action, "must be log or rollback")
     if cfg.faults.max_consecutive_skips < 0:
         _fail("faults.max_consecutive_skips", cfg.faults.max_consecutive_skips, "must be >= 0")
+    # the spike detector (train.faults.SpikeDetector) judges once it holds spike_min_history losses of its last
+    # spike_window: a window below that never judged (the detector silently off), as did a NaN factor (no loss is
+    # above NaN x median); a min_history of 0 took the median of no losses (a StatisticsError at the first step)
+    faults = cfg.faults
+    if not (math.isfinite(faults.spike_factor) and faults.spike_factor >= 0):
+        _fail("faults.spike_factor", faults.spike_factor, "must be a finite factor >= 0 (0: the detector is off)")
+    if faults.spike_min_history < 1:
+        _fail("faults.spike_min_history", faults.spike_min_history, "must be at least 1")
+    if faults.spike_window < faults.spike_min_history:
+        _fail("faults.spike_window", faults.spike_window, f"must be >= faults.spike_min_history="
+              f"{faults.spike_min_history} (the losses the detector needs before it judges a spike)")
+    for key in ("spike_skip_before", "max_rollbacks"):
+        if getattr(faults, key) < 0:
+            _fail(f"faults.{key}", getattr(faults, key), "must be >= 0")
     if cfg.dist.timeout_s <= 0:
         _fail("dist.timeout_s", cfg.dist.timeout_s, "must be positive")
+    # read at the first evaluation, after a stage has trained: batch_size 0 ended the run there (range() step 0),
+    # max_tokens_per_language 0 evaluated nothing, max_languages -1 dropped the last language
+    for key, least in (("batch_size", 1), ("max_tokens_per_language", 1), ("max_languages", 0)):
+        if getattr(cfg.eval, key) < least:
+            _fail(f"eval.{key}", getattr(cfg.eval, key), f"must be >= {least}")
+    if cfg.max_steps < 0:  # `steps >= max_steps` held after the first step: a negative one stopped the run there
+        _fail("max_steps", cfg.max_steps, "must be >= 0 (0: run to the end)")
     if cfg.checkpoint.keep < 1:
         _fail("checkpoint.keep", cfg.checkpoint.keep, "must keep at least one checkpoint")
     if cfg.logging.log_every < 1:

@@ -151,6 +151,9 @@ class Trainer:
         self.resolved = resolved
         self.config_yaml = OmegaConf.to_yaml(OmegaConf.create(redact(resolved)))
         self.preemption = _Preemption()
+        self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint.keep, info.rank)
+        if cfg.init_from and self.checkpoints.latest() is None:  # a fresh run: its weights must exist, said now,
+            _init_from_kind(cfg.init_from)  # not after the data is prepared and the model built
 
         # data: rank 0 prepares (idempotent, cached; tokenizing a large corpus takes hours, longer than any
         # collective's timeout), then everyone verifies the manifest against the tokenizer
@@ -194,7 +197,6 @@ class Trainer:
         held = [local_parameter_elements(self.model)] * info.world_size  # what each rank allocated for the weights
         if info.world_size > 1:
             dist.all_gather_object(held, held[info.rank])
-        self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint.keep, info.rank)
         self.state = TrainerState()
         # `run` mended the folder (CheckpointManager.recover, in finished_checkpoint) before building this
         latest = self.checkpoints.latest()
@@ -355,7 +357,7 @@ class Trainer:
     def _init_weights_from(self, path: str) -> None:
         """Start a fresh run's weights from an HF directory or a tristage checkpoint folder (weights only)."""
         src = Path(path)
-        if (src / "config.json").exists():
+        if _init_from_kind(path) == "hf":
             from models.hf import load_hf_weights, read_hf_config
 
             try:
@@ -375,16 +377,13 @@ class Trainer:
                                       f"from model.{key}={getattr(self.cfg.model, key)}; set model.{key} to match")
             self._check_init_tokenizer(src, path)
             load_hf_weights(self.model, src, gather=whole)  # one parameter at a time, this rank's part
-        elif (src / "meta.json").exists():
+        else:
             meta = json.loads((src / "meta.json").read_text())
             check_compatible(meta, self.cfg.model, self.tokenizer.fingerprint, str(src))
             if meta.get("rope_theta") is not None:
                 self._note_init_rope_theta(float(meta["rope_theta"]), path)
             self._weights_read_directly(meta, src)  # called for its refusal (what cannot be re-sharded) only
             self._init_checkpoint = src  # loaded into the engine once it exists (`_load_weights_from`)
-        else:
-            raise ConfigError(f"config key 'init_from' = {path!r}: neither an HF directory (config.json) "
-                              f"nor a tristage checkpoint folder (meta.json)")
 
     def _note_init_rope_theta(self, theirs: float, path: str) -> None:
         """Say (rank 0) when the first stage trains at another RoPE base than the weights were trained at: the
@@ -890,6 +889,17 @@ class Trainer:
         self.metrics.log({"event": "eval", "stage": stage.name, "step": self.state.step,
                           "global_step": self.state.global_step, "heldout_ppl_geomean": math.exp(mean_log),
                           "heldout_ppl": ppl, "seconds": round(time.perf_counter() - t0, 3), "time": time.time()})
+
+
+def _init_from_kind(path: str) -> str:
+    """"hf" (an HF directory) or "checkpoint" (a tristage checkpoint folder) for `init_from`; else refused."""
+    src = Path(path)
+    if (src / "config.json").exists():
+        return "hf"
+    if (src / "meta.json").exists():
+        return "checkpoint"
+    raise ConfigError(f"config key 'init_from' = {path!r}: neither an HF directory (config.json) nor a tristage "
+                      f"checkpoint folder (meta.json)")
 
 
 def _fail_after(items: Any, n: int) -> Any:
