@@ -6,6 +6,8 @@ Hydra's ConfigStore as the schema of the `model` config group, and the numbers l
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, Mapping, Optional
 
@@ -123,10 +125,10 @@ class Qwen3Config:
                 f"num_key_value_heads ({self.num_key_value_heads})")
         if self.head_dim % 2 != 0:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
-        if self.rope_theta <= 1.0:
-            raise ValueError(f"rope_theta must be > 1, got {self.rope_theta}")
-        if self.rms_norm_eps <= 0:
-            raise ValueError(f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
+        if not self.rope_theta > 1.0 or math.isinf(self.rope_theta):  # NaN is not <= 1: it made NaN tables
+            raise ValueError(f"rope_theta must be a finite number > 1, got {self.rope_theta}")
+        if not 0 < self.rms_norm_eps < math.inf:
+            raise ValueError(f"rms_norm_eps must be positive and finite, got {self.rms_norm_eps}")
         if self.initializer_range <= 0:
             raise ValueError(f"initializer_range must be positive, got {self.initializer_range}")
         if self.num_experts < 0:

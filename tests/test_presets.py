@@ -105,6 +105,10 @@ def test_matmul_params_and_flops():
     ("moe_implementation", "triton", "moe_implementation"),
     ("head_dim", 31, "head_dim"),
     ("rope_scaling", {"rope_type": "linear", "factor": 2.0}, "rope_scaling"),
+    # NaN passed '<= 1' and '<= 0' (comparisons with NaN are false): NaN RoPE tables, NaN norms
+    ("rope_theta", float("nan"), "rope_theta must be a finite number > 1, got nan"),
+    ("rope_theta", float("inf"), "rope_theta must be a finite number > 1, got inf"),
+    ("rms_norm_eps", float("nan"), "rms_norm_eps must be positive and finite, got nan"),
 ])
 def test_validate_names_the_bad_field(field, value, match):
     cfg = dataclasses.replace(load_preset("tiny_moe"), **{field: value})

@@ -67,8 +67,8 @@ def test_any_key_overrides():
     (["curriculum.stages.long_context.rope_theta=nan"], 1, "'curriculum.stages.long_context.rope_theta' = nan"),
     (["curriculum.stages.general.rope_theta=inf"], 1, "'curriculum.stages.general.rope_theta' = inf"),
     (["curriculum.stages.general.rope_theta=0.5"], 1, "'curriculum.stages.general.rope_theta' = 0.5"),
-    (["model.rope_theta=nan", "curriculum.stages.general.rope_theta=null"], 1,  # inherited by the first stage
-     "'curriculum.stages.general.rope_theta' = nan"),
+    (["model.rope_theta=nan", "curriculum.stages.general.rope_theta=null"], 1,  # the model's, before a stage inherits it
+     "model: rope_theta must be a finite number > 1, got nan"),
     (["deepspeed.zero_stage=4"], 1, "deepspeed.zero_stage"),
     (["deepspeed.offload_param=true"], 1, "deepspeed.offload_param"),
     (["+deepspeed.extra._target_=os.system"], 1, "deepspeed.extra._target_"),
