@@ -210,3 +210,36 @@ def test_bad_inputs_exit_2_naming_what_is_wrong_before_anything_is_written(run_d
         eval_main(["ppl", str(hf), "--seq-len", "0"])
     assert e.value.code == 2
     assert not out.exists()
+
+
+def test_damaged_files_exit_2_naming_the_file(run_dir, tmp_path, capsys):
+    """A truncated or overwritten file of the model to evaluate was a traceback with exit 1, for a checkpoint's
+    meta.json without the file's name (a bare JSONDecodeError) and for its truncated model states without any
+    (torch: "OSError: [Errno 22] Invalid argument")."""
+    import shutil
+
+    from train.eval.target import _manifest_of, _run_config
+
+    manifest = str(_manifest_of(_run_config(run_dir)))
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(run_dir / "checkpoints" / "0-general-step0000004", ckpt)
+    states = ckpt / "mp_rank_00_model_states.pt"
+    states.write_bytes(states.read_bytes()[:5000])
+    meta = tmp_path / "meta" / "0-general-step0000004"
+    shutil.copytree(run_dir / "checkpoints" / "0-general-step0000004", meta)
+    (meta / "meta.json").write_text('{"stage": ')
+    config = tmp_path / "config"
+    shutil.copytree(run_dir / "hf" / "general", config)
+    (config / "config.json").write_text("not json")
+    weights = tmp_path / "weights"
+    shutil.copytree(run_dir / "hf" / "general", weights)
+    (weights / "model.safetensors").write_bytes((weights / "model.safetensors").read_bytes()[:1000])
+    hf = ["--seq-len", "64", "--manifest", manifest]
+    cases = [(["ppl", str(ckpt)], f"{ckpt}: cannot load the checkpoint"),
+             (["ppl", str(meta)], f"{meta / 'meta.json'}: cannot read it as JSON"),
+             (["ppl", str(config), *hf], f"{config / 'config.json'}: cannot read it as JSON"),
+             (["ppl", str(weights), *hf], f"{weights / 'model.safetensors'}: not a readable safetensors file")]
+    for argv, message in cases:
+        assert eval_main([*argv, "--out", str(tmp_path / "out"), "--device", "cpu"]) == 2, argv
+        assert message in capsys.readouterr().err, argv
+

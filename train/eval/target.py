@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
+import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from data.tokenizer import Tokenizer, load_tokenizer
 from models.qwen3 import Qwen3ForCausalLM
@@ -72,6 +74,22 @@ def eval_device(name: str = "auto") -> torch.device:
     return device
 
 
+def _json(path: Path) -> Dict[str, Any]:
+    """A JSON file of the target (meta.json), EvalError naming it when it cannot be read."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EvalError(f"{path}: cannot read it as JSON ({type(e).__name__}: {e})") from None
+
+
+def _yaml(path: Path) -> Dict[str, Any]:
+    """A run's or checkpoint's config.yaml, resolved; EvalError naming it when it cannot be read."""
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except (OSError, yaml.YAMLError, OmegaConfBaseException) as e:
+        raise EvalError(f"{path}: cannot read it as a config ({type(e).__name__}: {e})") from None
+
+
 def _check_weights(stage: StageModel) -> None:
     """Refuse, naming the file, a stage folder whose weight files are missing (a copy cut short, a pruned run)."""
     path = stage.path
@@ -79,7 +97,7 @@ def _check_weights(stage: StageModel) -> None:
         wanted = [path / "model.safetensors", path / "model.safetensors.index.json"]
         expert_parallel = False
     else:
-        meta = json.loads((path / "meta.json").read_text())
+        meta = _json(path / "meta.json")
         wanted = ([*path.glob("*model_states.pt")] if meta.get("zero_stage") == 3
                   else [path / "mp_rank_00_model_states.pt"])
         expert_parallel = meta.get("expert_parallel_size", 1) > 1
@@ -102,8 +120,8 @@ def eval_dtype(device: torch.device) -> torch.dtype:
 
 def _checkpoint_model(path: Path) -> Qwen3ForCausalLM:
     """The model of a checkpoint folder, on the meta device, with the RoPE base its stage trained at."""
-    meta = json.loads((path / "meta.json").read_text())
-    cfg = OmegaConf.to_container(OmegaConf.load(path / "config.yaml").model, resolve=True)
+    meta = _json(path / "meta.json")
+    cfg = _yaml(path / "config.yaml")["model"]
     cfg["rope_theta"] = float(meta["rope_theta"])  # the stage's base, as the HF export would carry it
     with torch.device("meta"):
         return Qwen3ForCausalLM(cfg)
@@ -116,10 +134,13 @@ def load_model(path: Path, device: torch.device, dtype: Optional[torch.dtype] = 
     dtype = dtype or eval_dtype(device)
     path = Path(path)
     if (path / "config.json").exists():
-        return load_hf(path, device=device, dtype=dtype).eval()
+        try:
+            return load_hf(path, device=device, dtype=dtype).eval()
+        except (OSError, ValueError) as e:  # a damaged config.json or weight file; load_hf's message names it
+            raise EvalError(f"{path}: cannot load the HF directory ({e})") from None
     if not (path / "meta.json").exists():
         raise EvalError(f"{path}: neither an HF directory (config.json) nor a checkpoint folder (meta.json)")
-    meta = json.loads((path / "meta.json").read_text())
+    meta = _json(path / "meta.json")
     model = _checkpoint_model(path)
     from train.engine import CheckpointLoadError, safe_torch_load  # DeepSpeed's files, without running pickles
 
@@ -135,15 +156,15 @@ def load_model(path: Path, device: torch.device, dtype: Optional[torch.dtype] = 
                     from train.expert_parallel import read_expert_files
 
                     state.update(read_expert_files(path, model))
-    except (FileNotFoundError, CheckpointLoadError) as e:
-        raise EvalError(f"{path}: cannot load the checkpoint ({e})") from None
+    except (OSError, CheckpointLoadError) as e:  # torch reads a truncated file as "OSError: Invalid argument"
+        raise EvalError(f"{path}: cannot load the checkpoint ({type(e).__name__}: {e})") from None
     model.to_empty(device="cpu")  # allocates, rebuilds the RoPE tables and re-ties the head
     model.load_state_dict(state)
     return model.to(device=device, dtype=dtype).eval()
 
 
 def _run_config(run_dir: Path) -> Dict[str, Any]:
-    return OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
+    return _yaml(run_dir / "config.yaml")
 
 
 def _manifest_of(cfg: Dict[str, Any]) -> Path:
@@ -181,7 +202,7 @@ def resolve(target: Path, out: Optional[Path] = None, manifest: Optional[Path] =
             ckpts = target / "checkpoints"
             for s in order:
                 ends = sorted(p for p in ckpts.glob(f"*-{s}-step*") if (p / "meta.json").exists()
-                              and json.loads((p / "meta.json").read_text())["state"]["stage_complete"])
+                              and _json(p / "meta.json")["state"]["stage_complete"])
                 if ends:
                     found.append(StageModel(s, ends[-1], _seq_len(cfg, s)))
         if not found:
@@ -189,8 +210,8 @@ def resolve(target: Path, out: Optional[Path] = None, manifest: Optional[Path] =
     elif (target / "meta.json").exists():  # a checkpoint folder carries its run's config
         if seq_len is not None:
             raise EvalError(f"--seq-len {seq_len}: only for an HF directory; a checkpoint's config has its length")
-        cfg = OmegaConf.to_container(OmegaConf.load(target / "config.yaml"), resolve=True)
-        meta = json.loads((target / "meta.json").read_text())
+        cfg = _yaml(target / "config.yaml")
+        meta = _json(target / "meta.json")
         # a checkpoint from the middle of a stage gets results of its own (eval/<its tag>/), so that they never
         # replace the stage's: the summary and the report read eval/<stage>/ as "after <stage>"
         name = meta["stage"] if meta.get("state", {}).get("stage_complete", True) else target.name
