@@ -113,6 +113,38 @@ def _check_weights(stage: StageModel) -> None:
                             f"missing, e.g. {missing[0].name})")
 
 
+def _check_tokenizer(stage: StageModel, manifest: Path, tokenizer: Tokenizer) -> None:
+    """Refuse weights trained with another tokenizer than the data set's (their ids stand for other text, and every
+    number would come out without an error) or with fewer embedding rows than its ids."""
+    from data.shards import read_manifest
+
+    want = read_manifest(manifest)["tokenizer"]
+    path = stage.path
+    if (path / "config.json").exists():  # an HF export carries its tokenizer's files (one from elsewhere may not)
+        from models.hf import read_hf_config
+
+        try:
+            rows = read_hf_config(path).vocab_size
+        except ValueError as e:  # a damaged config.json, named
+            raise EvalError(str(e)) from None
+        have = None
+        if any((path / n).exists() for n in ("tokenizer.model", "tokenizer.json")):
+            own = load_tokenizer(path)
+            # the same ids in a file of other bytes (a tokenizer.json saved by another tool) is the same tokenizer
+            same = own.fingerprint == want["fingerprint"] or own.vocabulary() == tokenizer.vocabulary()
+            have = want["fingerprint"] if same else own.fingerprint
+    else:
+        meta = _json(path / "meta.json")
+        rows = meta.get("model_shape", {}).get("vocab_size", want["vocab_size"])
+        have = meta.get("tokenizer_fingerprint")
+    if have is not None and have != want["fingerprint"]:
+        raise EvalError(f"{path}: trained with tokenizer {have}, not the data set's {want['fingerprint']} "
+                        f"({manifest}); pass --manifest of the data set it was trained on")
+    if rows < want["vocab_size"]:
+        raise EvalError(f"{path}: {rows} embedding rows, fewer than the {want['vocab_size']} ids of the data set's "
+                        f"tokenizer ({manifest})")
+
+
 def eval_dtype(device: torch.device) -> torch.dtype:
     """bf16 on a GPU (as training), fp32 on the CPU."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -245,6 +277,9 @@ def resolve(target: Path, out: Optional[Path] = None, manifest: Optional[Path] =
         manifest = _manifest_of(cfg)
     elif not Path(manifest).is_file():
         raise EvalError(f"--manifest {manifest}: no such file (a data set's manifest.json)")
+    tokenizer = load_tokenizer(Path(manifest))
+    for st in found:
+        _check_tokenizer(st, Path(manifest), tokenizer)
     if cfg is not None:
         order = list(cfg["curriculum"]["order"])
         seq_lens = {s: _seq_len(cfg, s) for s in order}
@@ -254,4 +289,4 @@ def resolve(target: Path, out: Optional[Path] = None, manifest: Optional[Path] =
         # outside a run, beside the model rather than in it: a later save_hf or checkpoint prune replaces the
         # model's folder whole, results and all
         out = (run_dir / "eval") if run_dir is not None else target.with_name(f"{target.name}-eval")
-    return EvalTarget(found, Path(manifest), seq_lens[order[0]], Path(out), order, seq_lens, run_dir)
+    return EvalTarget(found, Path(manifest), seq_lens[order[0]], Path(out), order, seq_lens, run_dir, tokenizer)
