@@ -326,3 +326,15 @@ def test_passkey_scores_the_answer_the_model_writes_and_runs_up_to_its_tables(to
     model = build(max_position_embeddings=256)
     g = passkey.passkey_grid(model, tok, [200, 256], [0.0, 1.0], trials=1)
     assert g["accuracy"] == [[1.0, 1.0], [1.0, 1.0]] and g["accuracy_by_length"] == [1.0, 1.0]
+
+
+def test_loss_bins_of_a_curve_shorter_than_the_bins_are_never_empty():
+    """`--lengths 10` with 16 bins: edges [0, 1, 1, 2, ...] gave empty bins, NaN in position_loss.json (no JSON) and a
+    RuntimeWarning; each bin now holds at least one position, and every position lies in exactly one bin."""
+    curve = np.arange(10, dtype=float)
+    s = position_loss.summarize(curve, trained_len=4, bins=16)
+    edges = s["bin_edges"]
+    assert edges[0] == 0 and edges[-1] == 10 and all(a < b for a, b in zip(edges, edges[1:]))
+    assert s["bin_loss"] == [float(curve[a:b].mean()) for a, b in zip(edges, edges[1:])]
+    json.dumps(s, allow_nan=False)
+    assert position_loss.summarize(np.arange(64, dtype=float), 16, bins=16)["bin_edges"] == list(range(0, 65, 4))

@@ -210,3 +210,65 @@ def test_bad_inputs_exit_2_naming_what_is_wrong_before_anything_is_written(run_d
         eval_main(["ppl", str(hf), "--seq-len", "0"])
     assert e.value.code == 2
     assert not out.exists()
+
+
+def test_damaged_files_exit_2_naming_the_file(run_dir, tmp_path, capsys):
+    """A truncated or overwritten file of the model to evaluate was a traceback with exit 1, for a checkpoint's
+    meta.json without the file's name (a bare JSONDecodeError) and for its truncated model states without any
+    (torch: "OSError: [Errno 22] Invalid argument")."""
+    import shutil
+
+    from train.eval.target import _manifest_of, _run_config
+
+    manifest = str(_manifest_of(_run_config(run_dir)))
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(run_dir / "checkpoints" / "0-general-step0000004", ckpt)
+    states = ckpt / "mp_rank_00_model_states.pt"
+    states.write_bytes(states.read_bytes()[:5000])
+    meta = tmp_path / "meta" / "0-general-step0000004"
+    shutil.copytree(run_dir / "checkpoints" / "0-general-step0000004", meta)
+    (meta / "meta.json").write_text('{"stage": ')
+    config = tmp_path / "config"
+    shutil.copytree(run_dir / "hf" / "general", config)
+    (config / "config.json").write_text("not json")
+    weights = tmp_path / "weights"
+    shutil.copytree(run_dir / "hf" / "general", weights)
+    (weights / "model.safetensors").write_bytes((weights / "model.safetensors").read_bytes()[:1000])
+    hf = ["--seq-len", "64", "--manifest", manifest]
+    cases = [(["ppl", str(ckpt)], f"{ckpt}: cannot load the checkpoint"),
+             (["ppl", str(meta)], f"{meta / 'meta.json'}: cannot read it as JSON"),
+             (["ppl", str(config), *hf], f"{config / 'config.json'}: cannot read it as JSON"),
+             (["ppl", str(weights), *hf], f"{weights / 'model.safetensors'}: not a readable safetensors file")]
+    for argv, message in cases:
+        assert eval_main([*argv, "--out", str(tmp_path / "out"), "--device", "cpu"]) == 2, argv
+        assert message in capsys.readouterr().err, argv
+
+
+def test_a_model_of_another_tokenizer_is_refused(run_dir, tmp_path, capsys):
+    """Weights evaluated against a data set of another tokenizer read its ids as other text: an HF export, the same
+    folder outside the run and a checkpoint all gave perplexities (2,850 for the smoke run's General, 2,687 with
+    its own data set) without a word. The same tokenizer in a file of other bytes is still the same ids."""
+    import shutil
+
+    from data.config import compose
+    from data.prepare import prepare
+    from data.tokenizer import load_tokenizer
+    from train.eval.target import _manifest_of, _run_config
+
+    other = prepare(compose("fixture", [f"root={tmp_path / 'data'}", "tokenizer.vocab_size=512"]))
+    ckpt = run_dir / "checkpoints" / "0-general-step0000004"
+    own = json.loads((ckpt / "meta.json").read_text())["tokenizer_fingerprint"]
+    theirs = load_tokenizer(other).fingerprint
+    assert own != theirs
+    outside = tmp_path / "outside"
+    shutil.copytree(run_dir / "hf" / "general", outside)
+    for target, extra in [(run_dir / "hf" / "general", []), (outside, ["--seq-len", "64"]), (ckpt, [])]:
+        argv = ["ppl", str(target), "--manifest", str(other), *extra, "--out", str(tmp_path / "out"),
+                "--device", "cpu"]
+        assert eval_main(argv) == 2, target
+        assert f"{target}: trained with tokenizer {own}, not the data set's {theirs}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    (outside / "tokenizer.model").unlink()  # tokenizer.json alone: another fingerprint, the same vocabulary
+    manifest = str(_manifest_of(_run_config(run_dir)))
+    assert eval_main(["ppl", str(outside), "--seq-len", "64", "--manifest", manifest, "--max-tokens", "64",
+                      "--out", str(tmp_path / "ok"), "--device", "cpu"]) == 0

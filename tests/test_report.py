@@ -132,3 +132,37 @@ def test_without_stage_starts_the_switch_is_the_step_before_a_stages_first_recor
     assert [ax.get_title() for ax in figures[0].axes if ax.get_title()] == ["general, step 2", "reasoning, step 1"]
     report.plot_perplexity({"general": {"fra": 50.0, "eng": 30.0, "deu": 40.0}}, tmp_path / "ppl.png")
     assert [t.get_text() for t in figures[1].axes[0].get_xticklabels()] == ["eng", "deu", "fra"]
+
+
+def test_held_out_marks_past_a_rollback_or_resume_point_are_dropped(tmp_path, monkeypatch):
+    """The loop's held-out evaluations are logged again after a resume or rollback, like the steps: loss.png drew
+    every one, so a rollback's discarded weights (here log 6.0 at step 3, trained on the skipped batch) stood
+    beside the replay's mark at the same step, and a resume drew its checkpoint step's mark twice."""
+    import math
+
+    write_metrics(tmp_path, [
+        step("general", 1, 1, 7.5), {"event": "eval", "stage": "general", "global_step": 1,
+                                     "heldout_ppl": {"eng": math.e ** 7}, "heldout_ppl_geomean": math.e ** 7},
+        step("general", 2, 2, 7.2), {"event": "eval", "stage": "general", "global_step": 2,
+                                     "heldout_ppl": {"eng": math.e ** 6.5}, "heldout_ppl_geomean": math.e ** 6.5},
+        step("general", 3, 3, 7.0), {"event": "eval", "stage": "general", "global_step": 3,
+                                     "heldout_ppl": {"eng": math.e ** 6}, "heldout_ppl_geomean": math.e ** 6},
+        step("general", 4, 4, 134.7),
+        {"event": "rollback", "stage": "general", "global_step": 1, "to_checkpoint": "0-general-step0000001"},
+        {"event": "eval", "stage": "general", "global_step": 1, "heldout_ppl": {"eng": math.e ** 7},
+         "heldout_ppl_geomean": math.e ** 7},  # the checkpoint's step, evaluated again
+        {"event": "skipped_batch", "stage": "general", "step": 2, "global_step": 2},
+        {"event": "eval", "stage": "general", "global_step": 2, "heldout_ppl": {"eng": math.e ** 7},
+         "heldout_ppl_geomean": math.e ** 7},
+        step("general", 3, 3, 6.9), {"event": "eval", "stage": "general", "global_step": 3,
+                                     "heldout_ppl": {"eng": math.e ** 6.8}, "heldout_ppl_geomean": math.e ** 6.8},
+    ])
+    recs = report.read_metrics(tmp_path)
+    evals = [(r["global_step"], round(math.log(r["heldout_ppl_geomean"]), 6)) for r in recs if r.get("event") == "eval"]
+    assert evals == [(1, 7.0), (2, 7.0), (3, 6.8)]
+    assert report.stage_perplexities(recs, {})["general"]["eng"] == pytest.approx(math.e ** 6.8)
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, path, tight=True: figures.append(fig) or path)
+    report.plot_loss(recs, tmp_path / "loss.png")
+    [marks] = [c for c in figures[0].axes[0].collections]
+    assert marks.get_offsets().flatten().tolist() == pytest.approx([1, 7.0, 2, 7.0, 3, 6.8])

@@ -31,7 +31,9 @@ def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
     """Every record of metrics.jsonl that still stands: a resume or a rollback goes back to a checkpoint, so the
     steps logged past it are dropped (a rolled-back spike's step is never logged again: its batch is skipped), and
     a step logged twice keeps its later record. A line that is not JSON (cut short by a full disk or a kill
-    mid-write, with the relaunch appending after it) is skipped, with a warning naming it."""
+    mid-write, with the relaunch appending after it) is skipped, with a warning naming it. The loop's held-out
+    evaluations (`eval` events) are the steps' kind: logged again after a resume or rollback, so they go the same
+    way and come after the other events, in global-step order."""
     out: List[Dict[str, Any]] = []
     path = Path(run_dir) / "metrics.jsonl"
     for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
@@ -41,15 +43,21 @@ def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
             except json.JSONDecodeError:
                 print(f"warning: {path}:{n}: not a JSON record (cut short?); skipped", file=sys.stderr)
     steps: Dict[Tuple[str, int], Dict[str, Any]] = {}
+    evals: Dict[Tuple[str, int], Dict[str, Any]] = {}
     events = []
     for r in out:
         if "event" not in r:
             steps[(r["stage"], r["step"])] = r
             continue
+        if r["event"] == "eval":
+            evals[(r["stage"], r["global_step"])] = r
+            continue
         events.append(r)
         if r["event"] in ("resume", "rollback"):
             steps = {k: v for k, v in steps.items() if v["global_step"] <= r["global_step"]}
-    return sorted(steps.values(), key=lambda r: r["global_step"]) + events
+            evals = {k: v for k, v in evals.items() if v["global_step"] <= r["global_step"]}
+    return (sorted(steps.values(), key=lambda r: r["global_step"]) + events
+            + sorted(evals.values(), key=lambda r: r["global_step"]))
 
 
 def step_records(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:

@@ -49,8 +49,9 @@ def loss_by_position(model: Qwen3ForCausalLM, stream: np.ndarray, length: int, w
 
 
 def summarize(curve: np.ndarray, trained_len: int, bins: int = 16) -> Dict[str, Any]:
-    """Mean loss within / beyond the trained length and over `bins` equal ranges of positions."""
-    edges = np.linspace(0, len(curve), bins + 1).round().astype(int)
+    """Mean loss within / beyond the trained length and over `bins` equal ranges of positions (fewer for a curve
+    shorter than `bins`: an empty range has no mean)."""
+    edges = np.linspace(0, len(curve), min(bins, len(curve)) + 1).round().astype(int)
     return {"length": len(curve), "trained_len": trained_len,
             "loss_within": float(curve[:trained_len].mean()),
             "loss_beyond": float(curve[trained_len:].mean()) if len(curve) > trained_len else None,

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
+import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from data.tokenizer import Tokenizer, load_tokenizer
 from models.qwen3 import Qwen3ForCausalLM
@@ -72,6 +74,22 @@ def eval_device(name: str = "auto") -> torch.device:
     return device
 
 
+def _json(path: Path) -> Dict[str, Any]:
+    """A JSON file of the target (meta.json), EvalError naming it when it cannot be read."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EvalError(f"{path}: cannot read it as JSON ({type(e).__name__}: {e})") from None
+
+
+def _yaml(path: Path) -> Dict[str, Any]:
+    """A run's or checkpoint's config.yaml, resolved; EvalError naming it when it cannot be read."""
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except (OSError, yaml.YAMLError, OmegaConfBaseException) as e:
+        raise EvalError(f"{path}: cannot read it as a config ({type(e).__name__}: {e})") from None
+
+
 def _check_weights(stage: StageModel) -> None:
     """Refuse, naming the file, a stage folder whose weight files are missing (a copy cut short, a pruned run)."""
     path = stage.path
@@ -79,7 +97,7 @@ def _check_weights(stage: StageModel) -> None:
         wanted = [path / "model.safetensors", path / "model.safetensors.index.json"]
         expert_parallel = False
     else:
-        meta = json.loads((path / "meta.json").read_text())
+        meta = _json(path / "meta.json")
         wanted = ([*path.glob("*model_states.pt")] if meta.get("zero_stage") == 3
                   else [path / "mp_rank_00_model_states.pt"])
         expert_parallel = meta.get("expert_parallel_size", 1) > 1
@@ -95,6 +113,38 @@ def _check_weights(stage: StageModel) -> None:
                             f"missing, e.g. {missing[0].name})")
 
 
+def _check_tokenizer(stage: StageModel, manifest: Path, tokenizer: Tokenizer) -> None:
+    """Refuse weights trained with another tokenizer than the data set's (their ids stand for other text, and every
+    number would come out without an error) or with fewer embedding rows than its ids."""
+    from data.shards import read_manifest
+
+    want = read_manifest(manifest)["tokenizer"]
+    path = stage.path
+    if (path / "config.json").exists():  # an HF export carries its tokenizer's files (one from elsewhere may not)
+        from models.hf import read_hf_config
+
+        try:
+            rows = read_hf_config(path).vocab_size
+        except ValueError as e:  # a damaged config.json, named
+            raise EvalError(str(e)) from None
+        have = None
+        if any((path / n).exists() for n in ("tokenizer.model", "tokenizer.json")):
+            own = load_tokenizer(path)
+            # the same ids in a file of other bytes (a tokenizer.json saved by another tool) is the same tokenizer
+            same = own.fingerprint == want["fingerprint"] or own.vocabulary() == tokenizer.vocabulary()
+            have = want["fingerprint"] if same else own.fingerprint
+    else:
+        meta = _json(path / "meta.json")
+        rows = meta.get("model_shape", {}).get("vocab_size", want["vocab_size"])
+        have = meta.get("tokenizer_fingerprint")
+    if have is not None and have != want["fingerprint"]:
+        raise EvalError(f"{path}: trained with tokenizer {have}, not the data set's {want['fingerprint']} "
+                        f"({manifest}); pass --manifest of the data set it was trained on")
+    if rows < want["vocab_size"]:
+        raise EvalError(f"{path}: {rows} embedding rows, fewer than the {want['vocab_size']} ids of the data set's "
+                        f"tokenizer ({manifest})")
+
+
 def eval_dtype(device: torch.device) -> torch.dtype:
     """bf16 on a GPU (as training), fp32 on the CPU."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -102,8 +152,8 @@ def eval_dtype(device: torch.device) -> torch.dtype:
 
 def _checkpoint_model(path: Path) -> Qwen3ForCausalLM:
     """The model of a checkpoint folder, on the meta device, with the RoPE base its stage trained at."""
-    meta = json.loads((path / "meta.json").read_text())
-    cfg = OmegaConf.to_container(OmegaConf.load(path / "config.yaml").model, resolve=True)
+    meta = _json(path / "meta.json")
+    cfg = _yaml(path / "config.yaml")["model"]
     cfg["rope_theta"] = float(meta["rope_theta"])  # the stage's base, as the HF export would carry it
     with torch.device("meta"):
         return Qwen3ForCausalLM(cfg)
@@ -116,10 +166,13 @@ def load_model(path: Path, device: torch.device, dtype: Optional[torch.dtype] = 
     dtype = dtype or eval_dtype(device)
     path = Path(path)
     if (path / "config.json").exists():
-        return load_hf(path, device=device, dtype=dtype).eval()
+        try:
+            return load_hf(path, device=device, dtype=dtype).eval()
+        except (OSError, ValueError) as e:  # a damaged config.json or weight file; load_hf's message names it
+            raise EvalError(f"{path}: cannot load the HF directory ({e})") from None
     if not (path / "meta.json").exists():
         raise EvalError(f"{path}: neither an HF directory (config.json) nor a checkpoint folder (meta.json)")
-    meta = json.loads((path / "meta.json").read_text())
+    meta = _json(path / "meta.json")
     model = _checkpoint_model(path)
     from train.engine import CheckpointLoadError, safe_torch_load  # DeepSpeed's files, without running pickles
 
@@ -135,15 +188,15 @@ def load_model(path: Path, device: torch.device, dtype: Optional[torch.dtype] = 
                     from train.expert_parallel import read_expert_files
 
                     state.update(read_expert_files(path, model))
-    except (FileNotFoundError, CheckpointLoadError) as e:
-        raise EvalError(f"{path}: cannot load the checkpoint ({e})") from None
+    except (OSError, CheckpointLoadError) as e:  # torch reads a truncated file as "OSError: Invalid argument"
+        raise EvalError(f"{path}: cannot load the checkpoint ({type(e).__name__}: {e})") from None
     model.to_empty(device="cpu")  # allocates, rebuilds the RoPE tables and re-ties the head
     model.load_state_dict(state)
     return model.to(device=device, dtype=dtype).eval()
 
 
 def _run_config(run_dir: Path) -> Dict[str, Any]:
-    return OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
+    return _yaml(run_dir / "config.yaml")
 
 
 def _manifest_of(cfg: Dict[str, Any]) -> Path:
@@ -181,7 +234,7 @@ def resolve(target: Path, out: Optional[Path] = None, manifest: Optional[Path] =
             ckpts = target / "checkpoints"
             for s in order:
                 ends = sorted(p for p in ckpts.glob(f"*-{s}-step*") if (p / "meta.json").exists()
-                              and json.loads((p / "meta.json").read_text())["state"]["stage_complete"])
+                              and _json(p / "meta.json")["state"]["stage_complete"])
                 if ends:
                     found.append(StageModel(s, ends[-1], _seq_len(cfg, s)))
         if not found:
@@ -189,8 +242,8 @@ def resolve(target: Path, out: Optional[Path] = None, manifest: Optional[Path] =
     elif (target / "meta.json").exists():  # a checkpoint folder carries its run's config
         if seq_len is not None:
             raise EvalError(f"--seq-len {seq_len}: only for an HF directory; a checkpoint's config has its length")
-        cfg = OmegaConf.to_container(OmegaConf.load(target / "config.yaml"), resolve=True)
-        meta = json.loads((target / "meta.json").read_text())
+        cfg = _yaml(target / "config.yaml")
+        meta = _json(target / "meta.json")
         # a checkpoint from the middle of a stage gets results of its own (eval/<its tag>/), so that they never
         # replace the stage's: the summary and the report read eval/<stage>/ as "after <stage>"
         name = meta["stage"] if meta.get("state", {}).get("stage_complete", True) else target.name
@@ -224,6 +277,9 @@ def resolve(target: Path, out: Optional[Path] = None, manifest: Optional[Path] =
         manifest = _manifest_of(cfg)
     elif not Path(manifest).is_file():
         raise EvalError(f"--manifest {manifest}: no such file (a data set's manifest.json)")
+    tokenizer = load_tokenizer(Path(manifest))
+    for st in found:
+        _check_tokenizer(st, Path(manifest), tokenizer)
     if cfg is not None:
         order = list(cfg["curriculum"]["order"])
         seq_lens = {s: _seq_len(cfg, s) for s in order}
@@ -233,4 +289,4 @@ def resolve(target: Path, out: Optional[Path] = None, manifest: Optional[Path] =
         # outside a run, beside the model rather than in it: a later save_hf or checkpoint prune replaces the
         # model's folder whole, results and all
         out = (run_dir / "eval") if run_dir is not None else target.with_name(f"{target.name}-eval")
-    return EvalTarget(found, Path(manifest), seq_lens[order[0]], Path(out), order, seq_lens, run_dir)
+    return EvalTarget(found, Path(manifest), seq_lens[order[0]], Path(out), order, seq_lens, run_dir, tokenizer)
