@@ -382,29 +382,45 @@ def write_words(path: Path, n: int) -> List[dict]:
     return write_jsonl(path, rows) and rows
 
 
+def in_own_process(overrides: List[str], code: str) -> dict:
+    """Run `code` in a fresh Python with `cfg`, the fixture data config under `overrides`, and `P` (data.prepare);
+    returns the JSON of the dict it leaves in `result`. A tracemalloc window inside a test worker counts whatever
+    else that process allocates meanwhile (once in CI the sharding window read 8.9 MB in a worker that had run other
+    tests; alone, 1.2 MB; not traced further)."""
+    script = (f"import json, tracemalloc\nimport data.prepare as P\nfrom data.config import compose, to_data_config\n"
+              f"cfg = to_data_config(compose('fixture', {overrides!r}))\n{code}\nprint(json.dumps(result))\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def words_source(tmp_path: Path, tokenizer: str, *extra: str) -> List[str]:
+    """Overrides of a data config whose one source, `j`, is tmp_path/big.jsonl of `write_words`."""
+    return [f"root={tmp_path / 'root'}", f"tokenizer.path={tokenizer}", "~sources", *extra,
+            f"+sources.j={{kind: local, options: {{paths: ['{tmp_path}/big.jsonl'], language_field: lang}}}}"]
+
+
 def test_the_tokenizer_sample_is_drawn_without_holding_the_text(tmp_path, tokenizer):
     """The sentencepiece sample is drawn in two passes over the documents, holding each line's length and then the
     lines drawn: 200K characters out of ~17M allocate a small fraction of the text at the peak. All the text was
     held as Python strings first (a corpus of one's own larger than memory could not train its tokenizer). The
     sample is the one `language_sample` draws from all the lines in memory: same lines, same order."""
-    import tracemalloc
-
     import data.prepare as P
     from data.config import to_data_config
     from data.tokenizer import language_sample
 
     write_words(tmp_path / "big.jsonl", 12000)
-    cfg = to_data_config(local(tmp_path, tokenizer, f"paths: ['{tmp_path}/big.jsonl'], language_field: lang",
-                               ["tokenizer.sample_chars=200000"]))
+    overrides = words_source(tmp_path, tokenizer, "tokenizer.sample_chars=200000")
+    got = in_own_process(overrides, """
+ds, _, _ = P.load_source("j", cfg.sources["j"], cfg)
+tracemalloc.start()
+sample = P._tokenizer_sample({"j": ds}, cfg.tokenizer)
+result = {"peak": tracemalloc.get_traced_memory()[1], "sample": sample}""")
+    peak, sample = got["peak"], got["sample"]
+    cfg = to_data_config(compose("fixture", overrides))
     ds, _, _ = P.load_source("j", cfg.sources["j"], cfg)
     sources = {"j": ds}
     text = sum(len(line) for _, line in P._tokenizer_lines(sources))
-    tracemalloc.start()
-    try:
-        sample = P._tokenizer_sample(sources, cfg.tokenizer)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
     assert text > 15_000_000 and peak < 0.25 * text, (peak, text)  # str of ASCII: a byte a character, and more
     lines: Dict[str, List[str]] = {}
     for lang, line in P._tokenizer_lines(sources):
@@ -414,38 +430,34 @@ def test_the_tokenizer_sample_is_drawn_without_holding_the_text(tmp_path, tokeni
     assert 200_000 <= sum(map(len, sample)) < 210_000 and {"eng", "deu"} == set(lines)
 
 
-def test_a_source_is_sharded_with_one_shards_tokens_in_memory(tmp_path, tokenizer, monkeypatch):
+def test_a_source_is_sharded_with_one_shards_tokens_in_memory(tmp_path, tokenizer):
     """The token ids stay in datasets' memory-mapped arrow file and each shard reads its documents' ids from there:
     sharding ~0.5M tokens of two languages into 4,096-token files allocates (numpy, which tracemalloc sees) a small
     fraction of the ids' bytes. It gathered each component's ids whole, with an int64 index per token: a corpus of
     one's own larger than the machine's memory could not be prepared. The shards are the same documents in the same
     order, split where the next document would pass shard_tokens."""
-    import tracemalloc
-
     import numpy as np
 
-    import data.prepare as P
     from data.config import to_data_config
     from data.shards import open_shard
 
     rows = write_words(tmp_path / "big.jsonl", 3000)
-    cfg = to_data_config(local(tmp_path, tokenizer, f"paths: ['{tmp_path}/big.jsonl'], language_field: lang",
-                               ["shard_tokens=4096"]))
-    ds, identity, _ = P.load_source("j", cfg.sources["j"], cfg)
-    tok = P.ensure_tokenizer(cfg, {"j": ds}, {"j": identity})
-    def tokenize_then_measure(*args, **kwargs):  # datasets' map holds a batch of Python lists: not the sharding
-        out = real_tokenize(*args, **kwargs)
-        tracemalloc.reset_peak()
-        return out
-
-    real_tokenize = P.tokenize
-    monkeypatch.setattr(P, "tokenize", tokenize_then_measure)
-    tracemalloc.start()
-    try:
-        rec, reused = P.ensure_source_shards("j", ds, identity, tok, cfg)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    overrides = words_source(tmp_path, tokenizer, "shard_tokens=4096")
+    cfg = to_data_config(compose("fixture", overrides))
+    got = in_own_process(overrides, """
+ds, identity, _ = P.load_source("j", cfg.sources["j"], cfg)
+tok = P.ensure_tokenizer(cfg, {"j": ds}, {"j": identity})
+real = P.tokenize
+def tokenize_then_measure(*args, **kwargs):  # datasets' map holds a batch of Python lists: not the sharding
+    out = real(*args, **kwargs)
+    tracemalloc.reset_peak()
+    return out
+P.tokenize = tokenize_then_measure
+tracemalloc.start()
+rec, reused = P.ensure_source_shards("j", ds, identity, tok, cfg)
+result = {"peak": tracemalloc.get_traced_memory()[1], "rec": rec, "reused": reused}""")
+    peak, rec, reused = got["peak"], got["rec"], got["reused"]
+    tok = load_tokenizer(tokenizer)
     assert not reused
     out = tmp_path / "root" / cfg.name
     total = sum(c["tokens"] for c in rec["train"].values())

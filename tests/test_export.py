@@ -84,7 +84,7 @@ def test_export_of_a_mid_stage_checkpoint_loads_in_transformers(data_root, tmp_p
     meta["tokenizer_fingerprint"] = "sentencepiece-0123456789abcdef"
     (other / "meta.json").write_text(json.dumps(meta))
     assert export_main([str(other), str(tmp_path / "o")]) == 2
-    assert ("was trained with (sentencepiece-0123456789abcdef); pass --manifest of the run's data set"
+    assert (f"{other}: trained with tokenizer sentencepiece-0123456789abcdef, not the data set's"
             in capsys.readouterr().err)
     assert not (tmp_path / "o").exists()
 
