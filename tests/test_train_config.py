@@ -98,6 +98,13 @@ def test_any_key_overrides():
     (["eval.batch_size=0"], 1, "config key 'eval.batch_size' = 0"),  # a traceback once General had trained
     (["eval.max_tokens_per_language=0"], 1, "config key 'eval.max_tokens_per_language' = 0"),
     (["eval.max_languages=-1"], 1, "config key 'eval.max_languages' = -1"),
+    # accepted before, and first read later: by the stage-end suite after a stage, by DeepSpeed, by the MFU figure
+    (["eval.suite_problems=0"], 1, "config key 'eval.suite_problems' = 0"),
+    (["eval.suite_max_new_tokens=0"], 1, "config key 'eval.suite_max_new_tokens' = 0"),
+    (["eval.suite_trials=0"], 1, "config key 'eval.suite_trials' = 0"),
+    (["logging.peak_tflops=nan"], 1, "config key 'logging.peak_tflops' = nan"),
+    (["logging.peak_tflops=-1"], 1, "config key 'logging.peak_tflops' = -1.0"),
+    (["deepspeed.reduce_bucket_size=0"], 1, "config key 'deepspeed.reduce_bucket_size' = 0"),
     (["max_steps=-1"], 1, "config key 'max_steps' = -1"),  # it stopped the launch after one step, exit 0
     # checks a hand mutation found untested (removing any left the suite green)
     (["deepspeed.offload_optimizer=true", "deepspeed.zero_stage=0"], 1, "config key 'deepspeed.offload_optimizer'"),

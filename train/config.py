@@ -478,9 +478,15 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int) -> List[StagePlan]:
         _fail("dist.timeout_s", cfg.dist.timeout_s, "must be positive")
     # read at the first evaluation, after a stage has trained: batch_size 0 ended the run there (range() step 0),
     # max_tokens_per_language 0 evaluated nothing, max_languages -1 dropped the last language
-    for key, least in (("batch_size", 1), ("max_tokens_per_language", 1), ("max_languages", 0)):
+    # the stage-end suite's sizes too (read at a stage's end; `eval.stage_end_suite=false` turns the suite off)
+    for key, least in (("batch_size", 1), ("max_tokens_per_language", 1), ("max_languages", 0), ("suite_problems", 1),
+                       ("suite_max_new_tokens", 1), ("suite_trials", 1)):
         if getattr(cfg.eval, key) < least:
             _fail(f"eval.{key}", getattr(cfg.eval, key), f"must be >= {least}")
+    if not (math.isfinite(cfg.logging.peak_tflops) and cfg.logging.peak_tflops >= 0):
+        _fail("logging.peak_tflops", cfg.logging.peak_tflops, "must be a finite TFLOP/s >= 0 (0: the device's own)")
+    if ds.reduce_bucket_size < 1:
+        _fail("deepspeed.reduce_bucket_size", ds.reduce_bucket_size, "must be at least 1 (elements per bucket)")
     if cfg.max_steps < 0:  # `steps >= max_steps` held after the first step: a negative one stopped the run there
         _fail("max_steps", cfg.max_steps, "must be >= 0 (0: run to the end)")
     if cfg.checkpoint.keep < 1:
