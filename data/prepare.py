@@ -364,6 +364,8 @@ def ensure_source_shards(name: str, ds, identity: str, tok: Tokenizer, cfg: Data
     if src.languages is not None:
         keep = set(map(str, src.languages))
         ds = ds.filter(lambda ls: [l in keep for l in ls], input_columns="language", batched=True)
+    import pyarrow.compute as pc
+
     t0 = time.time()
     tokenized = tokenize(ds, tok, cfg.num_proc, desc=f"tokenize {name}")
     # the token ids stay in datasets' memory-mapped arrow file: each shard reads its documents' ids from there, so
@@ -371,7 +373,6 @@ def ensure_source_shards(name: str, ds, identity: str, tok: Tokenizer, cfg: Data
     table = tokenized.data  # map's output: its own table, rows in dataset order
     column = table.column("input_ids")
     chunk_starts = np.cumsum([0] + [len(c) for c in column.chunks], dtype=np.int64)
-    import pyarrow.compute as pc
     lengths = pc.list_value_length(column).to_numpy().astype(np.int64)
     groups = _rows_by_component(table)
     rec: Dict[str, Any] = {"source": name, "dtype": token_dtype(tok.vocab_size).name,

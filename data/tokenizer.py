@@ -72,6 +72,11 @@ class Tokenizer(abc.ABC):
     def vocabulary(self) -> List[str]:
         """Every token string, by id."""
 
+    def same_ids(self, other: "Tokenizer") -> bool:
+        """Whether `other` gives every token this one's id: the same file, or the same vocabulary in a file of other
+        bytes (a tokenizer.json another tool saved)."""
+        return self.fingerprint == other.fingerprint or self.vocabulary() == other.vocabulary()
+
     @abc.abstractmethod
     def write_hf(self, folder: Path) -> None:
         """Write the files transformers' AutoTokenizer loads into `folder`, giving this tokenizer's ids."""

@@ -410,7 +410,7 @@ class Trainer:
         except DataError as e:
             raise ConfigError(f"config key 'init_from' = {path!r}: {e}") from None
         ours = self.tokenizer
-        if theirs.fingerprint != ours.fingerprint and theirs.vocabulary() != ours.vocabulary():
+        if not theirs.same_ids(ours):
             raise ConfigError(f"config key 'init_from' = {path!r}: its tokenizer {theirs.path} has another "
                               f"vocabulary than the data's {ours.path}, so the token ids would mean other tokens; "
                               f"prepare the data with that tokenizer (data.tokenizer.path) or start elsewhere")

@@ -130,9 +130,7 @@ def _check_tokenizer(stage: StageModel, manifest: Path, tokenizer: Tokenizer) ->
         have = None
         if any((path / n).exists() for n in ("tokenizer.model", "tokenizer.json")):
             own = load_tokenizer(path)
-            # the same ids in a file of other bytes (a tokenizer.json saved by another tool) is the same tokenizer
-            same = own.fingerprint == want["fingerprint"] or own.vocabulary() == tokenizer.vocabulary()
-            have = want["fingerprint"] if same else own.fingerprint
+            have = want["fingerprint"] if own.same_ids(tokenizer) else own.fingerprint
     else:
         meta = _json(path / "meta.json")
         rows = meta.get("model_shape", {}).get("vocab_size", want["vocab_size"])
