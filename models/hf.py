@@ -233,6 +233,7 @@ class HFWeights:
                       for k, _ in hf_tensors({name: t}, cfg)}
         expected = {**required, **{name: tuple(t.shape) for name, t in state.items() if name.endswith(_STACKED)}}
         self.files: Dict[str, Path] = {}
+        self.stored_as: Dict[str, str] = {}  # a parameter read under another key (a tied head stored alone)
         self._open: Dict[Path, Any] = {}
         tied_head: Optional[Path] = None
         for file in _checkpoint_files(self.path):
@@ -245,6 +246,11 @@ class HFWeights:
                 if shape != expected[key]:
                     raise ValueError(f"{file}: {key}: checkpoint shape {shape} != model shape {expected[key]}")
                 self.files[key] = file
+        if tied_head is not None and "model.embed_tokens.weight" not in self.files:
+            # the tied matrix stored under the head's name only: transformers ties it the other way round
+            self.files["model.embed_tokens.weight"] = tied_head
+            self.stored_as["model.embed_tokens.weight"] = "lm_head.weight"
+            tied_head = None
         both = sorted(k for k in stacked_of if k in self.files and stacked_of[k] in self.files)
         if both:
             raise ValueError(f"{self.path}: {both[0]} is stored both per expert and stacked as {stacked_of[both[0]]}")
@@ -288,7 +294,7 @@ class HFWeights:
         return self._read(name)
 
     def _read(self, key: str) -> torch.Tensor:
-        return self._file(key).get_tensor(key)
+        return self._file(key).get_tensor(self.stored_as.get(key, key))
 
     def _same_rows(self, file: Path, key: str, other: str, rows: int = 4096) -> bool:
         """Whether `key` in `file` equals the tensor `other` exactly, read a block of rows at a time (a vocabulary

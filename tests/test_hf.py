@@ -396,6 +396,25 @@ def test_a_stored_head_other_than_the_tied_embedding_is_refused(tmp_path):
                 load_hf(tmp_path / "hf")
 
 
+def test_a_tied_matrix_stored_under_the_heads_name_alone_loads_as_transformers_loads_it(tmp_path):
+    """tie_word_embeddings with only lm_head.weight in the file (no model.embed_tokens.weight): transformers ties
+    the embedding to the stored head; this model refused it as missing the embedding."""
+    from safetensors.torch import save_file
+
+    hf = random_hf_model("dense_tied")
+    hf.save_pretrained(tmp_path / "hf")
+    tensors = files_tensors(tmp_path / "hf")
+    head = torch.randn(512, 64, generator=torch.Generator().manual_seed(3))  # not the saved model's embedding
+    tensors.pop("model.embed_tokens.weight")
+    save_file({**tensors, "lm_head.weight": head}, str(tmp_path / "hf" / "model.safetensors"))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ours = load_hf(tmp_path / "hf").eval()
+    assert torch.equal(ours.model.embed_tokens.weight, head) and ours.lm_head.weight is ours.model.embed_tokens.weight
+    x = torch.randint(0, 512, (1, 30), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).logits, theirs(x).logits, rtol=0, atol=1e-4)
+
+
 def test_transformers_stacked_expert_layout_loads(tmp_path):
     """transformers 5 writes experts stacked (`mlp.experts.gate_up_proj`) with save_original_format=False; that
     was refused as an unexpected key. Expert-parallel ranks still read only their rows."""
