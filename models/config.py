@@ -141,8 +141,10 @@ class Qwen3Config:
                 raise ValueError(f"moe_intermediate_size must be positive for MoE, got {self.moe_intermediate_size}")
         elif self.intermediate_size <= 0:
             raise ValueError(f"intermediate_size must be positive, got {self.intermediate_size}")
-        if self.router_aux_loss_coef < 0 or self.router_z_loss_coef < 0:
-            raise ValueError("router_aux_loss_coef and router_z_loss_coef must be >= 0")
+        for key in ("router_aux_loss_coef", "router_z_loss_coef"):
+            # NaN passed '< 0' and made every step's loss NaN (each update skipped until the run gave up)
+            if not 0 <= getattr(self, key) < math.inf:
+                raise ValueError(f"{key} must be a finite number >= 0, got {getattr(self, key)}")
         if self.balance_loss_granularity not in BALANCE_GRANULARITIES:
             raise ValueError(
                 f"balance_loss_granularity must be one of {BALANCE_GRANULARITIES}, "

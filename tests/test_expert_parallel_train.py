@@ -202,6 +202,27 @@ def test_resume_under_ep_is_exact_and_other_layouts_are_resharded(data_root, tmp
 
 
 @pytest.mark.slow
+def test_an_expert_parallel_checkpoint_is_not_resharded_into_zero0(data_root, tmp_path_factory, tmp_path):
+    """EP = 1 under deepspeed=zero0 can hold an EP = 2 run's model, but DeepSpeed reads its universal format into
+    ZeRO optimizers only: a resume or an init_from of the EP checkpoint failed inside DeepSpeed's load with a
+    traceback ("'NoneType' object has no attribute 'copy'", exit 1). Refused, naming both layouts and the ways."""
+    source = ten_steps(tmp_path_factory, 2, "zero2", 2)
+    run_dir = stopped_at(source, 5, tmp_path / "resumed")
+    ckpt = run_dir / "checkpoints" / "0-general-step0000005"
+    saved = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    for name, overrides in [("resume", [f"run_dir={run_dir}"]),
+                            ("init_from", [f"run_dir={tmp_path / 'init'}", f"init_from={ckpt}"])]:
+        proc = run_train([*TEN_STEPS, *overrides, "deepspeed=zero0", "expert_parallel_size=1"])
+        assert proc.returncode == 2, (name, proc.stdout[-4000:])
+        assert (f"{ckpt} was saved under deepspeed.zero_stage=2, world size 2, expert_parallel_size=2; re-sharding "
+                f"it for deepspeed.zero_stage=0 (world size 1, expert_parallel_size=1) is not supported: use "
+                f"deepspeed=zero1 or zero2") in proc.stdout, (name, proc.stdout[-4000:])
+        assert "Traceback" not in proc.stdout
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == saved  # nothing written
+    assert len(steps(run_dir)) == 5 and not (tmp_path / "init" / "checkpoints").exists()
+
+
+@pytest.mark.slow
 def test_zero2_offload_under_ep_trains_and_reshards(data_root, tmp_path_factory, tmp_path):
     """The 235B-A22B recipe's layout in miniature (ZeRO-2 with the optimizer offloaded, EP = 2): it trains as
     ZeRO-2 does, and its checkpoint of step 5 resumes under EP = 1, offloaded still, to the same losses."""

@@ -109,6 +109,10 @@ def test_matmul_params_and_flops():
     ("rope_theta", float("nan"), "rope_theta must be a finite number > 1, got nan"),
     ("rope_theta", float("inf"), "rope_theta must be a finite number > 1, got inf"),
     ("rms_norm_eps", float("nan"), "rms_norm_eps must be positive and finite, got nan"),
+    # NaN passed '< 0': every step's loss NaN, each update skipped until the run stopped with exit 4
+    ("router_aux_loss_coef", float("nan"), "router_aux_loss_coef must be a finite number >= 0, got nan"),
+    ("router_z_loss_coef", float("inf"), "router_z_loss_coef must be a finite number >= 0, got inf"),
+    ("router_z_loss_coef", -0.1, "router_z_loss_coef must be a finite number >= 0, got -0.1"),
 ])
 def test_validate_names_the_bad_field(field, value, match):
     cfg = dataclasses.replace(load_preset("tiny_moe"), **{field: value})

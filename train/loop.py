@@ -309,6 +309,14 @@ class Trainer:
                                   f"model file, which DeepSpeed's universal format cannot take: resume it with "
                                   f"deepspeed=zero0 (any number of ranks), or for its weights under another stage "
                                   f"use init_from=<its HF export>")
+        if self.cfg.deepspeed.zero_stage == 0:  # DeepSpeed reads its universal format into ZeRO optimizers only
+            # (without ZeRO it failed inside DeepSpeed's load with "'NoneType' object has no attribute 'copy'")
+            raise CheckpointError(f"{src} was saved under deepspeed.zero_stage={saved[1]}, world size {saved[0]}, "
+                                  f"expert_parallel_size={saved[2]}; re-sharding it for deepspeed.zero_stage=0 "
+                                  f"(world size {self.info.world_size}, expert_parallel_size="
+                                  f"{self.cfg.expert_parallel_size}) is not supported: use deepspeed=zero1 or zero2 "
+                                  f"(any world size and expert_parallel_size), the saved layout, or a new run_dir "
+                                  f"with init_from=<its HF export>")
         if saved[2] > 1 and self.cfg.deepspeed.zero_stage == 3:
             raise CheckpointError(f"{src} was saved with expert_parallel_size={saved[2]}; re-sharding it into "
                                   f"deepspeed.zero_stage=3 is not supported: use deepspeed=zero1 or zero2 (any "
