@@ -129,8 +129,8 @@ class Qwen3Config:
             raise ValueError(f"rope_theta must be a finite number > 1, got {self.rope_theta}")
         if not 0 < self.rms_norm_eps < math.inf:
             raise ValueError(f"rms_norm_eps must be positive and finite, got {self.rms_norm_eps}")
-        if self.initializer_range <= 0:
-            raise ValueError(f"initializer_range must be positive, got {self.initializer_range}")
+        if not 0 < self.initializer_range < math.inf:  # NaN passed '<= 0' and made every weight NaN
+            raise ValueError(f"initializer_range must be positive and finite, got {self.initializer_range}")
         if self.num_experts < 0:
             raise ValueError(f"num_experts must be >= 0, got {self.num_experts}")
         if self.is_moe:

@@ -113,6 +113,7 @@ def test_matmul_params_and_flops():
     ("router_aux_loss_coef", float("nan"), "router_aux_loss_coef must be a finite number >= 0, got nan"),
     ("router_z_loss_coef", float("inf"), "router_z_loss_coef must be a finite number >= 0, got inf"),
     ("router_z_loss_coef", -0.1, "router_z_loss_coef must be a finite number >= 0, got -0.1"),
+    ("initializer_range", float("nan"), "initializer_range must be positive and finite, got nan"),  # NaN weights
 ])
 def test_validate_names_the_bad_field(field, value, match):
     cfg = dataclasses.replace(load_preset("tiny_moe"), **{field: value})
