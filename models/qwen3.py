@@ -259,7 +259,10 @@ class Qwen3ForCausalLM(nn.Module):
 
     def set_rope_theta(self, theta: float) -> None:
         """Change the RoPE base (the Long Context stage raises it to 1e6) and recompute the tables."""
-        self.config.rope_theta = float(theta)
+        # checked as the config checks model.rope_theta, before any change: NaN or a negative base made NaN tables,
+        # and a base of 1 under YaRN raised only after the config had changed
+        checked = Qwen3Config.from_dict({**self.config.to_dict(), "rope_theta": theta})
+        self.config.rope_theta = checked.rope_theta
         self._reset_rope()
 
     def set_rope_scaling(self, scaling: Optional[Dict[str, Any]]) -> None:

@@ -181,15 +181,23 @@ def test_bad_inputs_exit_2_naming_what_is_wrong_before_anything_is_written(run_d
     run was ignored)."""
     import shutil
 
+    from train.eval.target import _manifest_of, _run_config
+
     hf = tmp_path / "no_weights"
     shutil.copytree(run_dir / "hf" / "general", hf)
     (hf / "model.safetensors").unlink()
     ckpt = tmp_path / "ckpt"
     shutil.copytree(run_dir / "checkpoints" / "0-general-step0000004", ckpt)
     (ckpt / "mp_rank_00_model_states.pt").unlink()
+    outside = tmp_path / "outside"
+    shutil.copytree(run_dir / "hf" / "general", outside)
     out = tmp_path / "out"
     cases = [
         (["reasoning", str(run_dir), "--tasks", "nosuchtask"], "--tasks ['nosuchtask']: not reasoning-gym tasks"),
+        # past the model's 8,192 positions: ppl and reasoning were written, then DCA's chunk (the trained length)
+        # was a ValueError traceback, exit 1
+        (["all", str(outside), "--seq-len", "9000", "--manifest", str(_manifest_of(_run_config(run_dir)))],
+         f"--seq-len 9000: beyond the 8192 positions of {outside / 'config.json'} (max_position_embeddings)"),
         (["ppl", str(run_dir), "--seq-len", "64"], "--seq-len 64: only for an HF directory"),
         (["ppl", str(run_dir), "--manifest", str(tmp_path / "none.json")], "none.json: no such file"),
         (["ppl", str(hf), "--seq-len", "64", "--manifest", str(tmp_path / "none.json")], f"{hf}: no weights here"),

@@ -85,6 +85,22 @@ def test_rope_theta_switch_recomputes_tables_and_survives_moves():
     torch.testing.assert_close(model.rope_cos[100], torch.cos(100 * inv))
 
 
+def test_a_bad_rope_base_is_refused_and_changes_nothing():
+    """set_rope_theta checks the base as the config checks model.rope_theta: NaN and negative bases made NaN
+    tables, inf and 1 constant rotations, and 1 under YaRN raised ZeroDivisionError with the config changed."""
+    model = build().eval()
+    model.set_rope_scaling({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024})
+    cos = model.rope_cos.clone()
+    for bad in (float("nan"), -5.0, 1.0, float("inf")):
+        with pytest.raises(ValueError, match="rope_theta must be a finite number > 1"):
+            model.set_rope_theta(bad)
+        assert model.config.rope_theta == 1e4 and torch.equal(model.rope_cos, cos)
+    with pytest.raises(ValueError, match="rope_theta must be a number, got '1e6'"):
+        model.set_rope_theta("1e6")
+    model.set_rope_theta(1e6)
+    assert model.config.rope_theta == 1e6 and torch.isfinite(model.rope_cos).all()
+
+
 def test_yarn_scaling_extends_tables_and_changes_long_positions_only():
     model = build(max_position_embeddings=256).eval()
     x = torch.randint(0, 8192, (1, 8))

@@ -113,6 +113,21 @@ def _check_weights(stage: StageModel) -> None:
                             f"missing, e.g. {missing[0].name})")
 
 
+def _check_seq_len(path: Path, seq_len: int) -> None:
+    """Refuse a --seq-len past the HF model's positions (max_position_embeddings): the evaluations read windows of
+    the trained length and use it as the DCA chunk, which the RoPE tables must hold (a traceback came halfway
+    through, after some results were written)."""
+    from models.hf import read_hf_config
+
+    try:
+        positions = read_hf_config(path).max_position_embeddings
+    except ValueError as e:  # a damaged config.json, named
+        raise EvalError(str(e)) from None
+    if seq_len > positions:
+        raise EvalError(f"--seq-len {seq_len}: beyond the {positions} positions of {path / 'config.json'} "
+                        f"(max_position_embeddings); a model cannot have been trained at a longer length")
+
+
 def _check_tokenizer(stage: StageModel, manifest: Path, tokenizer: Tokenizer) -> None:
     """Refuse weights trained with another tokenizer than the data set's (their ids stand for other text, and every
     number would come out without an error) or with fewer embedding rows than its ids."""
@@ -251,6 +266,8 @@ def resolve(target: Path, out: Optional[Path] = None, manifest: Optional[Path] =
         parent = target.parent.parent
         if (parent / "config.yaml").exists():
             run_dir, cfg = parent, _run_config(parent)
+        if seq_len is not None:
+            _check_seq_len(target, seq_len)
         if cfg is not None and target.name in cfg["curriculum"]["stages"]:
             found = [StageModel(target.name, target, seq_len if seq_len is not None else _seq_len(cfg, target.name))]
         elif seq_len is not None:
