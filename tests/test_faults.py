@@ -78,6 +78,26 @@ def test_world_size_change_reshards_exactly(data_root, tmp_path_factory, tmp_pat
         assert got[key][0] == pytest.approx(reference[key][0], rel=1e-6), key
 
 
+def test_a_resharded_copy_left_by_a_killed_launch_is_not_reused_under_another_zero_stage(data_root, tmp_path_factory,
+                                                                                        tmp_path):
+    """The universal copy of a 2-rank ZeRO-1 checkpoint, fitted for a 1-rank ZeRO-1 launch killed before its next
+    save (which removes the copy), was taken as it was by a relaunch under ZeRO-3, which reads another model-states
+    file: "cannot be loaded (AssertionError: a file is missing)", with advice to resume from an older checkpoint.
+    The copy records the layout it was fitted for and is made again for another."""
+    overrides = reshard_overrides("zero1", "tiny_dense")
+    reference = reference_dir(tmp_path_factory, "zero1", "tiny_dense")
+    run_dir = stopped_at(reference, 3, tmp_path / "run")
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides], env=inject("kill@general:4"))
+    assert proc.returncode != 0
+    copy = run_dir / "checkpoints" / ".universal" / "ep1" / "0-general-step0000003"
+    assert (copy / "done").exists()  # the killed launch's copy, fitted for ZeRO-1, is left
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides, "deepspeed=zero3", "max_steps=1"])
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert [r["resharded"] for r in records(run_dir) if r.get("event") == "resume"] == [True, True]
+    got, want = losses(run_dir)[("general", 4)], losses(reference)[("general", 4)]
+    assert got[0] == pytest.approx(want[0], rel=1e-6)
+
+
 def test_zero0_checkpoint_resumes_on_another_world_size_and_gives_its_weights(data_root, tmp_path_factory, tmp_path):
     """ZeRO-0 in fp32 keeps everything whole in the model file (no optimizer shards, which DeepSpeed's universal
     format needs): 2 ranks -> 1 rank resumes it as it is; ZeRO-1 refuses to resume it, naming what to do, and

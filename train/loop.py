@@ -321,18 +321,21 @@ class Trainer:
 
         DeepSpeed's converter serves checkpoints without expert parallelism; train/reshard.py those with it.
         The result is specific to this launch's optimizer groups (the experts get their own group under
-        expert parallelism), so it is kept per expert-parallel size.
+        expert parallelism), so it is kept per expert-parallel size, and to ZeRO-3 or not (`fit_to_layout`
+        writes the model-states file that stage reads): its `done` marker records the layout it was fitted for,
+        and a copy a killed launch left for another layout is made again.
         """
         from train import reshard
 
-        ep = self.cfg.expert_parallel_size
+        ep, zero3 = self.cfg.expert_parallel_size, self.cfg.deepspeed.zero_stage == 3
         out_root = self.checkpoints.dir / ".universal" / f"ep{ep}"
         out = out_root / name
+        layout = json.dumps({"expert_parallel_size": ep, "zero3": zero3})
 
         def convert() -> None:
             from train.engine import convert_to_universal
 
-            if (out / "done").exists():
+            if (out / "done").exists() and (out / "done").read_text() == layout:
                 return
             try:
                 shutil.rmtree(out, ignore_errors=True)
@@ -343,9 +346,8 @@ class Trainer:
                     convert_to_universal(str(src), str(out))
                 experts = [f"{name}.{p}" for name, _ in expert_parallel.experts_modules(self.module)
                            for p in ("gate_up_proj", "down_proj")]
-                reshard.fit_to_layout(out, experts, self.engine.param_groups, ep,
-                                      zero3=self.cfg.deepspeed.zero_stage == 3)
-                (out / "done").write_text("")
+                reshard.fit_to_layout(out, experts, self.engine.param_groups, ep, zero3=zero3)
+                (out / "done").write_text(layout)
             except Exception as e:
                 shutil.rmtree(out, ignore_errors=True)
                 raise CheckpointError(f"re-sharding {src} for this launch's layout failed "
