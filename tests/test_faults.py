@@ -937,6 +937,21 @@ def test_retention_with_keep_3_never_drops_below_keep(tmp_path):
         "0-general-step0000001", "0-general-step0000002", "0-general-step0000003"]
 
 
+def test_retention_leaves_a_checkpoint_with_a_damaged_meta_json_alone(tmp_path):
+    """Retention parsed every meta.json itself, so one cut short (a disk fault, an edit) raised JSONDecodeError on
+    rank 0 after every later save was published, which no handler caught: a traceback there and the other ranks
+    left waiting in the save's agreement, at every relaunch. It now skips what `complete()` skips."""
+    from train.checkpoint import CheckpointManager
+
+    manager = CheckpointManager(tmp_path, keep=1, rank=0)
+    damaged = manager.dir / _checkpoint(manager, 1) / "meta.json"
+    damaged.write_text(damaged.read_text()[:20])
+    _checkpoint(manager, 2)
+    manager._retain(protect=_checkpoint(manager, 3))
+    assert sorted(p.name for p in manager.dir.iterdir()) == ["0-general-step0000001", "0-general-step0000003"]
+    assert manager.complete() == ["0-general-step0000003"]
+
+
 def test_spike_detector_judges_from_min_history_steps_on():
     """m03 (`>=` -> `>` on min_history): 'after `min_history` steps' -- with 3 losses seen and min_history=3 the
     4th is judged. The run tests spike at step 8 with min_history=3, far past the boundary."""
