@@ -879,6 +879,25 @@ def test_a_rank_finds_its_own_cut_short_files_before_the_load(tmp_path):
     assert ranks[0].cut_short(folder.name).startswith(f"{folder / 'rng_rank0.pt'}: cannot be read, truncated")
 
 
+def test_a_rank_finds_its_own_cut_short_partition_of_a_bf16_checkpoint(tmp_path):
+    """In bf16 (every GPU run's default) DeepSpeed names a rank's optimizer partition `bf16_zero_pp_rank_<r>_...`,
+    which the check's `zero_pp_rank_<r>_...` pattern missed: a 2-rank bf16 ZeRO-3 resume with rank 1's partition
+    cut to 5,000 bytes said "cannot be loaded (OSError: [Errno 22] Invalid argument)" of the folder, not the file,
+    and on GPUs left the ranks in DeepSpeed's collective, which the check is there to prevent."""
+    from train.checkpoint import CheckpointManager
+
+    folder = tmp_path / "checkpoints" / "0-general-step0000002"
+    folder.mkdir(parents=True)
+    for r in (0, 1, 10):
+        torch.save({"a": torch.ones(64)}, folder / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+    ranks = {r: CheckpointManager(tmp_path, keep=2, rank=r) for r in (0, 1, 10)}
+    rank1 = folder / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    rank1.write_bytes(rank1.read_bytes()[:-30])
+    assert ranks[1].cut_short(folder.name) == (f"{rank1}: cannot be read, truncated or damaged (cut short: "
+                                               f"{rank1.stat().st_size} bytes)")
+    assert ranks[0].cut_short(folder.name) is None and ranks[10].cut_short(folder.name) is None
+
+
 def test_retention_keeps_the_newest_periodic_checkpoints_and_every_stage_end(tmp_path):
     """checkpoint.keep periodic checkpoints stay, whether the save that just happened was periodic or a stage end
     (a stage-end save kept one periodic checkpoint fewer), and stage-end checkpoints always stay."""

@@ -268,9 +268,10 @@ class CheckpointManager:
     def cut_short(self, tag: str) -> Optional[str]:
         """The first file of checkpoint `tag` that only this rank reads (its ZeRO partition, its RNG state) and
         that is empty or a zip archive without its closing directory, i.e. cut short; None if there is none.
-        Reads each file's last bytes only."""
+        Reads each file's last bytes only. In bf16 DeepSpeed names the partition `bf16_zero_pp_rank_<r>_...`."""
         folder = self.dir / tag
-        for path in sorted(folder.glob(f"zero_pp_rank_{self.rank}_mp_rank_*")) + [folder / f"rng_rank{self.rank}.pt"]:
+        own = sorted(folder.glob(f"*zero_pp_rank_{self.rank}_mp_rank_*"))
+        for path in own + [folder / f"rng_rank{self.rank}.pt"]:
             try:
                 with open(path, "rb") as f:
                     head = f.read(4)
