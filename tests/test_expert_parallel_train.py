@@ -202,24 +202,28 @@ def test_resume_under_ep_is_exact_and_other_layouts_are_resharded(data_root, tmp
 
 
 @pytest.mark.slow
-def test_an_expert_parallel_checkpoint_is_not_resharded_into_zero0(data_root, tmp_path_factory, tmp_path):
-    """EP = 1 under deepspeed=zero0 can hold an EP = 2 run's model, but DeepSpeed reads its universal format into
-    ZeRO optimizers only: a resume or an init_from of the EP checkpoint failed inside DeepSpeed's load with a
-    traceback ("'NoneType' object has no attribute 'copy'", exit 1). Refused, naming both layouts and the ways."""
+def test_an_expert_parallel_checkpoint_under_zero0_resumes_refused_and_inits_from(data_root, tmp_path_factory, tmp_path):
+    """EP = 1 under fp32 deepspeed=zero0 can hold an EP = 2 run's model, but DeepSpeed reads its universal format
+    into ZeRO (or bf16) optimizers only: a resume or an init_from of the EP checkpoint failed inside the load with a
+    traceback ("'NoneType' object has no attribute 'copy'", exit 1). The resume is refused naming the ways; the
+    init_from takes the re-sharded copy's whole weights, the experts of both expert-parallel ranks."""
     source = ten_steps(tmp_path_factory, 2, "zero2", 2)
     run_dir = stopped_at(source, 5, tmp_path / "resumed")
     ckpt = run_dir / "checkpoints" / "0-general-step0000005"
     saved = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    for name, overrides in [("resume", [f"run_dir={run_dir}"]),
-                            ("init_from", [f"run_dir={tmp_path / 'init'}", f"init_from={ckpt}"])]:
-        proc = run_train([*TEN_STEPS, *overrides, "deepspeed=zero0", "expert_parallel_size=1"])
-        assert proc.returncode == 2, (name, proc.stdout[-4000:])
-        assert (f"{ckpt} was saved under deepspeed.zero_stage=2, world size 2, expert_parallel_size=2; re-sharding "
-                f"it for deepspeed.zero_stage=0 (world size 1, expert_parallel_size=1) is not supported: use "
-                f"deepspeed=zero1 or zero2") in proc.stdout, (name, proc.stdout[-4000:])
-        assert "Traceback" not in proc.stdout
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == saved  # nothing written
-    assert len(steps(run_dir)) == 5 and not (tmp_path / "init" / "checkpoints").exists()
+    proc = run_train([*TEN_STEPS, f"run_dir={run_dir}", "deepspeed=zero0", "expert_parallel_size=1"])
+    assert proc.returncode == 2, proc.stdout[-4000:]
+    assert (f"{ckpt} was saved under deepspeed.zero_stage=2 on 2 rank(s), its AdamW state partitioned; "
+            f"deepspeed.zero_stage=0 in fp32 cannot take it re-sharded") in proc.stdout, proc.stdout[-4000:]
+    assert "Traceback" not in proc.stdout
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == saved and len(steps(run_dir)) == 5
+    first = {}
+    for name, init in [("ckpt", source / "checkpoints" / "0-general-step0000010"), ("hf", source / "hf" / "general")]:
+        proc = run_train([*TEN_STEPS, f"run_dir={tmp_path / name}", f"init_from={init}", "deepspeed=zero0",
+                          "expert_parallel_size=1", "max_steps=1"])
+        assert proc.returncode == 0, (name, proc.stdout[-4000:])
+        first[name] = steps(tmp_path / name)[0]["loss"]
+    assert first["ckpt"] == first["hf"] < steps(source)[0]["loss"] - 0.3  # the trained weights, all experts
 
 
 @pytest.mark.slow

@@ -78,6 +78,26 @@ def test_world_size_change_reshards_exactly(data_root, tmp_path_factory, tmp_pat
         assert got[key][0] == pytest.approx(reference[key][0], rel=1e-6), key
 
 
+def test_a_resharded_copy_left_by_a_killed_launch_is_not_reused_under_another_zero_stage(data_root, tmp_path_factory,
+                                                                                        tmp_path):
+    """The universal copy of a 2-rank ZeRO-1 checkpoint, fitted for a 1-rank ZeRO-1 launch killed before its next
+    save (which removes the copy), was taken as it was by a relaunch under ZeRO-3, which reads another model-states
+    file: "cannot be loaded (AssertionError: a file is missing)", with advice to resume from an older checkpoint.
+    The copy records the layout it was fitted for and is made again for another."""
+    overrides = reshard_overrides("zero1", "tiny_dense")
+    reference = reference_dir(tmp_path_factory, "zero1", "tiny_dense")
+    run_dir = stopped_at(reference, 3, tmp_path / "run")
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides], env=inject("kill@general:4"))
+    assert proc.returncode != 0
+    copy = run_dir / "checkpoints" / ".universal" / "ep1" / "0-general-step0000003"
+    assert (copy / "done").exists()  # the killed launch's copy, fitted for ZeRO-1, is left
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides, "deepspeed=zero3", "max_steps=1"])
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert [r["resharded"] for r in records(run_dir) if r.get("event") == "resume"] == [True, True]
+    got, want = losses(run_dir)[("general", 4)], losses(reference)[("general", 4)]
+    assert got[0] == pytest.approx(want[0], rel=1e-6)
+
+
 def test_zero0_checkpoint_resumes_on_another_world_size_and_gives_its_weights(data_root, tmp_path_factory, tmp_path):
     """ZeRO-0 in fp32 keeps everything whole in the model file (no optimizer shards, which DeepSpeed's universal
     format needs): 2 ranks -> 1 rank resumes it as it is; ZeRO-1 refuses to resume it, naming what to do, and
@@ -109,17 +129,27 @@ def test_zero0_checkpoint_resumes_on_another_world_size_and_gives_its_weights(da
 
 
 def test_init_from_a_zero3_checkpoint_folder_of_another_layout(data_root, tmp_path_factory, tmp_path):
-    """`init_from=<a ZeRO-3 checkpoint folder>` of 2 ranks into 1 rank under ZeRO-1: its partitions are
-    re-sharded and give the same weights as its HF export (before, DeepSpeed failed on a missing model file)."""
+    """`init_from=<a ZeRO-3 checkpoint folder>` of 2 ranks into 1 rank under ZeRO-1 or fp32 ZeRO-0: its partitions
+    are re-sharded and give the same weights as its HF export (before, DeepSpeed failed on a missing model file;
+    under ZeRO-0, whose plain AdamW DeepSpeed's universal load cannot fill, torch failed with "'NoneType' object
+    has no attribute 'copy'", as did a resume of such a checkpoint under ZeRO-0, now refused naming the key)."""
     source = reference_dir(tmp_path_factory, "zero3", "tiny_dense")
     ckpt = sorted((source / "checkpoints").glob("0-general-*"))[-1]
     first = {}
-    for name, init in [("hf", source / "hf" / "general"), ("ckpt", ckpt)]:
-        proc = run_train([*SMOKE, f"run_dir={tmp_path / name}", *BASE, "deepspeed=zero1", "max_steps=1",
+    for name, init, zero in [("hf", source / "hf" / "general", "zero1"), ("ckpt", ckpt, "zero1"),
+                             ("ckpt_zero0", ckpt, "zero0")]:
+        proc = run_train([*SMOKE, f"run_dir={tmp_path / name}", *BASE, f"deepspeed={zero}", "max_steps=1",
                           f"init_from={init}"])
         assert proc.returncode == 0, proc.stdout[-3000:]
         first[name] = steps(tmp_path / name)[0]["loss"]
-    assert first["ckpt"] == first["hf"] < steps(source)[0]["loss"] - 0.3
+    assert first["ckpt"] == first["ckpt_zero0"] == first["hf"] < steps(source)[0]["loss"] - 0.3
+    run_dir = stopped_at(source, 3, tmp_path / "run")
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", *BASE, "deepspeed=zero0"])
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    saved = run_dir / "checkpoints" / "0-general-step0000003"
+    assert (f"{saved} was saved under deepspeed.zero_stage=3 on 2 rank(s)" in proc.stdout
+            and "resume it with deepspeed=zero3 (any number of ranks)" in proc.stdout
+            and f"init_from={saved}" in proc.stdout), proc.stdout[-3000:]
 
 
 @pytest.mark.gpu
@@ -848,6 +878,25 @@ def test_a_rank_finds_its_own_cut_short_files_before_the_load(tmp_path):
     assert ranks[0].cut_short(folder.name).startswith(f"{folder / 'rng_rank0.pt'}: cannot be read, truncated")
 
 
+def test_a_rank_finds_its_own_cut_short_partition_of_a_bf16_checkpoint(tmp_path):
+    """In bf16 (every GPU run's default) DeepSpeed names a rank's optimizer partition `bf16_zero_pp_rank_<r>_...`,
+    which the check's `zero_pp_rank_<r>_...` pattern missed: a 2-rank bf16 ZeRO-3 resume with rank 1's partition
+    cut to 5,000 bytes said "cannot be loaded (OSError: [Errno 22] Invalid argument)" of the folder, not the file,
+    and on GPUs left the ranks in DeepSpeed's collective, which the check is there to prevent."""
+    from train.checkpoint import CheckpointManager
+
+    folder = tmp_path / "checkpoints" / "0-general-step0000002"
+    folder.mkdir(parents=True)
+    for r in (0, 1, 10):
+        torch.save({"a": torch.ones(64)}, folder / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+    ranks = {r: CheckpointManager(tmp_path, keep=2, rank=r) for r in (0, 1, 10)}
+    rank1 = folder / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    rank1.write_bytes(rank1.read_bytes()[:-30])
+    assert ranks[1].cut_short(folder.name) == (f"{rank1}: cannot be read, truncated or damaged (cut short: "
+                                               f"{rank1.stat().st_size} bytes)")
+    assert ranks[0].cut_short(folder.name) is None and ranks[10].cut_short(folder.name) is None
+
+
 def test_retention_keeps_the_newest_periodic_checkpoints_and_every_stage_end(tmp_path):
     """checkpoint.keep periodic checkpoints stay, whether the save that just happened was periodic or a stage end
     (a stage-end save kept one periodic checkpoint fewer), and stage-end checkpoints always stay."""
@@ -904,6 +953,21 @@ def test_retention_with_keep_3_never_drops_below_keep(tmp_path):
     manager._retain(protect=_checkpoint(manager, 3, stage_end=True))
     assert sorted(p.name for p in manager.dir.iterdir()) == [
         "0-general-step0000001", "0-general-step0000002", "0-general-step0000003"]
+
+
+def test_retention_leaves_a_checkpoint_with_a_damaged_meta_json_alone(tmp_path):
+    """Retention parsed every meta.json itself, so one cut short (a disk fault, an edit) raised JSONDecodeError on
+    rank 0 after every later save was published, which no handler caught: a traceback there and the other ranks
+    left waiting in the save's agreement, at every relaunch. It now skips what `complete()` skips."""
+    from train.checkpoint import CheckpointManager
+
+    manager = CheckpointManager(tmp_path, keep=1, rank=0)
+    damaged = manager.dir / _checkpoint(manager, 1) / "meta.json"
+    damaged.write_text(damaged.read_text()[:20])
+    _checkpoint(manager, 2)
+    manager._retain(protect=_checkpoint(manager, 3))
+    assert sorted(p.name for p in manager.dir.iterdir()) == ["0-general-step0000001", "0-general-step0000003"]
+    assert manager.complete() == ["0-general-step0000003"]
 
 
 def test_spike_detector_judges_from_min_history_steps_on():

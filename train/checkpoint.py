@@ -147,15 +147,21 @@ class CheckpointManager:
 
     def complete(self) -> List[str]:
         """Tags of the complete checkpoints (a readable meta.json), oldest first by global step."""
+        return list(self._states())
+
+    def _states(self) -> Dict[str, Dict[str, Any]]:
+        """{tag: trainer state} of the complete checkpoints, oldest first by global step; a folder whose meta.json
+        is missing or unreadable is none (a save in progress, or a damaged one: `read_meta` names it)."""
         found = []
         for path in self.dir.iterdir() if self.dir.is_dir() else ():
             try:
-                step = json.loads((path / "meta.json").read_text())["state"]["global_step"]
+                state = json.loads((path / "meta.json").read_text())["state"]
+                step = state["global_step"]
             except (OSError, ValueError, KeyError, TypeError):
                 continue
             if not path.name.startswith("."):
-                found.append((step, path.name))
-        return [tag for _, tag in sorted(found)]
+                found.append((step, path.name, state))
+        return {tag: state for _, tag, state in sorted(found, key=lambda f: f[:2])}
 
     def save(self, engine: Any, tag: str, state: TrainerState, meta: Dict[str, Any], config_yaml: str,
              fault: Callable[[str], None] = lambda kind: None) -> Path:
@@ -241,20 +247,17 @@ class CheckpointManager:
         """
         shutil.rmtree(self.dir / ".universal", ignore_errors=True)
         periodic, keep = [], self.keep
-        for path in self.dir.iterdir():
-            meta = path / "meta.json"
-            if path.name.startswith(".") or not meta.exists():
+        # a checkpoint whose meta.json cannot be read (or says no stage_complete) is left alone: it failed every
+        # later save on rank 0 alone, which the other ranks then waited for in the save's agreement
+        for tag, state in self._states().items():
+            if state.get("stage_complete", True):
                 continue
-            info = json.loads(meta.read_text())
-            if info["state"]["stage_complete"]:
-                continue
-            if path.name == protect:
+            if tag == protect:
                 keep -= 1  # one of the `keep`
             else:
-                periodic.append((info["state"]["global_step"], path))
-        periodic.sort()
-        for _, path in periodic[: max(0, len(periodic) - keep)]:
-            shutil.rmtree(path, ignore_errors=True)
+                periodic.append(tag)
+        for tag in periodic[: max(0, len(periodic) - keep)]:
+            shutil.rmtree(self.dir / tag, ignore_errors=True)
 
     def _fail_together(self, error: Optional[str], tag: str) -> None:
         """Raise CheckpointError on every rank when loading `tag` failed on this one (`error`) or on another."""
@@ -265,9 +268,10 @@ class CheckpointManager:
     def cut_short(self, tag: str) -> Optional[str]:
         """The first file of checkpoint `tag` that only this rank reads (its ZeRO partition, its RNG state) and
         that is empty or a zip archive without its closing directory, i.e. cut short; None if there is none.
-        Reads each file's last bytes only."""
+        Reads each file's last bytes only. In bf16 DeepSpeed names the partition `bf16_zero_pp_rank_<r>_...`."""
         folder = self.dir / tag
-        for path in sorted(folder.glob(f"zero_pp_rank_{self.rank}_mp_rank_*")) + [folder / f"rng_rank{self.rank}.pt"]:
+        own = sorted(folder.glob(f"*zero_pp_rank_{self.rank}_mp_rank_*"))
+        for path in own + [folder / f"rng_rank{self.rank}.pt"]:
             try:
                 with open(path, "rb") as f:
                     head = f.read(4)

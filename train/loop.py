@@ -45,7 +45,7 @@ from train.config import (ConfigError, StageConfig, StagePlan, TrainConfig, chec
                           validate)
 from train import expert_parallel
 from train.dist import DistInfo, Rank0Failed, barrier, init_distributed, on_rank0, rank0_outcome, world_from_env
-from train.engine import Engine, construction, local_parameter_elements, partitioned_init, whole
+from train.engine import Engine, construction, local_parameter_elements, partitioned_init, use_bf16, whole
 from train.export import export_config, write_tokenizer_files
 from train.faults import NONFINITE_EXIT_CODE, SpikeDetector, Watchdog, collective_result, inject, injected
 from train.heldout import (first_languages, heldout_perplexity, make_eval_batches, pool_by_language,
@@ -281,8 +281,13 @@ class Trainer:
             return
         name = f"init_from-{src.name}"
         load_dir = self._universal(src, meta, name)
-        self.engine.load(load_dir, name, load_optimizer=True, universal=True)
-        self.engine.reset_optimizer_state()
+        if self._plain_optimizer():  # the module's own parameters, each read whole from the copy
+            from train import reshard
+
+            reshard.copy_whole_weights(Path(load_dir) / name, self.module)
+        else:
+            self.engine.load(load_dir, name, load_optimizer=True, universal=True)
+            self.engine.reset_optimizer_state()
         barrier()
         if self.info.rank == 0:
             shutil.rmtree(Path(load_dir) / name, ignore_errors=True)
@@ -294,11 +299,16 @@ class Trainer:
         unpartitioned = meta["zero_stage"] < 3 and self.cfg.deepspeed.zero_stage < 3
         if unpartitioned and meta.get("expert_parallel_size", 1) == self.cfg.expert_parallel_size:
             return True
-        return not self._needs_reshard(meta, src)
+        return not self._needs_reshard(meta, src, weights_only=True)
 
-    def _needs_reshard(self, meta: Dict[str, Any], src: Path) -> bool:
+    def _plain_optimizer(self) -> bool:
+        """Whether this launch trains in fp32 without ZeRO, where DeepSpeed steps torch's AdamW as it is: its
+        universal (re-sharded) load goes through a ZeRO or bf16 optimizer, and fails inside torch on this one."""
+        return self.cfg.deepspeed.zero_stage == 0 and not use_bf16(self.cfg, self.info.device)
+
+    def _needs_reshard(self, meta: Dict[str, Any], src: Path, weights_only: bool = False) -> bool:
         """Whether checkpoint `src`'s world size, ZeRO stage or expert-parallel size differs from this launch (then
-        it is re-sharded); refuses the one change that cannot be loaded."""
+        it is re-sharded); refuses the changes that cannot be loaded (`weights_only`: for `init_from`)."""
         saved = (meta.get("world_size"), meta.get("zero_stage"), meta.get("expert_parallel_size", 1))
         if saved == (self.info.world_size, self.cfg.deepspeed.zero_stage, self.cfg.expert_parallel_size):
             return False
@@ -309,14 +319,12 @@ class Trainer:
                                   f"model file, which DeepSpeed's universal format cannot take: resume it with "
                                   f"deepspeed=zero0 (any number of ranks), or for its weights under another stage "
                                   f"use init_from=<its HF export>")
-        if self.cfg.deepspeed.zero_stage == 0:  # DeepSpeed reads its universal format into ZeRO optimizers only
-            # (without ZeRO it failed inside DeepSpeed's load with "'NoneType' object has no attribute 'copy'")
-            raise CheckpointError(f"{src} was saved under deepspeed.zero_stage={saved[1]}, world size {saved[0]}, "
-                                  f"expert_parallel_size={saved[2]}; re-sharding it for deepspeed.zero_stage=0 "
-                                  f"(world size {self.info.world_size}, expert_parallel_size="
-                                  f"{self.cfg.expert_parallel_size}) is not supported: use deepspeed=zero1 or zero2 "
-                                  f"(any world size and expert_parallel_size), the saved layout, or a new run_dir "
-                                  f"with init_from=<its HF export>")
+        if self._plain_optimizer() and not weights_only:
+            raise CheckpointError(f"{src} was saved under deepspeed.zero_stage={saved[1]} on {saved[0]} rank(s), its "
+                                  f"AdamW state partitioned; deepspeed.zero_stage=0 in fp32 cannot take it re-sharded "
+                                  f"(DeepSpeed's universal load needs a ZeRO or bf16 optimizer): resume it with "
+                                  f"deepspeed=zero{saved[1]} (any number of ranks), or for its weights under ZeRO-0 "
+                                  f"use a new run_dir with init_from={src}")
         if saved[2] > 1 and self.cfg.deepspeed.zero_stage == 3:
             raise CheckpointError(f"{src} was saved with expert_parallel_size={saved[2]}; re-sharding it into "
                                   f"deepspeed.zero_stage=3 is not supported: use deepspeed=zero1 or zero2 (any "
@@ -329,18 +337,21 @@ class Trainer:
 
         DeepSpeed's converter serves checkpoints without expert parallelism; train/reshard.py those with it.
         The result is specific to this launch's optimizer groups (the experts get their own group under
-        expert parallelism), so it is kept per expert-parallel size.
+        expert parallelism), so it is kept per expert-parallel size, and to ZeRO-3 or not (`fit_to_layout`
+        writes the model-states file that stage reads): its `done` marker records the layout it was fitted for,
+        and a copy a killed launch left for another layout is made again.
         """
         from train import reshard
 
-        ep = self.cfg.expert_parallel_size
+        ep, zero3 = self.cfg.expert_parallel_size, self.cfg.deepspeed.zero_stage == 3
         out_root = self.checkpoints.dir / ".universal" / f"ep{ep}"
         out = out_root / name
+        layout = json.dumps({"expert_parallel_size": ep, "zero3": zero3})
 
         def convert() -> None:
             from train.engine import convert_to_universal
 
-            if (out / "done").exists():
+            if (out / "done").exists() and (out / "done").read_text() == layout:
                 return
             try:
                 shutil.rmtree(out, ignore_errors=True)
@@ -351,9 +362,8 @@ class Trainer:
                     convert_to_universal(str(src), str(out))
                 experts = [f"{name}.{p}" for name, _ in expert_parallel.experts_modules(self.module)
                            for p in ("gate_up_proj", "down_proj")]
-                reshard.fit_to_layout(out, experts, self.engine.param_groups, ep,
-                                      zero3=self.cfg.deepspeed.zero_stage == 3)
-                (out / "done").write_text("")
+                reshard.fit_to_layout(out, experts, self.engine.param_groups, ep, zero3=zero3)
+                (out / "done").write_text(layout)
             except Exception as e:
                 shutil.rmtree(out, ignore_errors=True)
                 raise CheckpointError(f"re-sharding {src} for this launch's layout failed "

@@ -206,3 +206,18 @@ def _fit_model_states(out: Path, states: Dict[str, Any], zero3: bool) -> None:
                 states["module"][name] = torch.load(out / "zero" / shared.get(name, name) / "fp32.pt",
                                                     map_location="cpu", weights_only=True, mmap=True)[PARAM]
     torch.save(states, want)
+
+
+def copy_whole_weights(universal_dir: str | Path, module: torch.nn.Module) -> None:
+    """Copy every parameter of `module` from a universal copy's fp32 files, which hold each one whole (an expert
+    stack with all its experts, whatever expert_parallel_size saved it): `init_from` under fp32 ZeRO-0, whose
+    plain AdamW DeepSpeed's universal load cannot fill, and whose model-states file an expert-parallel copy
+    lacks the experts of."""
+    from deepspeed.checkpoint.constants import PARAM
+
+    zero = Path(universal_dir) / "zero"
+    with torch.no_grad():
+        for name, p in module.named_parameters():  # a tied head appears once, under the embedding's name
+            with safe_torch_load():
+                entry = torch.load(zero / name / "fp32.pt", map_location="cpu", weights_only=True, mmap=True)
+            p.copy_((entry[PARAM] if isinstance(entry, dict) else entry).view(p.shape))
