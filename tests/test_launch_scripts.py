@@ -248,6 +248,22 @@ def test_deepspeed_hostfile_missing(fake_train, tmp_path):
     assert r.returncode == 2 and "hostfile.example" in r.stderr
 
 
+@pytest.mark.parametrize("text, why", [
+    ("localhost slots=0\n", "line 1: 'localhost slots=0': expected '<host> slots=<GPUs on it, at least 1>'"),
+    ("# nodes\nnode-a slots=8\nnode-b slot=8\n", "line 3: 'node-b slot=8': expected '<host> slots="),
+    ("node-a slots=8\n\nnode-a slots=4\n", "line 3: host node-a is listed again (first on line 1)"),
+    ("# nothing yet\n\n", "lists no host"),
+])
+def test_deepspeed_hostfile_refuses_a_line_deepspeed_would_misread(fake_train, tmp_path, text, why):
+    """`slots=0` started no rank and the launcher exited 0 (a job that trained nothing, "done"); a malformed or
+    repeated line was DeepSpeed's traceback (exit 1) naming no file."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(text)
+    r, ranks = fake_train("deepspeed_hostfile.sh", "run_dir=runs/z", HOSTFILE=str(hostfile))
+    assert r.returncode == 2 and not ranks, r.stderr[-2000:]
+    assert r.stderr.startswith(f"error: {hostfile} {why}")
+
+
 def test_deepspeed_hostfile_refuses_a_secret_on_its_command_line(fake_train, tmp_path):
     """The deepspeed launcher logs its command line: a wandb key there reached the console three times."""
     hostfile = tmp_path / "hostfile"
