@@ -206,6 +206,18 @@ def test_torchrun_multi_node_needs_the_head_address(fake_train):
     assert r.returncode != 0 and "HEAD_ADDR" in r.stderr
 
 
+@pytest.mark.parametrize("script, env, message", [
+    ("torchrun_single_node.sh", {"NPROC": "0"}, "NPROC=0: must be the number of processes (GPUs) on this node"),
+    ("torchrun_multi_node.sh", {"NPROC": "two"}, "NPROC=two: must be the number of processes (GPUs) on this node"),
+    ("torchrun_multi_node.sh", {"NNODES": "0"}, "NNODES=0: must be the number of nodes, at least 1"),
+])
+def test_torchrun_scripts_name_a_bad_process_or_node_count(fake_train, script, env, message):
+    """torchrun met NPROC=0 with a bare AssertionError traceback (exit 1) and a word with one naming no variable."""
+    r, ranks = fake_train(script, "run_dir=runs/x", **{"NNODES": "1", "NPROC": "1", "HEAD_ADDR": "127.0.0.1", **env})
+    assert r.returncode == 2 and not ranks
+    assert r.stderr.startswith(f"error: {message}")
+
+
 def test_deepspeed_hostfile(fake_train, tmp_path):
     """The real deepspeed runner on a hostfile, with ssh and pdsh stand-ins that run the per-host command here."""
     stubs = tmp_path / "bin"
