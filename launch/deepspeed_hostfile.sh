@@ -38,6 +38,28 @@ if [[ ! -f "$HOSTFILE" ]]; then
   exit 2
 fi
 
+# Each line as DeepSpeed reads it, `<host> slots=<N>`: it would start no rank on a host of 0 slots (all of them 0:
+# nothing trains and the launcher exits 0) and meets a malformed line with a traceback that names no file
+n=0
+declare -A seen=()
+while IFS= read -r line || [[ -n $line ]]; do
+  n=$((n + 1))
+  [[ $line =~ ^[[:space:]]*(#|$) ]] && continue
+  if [[ ! $line =~ ^[[:space:]]*([^[:space:]]+)[[:space:]]+slots=([0-9]+) ]] || ((10#${BASH_REMATCH[2]} < 1)); then
+    echo "error: $HOSTFILE line $n: '$line': expected '<host> slots=<GPUs on it, at least 1>'" >&2
+    exit 2
+  fi
+  if [[ -n ${seen[${BASH_REMATCH[1]}]:-} ]]; then
+    echo "error: $HOSTFILE line $n: host ${BASH_REMATCH[1]} is listed again (first on line ${seen[${BASH_REMATCH[1]}]})" >&2
+    exit 2
+  fi
+  seen[${BASH_REMATCH[1]}]=$n
+done < "$HOSTFILE"
+if ((${#seen[@]} == 0)); then
+  echo "error: $HOSTFILE lists no host: one '<host> slots=<GPUs>' line per node (launch/hostfile.example)" >&2
+  exit 2
+fi
+
 # A hostfile naming only this machine (`localhost slots=8`, to pick the slot count) runs locally without ssh:
 # deepspeed would otherwise ssh to it first, to check it and to look up its address.
 extra=()

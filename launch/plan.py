@@ -660,7 +660,11 @@ def main() -> None:
     # The plan needs no secret, and Hydra would quote one in an error (into a SLURM job's log): dropped unread
     from train.__main__ import take_secrets
 
-    sys.argv = take_secrets(sys.argv)[0]
+    try:
+        sys.argv = take_secrets(sys.argv)[0]
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     # Planning writes nothing: keep Hydra from creating the run directory (config.yaml sets it to run_dir).
     if not any(a.startswith("hydra.run.dir=") for a in sys.argv[1:]):
         sys.argv.append("hydra.run.dir=.")

@@ -33,6 +33,16 @@ if [[ -z "${NPROC:-}" ]]; then
   fi
 fi
 
+# torchrun met 0 with a bare AssertionError, and another word with a traceback naming no variable
+if [[ ! $NPROC =~ ^([1-9][0-9]*|auto|cpu|gpu|xpu)$ ]]; then
+  echo "error: NPROC=$NPROC: must be the number of processes (GPUs) on this node, at least 1" >&2
+  exit 2
+fi
+if [[ ! $NNODES =~ ^[1-9][0-9]*(:[1-9][0-9]*)?$ ]]; then
+  echo "error: NNODES=$NNODES: must be the number of nodes, at least 1 (or torchrun's MIN:MAX)" >&2
+  exit 2
+fi
+
 exec torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC" \
   --rdzv_backend=c10d --rdzv_endpoint="$HEAD_ADDR:${HEAD_PORT:-29500}" --rdzv_id="${RDZV_ID:-tristage}" \
   --max_restarts=0 -m train "$@"

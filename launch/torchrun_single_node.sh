@@ -29,4 +29,10 @@ if [[ -z "${NPROC:-}" ]]; then
   fi
 fi
 
+# torchrun met 0 with a bare AssertionError, and another word with a traceback naming no variable
+if [[ ! $NPROC =~ ^([1-9][0-9]*|auto|cpu|gpu|xpu)$ ]]; then
+  echo "error: NPROC=$NPROC: must be the number of processes (GPUs) on this node, at least 1" >&2
+  exit 2
+fi
+
 exec torchrun --standalone --nnodes=1 --nproc_per_node="$NPROC" -m train "$@"

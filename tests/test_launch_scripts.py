@@ -206,6 +206,18 @@ def test_torchrun_multi_node_needs_the_head_address(fake_train):
     assert r.returncode != 0 and "HEAD_ADDR" in r.stderr
 
 
+@pytest.mark.parametrize("script, env, message", [
+    ("torchrun_single_node.sh", {"NPROC": "0"}, "NPROC=0: must be the number of processes (GPUs) on this node"),
+    ("torchrun_multi_node.sh", {"NPROC": "two"}, "NPROC=two: must be the number of processes (GPUs) on this node"),
+    ("torchrun_multi_node.sh", {"NNODES": "0"}, "NNODES=0: must be the number of nodes, at least 1"),
+])
+def test_torchrun_scripts_name_a_bad_process_or_node_count(fake_train, script, env, message):
+    """torchrun met NPROC=0 with a bare AssertionError traceback (exit 1) and a word with one naming no variable."""
+    r, ranks = fake_train(script, "run_dir=runs/x", **{"NNODES": "1", "NPROC": "1", "HEAD_ADDR": "127.0.0.1", **env})
+    assert r.returncode == 2 and not ranks
+    assert r.stderr.startswith(f"error: {message}")
+
+
 def test_deepspeed_hostfile(fake_train, tmp_path):
     """The real deepspeed runner on a hostfile, with ssh and pdsh stand-ins that run the per-host command here."""
     stubs = tmp_path / "bin"
@@ -246,6 +258,22 @@ exit $rc
 def test_deepspeed_hostfile_missing(fake_train, tmp_path):
     r, _ = fake_train("deepspeed_hostfile.sh", HOSTFILE=str(tmp_path / "nope"))
     assert r.returncode == 2 and "hostfile.example" in r.stderr
+
+
+@pytest.mark.parametrize("text, why", [
+    ("localhost slots=0\n", "line 1: 'localhost slots=0': expected '<host> slots=<GPUs on it, at least 1>'"),
+    ("# nodes\nnode-a slots=8\nnode-b slot=8\n", "line 3: 'node-b slot=8': expected '<host> slots="),
+    ("node-a slots=8\n\nnode-a slots=4\n", "line 3: host node-a is listed again (first on line 1)"),
+    ("# nothing yet\n\n", "lists no host"),
+])
+def test_deepspeed_hostfile_refuses_a_line_deepspeed_would_misread(fake_train, tmp_path, text, why):
+    """`slots=0` started no rank and the launcher exited 0 (a job that trained nothing, "done"); a malformed or
+    repeated line was DeepSpeed's traceback (exit 1) naming no file."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(text)
+    r, ranks = fake_train("deepspeed_hostfile.sh", "run_dir=runs/z", HOSTFILE=str(hostfile))
+    assert r.returncode == 2 and not ranks, r.stderr[-2000:]
+    assert r.stderr.startswith(f"error: {hostfile} {why}")
 
 
 def test_deepspeed_hostfile_refuses_a_secret_on_its_command_line(fake_train, tmp_path):

@@ -219,6 +219,26 @@ def test_cli_rejects_bad_keys_before_anything_starts(tmp_path, override, needle)
     assert not run_dir.exists()  # nothing was written: it failed before the process group and the data
 
 
+def test_a_secret_inside_a_dict_override_is_refused_unprinted(tmp_path):
+    """`logging.wandb={mode: offline, api_key: ...}` went to Hydra whole (only a key ending in a secret word was taken
+    out), and so stayed in sys.argv, which wandb wrote into the run's .wandb file with the command line."""
+    from train.__main__ import take_secrets
+
+    run_dir = tmp_path / "run"
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", "logging.wandb={mode: offline, api_key: SUPERSECRET42}"],
+                     timeout=120)
+    assert proc.returncode == 2, proc.stdout[-2000:]
+    assert ("error: config key 'logging.wandb': its value holds the secret 'api_key', which would be recorded with "
+            "the command line (wandb keeps it with the run): give it as an override of its own, "
+            "logging.wandb.api_key=... or WANDB_API_KEY in the environment") in proc.stdout
+    assert "SUPERSECRET42" not in proc.stdout and not run_dir.exists()
+    with pytest.raises(ConfigError, match=r"own, data\.sources\.x\.options\.hf_token=\.\.\.$"):
+        take_secrets(["train", "+data.sources.x={kind: hub, options: {dataset: d, hf_token: t}}"])
+    plain = ["train", "+data.mixtures.anneal={udhr: 1, code: 1}", "curriculum.stages.general.mixture={max_epochs: 2}",
+             "logging.wandb.api_key=k", "hydra.job.env_set={WANDB_API_KEY: k}"]
+    assert take_secrets(plain) == ([*plain[:3], plain[4]], [plain[3]])
+
+
 def test_cli_inconsistent_value_exits_2_before_process_group(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_train([*SMOKE, f"run_dir={run_dir}", "curriculum.stages.general.global_batch_tokens=1000"],

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 import traceback
+
+# a secret key inside a dict value (`logging.wandb={mode: online, api_key: ...}`), quoted or not
+_INLINE_SECRET = re.compile(r"([\w-]*(?:api[_-]?key|token|secret|password))['\"]?\s*:", re.IGNORECASE)
 
 
 def _strip_launcher_args(argv: list[str]) -> list[str]:
@@ -34,8 +38,43 @@ def _is_secret_override(arg: str) -> bool:
 def take_secrets(argv: list[str]) -> tuple[list[str], list[str]]:
     """(argv without its secret overrides, those overrides). Hydra never sees a secret: it would print it when a
     sweep starts a job and write it to multirun.yaml and .hydra/overrides.yaml. They are applied to the composed
-    config instead, in the job (`_apply_secrets`)."""
+    config instead, in the job (`_apply_secrets`). A secret inside a dict value is refused (ConfigError, naming
+    both keys and not the value): that override, which Hydra must see for its other keys, would carry it into
+    sys.argv, which wandb records with the run."""
+    from train.config import ConfigError
+
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        key = key.lstrip("+~")
+        inline = _INLINE_SECRET.search(value) if sep and "{" in value and not arg.startswith("-") else None
+        if inline and not key.startswith("hydra.") and not _is_secret_override(arg):
+            where = _secret_path(arg) or f"{key}.<...>.{inline.group(1)}"
+            env = " or WANDB_API_KEY in the environment" if where == "logging.wandb.api_key" else ""
+            raise ConfigError(f"config key '{key}': its value holds the secret '{inline.group(1)}', which would be "
+                              f"recorded with the command line (wandb keeps it with the run): give it as an "
+                              f"override of its own, {where}=...{env}")
     return [a for a in argv if not _is_secret_override(a)], [a for a in argv if _is_secret_override(a)]
+
+
+def _secret_path(arg: str) -> str | None:
+    """The dotted key of the first secret inside the dict value of override `arg` (None if it does not parse)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from train.metrics import is_secret_key
+
+    try:
+        override = OverridesParser.create().parse_overrides([arg])[0]
+        value = override.value()
+    except Exception:  # noqa: BLE001 - Hydra refuses it later, with its own message
+        return None
+    todo = [(override.key_or_group, value)]
+    while todo:
+        path, node = todo.pop(0)
+        for k, v in node.items() if isinstance(node, dict) else []:
+            if is_secret_key(str(k)):
+                return f"{path}.{k}"
+            todo.append((f"{path}.{k}", v))
+    return None
 
 
 def _apply_secrets(dcfg, secrets: list[str]) -> None:
@@ -65,7 +104,7 @@ def main() -> None:
     from hydra.types import RunMode
     from omegaconf import DictConfig, OmegaConf
 
-    from train.config import register_configs
+    from train.config import ConfigError, register_configs
 
     register_configs()
 
@@ -108,7 +147,11 @@ def main() -> None:
     codes: list = []  # the sweep's exit codes, job by job
     started: list = []  # set once Hydra has composed a config and called the job
     # what records argv later (wandb, crash reports) sees it without the secrets, as Hydra does
-    sys.argv, secrets = take_secrets(_strip_launcher_args(sys.argv))
+    try:
+        sys.argv, secrets = take_secrets(_strip_launcher_args(sys.argv))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        _exit(2)
     try:
         _app()
     except SystemExit as e:
