@@ -248,6 +248,39 @@ def test_cli_inconsistent_value_exits_2_before_process_group(tmp_path):
     assert not run_dir.exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for a GPU on a machine without one")
+def test_device_cuda_without_a_gpu_exits_2_naming_the_key(tmp_path):
+    """It was a RuntimeError traceback, exit 1."""
+    proc = run_train([*SMOKE, f"run_dir={tmp_path / 'run'}", "device=cuda"], timeout=120, env={"WORLD_SIZE": "1"})
+    assert proc.returncode == 2, proc.stdout
+    assert "error: config key 'device' = 'cuda' but torch sees no CUDA device" in proc.stdout
+    assert "Traceback" not in proc.stdout and not (tmp_path / "run").exists()
+
+
+def test_each_rank_takes_its_gpu_whether_it_sees_the_nodes_or_only_its_own():
+    """A rank that sees only its own GPU (srun --gpus-per-task=1) asked for cuda:<LOCAL_RANK> and failed
+    ("invalid device ordinal") on every rank but the first; more ranks than visible GPUs are named."""
+    from train.dist import cuda_index
+
+    assert [cuda_index(r, 8) for r in range(8)] == list(range(8))
+    assert [cuda_index(r, 1) for r in range(4)] == [0, 0, 0, 0]
+    with pytest.raises(ConfigError, match="LOCAL_RANK=4, but this process sees 4 CUDA devices"):
+        cuda_index(4, 4)
+
+
+def test_the_deepspeed_launchers_local_size_sets_the_ranks_per_node(monkeypatch):
+    """The deepspeed launcher sets LOCAL_SIZE, not LOCAL_WORLD_SIZE: a CPU rank's threads were the cores divided by
+    the whole world size instead of this node's ranks."""
+    from train.dist import world_from_env
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for key, value in dict(RANK="5", WORLD_SIZE="8", LOCAL_RANK="1", LOCAL_SIZE="4").items():
+        monkeypatch.setenv(key, value)
+    assert world_from_env() == (5, 8, 1, 4)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun's name, where both are set
+    assert world_from_env() == (5, 8, 1, 2)
+
+
 def test_a_curriculum_the_data_cannot_fill_is_refused_before_the_model_is_built(data_root, tmp_path):
     """The Long Context stage asking for far more tokens than the fixture holds: exit 2 naming the stage, from the
     manifest's totals, before the model (a released shape would take minutes to build on a cluster) and before any

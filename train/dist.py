@@ -17,7 +17,7 @@ from typing import Callable, Optional, TypeVar
 import torch
 import torch.distributed as dist
 
-from train.config import TrainConfig
+from train.config import ConfigError, TrainConfig
 
 
 @dataclass
@@ -37,13 +37,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def cuda_index(local_rank: int, visible: int) -> int:
+    """The CUDA device of local rank `local_rank` among the `visible` ones: its own number where the rank sees every
+    GPU of the node (torchrun, the deepspeed launcher, srun with --gpus-per-node), device 0 where it sees only
+    its own (srun --gpus-per-task=1 or a GPU binding: each rank's CUDA_VISIBLE_DEVICES holds one GPU)."""
+    if visible == 1:
+        return 0
+    if not 0 <= local_rank < visible:
+        raise ConfigError(f"LOCAL_RANK={local_rank}, but this process sees {visible} CUDA devices "
+                           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most "
+                           f"one rank per GPU on a node")
+    return local_rank
+
+
 def resolve_device(cfg: TrainConfig, local_rank: int) -> torch.device:
-    """cuda:<local_rank> when asked for or available, else cpu."""
+    """The rank's GPU (`cuda_index`) when asked for or available, else cpu."""
     want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if want_cuda:
         if not torch.cuda.is_available():
-            raise RuntimeError("config key 'device' = 'cuda' but torch sees no CUDA device")
-        return torch.device("cuda", local_rank)
+            raise ConfigError("config key 'device' = 'cuda' but torch sees no CUDA device")
+        return torch.device("cuda", cuda_index(local_rank, torch.cuda.device_count()))
     return torch.device("cpu")
 
 
@@ -52,7 +65,8 @@ def world_from_env() -> tuple[int, int, int, int]:
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
     return rank, world, local_rank, local_world
 
 
