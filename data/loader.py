@@ -260,6 +260,20 @@ def _source_weights(manifest_path: Path, mix: MixtureConfig, tokens_by_source: D
     return {s: float(w) for s, w in weights.items() if w > 0}
 
 
+def _check_sources_bucketed(manifest_path: Path, stage: str, mix: MixtureConfig, weights: Dict[str, float],
+                            bucketed: set[str]) -> None:
+    """Refuse a source the stage's weights name whose documents no length bucket takes (`bucketed`: the sources
+    with tokens in some bucket): its share would go to the other sources without a word. Sources weighed by their
+    tokens (no weights given) are only left out."""
+    missing = sorted(s for s in weights if s not in bucketed) if mix.weights else []
+    if missing:
+        bounds = [f"{b.min_tokens}..{b.max_tokens}" for b in mix.length_buckets]
+        raise DataError(f"{manifest_path}: stage {stage!r} mixture weighs sources {missing} "
+                        f"({', '.join(f'{s}: {weights[s]:g}' for s in missing)}), but no document of theirs falls in "
+                        f"its length buckets {bounds} (tokens): they would give no sample, and their share would go "
+                        f"to the other sources; give them weight 0 or widen the buckets")
+
+
 def _check_fill(manifest_path: Path, stage: str, seq_len: int, num_samples: int, max_epochs: float,
                 buckets: List[Bucket], part_tokens: List[List[int]]) -> None:
     """Refuse a stage its parts cannot fill (`part_tokens[b]`: the tokens of each part of bucket b that has any): a
@@ -351,6 +365,7 @@ def check_stage_fits(manifest: Dict[str, Any], manifest_path: Path, mixture: Any
         tokens = {k: [comps[k]["tokens"]] for k in keys}
     _check_fill(manifest_path, stage, seq_len, num_samples, mix.max_epochs, buckets,
                 [[tokens[k][bi] for k in keys if tokens[k][bi]] for bi in range(len(buckets))])
+    _check_sources_bucketed(manifest_path, stage, mix, weights, {comps[k]["source"] for k in keys if any(tokens[k])})
 
 
 def plan_mixture(manifest_path: Path, mixture: Any, seq_len: int, num_samples: int, stage: str = "") -> MixturePlan:
@@ -380,6 +395,7 @@ def plan_mixture(manifest_path: Path, mixture: Any, seq_len: int, num_samples: i
         candidates.append(found)
     _check_fill(manifest_path, stage, seq_len, num_samples, mix.max_epochs, buckets,
                 [[n_tok for _, _, n_tok in found] for found in candidates])
+    _check_sources_bucketed(manifest_path, stage, mix, weights, {c.source for found in candidates for c, _, _ in found})
     parts: List[Part] = []
     for bi, ((_, _, bw), found) in enumerate(zip(buckets, candidates)):
         src_w = {s: weights[s] for s in {c.source for c, _, _ in found}}

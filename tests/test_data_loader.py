@@ -256,6 +256,29 @@ def test_a_length_bucket_no_document_falls_in_is_refused_before_the_stage_and_th
     assert str(again.value) == message
 
 
+def test_a_weighted_source_no_length_bucket_takes_is_refused_not_dropped(manifest):
+    """The probe's case: a Long Context stage weighing udhr 1 next to sotu, bible and code, with one bucket of
+    750-1,024 tokens, which none of the UDHR declarations (487-745 tokens) reaches: udhr gave no sample and its
+    half of the stage went to the others, without a word. Refused, before the stage and when it starts, naming it;
+    weighed by their tokens (no weights given), such a source is only left out."""
+    from data.loader import check_stage_fits
+    from data.shards import read_manifest
+
+    buckets = [LengthBucketConfig(750, 1024, 1.0)]
+    mix = MixtureConfig(weights={"sotu": 0.5, "bible": 0.3, "code": 0.2, "udhr": 1.0}, length_buckets=buckets)
+    message = (f"{manifest}: stage 'long_context' mixture weighs sources ['udhr'] (udhr: 1), but no document of "
+               f"theirs falls in its length buckets ['750..1024'] (tokens): they would give no sample, and their "
+               f"share would go to the other sources; give them weight 0 or widen the buckets")
+    with pytest.raises(DataError) as refused:
+        check_stage_fits(read_manifest(manifest), manifest, mix, 1024, 8, "long_context")
+    assert str(refused.value) == message
+    with pytest.raises(DataError) as at_start:
+        plan_mixture(manifest, mix, 1024, 8, "long_context")
+    assert str(at_start.value) == message
+    by_tokens = plan_mixture(manifest, MixtureConfig(length_buckets=buckets), 1024, 8, "long_context").by_source()
+    assert "udhr" not in by_tokens and sum(d["samples"] for d in by_tokens.values()) == 8
+
+
 def test_length_buckets(manifest):
     buckets = [LengthBucketConfig(128, 256, 0.75), LengthBucketConfig(32, 127, 0.25)]
     mix = MixtureConfig(weights={"bible": 0.4, "sotu": 0.4, "code": 0.2}, language_alpha=0.5, max_epochs=1000,

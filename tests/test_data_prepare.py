@@ -103,6 +103,35 @@ def test_heldout_text_never_reaches_training_shards(prepared):
         {f"bible/{l}" for l in ["eng", "fra", "spa", "deu"]}
 
 
+def test_heldout_sets_read_only_the_tokens_an_evaluation_uses(prepared, tmp_path):
+    """The loop (every rank, for the whole run) and the perplexity suite evaluate max_tokens_per_language tokens
+    of each held-out text, but held the whole held-out split as int64: 40 MB here for 5 sources of 1M tokens,
+    GBs per rank for a data set of one's own whose split is 1% of it. Now they read each set's first tokens only,
+    which are the same tokens the whole read began with."""
+    import tracemalloc
+
+    from data.bench import synthetic_manifest
+
+    _, mpath = prepared
+    for by in ("language", "component"):
+        whole = heldout_sets(mpath, by=by)
+        first = heldout_sets(mpath, by=by, max_tokens=400)
+        assert set(first) == set(whole) and all(np.array_equal(first[k], whole[k][:400]) for k in whole)
+    assert len(heldout_sets(mpath)["eng"]) > 400 > len(whole["bible/eng"])  # the first 400 span two texts
+    manifest = synthetic_manifest(tmp_path / "synthetic", 5_000)  # 5 sources x 5,000 documents of 1-400 tokens
+    m = json.loads(manifest.read_text())
+    m["heldout"], m["components"] = m["components"], {}
+    manifest.write_text(json.dumps(m))
+    tracemalloc.start()
+    try:
+        sets = heldout_sets(manifest, by="component", max_tokens=1025)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sorted(len(v) for v in sets.values()) == [1025] * 5
+    assert sum(c["tokens"] for c in m["heldout"].values()) * 8 > 4e7 and peak < 1e6
+
+
 def test_interrupted_run_leaves_nothing_trusted_and_rerun_completes(prepared, tmp_path):
     """Kill the process (SIGKILL, no cleanup) half-way through writing a shard, then prepare again."""
     _, clean = prepared

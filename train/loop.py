@@ -239,7 +239,9 @@ class Trainer:
             self.state.stage_index = first_stage_index(cfg)
             self.state.stage = order[self.state.stage_index]
         self.peak = peak_flops(cfg, info.device)
-        self.eval_sets = heldout_sets(self.manifest, by="component") if cfg.eval.enabled else {}
+        # the windows read at most max_tokens_per_language + 1 tokens of each held-out text (make_eval_batches)
+        self.eval_sets = (heldout_sets(self.manifest, by="component", max_tokens=cfg.eval.max_tokens_per_language + 1)
+                          if cfg.eval.enabled else {})
         # rank 0 opens metrics.jsonl and wandb, and a failure there (a damaged wandb_id) reaches every rank
         self.metrics = (on_rank0("opening metrics.jsonl and wandb",
                                  lambda: MetricsLogger(cfg, self.run_dir, 0, resolved))

@@ -22,7 +22,7 @@ def perplexity(model: torch.nn.Module, manifest: Path, seq_len: int, max_tokens:
                batch_size: int = 8, max_languages: int = 0) -> Dict[str, Any]:
     """Perplexity per held-out component ("udhr/fra") and per language, with the tokens each one counts; the first
     `max_languages` languages in sorted order only, when it is set (as the training loop's evaluation)."""
-    sets = first_languages(heldout_sets(manifest, by="component"), max_languages)
+    sets = first_languages(heldout_sets(manifest, by="component", max_tokens=max_tokens + 1), max_languages)
     if not sets:  # a data set of one's own without held-out rows (a `split` column with "heldout")
         return {"seq_len": seq_len, "max_tokens": max_tokens, "sources": [], "by_component": {}, "tokens": {},
                 "by_language": {}, "geomean": {"all": None}, "note": NO_HELDOUT}
