@@ -175,6 +175,10 @@ def test_loss_by_position_averages_windows(manifest):
     model = build(std=0.02)
     stream = position_loss.heldout_stream(manifest)
     assert stream[:10].tolist() == heldout_sets(manifest, by="component")["bible/deu"][:10].tolist()
+    # what the evaluation reads: the stream's first windows x length + 1 tokens, however many components they span
+    bible = len(heldout_sets(manifest, by="component")["bible/deu"])
+    for n in (121, bible + 50, len(stream) + 7):
+        assert position_loss.heldout_stream(manifest, max_tokens=n).tolist() == stream[:n].tolist()
     curve = position_loss.loss_by_position(model, stream, 40, windows=3, batch_size=2)
     ids = torch.from_numpy(np.stack([stream[w * 40: w * 40 + 41] for w in range(3)]).astype(np.int64))
     with torch.no_grad():

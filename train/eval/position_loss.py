@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -20,11 +20,13 @@ from train.eval.extend import set_mode
 from train.eval.outputs import md_table
 
 
-def heldout_stream(manifest: Path) -> np.ndarray:
-    """All held-out tokens, long documents (bible/*) first, then the rest, in a fixed order."""
-    sets = heldout_sets(manifest, by="component")
+def heldout_stream(manifest: Path, max_tokens: Optional[int] = None) -> np.ndarray:
+    """The held-out tokens, long documents (bible/*) first, then the rest, in a fixed order; with `max_tokens`, the
+    stream's first max_tokens only, read from no more of each component than that (not the whole split)."""
+    sets = heldout_sets(manifest, by="component", max_tokens=max_tokens)
     order = sorted(sets, key=lambda c: (not c.startswith("bible/"), c))
-    return np.concatenate([sets[c] for c in order]) if order else np.zeros(0, dtype=np.int64)
+    stream = np.concatenate([sets[c] for c in order]) if order else np.zeros(0, dtype=np.int64)
+    return stream if max_tokens is None else stream[:max_tokens]
 
 
 @torch.no_grad()
@@ -65,7 +67,7 @@ def position_loss_modes(model: Qwen3ForCausalLM, manifest: Path, trained_len: in
     """One loss-by-position curve per (mode, length) in `checks`; a length past plain RoPE's tables or longer than
     the held-out text gets None (the latter with a note)."""
     t0 = time.perf_counter()
-    stream = heldout_stream(manifest)
+    stream = heldout_stream(manifest, max_tokens=windows * max((length for _, length in checks), default=0) + 1)
     if not len(stream):  # a data set of one's own without held-out rows
         return {"trained_len": trained_len, "curves": [], "seconds": round(time.perf_counter() - t0, 2),
                 "note": NO_HELDOUT}
