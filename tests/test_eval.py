@@ -303,7 +303,7 @@ def test_a_short_stream_gives_fewer_windows_counted_as_such(monkeypatch):
     the result says 2 (not 4, and not a third window cut short)."""
     model = build(std=0.02)
     stream = np.random.default_rng(0).integers(0, 1024, 3 * 40).astype(np.int32)
-    monkeypatch.setattr(position_loss, "heldout_stream", lambda manifest: stream)
+    monkeypatch.setattr(position_loss, "heldout_stream", lambda manifest, max_tokens=None: stream[:max_tokens])
     r = position_loss.position_loss_modes(model, None, 40, [("plain", 40)], windows=4, batch_size=4)
     [c] = r["curves"]
     ids = torch.from_numpy(np.stack([stream[:41], stream[40:81]]).astype(np.int64))
