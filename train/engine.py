@@ -229,6 +229,15 @@ class Engine:
         self.ds_config = deepspeed_config(cfg, plan, info.device)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                              config=self.ds_config)
+        # bf16 without ZeRO wraps torch's AdamW in DeepSpeed's FP16_UnfusedOptimizer, which creates the AdamW
+        # state by one step on zero gradients (at LR 0): the moments stay 0 but every `step` count is 1, so each
+        # bias correction would run a step ahead (the first update 0.73 x lr instead of lr). Nothing has trained
+        # yet: counting from 0 again makes the state a fresh one
+        for st in getattr(self.ds.optimizer, "optimizer", self.ds.optimizer).state.values():
+            if torch.is_tensor(st.get("step")):
+                st["step"].zero_()
+            elif "step" in st:
+                st["step"] = 0
         self.plan = plan
         # per-group hyper-parameters as built here; a load must not change them (see `load`)
         self._group_hparams = [{"weight_decay": g["weight_decay"]} for g in self.ds.optimizer.param_groups]
