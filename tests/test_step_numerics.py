@@ -107,3 +107,18 @@ def test_zero0_bf16_counts_adamw_steps_from_one(data_root, tmp_path):
     ref, _ = _reference(overrides)
     for (stage, step, loss, _, _), (_, _, loss_ref, _, _) in zip(_logged(tmp_path), ref, strict=True):
         assert loss == pytest.approx(loss_ref, abs=1e-3), (stage, step)
+
+
+def test_zero0_fp32_clips_by_the_norm_it_logs(data_root, tmp_path):
+    """Without ZeRO in fp32 DeepSpeed clipped by its own norm, summed in fp32 (here 5.6e-5 low, 0.4% for 50M
+    elements on the CPU), while the loop logged the fp64 one: the weights after General's four steps were 1.4e-6
+    off the reference's (and step 2's norm 1.8e-6), and now agree to 1.3e-7 as ZeRO 1-3's do."""
+    from models.hf import load_hf
+
+    proc = run_train([*SMOKE, f"run_dir={tmp_path}", *ZERO0])
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    ref, weights = _reference(ZERO0)
+    for (stage, step, loss, norm, _), (_, _, loss_ref, norm_ref, _) in zip(_logged(tmp_path), ref, strict=True):
+        assert (loss, norm) == pytest.approx((loss_ref, norm_ref), rel=1e-6), (stage, step)
+    exported = load_hf(tmp_path / "hf" / "general").state_dict()
+    assert max((exported[k] - v).abs().max().item() for k, v in weights.items()) < 5e-7
