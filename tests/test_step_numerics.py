@@ -96,17 +96,24 @@ ZERO0 = ["model=tiny_dense", "deepspeed=zero0", "curriculum.order=[general]", "e
          "optim.eps=1e-4"]  # an eps above the smallest gradients, so their rounding does not decide an update
 
 
-def test_zero0_bf16_counts_adamw_steps_from_one(data_root, tmp_path):
+def test_zero0_bf16_counts_adamw_steps_from_one_and_exports_the_masters(data_root, tmp_path):
     """bf16 without ZeRO: DeepSpeed's FP16_UnfusedOptimizer creates torch AdamW's state with one step on zero
     gradients, which left each `step` count one ahead, so every update was bias-corrected for the step after (the
     first one 0.73 x lr): the loss of step 2 was 7.9e-3 above the fp32 reference's, step 3's 4.5e-2 (bf16's own
-    difference: 1.3e-4)."""
+    difference: 1.3e-4). And the loop's HF export gave the bf16 copies (every value a bf16 number), not the
+    fp32 master weights it gives under ZeRO 1-3."""
+    from models.hf import load_hf
+
     overrides = [*ZERO0, "deepspeed.precision=bf16"]
     proc = run_train([*SMOKE, f"run_dir={tmp_path}", *overrides])
     assert proc.returncode == 0, proc.stdout[-3000:]
-    ref, _ = _reference(overrides)
+    ref, weights = _reference(overrides)
     for (stage, step, loss, _, _), (_, _, loss_ref, _, _) in zip(_logged(tmp_path), ref, strict=True):
         assert loss == pytest.approx(loss_ref, abs=1e-3), (stage, step)
+    exported = load_hf(tmp_path / "hf" / "general").state_dict()
+    values = torch.cat([v.flatten() for v in exported.values()])
+    assert (values.bfloat16().float() == values).float().mean().item() < 1e-3  # 2.6e-5: the masters
+    assert max((exported[k] - v).abs().max().item() for k, v in weights.items()) < 5e-3  # bf16's compute
 
 
 def test_zero0_fp32_clips_by_the_norm_it_logs(data_root, tmp_path):

@@ -385,19 +385,24 @@ class Engine:
         """(name, the whole parameter in fp32 on the CPU) on rank 0 and (name, None) elsewhere, one parameter at
         a time in state-dict order (a tied head comes again under its own name). Every rank must drain it.
 
-        Where ZeRO keeps fp32 master weights (ZeRO 1-3, bf16 training included) these are the masters, not the
-        bf16 copies the forward uses. Each parameter is assembled by a collective over its ZeRO group (experts
-        then gathered over the expert-parallel group); only rank 0 keeps it, and only until the consumer
-        (`models.hf.write_hf`) has written the shard it belongs to.
+        In bf16 training these are the fp32 master weights (ZeRO's, or without ZeRO those of DeepSpeed's bf16
+        optimizer wrapper), not the bf16 copies the forward uses. Each parameter is assembled by a collective over
+        its ZeRO group (experts then gathered over the expert-parallel group); only rank 0 keeps it, and only until
+        the consumer (`models.hf.write_hf`) has written the shard it belongs to.
         """
         from deepspeed.utils import safe_get_full_fp32_param
 
         keep = self.info.rank == 0
         experts = {id(p): m for _, m in expert_parallel.experts_modules(self.ds.module)
                    for p in (m.gate_up_proj, m.down_proj)} if self.cfg.expert_parallel_size > 1 else {}
+        # without ZeRO, bf16's masters sit in the wrapper's groups beside the bf16 ones (fp32: the parameter itself)
+        wrapper = self.ds.optimizer
+        masters = {id(low): high for lows, highs in zip(getattr(wrapper, "fp16_groups", []),
+                                                        getattr(wrapper, "fp32_groups", []))
+                   for low, high in zip(lows, highs)} if self.cfg.deepspeed.zero_stage == 0 else {}
         for name, param in self.ds.module.named_parameters(remove_duplicate=False):
-            full = safe_get_full_fp32_param(param)  # None without ZeRO: the parameter is the fp32 weight
-            full = (param if full is None else full).detach()
+            full = safe_get_full_fp32_param(param)  # None without ZeRO
+            full = (masters.get(id(param), param) if full is None else full).detach()
             if id(param) in experts:  # this rank's slice of the experts: all E on rank 0
                 full = expert_parallel.gather_to_rank0(full, experts[id(param)])
             yield name, (full.to("cpu", torch.float32).clone() if keep else None)
