@@ -303,8 +303,8 @@ class Engine:
         """
         own_norm = None
         # fp32 without ZeRO: DeepSpeed neither reports the norm nor checks it, and its clipping sums in fp32
-        # (its bf16 optimizer does all three, and keeps the accumulated gradients in buffers of its own: `.grad`
-        # holds only the last micro-batch's there)
+        # (its bf16 wrapper reports, checks and clips by a norm of its own, and keeps the accumulated gradients in
+        # buffers of its own: `.grad` holds only the last micro-batch's there)
         if own_clipping(self.cfg, self.info.device):
             grads = [p.grad for p in self.ds.module.parameters() if p.grad is not None]
             # the global L2 norm, summed in fp64 as ZeRO's (fp32 norms of large tensors drift by ~1e-4 on the
