@@ -55,7 +55,9 @@ def deepspeed_config(cfg: TrainConfig, plan: StagePlan, device: torch.device) ->
         "train_batch_size": plan.samples_per_step,
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
         "gradient_accumulation_steps": plan.grad_accum,
-        "gradient_clipping": ds.grad_clip,
+        # fp32 without ZeRO: DeepSpeed would clip by a norm of fp32 sums (on the CPU 0.4% low for 50M elements),
+        # not the one logged; `Engine.optimizer_step` clips there by the fp64 norm it logs
+        "gradient_clipping": 0.0 if own_clipping(cfg, device) else ds.grad_clip,
         "zero_optimization": zero,
         # a non-finite global gradient norm makes ZeRO skip the update on every rank (fp32 always does)
         "bf16": {"enabled": use_bf16(cfg, device), "check_grad_overflow": True},
@@ -69,6 +71,12 @@ def deepspeed_config(cfg: TrainConfig, plan: StagePlan, device: torch.device) ->
     for key, value in ds.extra.items():
         config[key] = value
     return config
+
+
+def own_clipping(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether `Engine.optimizer_step` computes the gradient norm and clips itself (fp32 without ZeRO, where
+    DeepSpeed's optimizer is torch's own), rather than DeepSpeed."""
+    return cfg.deepspeed.zero_stage == 0 and not use_bf16(cfg, device)
 
 
 def partitioned_init(cfg: TrainConfig) -> bool:
@@ -229,6 +237,15 @@ class Engine:
         self.ds_config = deepspeed_config(cfg, plan, info.device)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                              config=self.ds_config)
+        # bf16 without ZeRO wraps torch's AdamW in DeepSpeed's FP16_UnfusedOptimizer, which creates the AdamW
+        # state by one step on zero gradients (at LR 0): the moments stay 0 but every `step` count is 1, so each
+        # bias correction would run a step ahead (the first update 0.73 x lr instead of lr). Nothing has trained
+        # yet: counting from 0 again makes the state a fresh one
+        for st in getattr(self.ds.optimizer, "optimizer", self.ds.optimizer).state.values():
+            if torch.is_tensor(st.get("step")):
+                st["step"].zero_()
+            elif "step" in st:
+                st["step"] = 0
         self.plan = plan
         # per-group hyper-parameters as built here; a load must not change them (see `load`)
         self._group_hparams = [{"weight_decay": g["weight_decay"]} for g in self.ds.optimizer.param_groups]
@@ -285,17 +302,22 @@ class Engine:
         non-finite values and skips alike here.
         """
         own_norm = None
-        # fp32 without ZeRO: DeepSpeed neither reports the norm nor checks it (its bf16 optimizer does both, and
-        # keeps the accumulated gradients in buffers of its own: `.grad` holds only the last micro-batch's there)
-        if self.cfg.deepspeed.zero_stage == 0 and not self.ds_config["bf16"]["enabled"]:
+        # fp32 without ZeRO: DeepSpeed neither reports the norm nor checks it, and its clipping sums in fp32
+        # (its bf16 wrapper reports, checks and clips by a norm of its own, and keeps the accumulated gradients in
+        # buffers of its own: `.grad` holds only the last micro-batch's there)
+        if own_clipping(self.cfg, self.info.device):
             grads = [p.grad for p in self.ds.module.parameters() if p.grad is not None]
-            # the global L2 norm, summed in fp64 as DeepSpeed's (fp32 norms of large tensors drift by ~1e-4 on the
+            # the global L2 norm, summed in fp64 as ZeRO's (fp32 norms of large tensors drift by ~1e-4 on the
             # CPU); one host sync, as ZeRO's own check
             own_norm = float(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads])
                              .norm()) if grads else 0.0
             if not math.isfinite(own_norm):
                 self.ds.zero_grad()
                 return float("nan"), False
+            clip = self.cfg.deepspeed.grad_clip
+            if clip > 0 and own_norm + 1e-6 > clip:  # DeepSpeed's (and torch's) coefficient, clip / (norm + 1e-6)
+                for g in grads:
+                    g.mul_(clip / (own_norm + 1e-6))
         self.ds.step()
         norm = self.ds.get_global_grad_norm()
         norm = float(norm) if norm is not None else own_norm if own_norm is not None else float("nan")
@@ -363,19 +385,24 @@ class Engine:
         """(name, the whole parameter in fp32 on the CPU) on rank 0 and (name, None) elsewhere, one parameter at
         a time in state-dict order (a tied head comes again under its own name). Every rank must drain it.
 
-        Where ZeRO keeps fp32 master weights (ZeRO 1-3, bf16 training included) these are the masters, not the
-        bf16 copies the forward uses. Each parameter is assembled by a collective over its ZeRO group (experts
-        then gathered over the expert-parallel group); only rank 0 keeps it, and only until the consumer
-        (`models.hf.write_hf`) has written the shard it belongs to.
+        In bf16 training these are the fp32 master weights (ZeRO's, or without ZeRO those of DeepSpeed's bf16
+        optimizer wrapper), not the bf16 copies the forward uses. Each parameter is assembled by a collective over
+        its ZeRO group (experts then gathered over the expert-parallel group); only rank 0 keeps it, and only until
+        the consumer (`models.hf.write_hf`) has written the shard it belongs to.
         """
         from deepspeed.utils import safe_get_full_fp32_param
 
         keep = self.info.rank == 0
         experts = {id(p): m for _, m in expert_parallel.experts_modules(self.ds.module)
                    for p in (m.gate_up_proj, m.down_proj)} if self.cfg.expert_parallel_size > 1 else {}
+        # without ZeRO, bf16's masters sit in the wrapper's groups beside the bf16 ones (fp32: the parameter itself)
+        wrapper = self.ds.optimizer
+        masters = {id(low): high for lows, highs in zip(getattr(wrapper, "fp16_groups", []),
+                                                        getattr(wrapper, "fp32_groups", []))
+                   for low, high in zip(lows, highs)} if self.cfg.deepspeed.zero_stage == 0 else {}
         for name, param in self.ds.module.named_parameters(remove_duplicate=False):
-            full = safe_get_full_fp32_param(param)  # None without ZeRO: the parameter is the fp32 weight
-            full = (param if full is None else full).detach()
+            full = safe_get_full_fp32_param(param)  # None without ZeRO
+            full = (masters.get(id(param), param) if full is None else full).detach()
             if id(param) in experts:  # this rank's slice of the experts: all E on rank 0
                 full = expert_parallel.gather_to_rank0(full, experts[id(param)])
             yield name, (full.to("cpu", torch.float32).clone() if keep else None)
