@@ -1,6 +1,8 @@
 """Config errors fail at start, before any process group, naming the key; sweeps and overrides work."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -413,6 +415,16 @@ def test_deepspeed_json_takes_clip_extra_and_no_cuda_only_options_on_cpu():
     assert ds["gradient_accumulation_steps"] * ds["train_micro_batch_size_per_gpu"] == ds["train_batch_size"]
     assert ds["bf16"]["enabled"] is False
     assert deepspeed_config(cfg, plans[0], torch.device("cuda"))["bf16"]["enabled"] is True
+
+
+@pytest.mark.parametrize("key, own", [("gradient_clipping", "deepspeed.grad_clip"),
+                                       ("gradient_accumulation_steps", "the stage's global_batch_tokens")])
+def test_a_deepspeed_extra_key_tristage_derives_is_refused(key, own):
+    """`deepspeed.extra.gradient_clipping` overrode the derived key in DeepSpeed's config, while the loop logged
+    (and under fp32 ZeRO-0 clipped by) deepspeed.grad_clip; an accumulation count of its own broke the data plan."""
+    cfg = compose_cfg([f"+deepspeed.extra.{key}=2"])
+    with pytest.raises(ConfigError, match=re.escape(f"config key 'deepspeed.extra.{key}' = 2: set by tristage from {own}")):
+        validate(cfg, world_size=1)
 
 
 def test_help_says_how_a_run_is_launched_and_lists_the_groups():

@@ -487,6 +487,14 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int) -> List[StagePlan]:
         _fail("logging.peak_tflops", cfg.logging.peak_tflops, "must be a finite TFLOP/s >= 0 (0: the device's own)")
     if ds.reduce_bucket_size < 1:
         _fail("deepspeed.reduce_bucket_size", ds.reduce_bucket_size, "must be at least 1 (elements per bucket)")
+    # DeepSpeed keys the loop derives from its own settings and relies on: the batch its data plan feeds, the
+    # clipping it logs (and, without ZeRO in fp32, does itself)
+    for key, own in (("gradient_clipping", "deepspeed.grad_clip"),
+                     ("train_batch_size", "the stage's global_batch_tokens"),
+                     ("train_micro_batch_size_per_gpu", "the stage's micro_batch_size"),
+                     ("gradient_accumulation_steps", "the stage's global_batch_tokens and micro_batch_size")):
+        if key in ds.extra:
+            _fail(f"deepspeed.extra.{key}", ds.extra[key], f"set by tristage from {own}; set that instead")
     if cfg.max_steps < 0:  # `steps >= max_steps` held after the first step: a negative one stopped the run there
         _fail("max_steps", cfg.max_steps, "must be >= 0 (0: run to the end)")
     if cfg.checkpoint.keep < 1:
