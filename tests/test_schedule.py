@@ -78,3 +78,13 @@ def test_decay_length_rounds_to_nearest_step():
     got = [lr_at(lr, s, 10) for s in range(10)]
     assert got[:7] == [1.0] * 7
     assert got[7:] == pytest.approx([2 / 3, 1 / 3, 0.0])
+
+
+def test_a_decay_that_rounds_to_no_step_still_ends_on_final():
+    """0.04 x 10 steps rounded to 0 decay steps: the stage ended at the peak, not at `final`, without a word."""
+    lr = LRConfig(peak=1.0, final=0.1, warmup_steps=0, decay_frac=0.04, decay_style="cosine")
+    got = [lr_at(lr, s, 10) for s in range(10)]
+    assert got[:9] == [1.0] * 9 and got[9] == pytest.approx(0.1)
+    # and never into the warmup: a stage of warmup only keeps its ramp
+    lr = LRConfig(peak=1.0, final=0.1, warmup_steps=10, warmup_start=0.0, decay_frac=0.04)
+    assert [lr_at(lr, s, 10) for s in range(10)][-1] == pytest.approx(1.0)

@@ -17,7 +17,9 @@ def lr_at(lr: LRConfig, step: int, total_steps: int) -> float:
         return lr.warmup_start + (lr.peak - lr.warmup_start) * (step + 1) / lr.warmup_steps
     # the decay window ends with the stage and never reaches into the warmup (as Megatron-LM's): decay_frac 1.0
     # with a warmup decays over the steps after it, where it would otherwise drop from the peak at once
-    decay_steps = min(int(round(lr.decay_frac * total_steps)), total_steps - lr.warmup_steps)
+    # a decay asked for takes at least the last step (a short stage rounded it to none: the stage ended at the peak)
+    decay_steps = int(round(lr.decay_frac * total_steps))
+    decay_steps = min(max(decay_steps, 1 if lr.decay_frac > 0 else 0), total_steps - lr.warmup_steps)
     decay_start = total_steps - decay_steps
     if decay_steps == 0 or step < decay_start:
         return lr.peak
