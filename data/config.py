@@ -125,6 +125,10 @@ def check_mixture(mix: "MixtureConfig", key: str, weights_key: Optional[str] = N
     for i, b in enumerate(mix.length_buckets):
         if not (math.isfinite(b.weight) and b.weight > 0):
             raise ValueError(f"{key}.length_buckets[{i}].weight = {b.weight}: must be a finite weight > 0")
+        if b.min_tokens < 0 or (b.max_tokens is not None and b.max_tokens < max(b.min_tokens, 1)):
+            raise ValueError(f"{key}.length_buckets[{i}]: min_tokens = {b.min_tokens}, max_tokens = {b.max_tokens}: "
+                             f"a bucket needs 0 <= min_tokens <= max_tokens and max_tokens >= 1 (no document "
+                             f"could fall in it)")
     if not math.isfinite(mix.language_alpha):
         raise ValueError(f"{key}.language_alpha = {mix.language_alpha}: must be finite")
     if not (math.isfinite(mix.max_epochs) and mix.max_epochs > 0):

@@ -256,6 +256,9 @@ def test_a_line_that_is_not_a_json_object_is_named(tmp_path, tokenizer, lines, b
      r"length_buckets\[1\].weight = -0.5"),
     (MixtureConfig(length_buckets=[LengthBucketConfig(0, 256, 0.0)]), r"length_buckets\[0\].weight = 0.0"),
     (MixtureConfig(max_epochs=float("inf")), "max_epochs = inf"),
+    (MixtureConfig(length_buckets=[LengthBucketConfig(4096, 2048, 1.0)]),
+     r"length_buckets\[0\]: min_tokens = 4096, max_tokens = 2048: a bucket needs 0 <= min_tokens <= max_tokens"),
+    (MixtureConfig(length_buckets=[LengthBucketConfig(-1, None, 1.0)]), r"length_buckets\[0\]: min_tokens = -1"),
 ])
 def test_mixture_weights_a_stage_cannot_sample_by_are_refused(fixture_manifest, mixture, message):
     """Before, a negative bucket weight gave negative sample counts and a blend longer than the stage; all-zero
