@@ -780,6 +780,7 @@ def test_resave_of_a_tag_keeps_the_old_copy_until_the_new_one_is_published(tmp_p
 
         def save(self, save_dir, tag, client_state, fault=lambda kind: None):
             (Path(save_dir) / tag / "weights").write_text(self.payload)
+            return [str(Path(save_dir) / tag / "weights")]
 
     manager = CheckpointManager(tmp_path, keep=2, rank=0)
     tag, state = "0-general-step0000002", TrainerState(stage="general", step=2, global_step=2)
@@ -808,6 +809,33 @@ def test_resave_of_a_tag_keeps_the_old_copy_until_the_new_one_is_published(tmp_p
     manager.save(Engine("new"), tag, state, meta={}, config_yaml="")  # a re-save that completes replaces it
     assert (final / "weights").read_text() == "new"
     assert not (manager.dir / f".replaced-{tag}").exists()
+
+
+def test_a_save_is_on_disk_before_latest_names_it(tmp_path, monkeypatch):
+    """Durability against a power loss or a node crash, not only a killed process: every file a rank wrote is
+    flushed before the folder is published, the folder's entries before its rename, and the checkpoints folder
+    (the renames of the folder and of `latest`) after `latest` is replaced. The order of fsync and rename calls
+    is what is checked; the engine is a stand-in that returns the files it wrote, as Engine.save does."""
+    from train.checkpoint import CheckpointManager, TrainerState
+
+    class Engine:
+        def save(self, save_dir, tag, client_state, fault=lambda kind: None):
+            (Path(save_dir) / tag / "weights").write_text("w")
+            return [str(Path(save_dir) / tag / "weights")]
+
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(b))), real_replace(a, b)))
+    manager = CheckpointManager(tmp_path, keep=2, rank=0)
+    tag = "0-general-step0000001"
+    manager.save(Engine(), tag, TrainerState(stage="general", step=1, global_step=1), meta={}, config_yaml="")
+    ckpts, tmp = str(manager.dir), str(manager.dir / ".tmp" / tag)
+    publish = events.index(("replace", f"{ckpts}/{tag}"))
+    before = {p.split(".tmp-")[0] for kind, p in events[:publish] if kind == "fsync"}  # meta.json: its temp name
+    assert {f"{tmp}/weights", f"{tmp}/rng_rank0.pt", f"{tmp}/meta.json", f"{tmp}/config.yaml", tmp} <= before
+    pointer = max(i for i, e in enumerate(events) if e == ("replace", f"{ckpts}/latest"))
+    assert ("fsync", ckpts) in events[pointer:]
 
 
 def test_secret_overrides_are_parsed_as_hydra_does_and_hydra_keys_stay_hydras():

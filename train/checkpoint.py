@@ -8,8 +8,8 @@ Layout under `<run_dir>/checkpoints/`:
     latest                 the tag of the newest complete checkpoint, written last with an atomic rename
     <tag>/rollback.json    after a spike rollback to <tag>: the batches to skip from there (load() adds them)
 
-A save writes everything into `.tmp/<tag>`, every rank reports success, rank 0 renames the folder into place
-and only then replaces `latest`. A crash at any point leaves `latest` naming the previous complete checkpoint.
+A save writes everything into `.tmp/<tag>`, every rank flushes its files to disk and reports success, rank 0
+renames the folder into place and only then replaces `latest` (both renames flushed too). A crash at any point leaves `latest` naming the previous complete checkpoint.
 A failed write on any rank (a full disk, say) fails every rank together and keeps what was there. Saving a tag
 that exists (a relaunch that reached the step again) moves the old folder aside only once the new one is
 complete; were a crash to fall between those two renames, `recover()` puts the old copy back at the next start.
@@ -86,13 +86,24 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's data, or a folder's entries (the renames into it), from the page cache to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path: Path, text: str) -> None:
-    """Write `text` durably: on disk before the rename, so a crash leaves the old file or the new one."""
+    """Write `text` durably: on disk before the rename, and the rename on disk before returning, so a crash or a
+    power loss leaves the old file or the new one."""
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+    fsync_path(path.parent)
 
 
 class CheckpointManager:
@@ -180,10 +191,16 @@ class CheckpointManager:
                 ok, err = False, f"{tmp_root / tag}: {e}"
         if all_ok(ok):
             try:
-                engine.save(str(tmp_root), tag, client_state={"trainer_state": asdict(state)}, fault=fault)
+                written = engine.save(str(tmp_root), tag, client_state={"trainer_state": asdict(state)},
+                                      fault=fault)
                 fault("enospc")
                 fault("kill_in_save")
                 torch.save(_rng_state(), tmp_root / tag / f"rng_rank{self.rank}.pt")
+                # each rank flushes what it wrote before saying ok: `latest` must never name a folder whose
+                # files a power loss or a node crash can leave empty (the renames below are durable, the
+                # page cache is not)
+                for f in [*written, tmp_root / tag / f"rng_rank{self.rank}.pt"]:
+                    fsync_path(f)
                 if self.rank == 0:
                     write_atomic(tmp_root / tag / "meta.json", json.dumps(meta | {"state": asdict(state)}, indent=1))
                     write_atomic(tmp_root / tag / "config.yaml", config_yaml)
@@ -203,10 +220,11 @@ class CheckpointManager:
                 if final.exists():  # a re-save of the same tag (a relaunch reaching the same step)
                     shutil.rmtree(aside, ignore_errors=True)
                     os.rename(final, aside)  # the old copy goes only once the new one is complete
+                fsync_path(tmp_root / tag)  # the names of every rank's files, before the folder is published
                 os.replace(tmp_root / tag, final)
                 for script in tmp_root.glob("zero_to_*.py"):  # DeepSpeed's converters, copied beside each save
                     os.replace(script, self.dir / script.name)
-                write_atomic(self.dir / "latest", tag)
+                write_atomic(self.dir / "latest", tag)  # flushes self.dir: the folder's rename too
                 shutil.rmtree(aside, ignore_errors=True)
                 self._retain(protect=tag)
             except OSError as e:

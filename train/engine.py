@@ -177,6 +177,7 @@ class _RecordingWriter:
         self.inner = inner
         self.fault = fault
         self.error: Optional[str] = None
+        self.written: List[str] = []  # the files this rank wrote, for Engine.save to flush to disk
 
     def guard(self, write: Callable[..., Any]) -> Callable[..., Any]:
         """`write`, skipped once a write has failed, and its own failure recorded."""
@@ -195,6 +196,7 @@ class _RecordingWriter:
         def write(state_dict: Any, path: str) -> None:
             self.fault("enospc_in_write")
             self.inner.save(state_dict, path)
+            self.written.append(path)
 
         self.guard(write)(state_dict, path)
 
@@ -324,8 +326,9 @@ class Engine:
         return norm, bool(self.ds.was_step_applied())
 
     def save(self, save_dir: str, tag: str, client_state: Dict[str, Any],
-             fault: Callable[[str], None] = lambda kind: None) -> None:
-        """Every rank writes its shard of weights and optimizer state to save_dir/tag (no `latest` file).
+             fault: Callable[[str], None] = lambda kind: None) -> List[str]:
+        """Every rank writes its shard of weights and optimizer state to save_dir/tag (no `latest` file); returns
+        the files this rank wrote.
 
         A write that fails on one rank (a full disk fills first where rank 0 writes the most) must not make that
         rank leave DeepSpeed's save at the failed file: it would skip the save's closing barrier, where the other
@@ -339,6 +342,8 @@ class Engine:
         self.ds.checkpoint_engine, self.ds._copy_recovery_script = writer, writer.guard(copy_scripts)
         try:
             self.ds.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
+            if self.cfg.expert_parallel_size > 1 and writer.error is None:  # DeepSpeed's writer skips our experts
+                expert_parallel.save_expert_files(self.ds, save_dir, tag)
         finally:
             self.ds.checkpoint_engine = writer.inner
             del self.ds._copy_recovery_script  # the class's method again
@@ -348,8 +353,7 @@ class Engine:
             except OSError:
                 free = ""
             raise OSError(f"{writer.error}{free}")
-        if self.cfg.expert_parallel_size > 1:  # DeepSpeed's writer skips our stacked experts
-            expert_parallel.save_expert_files(self.ds, save_dir, tag)
+        return writer.written
 
     def load(self, load_dir: str, tag: str, load_optimizer: bool = True, module_only: bool = False,
              universal: bool = False) -> Dict[str, Any]:
