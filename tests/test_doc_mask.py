@@ -217,6 +217,29 @@ def test_block_mask_on_cuda_never_holds_the_dense_mask():
     assert mask.kv_num_blocks.shape == (1, 1, t // 128)
 
 
+def test_the_loop_hands_the_model_each_rows_document_boundaries():
+    """train.loop._to_device: with data.doc_masking the loader's doc_ids and position_ids reach the model as they
+    are, so the forward is the masked one; without it, neither goes (plain packing). The training test below sees
+    only that masked losses part from plain ones, which restarted positions without the mask would do too."""
+    from train.loop import _to_device
+
+    ids, labels, doc = (x[:, :128] for x in doc_batch())  # documents of 1, 60 and 67 tokens in row 0
+    pos = position_ids_from_doc_ids(doc)
+    batch = {"input_ids": ids, "labels": labels, "position_ids": pos, "doc_ids": doc,
+             "component_ids": torch.zeros(3, 128, dtype=torch.int32)}
+    plain = _to_device(batch, torch.device("cpu"), doc_masking=False)
+    assert sorted(plain) == ["input_ids", "labels", "return_token_losses"]
+    moved = _to_device(batch, torch.device("cpu"), doc_masking=True)
+    assert sorted(moved) == ["doc_ids", "input_ids", "labels", "position_ids", "return_token_losses"]
+    for key in ("input_ids", "labels", "position_ids", "doc_ids"):
+        assert torch.equal(moved[key], batch[key]), key
+    model = build().eval()
+    with torch.no_grad():
+        got = model(**moved).token_losses
+        want = model(ids, labels=labels, doc_ids=doc, return_token_losses=True).token_losses
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_training_with_doc_masking_runs_and_changes_the_attention(data_root, tmp_path_factory, tmp_path):
     """`data.doc_masking=true` trains through the loop (restarted positions, documents kept apart): finite
     losses that part from plain packing's on the same tokens as training goes on."""
