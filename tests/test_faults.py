@@ -768,23 +768,27 @@ def test_recover_puts_back_a_copy_moved_aside_and_agrees_on_a_fallback(tmp_path,
     assert CheckpointManager(tmp_path, keep=2, rank=1).latest() == "0-general-step0000001"
 
 
+class StandInEngine:
+    """An engine for CheckpointManager.save alone: writes one file, `weights`, holding `payload`, and returns the
+    files it wrote, as Engine.save does (each is flushed before the checkpoint is published). What the tests that
+    use it check is the folder dance, not DeepSpeed's files."""
+
+    def __init__(self, payload: str = "w"):
+        self.payload = payload
+
+    def save(self, save_dir, tag, client_state, fault=lambda kind: None):
+        (Path(save_dir) / tag / "weights").write_text(self.payload)
+        return [str(Path(save_dir) / tag / "weights")]
+
+
 def test_resave_of_a_tag_keeps_the_old_copy_until_the_new_one_is_published(tmp_path, monkeypatch):
     """save() itself, re-saving a tag that exists: a failure after the old folder is moved aside but before the
-    new one is renamed into place must leave the old copy on disk (not deleted first), and recover() puts it back.
-    The engine is a stand-in: what is under test is the folder dance, not DeepSpeed's files."""
+    new one is renamed into place must leave the old copy on disk (not deleted first), and recover() puts it back."""
     from train.checkpoint import CheckpointError, CheckpointManager, TrainerState
-
-    class Engine:
-        def __init__(self, payload):
-            self.payload = payload
-
-        def save(self, save_dir, tag, client_state, fault=lambda kind: None):
-            (Path(save_dir) / tag / "weights").write_text(self.payload)
-            return [str(Path(save_dir) / tag / "weights")]
 
     manager = CheckpointManager(tmp_path, keep=2, rank=0)
     tag, state = "0-general-step0000002", TrainerState(stage="general", step=2, global_step=2)
-    final = manager.save(Engine("old"), tag, state, meta={}, config_yaml="")
+    final = manager.save(StandInEngine("old"), tag, state, meta={}, config_yaml="")
     assert (final / "weights").read_text() == "old"
 
     real_replace, publish = os.replace, manager.dir / ".tmp" / tag
@@ -798,7 +802,7 @@ def test_resave_of_a_tag_keeps_the_old_copy_until_the_new_one_is_published(tmp_p
     # the cause and the pointer as it stands (the message resolved `latest`, which raised about the missing tag)
     with pytest.raises(CheckpointError, match=f"publishing checkpoint '{tag}' failed .*Input/output error.*"
                                               f"'latest' still names '{tag}'"):
-        manager.save(Engine("new"), tag, state, meta={}, config_yaml="")
+        manager.save(StandInEngine("new"), tag, state, meta={}, config_yaml="")
     monkeypatch.setattr(os, "replace", real_replace)
     assert not final.exists()  # the failure fell between the two renames
     assert (manager.dir / f".replaced-{tag}" / "weights").read_text() == "old"
@@ -806,7 +810,7 @@ def test_resave_of_a_tag_keeps_the_old_copy_until_the_new_one_is_published(tmp_p
     assert manager.latest() == tag and (final / "weights").read_text() == "old"
     assert not any(p.name.startswith(".replaced-") for p in manager.dir.iterdir())
 
-    manager.save(Engine("new"), tag, state, meta={}, config_yaml="")  # a re-save that completes replaces it
+    manager.save(StandInEngine("new"), tag, state, meta={}, config_yaml="")  # a re-save that completes replaces it
     assert (final / "weights").read_text() == "new"
     assert not (manager.dir / f".replaced-{tag}").exists()
 
@@ -818,24 +822,55 @@ def test_a_save_is_on_disk_before_latest_names_it(tmp_path, monkeypatch):
     is what is checked; the engine is a stand-in that returns the files it wrote, as Engine.save does."""
     from train.checkpoint import CheckpointManager, TrainerState
 
-    class Engine:
-        def save(self, save_dir, tag, client_state, fault=lambda kind: None):
-            (Path(save_dir) / tag / "weights").write_text("w")
-            return [str(Path(save_dir) / tag / "weights")]
-
     events, real_fsync, real_replace = [], os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
                                                  real_fsync(fd)))
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(b))), real_replace(a, b)))
     manager = CheckpointManager(tmp_path, keep=2, rank=0)
     tag = "0-general-step0000001"
-    manager.save(Engine(), tag, TrainerState(stage="general", step=1, global_step=1), meta={}, config_yaml="")
+    manager.save(StandInEngine(), tag, TrainerState(stage="general", step=1, global_step=1), meta={}, config_yaml="")
     ckpts, tmp = str(manager.dir), str(manager.dir / ".tmp" / tag)
     publish = events.index(("replace", f"{ckpts}/{tag}"))
     before = {p.split(".tmp-")[0] for kind, p in events[:publish] if kind == "fsync"}  # meta.json: its temp name
     assert {f"{tmp}/weights", f"{tmp}/rng_rank0.pt", f"{tmp}/meta.json", f"{tmp}/config.yaml", tmp} <= before
     pointer = max(i for i, e in enumerate(events) if e == ("replace", f"{ckpts}/latest"))
     assert ("fsync", ckpts) in events[pointer:]
+
+
+@pytest.mark.parametrize("failing", ["folder", "latest"])
+def test_a_failed_publish_keeps_latest_on_the_previous_checkpoint(tmp_path, monkeypatch, failing):
+    """A save of a new tag whose publish fails, at the rename of its folder out of .tmp or at the replace of
+    `latest`: the error names the pointer, which still names the previous checkpoint, complete and unchanged, and
+    retention (keep 1) has removed nothing; a relaunch resumes there, and the next save succeeds."""
+    from train.checkpoint import CheckpointError, CheckpointManager, TrainerState
+
+    manager = CheckpointManager(tmp_path, keep=1, rank=0)
+    good, new = "0-general-step0000001", "0-general-step0000002"
+    manager.save(StandInEngine("good"), good, TrainerState(stage="general", step=1, global_step=1), meta={},
+                 config_yaml="")
+    target = manager.dir / new if failing == "folder" else manager.dir / "latest"
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst) == target:
+            raise OSError(5, "Input/output error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(CheckpointError, match=f"publishing checkpoint '{new}' failed .*Input/output error.*"
+                                              f"'latest' still names '{good}'"):
+        manager.save(StandInEngine("new"), new, TrainerState(stage="general", step=2, global_step=2), meta={},
+                     config_yaml="")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert (manager.dir / "latest").read_text() == good
+    assert (manager.dir / good / "weights").read_text() == "good" and (manager.dir / good / "meta.json").exists()
+    assert (manager.dir / new).exists() == (failing == "latest")  # published, but never named
+    relaunch = CheckpointManager(tmp_path, keep=1, rank=0)
+    relaunch.recover()
+    assert relaunch.latest() == good
+    relaunch.save(StandInEngine("new"), new, TrainerState(stage="general", step=2, global_step=2), meta={},
+                  config_yaml="")
+    assert relaunch.latest() == new and (manager.dir / new / "weights").read_text() == "new"
 
 
 def test_secret_overrides_are_parsed_as_hydra_does_and_hydra_keys_stay_hydras():
