@@ -108,6 +108,30 @@ def test_redaction_hides_secret_values_only(tmp_path, capsys):
                            "list": [{"db_password": "***"}]}
 
 
+def test_redaction_ignores_the_keys_case_and_the_values_type():
+    """An environment-style key (WANDB_API_KEY, HF_TOKEN) or any other case (Api_Key) is a secret too, and so is a
+    value that is not a string: `+x.API_KEY=12345` reaches the config as the integer 12345 (a 0 or a float
+    alike). On the command line the same keys are taken out of Hydra's sight and out of error messages."""
+    from omegaconf import OmegaConf
+
+    from train.__main__ import _apply_secrets, redact_text, take_secrets
+    from train.metrics import redact
+
+    cfg = {"env": {"WANDB_API_KEY": "k3y", "Api_Key": "k", "HF_TOKEN": 12345, "Db_Password": 0, "SECRET": 2.5,
+                   "TOKENS": 7, "Unset_Token": None}, 3: "not a key"}
+    assert redact(cfg) == {"env": {"WANDB_API_KEY": "***", "Api_Key": "***", "HF_TOKEN": "***", "Db_Password": "***",
+                                   "SECRET": "***", "TOKENS": 7, "Unset_Token": None}, 3: "not a key"}
+    argv = ["train", "+env.WANDB_API_KEY=12345", "+env.Api_Key=0", "+env.TOKENS=7"]
+    rest, secrets = take_secrets(argv)
+    assert rest == ["train", "+env.TOKENS=7"] and secrets == argv[1:3]
+    dump = OmegaConf.create({"env": {}})
+    _apply_secrets(dump, secrets)
+    assert OmegaConf.to_container(dump) == {"env": {"WANDB_API_KEY": 12345, "Api_Key": 0}}  # Hydra's int
+    yaml = OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(dump))))  # as config.yaml is written
+    assert "12345" not in yaml and yaml.count("'***'") == 2
+    assert redact_text("env.WANDB_API_KEY: 12345 is not a string", secrets) == "env.WANDB_API_KEY: *** is not a string"
+
+
 def test_a_step_record_is_one_console_line_and_non_finite_values_are_null_json(tmp_path, capsys):
     """metrics.jsonl must stay JSON (NaN is not); steps print the one-line summary, events their fields."""
     import json
