@@ -34,6 +34,8 @@ def test_one_process_runs_all_three_stages(data_root, tmp_path_factory):
     assert starts[0]["mixture"]["bible"] == 0.45 and starts[2]["mixture"] == {"sotu": 0.5, "bible": 0.3, "code": 0.2}
     per_step = steps(run_dir)
     assert [(r["stage"], r["step"]) for r in per_step] == [(s, i) for s in STAGES for i in range(1, SMOKE_STEPS[s] + 1)]
+    # the model's RoPE base as each step trained at (ABF raises it for Long Context), not the stage's setting read back
+    assert [r["rope_theta"] for r in per_step] == [10_000.0] * 6 + [1_000_000.0] * 2
     assert per_step[-1]["tokens"] == 8 * 1024 and per_step[-1]["global_step"] == 8
     assert per_step[0]["loss"] > per_step[3]["loss"]  # it learns
     assert math.log(8192) - 0.5 < per_step[0]["loss"] < math.log(8192) + 0.5  # starts near uniform
