@@ -167,3 +167,56 @@ def test_a_checkpoint_is_refused_under_another_norm_eps_or_topk_normalisation():
     check_compatible(dense_meta, dataclasses.replace(dense, norm_topk_prob=not dense.norm_topk_prob), "t", "ckpt")
     check_compatible({"model_shape": model_shape(moe), "tokenizer_fingerprint": "t"},
                      dataclasses.replace(moe, norm_topk_prob=False), "t", "ckpt")
+
+
+def _change_weight(cfg, stage, manifest):
+    source = next(iter(stage.mixture.weights))
+    stage.mixture.weights[source] *= 2
+
+
+# one change of each value stage_data() records, by its key (the reasoning stage's)
+STAGE_DATA_CHANGES = {
+    "seed": lambda cfg, stage, manifest: setattr(cfg, "seed", cfg.seed + 1),
+    "curriculum.stages.reasoning.tokens": lambda cfg, stage, manifest: setattr(stage, "tokens", stage.tokens * 2),
+    "curriculum.stages.reasoning.global_batch_tokens":
+        lambda cfg, stage, manifest: setattr(stage, "global_batch_tokens", stage.global_batch_tokens // 2),
+    "curriculum.stages.reasoning.seq_len": lambda cfg, stage, manifest: setattr(stage, "seq_len", stage.seq_len // 2),
+    "curriculum.stages.reasoning.mixture": _change_weight,
+    "data (the prepared shards)": lambda cfg, stage, manifest: manifest["components"][
+        next(iter(manifest["components"]))]["files"][0].update(sha256="prepared again"),
+}
+
+
+@pytest.fixture(scope="module")
+def demo_cfg():
+    from train.config import validate
+
+    cfg = compose_cfg([])
+    return cfg, validate(cfg, world_size=1)
+
+
+@pytest.mark.parametrize("key", list(STAGE_DATA_CHANGES))
+def test_a_relaunch_that_changes_any_stage_data_value_is_refused_naming_it(demo_cfg, key):
+    """check_resumable against a mid-Reasoning checkpoint's stage_data, each recorded value changed alone: refused,
+    the message naming that key with both values (the relaunch tests above change four of the six in real runs,
+    neither seq_len nor the data); every key stage_data records has its case here."""
+    import copy
+
+    from train.config import ConfigError
+    from train.relaunch import check_resumable, stage_data
+
+    cfg, plans = copy.deepcopy(demo_cfg)
+    stage = cfg.curriculum.stages["reasoning"]
+    manifest = {"components": {f"{s}/eng": {"source": s, "files": [{"sha256": s}]} for s in stage.mixture.weights}}
+    saved = stage_data(cfg, stage, manifest)
+    assert set(saved) == set(STAGE_DATA_CHANGES)
+    meta = {"state": {"stage_index": 1, "stage": "reasoning", "step": 1, "stage_complete": False},
+            "stage_data": copy.deepcopy(saved), "rope_theta": stage.rope_theta}
+    check_resumable(meta, cfg, plans, manifest, "ckpt")  # unchanged: resumes
+    STAGE_DATA_CHANGES[key](cfg, stage, manifest)
+    now = stage_data(cfg, stage, manifest)
+    assert [k for k in saved if saved[k] != now[k]] == [key]  # this value alone
+    with pytest.raises(ConfigError) as err:
+        check_resumable(meta, cfg, plans, manifest, "ckpt")
+    assert str(err.value).startswith(f"config key '{key}' = {now[key]!r}: ckpt is at step 1 of stage 'reasoning', "
+                                     f"which started with {saved[key]!r}")
