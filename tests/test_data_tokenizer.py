@@ -60,6 +60,30 @@ def test_language_sample_follows_the_temperature():
     assert sum(s[0] == "y" for s in language_sample(lines, 20_000, 0.0, seed=0)) == 100
 
 
+def test_held_out_lines_never_reach_the_tokenizers_sample():
+    """data.prepare's two-pass sample (line lengths, then the lines drawn) reads split == train only: held-out
+    documents interleaved with training ones in the same language, and a language with held-out text alone, give
+    no line to the sample, and the drawn indices still name training lines. A sample larger than the text holds
+    every training line (each language upsampled); a small one only training lines."""
+    from datasets import Dataset
+
+    from data.prepare import _tokenizer_sample
+
+    def source(docs):
+        return Dataset.from_dict({"text": [d for d, _, _ in docs], "language": [l for _, l, _ in docs],
+                                  "split": [s for _, _, s in docs]})
+
+    sources = {"a": source([("eng train 1\neng train 2", "eng", "train"), ("eng HELD 1\neng HELD 2", "eng", "heldout"),
+                            ("eng train 3", "eng", "train"), ("fra HELD 1", "fra", "heldout")]),
+               "b": source([("deu HELD 1", "deu", "heldout"), ("deu train 1\ndeu train 2", "deu", "train"),
+                            ("eng HELD 3", "eng", "heldout"), ("eng train 4", "eng", "train")])}
+    train = {f"eng train {i}" for i in (1, 2, 3, 4)} | {"deu train 1", "deu train 2"}
+    everything = _tokenizer_sample(sources, TokenizerConfig(sample_chars=10_000, alpha=1.0))
+    assert set(everything) == train
+    for seed in range(3):
+        small = _tokenizer_sample(sources, TokenizerConfig(sample_chars=40, alpha=0.0, seed=seed))
+        assert small and set(small) <= train
+
 def test_training_is_deterministic_and_vocab_size_configurable(tmp_path):
     rng = np.random.default_rng(0)
     words = ["".join(rng.choice(list("abcdefghij"), size=rng.integers(2, 8))) for _ in range(300)]
