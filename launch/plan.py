@@ -14,6 +14,9 @@ group of c parameters sharded over n ranks ("/n" applies from the ZeRO stage giv
 
     parameters   bf16                      2 c   (/n at ZeRO-3; 0 with offload_param)
     gradients    bf16                      2 c   (/n at ZeRO-2 and -3; 0 at ZeRO-2/3 with offload_optimizer)
+                 summed in fp32 (deepspeed.grad_accum_dtype; auto at ZeRO-2/3): 4 c / n at ZeRO-2 and -3, which
+                 is also the step's gradient at ZeRO-2 (no step copy); 6 c at ZeRO-1 (DeepSpeed's BF16_Optimizer:
+                 the bf16 gradient and a whole fp32 sum, which the step reads in place)
     optimizer    fp32 master + Adam m, v  12 c   (/n at ZeRO >= 1; 0 with offload_optimizer)
     step copy    fp32 gradient partition   4 c   (/n at ZeRO >= 1; made only for the optimizer step;
                                                   ZeRO-3 makes it one sub-group of <= 1e9 elements at a time)
@@ -77,8 +80,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from models.config import Qwen3Config
 from models.params import count_parameters, flops_per_token
-from train.config import (ConfigError, StagePlan, TrainConfig, check_data_fits, check_known_keys, to_train_config,
-                          validate)
+from train.config import (ConfigError, StagePlan, TrainConfig, check_data_fits, check_known_keys, grad_accum_dtype,
+                          to_train_config, validate)
 
 GIB = 2**30
 SUB_GROUP_SIZE = 1_000_000_000  # DeepSpeed's default zero_optimization.sub_group_size (elements)
@@ -150,6 +153,7 @@ class Plan:
     zero_stage: int
     offload_optimizer: bool
     offload_param: bool
+    grad_accum: str  # the dtype micro-batch gradients are summed in (fp32 or bf16)
     activation_checkpointing: bool
     gpu_memory: int  # bytes
     cpu_memory_per_node: int  # bytes
@@ -209,8 +213,10 @@ def split_parameters(m: Qwen3Config, expert_parallel_size: int = 1) -> ParamSpli
 
 
 def model_states(p: ParamSplit, zero_stage: int, world: int, expert_parallel_size: int = 1,
-                 offload_optimizer: bool = False, offload_param: bool = False) -> ModelStates:
-    """Bytes per GPU of parameters, gradients, optimizer state, step copy and ZeRO-3 working set."""
+                 offload_optimizer: bool = False, offload_param: bool = False,
+                 grad_accum: str = "bf16") -> ModelStates:
+    """Bytes per GPU of parameters, gradients, optimizer state, step copy and ZeRO-3 working set; `grad_accum`:
+    the dtype the micro-batches' gradients are summed in (train.config.grad_accum_dtype)."""
     ep = expert_parallel_size
     # (parameters on this rank, ranks their ZeRO state is sharded over); with EP > 1 the experts form their
     # own optimizer groups over the expert-data-parallel ranks, otherwise all parameters share the groups
@@ -223,15 +229,21 @@ def model_states(p: ParamSplit, zero_stage: int, world: int, expert_parallel_siz
             cpu += 2 * shard
         else:
             params += 2 * (shard if zero_stage == 3 else count)
+        fp32_sum = grad_accum == "fp32"
         if not (offload_optimizer and zero_stage >= 2):  # ZeRO-2/3 offload reduces gradients into CPU buffers
-            grads += 2 * (shard if zero_stage >= 2 else count)
+            if zero_stage >= 2:
+                grads += (4 if fp32_sum else 2) * shard
+            else:
+                grads += (6 if fp32_sum and zero_stage == 1 else 2) * count
         opt_elems = shard if zero_stage >= 1 else count
         if offload_optimizer:
             cpu += 16 * opt_elems  # master, moments and the fp32 gradient partition, in pinned CPU memory
         else:
             optimizer += 12 * opt_elems
-            # ZeRO-3 upcasts one sub-group at a time; ZeRO-0/1/2 upcast every group before the step
-            step_parts.append(4 * (min(shard, SUB_GROUP_SIZE) if zero_stage == 3 else opt_elems))
+            # ZeRO-3 upcasts one sub-group at a time; ZeRO-0/1/2 upcast every group before the step, except where
+            # the gradient was summed in fp32 at ZeRO-1/2: the step reads that sum in place
+            if not (fp32_sum and zero_stage in (1, 2)):
+                step_parts.append(4 * (min(shard, SUB_GROUP_SIZE) if zero_stage == 3 else opt_elems))
     if zero_stage == 3:
         step = max(step_parts, default=0)
     else:
@@ -401,7 +413,8 @@ def plan(cfg: TrainConfig | DictConfig, suggest: bool = True) -> Plan:
     _check_data_fits(cfg, stage_plans)
     ep = cfg.expert_parallel_size
     params = split_parameters(m, ep)
-    states = model_states(params, ds.zero_stage, world, ep, ds.offload_optimizer, ds.offload_param)
+    states = model_states(params, ds.zero_stage, world, ep, ds.offload_optimizer, ds.offload_param,
+                          grad_accum_dtype(ds, bf16=True))
     buckets = 2 * 2 * ds.reduce_bucket_size + (2 * ds.stage3_prefetch_bucket_size if ds.zero_stage == 3 else 0)
     buffers = buckets + RESERVE_BYTES
     gpu_memory = int(lc.gpu_memory_gb * GIB)
@@ -419,7 +432,7 @@ def plan(cfg: TrainConfig | DictConfig, suggest: bool = True) -> Plan:
                                seconds=seconds))
     result = Plan(model=m.name, nodes=lc.nodes, gpus_per_node=lc.gpus_per_node, expert_parallel_size=ep,
                   zero_stage=ds.zero_stage, offload_optimizer=ds.offload_optimizer, offload_param=ds.offload_param,
-                  activation_checkpointing=m.activation_checkpointing, gpu_memory=gpu_memory,
+                  grad_accum=grad_accum_dtype(ds, bf16=True), activation_checkpointing=m.activation_checkpointing, gpu_memory=gpu_memory,
                   cpu_memory_per_node=int(lc.cpu_memory_gb * GIB), peak_tflops=lc.peak_tflops, mfu=lc.mfu,
                   params=params, states=states, buffers=buffers,
                   deepspeed_estimate=deepspeed_estimate(params, ds.zero_stage, lc.nodes, lc.gpus_per_node, ep,
@@ -582,7 +595,7 @@ def format_plan(p: Plan) -> str:
         "",
         "model states per GPU                          GiB",
         f"  parameters (bf16)                      {_gib(p.states.params):>9}",
-        f"  gradients (bf16)                       {_gib(p.states.grads):>9}",
+        f"  gradients ({p.grad_accum:<4} sum)                   {_gib(p.states.grads):>9}",
         f"  optimizer (fp32 master + Adam m, v)    {_gib(p.states.optimizer):>9}",
         f"  fp32 gradient copy (optimizer step)    {_gib(p.states.step_grads):>9}",
         f"  ZeRO-3 gathered module (params+grads)  {_gib(p.states.gathered):>9}",

@@ -42,8 +42,14 @@ def whole_already(p: nn.Parameter) -> ContextManager[bool]:
 
 
 @dataclass
-class ModelOutput:
-    """What `Qwen3ForCausalLM.forward` returns; loss fields are None without labels."""
+class ModelOutput(dict):
+    """What `Qwen3ForCausalLM.forward` returns; loss fields are None without labels.
+
+    A dict too (each field also an item, as HF's outputs are): DeepSpeed's engine finds the forward's output
+    tensors only inside tensors, tuples, lists and dicts, and hooks its backward prologue onto them. Without it
+    that prologue never ran: DeepSpeed's bf16 optimizer (ZeRO-1 with fp32 gradient accumulation) then kept each
+    micro-batch's bf16 gradient and added the running sum to its fp32 buffer again at every micro-batch.
+    """
 
     loss: Optional[torch.Tensor] = None
     """lm_loss + aux_loss: the scalar training backpropagates."""
@@ -59,6 +65,10 @@ class ModelOutput:
     """(B, T, V) in the model dtype, only when no labels are given."""
     token_losses: Optional[torch.Tensor] = None
     """(B, T) fp32 detached per-token losses (0 where the label is -100), when asked."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        self[name] = value
 
 
 class RMSNorm(nn.Module):

@@ -222,7 +222,13 @@ def test_plan_time_and_tokens_for_qwen3_8b():
     assert general.seconds == pytest.approx(general.steps * 4_194_304 * fpt / (32 * 1000e12 * 0.5))
     # rough cross-check: 6 N flops per token for 30T tokens at 16 PFLOP/s is ~2.2 years
     assert general.seconds / 86400 == pytest.approx(6 * 8.19e9 * 30e12 / 16e15 / 86400, rel=0.2)
-    assert p.deepspeed_estimate == p.states.total  # ZeRO-2: the same accounting as DeepSpeed
+    # ZeRO-2 sums the gradients in fp32 (auto): a 4-byte partition the step reads in place, where DeepSpeed's
+    # estimator counts a 2-byte bf16 one and the step's 4-byte fp32 copy of it; summed in bf16, the same accounting
+    assert p.grad_accum == "fp32" and p.states.step_grads == 0
+    assert p.deepspeed_estimate - p.states.total == 2 * p.params.total // 32
+    bf16 = plan(_cfg("model=qwen3_8b", "curriculum=qwen3", "deepspeed=zero2", "model.activation_checkpointing=true",
+                     "launch.nodes=4", "launch.gpus_per_node=8", "deepspeed.grad_accum_dtype=bf16"))
+    assert bf16.deepspeed_estimate == bf16.states.total
     assert p.fits and p.stages[2].seq_len == 32768
 
 

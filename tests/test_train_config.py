@@ -128,6 +128,10 @@ def test_any_key_overrides():
     (["logging.wandb.mode=on"], 1, "config key 'logging.wandb.mode'"),
     (["optim.fused=yes"], 1, "config key 'optim.fused'"),
     (["deepspeed.precision=fp16"], 1, "config key 'deepspeed.precision'"),
+    (["deepspeed.grad_accum_dtype=fp16"], 1, "config key 'deepspeed.grad_accum_dtype' = 'fp16'"),
+    # DeepSpeed's NotImplementedError ("unsupported mix") at the engine's start, otherwise
+    (["deepspeed=zero0", "deepspeed.precision=bf16", "deepspeed.grad_accum_dtype=fp32"], 1,
+     "config key 'deepspeed.grad_accum_dtype' = 'fp32': needs deepspeed.zero_stage >= 1"),
 ])
 def test_inconsistent_values_name_the_key(overrides, world, key):
     cfg = compose_cfg(overrides)
@@ -414,11 +418,20 @@ def test_deepspeed_json_takes_clip_extra_and_no_cuda_only_options_on_cpu():
     assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": False}
     assert ds["gradient_accumulation_steps"] * ds["train_micro_batch_size_per_gpu"] == ds["train_batch_size"]
     assert ds["bf16"]["enabled"] is False
-    assert deepspeed_config(cfg, plans[0], torch.device("cuda"))["bf16"]["enabled"] is True
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"}
+    on_gpu = deepspeed_config(cfg, plans[0], torch.device("cuda"))
+    assert on_gpu["bf16"]["enabled"] is True
+    assert on_gpu["data_types"] == {"grad_accum_dtype": "fp32"}  # auto at ZeRO-2: fp32
+    for overrides, accum in ((["deepspeed=zero1"], "bf16"), (["deepspeed=zero1", "deepspeed.grad_accum_dtype=fp32"],
+                              "fp32"), (["deepspeed=zero3", "deepspeed.grad_accum_dtype=bf16"], "bf16")):
+        cfg = compose_cfg(overrides)
+        assert deepspeed_config(cfg, validate(cfg, 1)[0], torch.device("cuda"))["data_types"] == {
+            "grad_accum_dtype": accum}, overrides
 
 
 @pytest.mark.parametrize("key, own", [("gradient_clipping", "deepspeed.grad_clip"),
-                                       ("gradient_accumulation_steps", "the stage's global_batch_tokens")])
+                                       ("gradient_accumulation_steps", "the stage's global_batch_tokens"),
+                                       ("data_types", "deepspeed.grad_accum_dtype")])
 def test_a_deepspeed_extra_key_tristage_derives_is_refused(key, own):
     """`deepspeed.extra.gradient_clipping` overrode the derived key in DeepSpeed's config, while the loop logged
     (and under fp32 ZeRO-0 clipped by) deepspeed.grad_clip; an accumulation count of its own broke the data plan."""

@@ -76,6 +76,10 @@ class DeepSpeedConfig:
     # ZeRO-3 only: build the model already partitioned (DeepSpeed's zero.Init), so no rank ever holds it whole
     partitioned_init: bool = True
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    # bf16 only: the dtype the micro-batches' gradients are summed in. auto: fp32 at ZeRO-2/3 (a partition of
+    # 4 bytes per parameter / ranks), bf16 at ZeRO-0/1 (fp32 at ZeRO-1 is DeepSpeed's BF16_Optimizer: a whole
+    # fp32 gradient beside the bf16 one, 6 bytes per parameter, its sum all-reduced in bf16; ZeRO-0 has no fp32)
+    grad_accum_dtype: str = "auto"  # auto | fp32 | bf16
     grad_clip: float = 1.0  # global gradient-norm clip (0 disables)
     overlap_comm: bool = True  # overlap gradient reduction with the backward pass (GPU)
     reduce_bucket_size: int = 50_000_000  # elements per gradient-reduction bucket
@@ -396,6 +400,16 @@ def apply_data_mixtures(cfg: TrainConfig) -> Set[str]:
     return filled
 
 
+def grad_accum_dtype(ds: DeepSpeedConfig, bf16: bool) -> str:
+    """The dtype a step's micro-batch gradients are summed in: `deepspeed.grad_accum_dtype` resolved (auto: fp32
+    at ZeRO-2/3, bf16 at ZeRO-0/1); always fp32 when training is not bf16."""
+    if not bf16:
+        return "fp32"
+    if ds.grad_accum_dtype == "auto":
+        return "fp32" if ds.zero_stage >= 2 else "bf16"
+    return ds.grad_accum_dtype
+
+
 def validate(cfg: TrainConfig | DictConfig, world_size: int) -> List[StagePlan]:
     """Check everything the schema's types cannot, before any process group starts; returns each stage's plan.
     Fills each stage's empty mixture weights from `data.mixtures` first (`apply_data_mixtures`), in place on a
@@ -432,6 +446,12 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int) -> List[StagePlan]:
         _fail("deepspeed.offload_optimizer", True, "needs deepspeed.zero_stage >= 1")
     if ds.precision not in ("auto", "bf16", "fp32"):
         _fail("deepspeed.precision", ds.precision, "must be auto, bf16 or fp32")
+    if ds.grad_accum_dtype not in ("auto", "fp32", "bf16"):
+        _fail("deepspeed.grad_accum_dtype", ds.grad_accum_dtype, "must be auto, fp32 or bf16")
+    if ds.grad_accum_dtype == "fp32" and ds.zero_stage == 0 and ds.precision != "fp32":
+        # DeepSpeed raises NotImplementedError for that mix without ZeRO
+        _fail("deepspeed.grad_accum_dtype", "fp32", "needs deepspeed.zero_stage >= 1 in bf16 (without ZeRO "
+              "DeepSpeed sums bf16 gradients in bf16)")
     for name, src in cfg.data.sources.items():
         try:
             to_source_config(name, src)
@@ -492,7 +512,8 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int) -> List[StagePlan]:
     for key, own in (("gradient_clipping", "deepspeed.grad_clip"),
                      ("train_batch_size", "the stage's global_batch_tokens"),
                      ("train_micro_batch_size_per_gpu", "the stage's micro_batch_size"),
-                     ("gradient_accumulation_steps", "the stage's global_batch_tokens and micro_batch_size")):
+                     ("gradient_accumulation_steps", "the stage's global_batch_tokens and micro_batch_size"),
+                     ("data_types", "deepspeed.grad_accum_dtype")):
         if key in ds.extra:
             _fail(f"deepspeed.extra.{key}", ds.extra[key], f"set by tristage from {own}; set that instead")
     if cfg.max_steps < 0:  # `steps >= max_steps` held after the first step: a negative one stopped the run there

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from train import expert_parallel
-from train.config import StagePlan, TrainConfig
+from train.config import StagePlan, TrainConfig, grad_accum_dtype
 from train.dist import DistInfo
 
 
@@ -61,6 +61,9 @@ def deepspeed_config(cfg: TrainConfig, plan: StagePlan, device: torch.device) ->
         "zero_optimization": zero,
         # a non-finite global gradient norm makes ZeRO skip the update on every rank (fp32 always does)
         "bf16": {"enabled": use_bf16(cfg, device), "check_grad_overflow": True},
+        # fp32 at ZeRO-2/3: each micro-batch's reduced bf16 gradient is added to an fp32 partition, so 32 of them
+        # sum exactly instead of drifting 7e-3 (relative; tests/test_grad_accum.py)
+        "data_types": {"grad_accum_dtype": grad_accum_dtype(ds, use_bf16(cfg, device))},
         "fp16": {"enabled": False},
         # torch AdamW is the client optimizer: DeepSpeed's FusedAdam does not build everywhere (see README)
         "zero_allow_untested_optimizer": True,
