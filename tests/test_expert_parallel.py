@@ -1,5 +1,6 @@
 """Expert parallelism of the MoE block (models/moe.py) on gloo processes: the sharded layer, its all-to-all
-dispatch and combine, and the global-batch balance loss give the single-process model's loss and gradients."""
+dispatch and combine, and the global-batch balance loss give the single-process model's loss and gradients; and
+each rank initialises its slice of the unsharded model's experts."""
 from __future__ import annotations
 
 import dataclasses
@@ -146,6 +147,38 @@ def test_expert_parallel_block_equals_one_process():
         for name, p in model.named_parameters():
             torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-5, atol=1e-7, msg=f"EP={ep} {recompute=} {name}")
         torch.testing.assert_close(got["logits"], logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ep", [2, 4])
+def test_each_expert_parallel_rank_initialises_its_slice_of_the_full_models_experts(monkeypatch, ep):
+    """Built as train.loop builds it under EP (sharded on the meta device, then `to_empty` and `init_weights` from
+    the seed): rank r of ep holds experts [r*E/ep, (r+1)*E/ep) of the unsharded model of the same seed, bit for
+    bit, and every other weight as that model has it. The group is this process pretending to be rank r."""
+    import models.moe
+
+    cfg = load_preset("tiny_moe")
+    full = Qwen3ForCausalLM(cfg)
+    full.init_weights(seed=5)
+    want = full.state_dict()
+    per = 8 // ep
+    for rank in range(ep):
+        monkeypatch.setattr(models.moe.dist, "get_world_size", lambda group: ep)
+        monkeypatch.setattr(models.moe.dist, "get_rank", lambda group, r=rank: r)
+        with torch.device("meta"):
+            model = Qwen3ForCausalLM(cfg)
+        for m in model.modules():
+            if isinstance(m, Qwen3SparseMoeBlock):
+                m.set_expert_parallel(object())
+        model.to_empty(device="cpu")
+        model.init_weights(seed=5)
+        got = model.state_dict()
+        assert got.keys() == want.keys()
+        for name, value in got.items():
+            if ".mlp.experts." in name:
+                assert value.shape[0] == per and torch.equal(value, want[name][rank * per:(rank + 1) * per]), \
+                    (rank, name)
+            else:
+                assert torch.equal(value, want[name]), (rank, name)
 
 
 def test_a_full_state_dict_loads_this_ranks_expert_slice():

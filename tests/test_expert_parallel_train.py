@@ -14,22 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from train.engine import safe_torch_load
-from trainutil import SMOKE, losses, records, run_train, steps, stopped_at
+from trainutil import MOE1, MOE_GENERAL, SMOKE, losses, records, run_train, smoke_run, steps, stopped_at
 
-# The General stage alone for 10 steps of 16 x 64 tokens, at the General stage's real peak LR (3e-4; the
-# smoke curriculum's 3e-3 makes 10 steps chaotic enough that fp32 rounding, which differs with any change of
-# reduction order - ZeRO-1 vs ZeRO-2 as much as EP - grows past 1e-5 within a few steps). AdamW's eps at 1e-6:
-# with 1e-8, a weight whose gradient is ~1e-7 (an expert few tokens reach) moves by lr * g / sqrt(v) ~ lr
-# whatever g is, so a rounding-level change of g could move it by ~1e-5 after 10 steps.
-TEN_STEPS = [*SMOKE, "model=tiny_moe", "eval.enabled=false", "curriculum.order=[general]",
-             "curriculum.stages.general.tokens=10240", "curriculum.stages.general.lr.peak=3e-4",
-             "curriculum.stages.general.lr.final=3e-4", "optim.eps=1e-6",
-             "logging.expert_load_every=1",  # every step's table, to compare layouts step by step
-             # experts narrower than the model, as in every MoE preset (30B-A3B: 768 x 2,048): with tiny_moe's
-             # square 128 x 128 experts, a gate/up/down axis mixed up in the expert files or the re-sharding
-             # would go unseen
-             "model.moe_intermediate_size=64",
-             "curriculum.stages.general.checkpoint_every=5"]  # step 5 stays (keep=2): the resume tests start there
+TEN_STEPS = [*SMOKE, *MOE_GENERAL]  # the General stage alone, 10 steps (trainutil says why these settings)
 TOL = 1e-5
 _runs: Dict[str, Path] = {}
 
@@ -88,19 +75,19 @@ def test_expert_parallel_equals_ep1(data_root, tmp_path_factory, nproc, zero, ep
 
 
 @pytest.mark.slow
-def test_logged_balance_loss_is_the_global_batch_value_on_any_split(data_root, tmp_path_factory, tmp_path):
+def test_logged_balance_loss_is_the_global_batch_value_on_any_split(data_root, tmp_path_factory):
     """Step 1's global batch on 1 rank (4 micro-batches) and on 2 ranks (2 each): the same logged balance loss
     (the step's E * sum f_i P_i), loss and expert load. The mean of the micro-batches' partial-count losses,
-    logged before, differed with the split."""
+    logged before, differed with the split. (The one-rank run is the shared one with the z-loss on, which changes
+    no step-1 value but the aux loss.)"""
     ref = steps(ten_steps(tmp_path_factory, 2, "zero2", 1))[0]
-    proc = run_train([*TEN_STEPS, f"run_dir={tmp_path}", "deepspeed=zero2", "max_steps=1"], nproc=1)
-    assert proc.returncode == 0, proc.stdout[-4000:]
-    one = steps(tmp_path)[0]
+    one = steps(smoke_run(tmp_path_factory, "tiny_moe-1", MOE1))[0]
     assert one["step"] == ref["step"] == 1
     assert max_diff([one], [ref], "expert_load") <= TOL and abs(one["lm_loss"] - ref["lm_loss"]) <= TOL
     assert abs(one["balance_loss"] - ref["balance_loss"]) <= TOL, (one["balance_loss"], ref["balance_loss"])
-    # the logged aux and total loss are that step's too: aux = coef x balance (z-loss off), loss = lm + aux
-    assert one["aux_loss"] == pytest.approx(0.001 * one["balance_loss"], rel=1e-6)
+    assert abs(one["z_loss"] - ref["z_loss"]) <= TOL
+    # the logged aux and total loss are that step's too: aux = coef x balance + z_coef x z, loss = lm + aux
+    assert one["aux_loss"] == pytest.approx(0.001 * one["balance_loss"] + 1e-3 * one["z_loss"], rel=1e-6)
     assert one["loss"] == pytest.approx(one["lm_loss"] + one["aux_loss"], rel=1e-9)
 
 

@@ -36,12 +36,26 @@ def test_init_stds_follow_the_documented_scheme():
     assert sd["lm_head.weight"].std().item() == pytest.approx(sigma, rel=0.02)
     assert sd["model.layers.3.self_attn.q_proj.weight"].std().item() == pytest.approx(sigma, rel=0.05)
     assert sd["model.layers.3.mlp.experts.gate_up_proj"].std().item() == pytest.approx(sigma, rel=0.05)
+    # the routers, (8, 128) each: all 8 layers' 8,192 draws together (one layer's std is only ~2% from sigma)
+    router = torch.cat([sd[f"model.layers.{i}.mlp.gate.weight"].flatten() for i in range(L)])
+    assert router.std().item() == pytest.approx(sigma, rel=0.05)
     residual = sigma / math.sqrt(2 * L)
     assert sd["model.layers.3.self_attn.o_proj.weight"].std().item() == pytest.approx(residual, rel=0.05)
     assert sd["model.layers.3.mlp.experts.down_proj"].std().item() == pytest.approx(residual, rel=0.05)
     for n, t in sd.items():
         if "norm" in n:
             assert torch.equal(t, torch.ones_like(t)), n
+
+
+def test_init_stds_of_the_dense_mlp_and_kv_projections():
+    """gate/up_proj (and k/v_proj) at sigma; down_proj, which writes into the residual stream, at sigma / sqrt(2 L)
+    (1/4 of it at L = 8)."""
+    model = build("tiny_dense", num_hidden_layers=8)
+    sigma = model.config.initializer_range
+    sd = model.state_dict()
+    for name in ("mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        assert sd[f"model.layers.3.{name}.weight"].std().item() == pytest.approx(sigma, rel=0.05), name
+    assert sd["model.layers.3.mlp.down_proj.weight"].std().item() == pytest.approx(sigma / 4, rel=0.05)
 
 
 def test_state_dict_uses_hf_names_and_never_holds_rope_tables():

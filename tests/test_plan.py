@@ -232,6 +232,22 @@ def test_plan_time_and_tokens_for_qwen3_8b():
     assert p.fits and p.stages[2].seq_len == 32768
 
 
+@pytest.mark.parametrize("zero", [2, 3])
+def test_communication_buckets_are_in_every_peak(zero):
+    """Two bf16 gradient-reduction buckets of reduce_bucket_size elements (DeepSpeed's double buffer under
+    overlap_comm) and, at ZeRO-3, the bf16 parameter prefetch bucket, plus the 2 GiB reserve: in `buffers` and in
+    each stage's peak, which moves by exactly that when the bucket sizes change (other sizes than the defaults, so
+    neither term hides behind the other)."""
+    base = ["model=qwen3_8b", "curriculum=qwen3", f"deepspeed=zero{zero}", "model.activation_checkpointing=true",
+            "launch.nodes=4", "launch.gpus_per_node=8"]
+    small = plan(_cfg(*base, "deepspeed.reduce_bucket_size=10000000", "deepspeed.stage3_prefetch_bucket_size=0"))
+    big = plan(_cfg(*base, "deepspeed.reduce_bucket_size=300000000",
+                    "deepspeed.stage3_prefetch_bucket_size=70000000"))
+    prefetch = 2 * 70_000_000 if zero == 3 else 0  # ZeRO-2 has no parameter prefetch
+    assert big.buffers == 2 * 2 * 300_000_000 + prefetch + 2 * GIB
+    assert [b.peak - s.peak for b, s in zip(big.stages, small.stages)] == [2 * 2 * 290_000_000 + prefetch] * 3
+
+
 def test_peak_is_the_worse_of_backward_and_optimizer_step():
     p = plan(_cfg("model=qwen3_8b", "curriculum=qwen3", "deepspeed=zero3", "model.activation_checkpointing=true",
                   "launch.nodes=4", "launch.gpus_per_node=8"))

@@ -20,6 +20,25 @@ SMOKE = ["experiment=smoke"]
 # the one-process dense smoke run several tests share (smoke_run "dense1"); it also records steps 3-4 under
 # torch.profiler, and its golden loss file shows that the profiler changes no number
 DENSE1 = ["model=tiny_dense", "logging.profile.start_step=3"]
+# The General stage of tiny_moe alone for 10 steps of 16 x 64 tokens, at the General stage's real peak LR (3e-4; the
+# smoke curriculum's 3e-3 makes 10 steps chaotic enough that fp32 rounding, which differs with any change of
+# reduction order - ZeRO-1 vs ZeRO-2 as much as EP - grows past 1e-5 within a few steps). AdamW's eps at 1e-6:
+# with 1e-8, a weight whose gradient is ~1e-7 (an expert few tokens reach) moves by lr * g / sqrt(v) ~ lr
+# whatever g is, so a rounding-level change of g could move it by ~1e-5 after 10 steps. The expert-parallel
+# layouts of test_expert_parallel_train run it.
+MOE_GENERAL = ["model=tiny_moe", "eval.enabled=false", "curriculum.order=[general]",
+               "curriculum.stages.general.tokens=10240", "curriculum.stages.general.lr.peak=3e-4",
+               "curriculum.stages.general.lr.final=3e-4", "optim.eps=1e-6",
+               "logging.expert_load_every=1",  # every step's table, to compare layouts step by step
+               # experts narrower than the model, as in every MoE preset (30B-A3B: 768 x 2,048): with tiny_moe's
+               # square 128 x 128 experts, a gate/up/down axis mixed up in the expert files or the re-sharding
+               # would go unseen
+               "model.moe_intermediate_size=64",
+               "curriculum.stages.general.checkpoint_every=5"]  # step 5 stays (keep=2): resume tests start there
+# the one-process MoE run several tests share (smoke_run "tiny_moe-1"): MOE_GENERAL's first 3 steps, 4 micro-batches
+# a step, under ZeRO-2, with the router z-loss on and AdamW's eps at 1e-4 (above the gradients of the experts few
+# tokens reach, so their rounding does not decide an update)
+MOE1 = [*MOE_GENERAL, "deepspeed=zero2", "model.router_z_loss_coef=1e-3", "optim.eps=1e-4", "max_steps=3"]
 
 
 def _free_port() -> int:
