@@ -1,5 +1,6 @@
 """The planner's bytes per parameter are what DeepSpeed 0.19.8 really allocates: real ZeRO-0/1/2/3 engines in
-bf16 (the GPU configuration of train/engine.py) on 2 gloo processes, their tensors counted per rank."""
+bf16 (the GPU configuration of train/engine.py), summing the micro-batches' gradients in bf16 and in fp32, on 2 gloo
+processes, their tensors counted per rank."""
 import json
 import logging
 import os
@@ -14,6 +15,8 @@ from trainutil import end_spawned_worker
 
 D_IN, D_HID = 128, 256  # two bias-free linears: P = 2 * 128 * 256, evenly split over 2 ranks
 WORLD = 2
+# (ZeRO stage, the dtype micro-batch gradients are summed in: DeepSpeed's data_types.grad_accum_dtype)
+CASES = [(0, "bf16"), (1, "bf16"), (2, "bf16"), (3, "bf16"), (1, "fp32"), (2, "fp32"), (3, "fp32")]
 
 
 def _free_port() -> int:
@@ -35,24 +38,26 @@ def _rank_worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
     result = {}
-    for stage in (0, 1, 2, 3):
+    for stage, accum in CASES:
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(D_IN, D_HID, bias=False), torch.nn.Linear(D_HID, D_IN, bias=False))
         config = {"train_batch_size": 2 * 2 * WORLD, "train_micro_batch_size_per_gpu": 2,
                   "gradient_accumulation_steps": 2, "bf16": {"enabled": True}, "steps_per_print": 2**31 - 1,
+                  "data_types": {"grad_accum_dtype": accum},
                   "zero_optimization": {"stage": stage, "contiguous_gradients": True, "overlap_comm": False,
                                         "stage3_param_persistence_threshold": 0},
                   "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}
         engine, zopt, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()),
                                                   config=config)
         inner = zopt.optimizer  # the torch AdamW that steps the fp32 master partition
-        seen = {}
+        seen, held = {}, set()  # held: the storages of the gradients kept between micro-batches
         step = inner.step
 
         def counting_step(*args, _step=step, **kwargs):
             fp32 = [p for g in inner.param_groups for p in g["params"]]
             seen["master"] = _nbytes(fp32)
-            seen["step_grads"] = _nbytes(p.grad for p in fp32)  # the fp32 gradient copy made for the step
+            # the fp32 gradient copy made for the step; none where the step reads the fp32 sum in place
+            seen["step_grads"] = _nbytes(p.grad for p in fp32 if p.grad.untyped_storage().data_ptr() not in held)
             out = _step(*args, **kwargs)
             seen["moments"] = _nbytes(v for s in inner.state.values() for v in s.values() if v.dim() > 0)
             return out
@@ -62,14 +67,21 @@ def _rank_worker(rank: int, port: int, out_dir: str) -> None:
             loss = engine(torch.randn(2, D_IN, dtype=torch.bfloat16)).float().pow(2).mean()
             engine.backward(loss)
             if micro == 0:  # gradients held between micro-batches of one step
+                grads = []
                 if stage <= 1:
-                    seen["grads"] = _nbytes(p.grad for p in model.parameters())
+                    grads = [p.grad for p in model.parameters()]
+                    grads += getattr(zopt, "fp32_groups_gradients_flat", [])  # BF16_Optimizer's fp32 sum
                 elif stage == 3:
-                    seen["grads"] = _nbytes([zopt.grad_partitions_flat_buffer])
+                    grads = [zopt.grad_partitions_flat_buffer]
+                elif accum == "fp32":  # ZeRO-2's fp32 partition (its bf16 one is inside bucket bookkeeping)
+                    grads = [g.flat_partition for g in zopt.averaged_gradients.values()]
+                if grads:
+                    seen["grads"] = _nbytes(grads)
+                held.update(g.untyped_storage().data_ptr() for g in grads)
             engine.step()
         params = model.parameters()
         seen["params"] = _nbytes(p.ds_tensor for p in params) if stage == 3 else _nbytes(params)
-        result[stage] = seen
+        result[f"{stage}-{accum}"] = seen
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     # leave together and close the group: a process exiting with gloo's threads still running can abort
@@ -86,15 +98,17 @@ def measured(tmp_path_factory):
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_planner_bytes_are_deepspeeds(measured, stage):
+@pytest.mark.parametrize("stage, accum", CASES)
+def test_planner_bytes_are_deepspeeds(measured, stage, accum):
     P = 2 * D_IN * D_HID
     split = ParamSplit(total=P, dense=P, expert=0, active=P, largest_module=D_IN * D_HID, largest_module_name="0")
-    plan = model_states(split, stage, WORLD)
+    plan = model_states(split, stage, WORLD, grad_accum=accum)
     for rank in measured:
-        got = rank[str(stage)]
+        got = rank[f"{stage}-{accum}"]
         assert got["params"] == plan.params
-        if "grads" in got:  # ZeRO-2 keeps its partition inside bucket bookkeeping: not counted here
+        if "grads" in got:  # ZeRO-2 in bf16 keeps its partition inside bucket bookkeeping: not counted here
             assert got["grads"] == plan.grads
         assert got["master"] + got["moments"] == plan.optimizer
         assert got["step_grads"] == plan.step_grads
+    if (stage, accum) in ((1, "fp32"), (2, "fp32")):
+        assert "grads" in got and plan.step_grads == 0  # the fp32 sum is counted, and read in place by the step
