@@ -50,13 +50,15 @@ def _rank_worker(rank: int, port: int, out_dir: str) -> None:
         engine, zopt, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()),
                                                   config=config)
         inner = zopt.optimizer  # the torch AdamW that steps the fp32 master partition
-        seen, held = {}, set()  # held: the storages of the gradients kept between micro-batches
+        seen, kept = {}, []  # kept: the gradients held between micro-batches
         step = inner.step
 
         def counting_step(*args, _step=step, **kwargs):
             fp32 = [p for g in inner.param_groups for p in g["params"]]
             seen["master"] = _nbytes(fp32)
-            # the fp32 gradient copy made for the step; none where the step reads the fp32 sum in place
+            # the fp32 gradient copy made for the step; none where the step reads the fp32 sum in place (a held
+            # gradient's storage that still has its bytes: DeepSpeed frees some by resizing them to 0)
+            held = {g.untyped_storage().data_ptr() for g in kept if g.untyped_storage().nbytes() > 0}
             seen["step_grads"] = _nbytes(p.grad for p in fp32 if p.grad.untyped_storage().data_ptr() not in held)
             out = _step(*args, **kwargs)
             seen["moments"] = _nbytes(v for s in inner.state.values() for v in s.values() if v.dim() > 0)
@@ -77,7 +79,7 @@ def _rank_worker(rank: int, port: int, out_dir: str) -> None:
                     grads = [g.flat_partition for g in zopt.averaged_gradients.values()]
                 if grads:
                     seen["grads"] = _nbytes(grads)
-                held.update(g.untyped_storage().data_ptr() for g in grads)
+                kept += grads
             engine.step()
         params = model.parameters()
         seen["params"] = _nbytes(p.ds_tensor for p in params) if stage == 3 else _nbytes(params)
