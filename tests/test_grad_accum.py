@@ -114,3 +114,26 @@ def test_zero1_fp32_accumulation_sums_in_fp32(measured):
     assert case["optimizer"] == "BF16_Optimizer"
     assert case["error"] < 2**-8, case
     assert measured["1-auto"]["optimizer"] == "DeepSpeedZeroOptimizer"  # auto keeps ZeRO-1's bf16 sum
+
+
+@pytest.mark.matrix
+@pytest.mark.parametrize("zero, accum, optimizer", [("zero1", "fp32", "bf16_zero_pp_rank_1"),
+                                                    ("zero2", "auto", "bf16_zero_pp_rank_1")])
+def test_bf16_runs_summing_in_fp32_resume_exactly(data_root, tmp_path_factory, tmp_path, zero, accum, optimizer):
+    """2 ranks in bf16 on the CPU, General's 4 steps: stopped after step 2 (the checkpoint a max_steps=2 launch
+    leaves) and resumed, every later loss and gradient norm equals the uninterrupted run's. ZeRO-1 with fp32 is
+    DeepSpeed's BF16_Optimizer, whose checkpoint is its own; the fp32 sum itself is not saved (each step starts
+    from zero). `pytest -m matrix`."""
+    from trainutil import SMOKE, losses, run_train, smoke_run, stopped_at
+
+    overrides = ["model=tiny_dense", "curriculum.order=[general]", "eval.enabled=false", f"deepspeed={zero}",
+                 "deepspeed.precision=bf16", f"deepspeed.grad_accum_dtype={accum}",
+                 "curriculum.stages.general.checkpoint_every=1"]
+    source = smoke_run(tmp_path_factory, f"bf16-{zero}-{accum}", overrides, nproc=2)
+    reference = losses(source)
+    assert len(reference) == 4
+    assert list((source / "checkpoints" / "0-general-step0000004").glob(f"{optimizer}_*optim_states.pt"))
+    run_dir = stopped_at(source, 2, tmp_path / "run")
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides], nproc=2)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert losses(run_dir) == reference
