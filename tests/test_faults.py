@@ -781,6 +781,19 @@ class StandInEngine:
         return [str(Path(save_dir) / tag / "weights")]
 
 
+def _replace_fails(monkeypatch, when):
+    """os.replace raising EIO where `when(src, dst)` (as Paths) holds; returns the real os.replace."""
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if when(Path(src), Path(dst)):
+            raise OSError(5, "Input/output error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    return real_replace
+
+
 def test_resave_of_a_tag_keeps_the_old_copy_until_the_new_one_is_published(tmp_path, monkeypatch):
     """save() itself, re-saving a tag that exists: a failure after the old folder is moved aside but before the
     new one is renamed into place must leave the old copy on disk (not deleted first), and recover() puts it back."""
@@ -791,14 +804,8 @@ def test_resave_of_a_tag_keeps_the_old_copy_until_the_new_one_is_published(tmp_p
     final = manager.save(StandInEngine("old"), tag, state, meta={}, config_yaml="")
     assert (final / "weights").read_text() == "old"
 
-    real_replace, publish = os.replace, manager.dir / ".tmp" / tag
-
-    def replace_fails_on_publish(src, dst):
-        if Path(src) == publish:
-            raise OSError(5, "Input/output error")
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", replace_fails_on_publish)
+    publish = manager.dir / ".tmp" / tag
+    real_replace = _replace_fails(monkeypatch, lambda src, dst: src == publish)
     # the cause and the pointer as it stands (the message resolved `latest`, which raised about the missing tag)
     with pytest.raises(CheckpointError, match=f"publishing checkpoint '{tag}' failed .*Input/output error.*"
                                               f"'latest' still names '{tag}'"):
@@ -849,14 +856,7 @@ def test_a_failed_publish_keeps_latest_on_the_previous_checkpoint(tmp_path, monk
     manager.save(StandInEngine("good"), good, TrainerState(stage="general", step=1, global_step=1), meta={},
                  config_yaml="")
     target = manager.dir / new if failing == "folder" else manager.dir / "latest"
-    real_replace = os.replace
-
-    def replace(src, dst):
-        if Path(dst) == target:
-            raise OSError(5, "Input/output error")
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", replace)
+    real_replace = _replace_fails(monkeypatch, lambda src, dst: dst == target)
     with pytest.raises(CheckpointError, match=f"publishing checkpoint '{new}' failed .*Input/output error.*"
                                               f"'latest' still names '{good}'"):
         manager.save(StandInEngine("new"), new, TrainerState(stage="general", step=2, global_step=2), meta={},
