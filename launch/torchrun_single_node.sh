@@ -20,9 +20,14 @@ if [[ -z "${NPROC:-}" ]]; then
       exit 2
     fi
     NPROC=$(grep -c '^GPU ' <<< "$gpus")  # the GPUs, not their MIG devices' lines
-    if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then  # the ranks see only these: one rank each
+    if [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then  # the ranks see only these: one rank each
       IFS=, read -ra visible <<< "$CUDA_VISIBLE_DEVICES"
       NPROC=${#visible[@]}
+      if ((NPROC == 0)) || [[ ${visible[0]} == -1 ]]; then  # set but empty, or CUDA's "none": ranks see no GPU
+        echo "CUDA_VISIBLE_DEVICES='$CUDA_VISIBLE_DEVICES' hides every GPU from the ranks; unset it, list the" \
+          "GPUs to use, or set NPROC" >&2
+        exit 2
+      fi
     fi
   else
     NPROC=1

@@ -319,12 +319,14 @@ def test_nproc_counts_the_gpus_the_ranks_can_see(fake_train, tmp_path):
 
 
 @pytest.mark.parametrize("script", ["torchrun_single_node.sh", "torchrun_multi_node.sh"])
-@pytest.mark.parametrize("visible, nproc", [(None, 4), ("3,1", 2), ("GPU-a1b2", 1)])
+@pytest.mark.parametrize("visible, nproc", [(None, 4), ("3,1", 2), ("GPU-a1b2", 1), ("", 0), ("-1", 0)])
 def test_nproc_per_node_is_the_count_of_visible_devices(fake_train, tmp_path, monkeypatch, script, visible, nproc):
     """Without NPROC each script starts one rank per GPU the ranks can see: every `GPU` line of `nvidia-smi -L`
     (4 here, a MIG line not counted), or the count of CUDA_VISIBLE_DEVICES' entries where it is set (indices or
-    UUIDs: the count, not a listed index). torchrun is a stub that prints its arguments: seconds less per case
-    than starting ranks, which test_nproc_counts_the_gpus_the_ranks_can_see does on the single-node script."""
+    UUIDs: the count, not a listed index). Set but empty, or CUDA's -1, hides every GPU: refused (exit 2; it
+    counted every GPU, whose ranks then found none). torchrun is a stub that prints its arguments: seconds less
+    per case than starting ranks, which test_nproc_counts_the_gpus_the_ranks_can_see does on the single-node
+    script."""
     stubs = tmp_path / "bin"
     stubs.mkdir()
     _executable(stubs / "nvidia-smi", "#!/usr/bin/env bash\nfor i in 0 1 2 3; do echo \"GPU $i: H200 (UUID: x$i)\";"
@@ -332,7 +334,12 @@ def test_nproc_per_node_is_the_count_of_visible_devices(fake_train, tmp_path, mo
     _executable(stubs / "torchrun", "#!/usr/bin/env bash\nprintf '%s\\n' \"$@\"\n")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # the case without it must not inherit this machine's
     env = {"PATH": f"{stubs}:{os.environ['PATH']}", "NNODES": "2", "HEAD_ADDR": "10.0.0.1"}
-    r, _ = fake_train(script, "run_dir=runs/x", **env, **({"CUDA_VISIBLE_DEVICES": visible} if visible else {}))
+    r, _ = fake_train(script, "run_dir=runs/x", **env,
+                      **({"CUDA_VISIBLE_DEVICES": visible} if visible is not None else {}))
+    if nproc == 0:
+        assert r.returncode == 2 and not r.stdout  # torchrun never started
+        assert f"CUDA_VISIBLE_DEVICES='{visible}' hides every GPU" in r.stderr and "NPROC" in r.stderr
+        return
     assert r.returncode == 0, r.stderr[-2000:]
     args = r.stdout.splitlines()
     assert f"--nproc_per_node={nproc}" in args and args[-1] == "run_dir=runs/x"
