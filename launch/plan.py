@@ -222,6 +222,7 @@ def model_states(p: ParamSplit, zero_stage: int, world: int, expert_parallel_siz
     # own optimizer groups over the expert-data-parallel ranks, otherwise all parameters share the groups
     groups = [(p.dense, world), (p.expert // ep, world // ep)] if ep > 1 else [(p.total, world)]
     params = grads = optimizer = cpu = 0
+    fp32_sum = grad_accum == "fp32"
     step_parts: List[float] = []
     for count, ranks in groups:
         shard = count / ranks
@@ -229,7 +230,6 @@ def model_states(p: ParamSplit, zero_stage: int, world: int, expert_parallel_siz
             cpu += 2 * shard
         else:
             params += 2 * (shard if zero_stage == 3 else count)
-        fp32_sum = grad_accum == "fp32"
         if not (offload_optimizer and zero_stage >= 2):  # ZeRO-2/3 offload reduces gradients into CPU buffers
             if zero_stage >= 2:
                 grads += (4 if fp32_sum else 2) * shard
@@ -413,8 +413,8 @@ def plan(cfg: TrainConfig | DictConfig, suggest: bool = True) -> Plan:
     _check_data_fits(cfg, stage_plans)
     ep = cfg.expert_parallel_size
     params = split_parameters(m, ep)
-    states = model_states(params, ds.zero_stage, world, ep, ds.offload_optimizer, ds.offload_param,
-                          grad_accum_dtype(ds, bf16=True))
+    accum = grad_accum_dtype(ds, bf16=True)  # the planner plans bf16 training on GPUs
+    states = model_states(params, ds.zero_stage, world, ep, ds.offload_optimizer, ds.offload_param, accum)
     buckets = 2 * 2 * ds.reduce_bucket_size + (2 * ds.stage3_prefetch_bucket_size if ds.zero_stage == 3 else 0)
     buffers = buckets + RESERVE_BYTES
     gpu_memory = int(lc.gpu_memory_gb * GIB)
@@ -432,7 +432,7 @@ def plan(cfg: TrainConfig | DictConfig, suggest: bool = True) -> Plan:
                                seconds=seconds))
     result = Plan(model=m.name, nodes=lc.nodes, gpus_per_node=lc.gpus_per_node, expert_parallel_size=ep,
                   zero_stage=ds.zero_stage, offload_optimizer=ds.offload_optimizer, offload_param=ds.offload_param,
-                  grad_accum=grad_accum_dtype(ds, bf16=True), activation_checkpointing=m.activation_checkpointing, gpu_memory=gpu_memory,
+                  grad_accum=accum, activation_checkpointing=m.activation_checkpointing, gpu_memory=gpu_memory,
                   cpu_memory_per_node=int(lc.cpu_memory_gb * GIB), peak_tflops=lc.peak_tflops, mfu=lc.mfu,
                   params=params, states=states, buffers=buffers,
                   deepspeed_estimate=deepspeed_estimate(params, ds.zero_stage, lc.nodes, lc.gpus_per_node, ep,

@@ -449,7 +449,7 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int) -> List[StagePlan]:
     if ds.grad_accum_dtype not in ("auto", "fp32", "bf16"):
         _fail("deepspeed.grad_accum_dtype", ds.grad_accum_dtype, "must be auto, fp32 or bf16")
     if ds.grad_accum_dtype == "fp32" and ds.zero_stage == 0 and ds.precision != "fp32":
-        # DeepSpeed raises NotImplementedError for that mix without ZeRO
+        # DeepSpeed's engine refuses that mix without ZeRO ("unsupported mix") with a traceback
         _fail("deepspeed.grad_accum_dtype", "fp32", "needs deepspeed.zero_stage >= 1 in bf16 (without ZeRO "
               "DeepSpeed sums bf16 gradients in bf16)")
     for name, src in cfg.data.sources.items():
