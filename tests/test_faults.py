@@ -54,7 +54,7 @@ def test_a_rank_killed_mid_step_then_mid_save_and_each_relaunch_is_exact(data_ro
 
 @pytest.mark.parametrize("zero, model, new_world, new_zero", [
     ("zero1", "tiny_dense", 1, None), ("zero2", "tiny_dense", 4, None), ("zero3", "tiny_dense", 1, None),
-    ("zero3", "tiny_moe", 4, None), ("zero3", "tiny_dense", 2, "zero1"), ("zero1", "tiny_dense", 1, "zero3")])
+    ("zero3", "tiny_dense", 2, "zero1"), ("zero1", "tiny_dense", 1, "zero3")])
 def test_world_size_change_reshards_exactly(data_root, tmp_path_factory, tmp_path, zero, model, new_world, new_zero):
     """A checkpoint of 2 ranks resumes on new_world ranks (and under new_zero: ZeRO-3 and ZeRO-1/2 save and read
     different universal forms, which `reshard.fit_to_layout` reconciles) as if never stopped."""
@@ -177,8 +177,9 @@ def test_zero_stage_change_on_cuda_resumes_with_fused_adamw(tmp_path, zero, new_
 
 _FULL = [(z, m, w, None) for z in ("zero1", "zero2", "zero3") for m in ("tiny_dense", "tiny_moe") for w in (1, 4)]
 _FULL += [("zero3", "tiny_moe", 4, "zero2"), ("zero2", "tiny_moe", 1, "zero3"), ("zero2", "tiny_dense", 2, "zero3")]
-_CI = {("zero1", "tiny_dense", 1, None), ("zero2", "tiny_dense", 4, None), ("zero3", "tiny_dense", 1, None),
-       ("zero3", "tiny_moe", 4, None)}
+# ZeRO-3 MoE 2 -> 4 ranks went to the matrix to keep CI under its 20 minutes (56 s of a worker; MoE re-sharding
+# stays in CI through tests/test_expert_parallel_train.py's layouts)
+_CI = {("zero1", "tiny_dense", 1, None), ("zero2", "tiny_dense", 4, None), ("zero3", "tiny_dense", 1, None)}
 
 
 @pytest.mark.matrix
