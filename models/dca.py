@@ -25,7 +25,7 @@ import torch
 from models.rope import apply_rope
 
 if TYPE_CHECKING:
-    from models.generate import KVCache
+    from models.decode import KVCache
 
 
 @dataclass(frozen=True)

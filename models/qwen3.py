@@ -3,7 +3,7 @@
 Module names are HF transformers' (`model.layers.{i}.self_attn.q_proj`, ...), so a state_dict maps 1:1 onto
 HF's in-memory layout. Pure PyTorch: the MoE MLP is in models/moe.py, the fused output-head + cross-entropy
 in models/loss.py, RoPE / YaRN tables in models/rope.py, HF import/export in models/hf.py, decoding in
-models/generate.py.
+models/decode.py.
 
 Every parameter is used inside the forward of the module that owns it (the router and the output head are
 modules for that reason), so ZeRO-3's per-module parameter gathering sees each use.
@@ -31,7 +31,7 @@ from models.moe import ExpertBalance, Qwen3MoeExperts, Qwen3SparseMoeBlock
 from models.rope import apply_rope, rope_table_length, rope_tables
 
 if TYPE_CHECKING:
-    from models.generate import KVCache
+    from models.decode import KVCache
 
 RouterStats = Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from models import KVCache, Qwen3ForCausalLM, generate, load_preset, save_hf
-from models.generate import sample_next
+from models.decode import sample_next
 
 
 def build(name, seed=0, **overrides):

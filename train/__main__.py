@@ -110,8 +110,7 @@ def main() -> None:
 
     @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
     def _app(dcfg: DictConfig) -> None:
-        from train.config import ConfigError, check_known_keys
-        from train.loop import run
+        from train.config import ConfigError, check_known_keys, validate, world_from_env
 
         started.append(True)
         if HydraConfig.get().mode == RunMode.MULTIRUN:  # each sweep job trains in its own folder
@@ -133,7 +132,12 @@ def main() -> None:
             print(f"error: config: {redact_text(str(e), secrets)}", file=sys.stderr, flush=True)
             sys.exit(2)
         try:
-            code = run(cfg, resolved)
+            # every check that needs no torch runs before torch loads (with train.loop): a refused command line
+            # is answered in a second, on every rank alike, and no process group starts
+            plans = validate(cfg, world_from_env()[1])
+            from train.loop import run
+
+            code = run(cfg, resolved, plans)
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             code = 2

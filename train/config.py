@@ -410,6 +410,16 @@ def grad_accum_dtype(ds: DeepSpeedConfig, bf16: bool) -> str:
     return ds.grad_accum_dtype
 
 
+def world_from_env() -> tuple[int, int, int, int]:
+    """(rank, world size, local rank, local world size) as torchrun / the deepspeed launcher set them."""
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
+    return rank, world, local_rank, local_world
+
+
 def validate(cfg: TrainConfig | DictConfig, world_size: int) -> List[StagePlan]:
     """Check everything the schema's types cannot, before any process group starts; returns each stage's plan.
     Fills each stage's empty mixture weights from `data.mixtures` first (`apply_data_mixtures`), in place on a

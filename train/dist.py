@@ -17,7 +17,7 @@ from typing import Callable, Optional, TypeVar
 import torch
 import torch.distributed as dist
 
-from train.config import ConfigError, TrainConfig
+from train.config import ConfigError, TrainConfig, world_from_env
 
 
 @dataclass
@@ -58,16 +58,6 @@ def resolve_device(cfg: TrainConfig, local_rank: int) -> torch.device:
             raise ConfigError("config key 'device' = 'cuda' but torch sees no CUDA device")
         return torch.device("cuda", cuda_index(local_rank, torch.cuda.device_count()))
     return torch.device("cpu")
-
-
-def world_from_env() -> tuple[int, int, int, int]:
-    """(rank, world size, local rank, local world size) as torchrun / the deepspeed launcher set them."""
-    rank = int(os.environ.get("RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
-    return rank, world, local_rank, local_world
 
 
 def init_distributed(cfg: TrainConfig) -> DistInfo:

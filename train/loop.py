@@ -41,10 +41,9 @@ from train.checkpoint import (STAGE_FINISHED, CheckpointError, CheckpointManager
                               model_behaviour, model_shape)
 from train.relaunch import (check_data_unchanged, check_resumable, finished_checkpoint, lock_run_dir,
                             record_config, stage_data)
-from train.config import (ConfigError, StageConfig, StagePlan, TrainConfig, check_data_fits, first_stage_index,
-                          validate)
+from train.config import ConfigError, StageConfig, StagePlan, TrainConfig, check_data_fits, first_stage_index
 from train import expert_parallel
-from train.dist import DistInfo, Rank0Failed, barrier, init_distributed, on_rank0, rank0_outcome, world_from_env
+from train.dist import DistInfo, Rank0Failed, barrier, init_distributed, on_rank0, rank0_outcome
 from train.engine import Engine, construction, local_parameter_elements, partitioned_init, use_bf16, whole
 from train.export import export_config, write_tokenizer_files
 from train.faults import NONFINITE_EXIT_CODE, SpikeDetector, Watchdog, collective_result, inject, injected
@@ -930,10 +929,8 @@ def _fail_after(items: Any, n: int) -> Any:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "(injected)")
 
 
-def run(cfg: TrainConfig, resolved: Dict[str, Any]) -> int:
-    """Validate, start the process group, train the curriculum; returns the exit code."""
-    _, world, _, _ = world_from_env()
-    plans = validate(cfg, world)  # before any process group: a bad key fails fast, on every rank alike
+def run(cfg: TrainConfig, resolved: Dict[str, Any], plans: List[StagePlan]) -> int:
+    """Start the process group and train the curriculum (`cfg` validated, `plans` its stages'); the exit code."""
     for name in cfg.curriculum.order:  # config.yaml records the RoPE base a stage trains at, inherited or set
         resolved["curriculum"]["stages"][name]["rope_theta"] = cfg.curriculum.stages[name].rope_theta
     info = init_distributed(cfg)

@@ -15,12 +15,13 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Dict, Optional
-
-import torch
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from data.io import atomic_path
 from train.config import ConfigError, TrainConfig
+
+if TYPE_CHECKING:  # torch loads with the training, not with a command line that is refused
+    import torch
 
 _SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)$", re.IGNORECASE)
 _REDACTED = "***"
@@ -47,6 +48,8 @@ def redact(obj: Any) -> Any:
 def device_peak_flops(device: torch.device) -> Optional[float]:
     """bf16 dense peak FLOP/s of the device by its name, or None where no figure is known (the CPU)."""
     if device.type == "cuda":
+        import torch
+
         name = torch.cuda.get_device_name(device)
         for key, tflops in _PEAK_TFLOPS.items():
             if key in name:

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from data.tokenizer import Tokenizer
-from models.generate import generate
+from models.decode import generate
 from models.qwen3 import Qwen3ForCausalLM
 from train.eval.extend import set_mode
 from train.eval.outputs import md_table, mean

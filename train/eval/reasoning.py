@@ -20,7 +20,7 @@ import torch
 from data.errors import DataError
 from data.heldout import reasoning_eval_seed
 from data.tokenizer import Tokenizer
-from models.generate import generate, sample_next
+from models.decode import generate, sample_next
 from train.eval.outputs import md_table, mean
 
 TASKS = ("basic_arithmetic", "chain_sum", "gsm_symbolic")
@@ -68,7 +68,7 @@ def greedy_complete(model: torch.nn.Module, prompts: Sequence[Sequence[int]], ma
     """Greedy continuations of prompts of different lengths, each ending at stop_id (included) or the budget;
     ids from `vocab_size` (the tokenizer's) on, padded embedding rows, are never chosen.
 
-    Two ways to the same tokens: "cached" runs models.generate (KV cache) on each group of equal-length prompts,
+    Two ways to the same tokens: "cached" runs models.decode.generate (KV cache) on each group of equal-length prompts,
     cheap per step and best on a CPU; "batched" left-pads up to batch_size prompts, makes the padding a document
     of its own (doc_ids) so each prompt sees exactly what it would alone from position 0, and reruns the whole
     batch every step (the cache takes no padding mask), which wins on a GPU. "auto" picks by device.
