@@ -187,11 +187,11 @@ def test_ranks_and_zero_stages_agree(data_root, tmp_path_factory):
 
 
 @pytest.mark.parametrize("nproc, zero, stage, step", [
-    (1, "zero1", "general", None),  # a random step
     (2, "zero2", "reasoning", 1),  # right after a stage switch
 ])
 def test_resume_after_sigkill_is_exact(data_root, tmp_path_factory, tmp_path, nproc, zero, stage, step):
-    overrides = ["model=tiny_dense", f"deepspeed={zero}", "eval.enabled=false", *EVERY_STEP]
+    # checkpoint.keep=20 as in test_faults.py's references: one shared run for both files
+    overrides = ["model=tiny_dense", f"deepspeed={zero}", "eval.enabled=false", *EVERY_STEP, "checkpoint.keep=20"]
     reference = losses(smoke_run(tmp_path_factory, f"ref-{nproc}-{zero}", overrides, nproc=nproc))
     if step is None:
         step = random.Random(os.getpid()).randint(1, SMOKE_STEPS[stage] - 1)
@@ -210,8 +210,16 @@ def test_resume_after_sigkill_is_exact(data_root, tmp_path_factory, tmp_path, np
     assert losses(run_dir) == reference  # bit for bit, loss and gradient norm at every step
 
 
+@pytest.mark.matrix
+def test_resume_after_sigkill_at_a_random_step_on_one_rank_is_exact(data_root, tmp_path_factory, tmp_path):
+    """One rank, ZeRO-1, killed at a random step of General (`pytest -m matrix`: CI kills 2 ranks at a stage
+    switch here, and SIGKILLs rank 1 mid-step and rank 0 mid-save in test_faults.py; one-rank resumes stay in CI
+    through test_sigterm_saves_exits_75_and_resumes_exactly)."""
+    test_resume_after_sigkill_is_exact(data_root, tmp_path_factory, tmp_path, 1, "zero1", "general", None)
+
+
 def test_sigterm_saves_exits_75_and_resumes_exactly(data_root, tmp_path_factory, tmp_path):
-    overrides = ["model=tiny_dense", "deepspeed=zero1", "eval.enabled=false", *EVERY_STEP]
+    overrides = ["model=tiny_dense", "deepspeed=zero1", "eval.enabled=false", *EVERY_STEP, "checkpoint.keep=20"]
     reference = losses(smoke_run(tmp_path_factory, "ref-1-zero1", overrides))
     run_dir = tmp_path / "preempted"
     proc = subprocess.Popen(train_cmd([*SMOKE, f"run_dir={run_dir}", *overrides]), cwd=ROOT,
