@@ -254,6 +254,23 @@ def test_cli_inconsistent_value_exits_2_before_process_group(tmp_path):
     assert not run_dir.exists()
 
 
+@pytest.mark.parametrize("override, key", [("seed=abc", "seed"),
+                                           ("curriculum.stages.general.global_batch_tokens=1000",
+                                            "curriculum.stages.general.global_batch_tokens")])
+def test_a_refused_command_line_never_imports_torch(tmp_path, override, key):
+    """The schema's and validate()'s refusals come before torch loads (its start-up was 4.5 of the 5.5 s such a
+    refusal took): Python's import log of the refused launch names no torch module."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "train", *SMOKE, f"run_dir={tmp_path}/run",
+                           override], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and key in proc.stderr, proc.stderr[-2000:]
+    imported = re.findall(r"^import time:.*\|\s*([\w.]+)$", proc.stderr, re.M)
+    assert "hydra" in imported and "train.config" in imported  # the log is read right
+    assert not [m for m in imported if m == "torch" or m.startswith("torch.")]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="asks for a GPU on a machine without one")
 def test_device_cuda_without_a_gpu_exits_2_naming_the_key(tmp_path):
     """It was a RuntimeError traceback, exit 1."""
