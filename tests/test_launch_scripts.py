@@ -156,10 +156,18 @@ def test_slurm_does_not_start_when_the_plan_does_not_fit(slurm):
 # ----------------------------------------------------------------------------------------------------------
 # torchrun and the deepspeed launcher, starting a stand-in `train` package (it shadows the real one from cwd)
 
-FAKE_TRAIN = """import json, os, sys
+# Each rank records itself (written whole, then renamed) and exits 75 once as many ranks as its node runs have: the
+# launcher stops the others at the first failed rank, and a rank that had not written yet was missing (seen once in
+# CI: 2 of 3 files). (Per node: the pdsh stand-in below starts its two one-rank "hosts" one after the other.)
+FAKE_TRAIN = """import glob, json, os, sys, time
 keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")
-with open(f"rank{os.environ['RANK']}.json", "w") as f:
+with open(f"rank{os.environ['RANK']}.tmp", "w") as f:
     json.dump({"argv": sys.argv[1:], **{k: os.environ.get(k) for k in keys}}, f)
+os.replace(f"rank{os.environ['RANK']}.tmp", f"rank{os.environ['RANK']}.json")
+deadline = time.monotonic() + 60
+local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
+while len(glob.glob("rank*.json")) < local and time.monotonic() < deadline:
+    time.sleep(0.05)
 sys.exit(75)
 """
 
