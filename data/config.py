@@ -92,6 +92,11 @@ def to_data_config(node: Any) -> DataConfig:
         out = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), node))
     if any(not isinstance(src, SourceConfig) for src in out.sources.values()):
         out = dataclasses.replace(out, sources={name: to_source_config(name, src) for name, src in out.sources.items()})
+    if not out.root.strip():  # ${oc.env:TRISTAGE_DATA_ROOT,...} gives "" for a variable set but empty
+        from data.errors import DataError
+
+        raise DataError("config key 'data.root' is empty (TRISTAGE_DATA_ROOT set to an empty string?): the data set "
+                        "would be written into the working directory; unset the variable or name a folder")
     return out
 
 

@@ -372,6 +372,12 @@ def test_a_data_config_of_ones_own_without_root_takes_the_environments(monkeypat
     assert DataConfig(name="mine").root == str(tmp_path)  # built in Python too, not only through OmegaConf
     monkeypatch.delenv("TRISTAGE_DATA_ROOT")
     assert to_data_config({"name": "mine"}).root == ".cache/tristage"
+    # set but empty: the shipped configs' ${oc.env:...} gave "", and a run prepared its data into the cwd
+    from data.errors import DataError
+
+    monkeypatch.setenv("TRISTAGE_DATA_ROOT", "")
+    with pytest.raises(DataError, match="config key 'data.root' is empty"):
+        to_data_config(compose("fixture", []))
 
 
 def write_words(path: Path, n: int) -> List[dict]:
