@@ -364,7 +364,8 @@ def test_full_disk_fails_every_rank_and_keeps_the_last_checkpoint(data_root, tmp
     rng = ckpts / "0-general-step0000001" / "rng_rank1.pt"
     good = rng.read_bytes()
     rng.write_bytes(good[: len(good) // 2])
-    proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides, "dist.timeout_s=60"], nproc=2)
+    # torchrun's report names each rank's exit code
+    proc = run_train([*SMOKE, f"run_dir={run_dir}", *overrides, "dist.timeout_s=60"], nproc=2, launcher="torchrun")
     assert proc.returncode != 0 and proc.stdout.count("exitcode  : 2") == 2, proc.stdout[-3000:]  # both ranks
     assert f"{rng}: cannot be read, truncated or damaged" in proc.stdout
     assert "checkpoint '0-general-step0000001' failed to load on another rank" in proc.stdout

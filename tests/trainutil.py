@@ -14,6 +14,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from filelock import FileLock
 
+from forkrun import fork_train
+
 ROOT = Path(__file__).resolve().parents[1]
 UNDER_XDIST = "PYTEST_XDIST_WORKER" in os.environ  # a pytest-xdist worker (tests/conftest.py)
 SMOKE = ["experiment=smoke"]
@@ -54,11 +56,14 @@ def shared_dir(tmp_path_factory) -> Path:
     return base.parent if UNDER_XDIST else base
 
 
+def _overrides(overrides: Sequence[str]) -> List[str]:
+    """Under xdist a run's ranks take one thread each (tests/conftest.py)."""
+    return [*overrides, "threads=1"] if UNDER_XDIST else list(overrides)
+
+
 def train_cmd(overrides: Sequence[str], nproc: int = 1, launcher: str = "torchrun") -> List[str]:
-    """The command line for a training run (torchrun or deepspeed launcher when nproc > 1); under xdist its ranks
-    run on one thread each (tests/conftest.py)."""
-    if UNDER_XDIST:
-        overrides = [*overrides, "threads=1"]
+    """The command line for a training run (torchrun or deepspeed launcher when nproc > 1)."""
+    overrides = _overrides(overrides)
     if nproc == 1:
         return [sys.executable, "-m", "train", *overrides]
     if launcher == "deepspeed":
@@ -68,10 +73,17 @@ def train_cmd(overrides: Sequence[str], nproc: int = 1, launcher: str = "torchru
             str(_free_port()), "-m", "train", *overrides]
 
 
-def run_train(overrides: Sequence[str], nproc: int = 1, timeout: float = 600, launcher: str = "torchrun",
+def run_train(overrides: Sequence[str], nproc: int = 1, timeout: float = 600, launcher: str = "fork",
               env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
-    """Run training to completion and return the finished process (stdout+stderr in .stdout)."""
+    """Run training to completion and return the finished process (stdout+stderr in .stdout).
+
+    `launcher`: "fork" (the default) forks the ranks from a server that has imported torch and train already
+    (tests/forkrun.py: a run as `python -m train` or torchrun would start it, without their ~5 s of imports);
+    "torchrun" or "deepspeed" start the real launcher (`python -m train` for one rank), for what only they do:
+    their own messages and exit codes, signals to them, import-time effects."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    if launcher == "fork":
+        return fork_train(_overrides(overrides), nproc, full_env, ROOT, timeout)
     return subprocess.run(train_cmd(overrides, nproc, launcher), cwd=ROOT, env=full_env, timeout=timeout,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

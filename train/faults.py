@@ -6,12 +6,13 @@
   rank (through the rendezvous store) whether it is waiting inside a collective or stuck elsewhere, names the
   stuck ranks and ends the job with `HUNG_EXIT_CODE` instead of hanging until a scheduler's wall clock.
 - `inject(...)`: fault injection for the tests, driven by the `TRISTAGE_INJECT` environment variable
-  (`kind@stage:step[:rank]`, comma-separated). Without the variable every call is a dictionary lookup.
+  (`kind@stage:step[:rank]`, comma-separated). Without the variable every call is two dictionary lookups.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import signal
 import statistics
@@ -30,6 +31,7 @@ NONFINITE_EXIT_CODE = 4  # too many consecutive non-finite steps
 _ENV = "TRISTAGE_INJECT"
 
 
+@functools.lru_cache(maxsize=8)
 def _parse_injections(spec: str) -> Dict[Tuple[str, str, int], Optional[int]]:
     out: Dict[Tuple[str, str, int], Optional[int]] = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
@@ -40,15 +42,12 @@ def _parse_injections(spec: str) -> Dict[Tuple[str, str, int], Optional[int]]:
     return out
 
 
-_INJECTIONS = _parse_injections(os.environ.get(_ENV, ""))
-
-
 def injected(kind: str, stage: str, step: int, rank: int) -> bool:
-    """True if the test asked for fault `kind` at (stage, step) on this rank (step counts from 1)."""
-    if not _INJECTIONS:
-        return False
+    """True if the test asked for fault `kind` at (stage, step) on this rank (step counts from 1). The environment
+    is read here, not at import: the tests fork runs from a process that imported train before it was set."""
+    injections = _parse_injections(os.environ.get(_ENV, ""))
     key = (kind, stage, step)
-    return key in _INJECTIONS and _INJECTIONS[key] in (None, rank)
+    return key in injections and injections[key] in (None, rank)
 
 
 def inject(kind: str, stage: str, step: int, rank: int) -> None:
