@@ -1,11 +1,15 @@
 """The suite's forked training runs (tests/forkrun.py) are the runs `python -m train` and torchrun start: the same
 numbers bit for bit, the same exit codes. (That a forked run reads its environment when it runs, not the fork
-server's when it imported train, the fault-injection tests show: each sets TRISTAGE_INJECT for its run only.)"""
+server's when it imported train, the fault-injection tests show: each sets TRISTAGE_INJECT for its run only.)
+With CUDA the tests launch for real (trainutil.run_train), and these have nothing to compare."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from trainutil import DENSE1, SMOKE, losses, run_train, smoke_run, steps
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="runs are forked only without CUDA")
 
 
 @pytest.mark.parametrize("nproc, overrides", [(1, DENSE1), (2, ["model=tiny_dense", "deepspeed=zero2"])],

@@ -73,15 +73,20 @@ def train_cmd(overrides: Sequence[str], nproc: int = 1, launcher: str = "torchru
             str(_free_port()), "-m", "train", *overrides]
 
 
-def run_train(overrides: Sequence[str], nproc: int = 1, timeout: float = 600, launcher: str = "fork",
+def run_train(overrides: Sequence[str], nproc: int = 1, timeout: float = 600, launcher: Optional[str] = None,
               env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
     """Run training to completion and return the finished process (stdout+stderr in .stdout).
 
-    `launcher`: "fork" (the default) forks the ranks from a server that has imported torch and train already
-    (tests/forkrun.py: a run as `python -m train` or torchrun would start it, without their ~5 s of imports);
-    "torchrun" or "deepspeed" start the real launcher (`python -m train` for one rank), for what only they do:
-    their own messages and exit codes, signals to them, import-time effects."""
+    `launcher`: "fork" (the default on a machine without CUDA) forks the ranks from a server that has imported
+    torch and train already (tests/forkrun.py: a run as `python -m train` or torchrun would start it, without their
+    seconds of imports); "torchrun" (the default with CUDA: DeepSpeed's import asks CUDA for its devices, and a
+    process that has cannot fork CUDA users) or "deepspeed" start the real launcher (`python -m train` for one
+    rank), for what only they do: their own messages and exit codes, signals to them, import-time effects."""
+    import torch
+
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    if launcher is None:
+        launcher = "torchrun" if torch.cuda.is_available() else "fork"
     if launcher == "fork":
         return fork_train(_overrides(overrides), nproc, full_env, ROOT, timeout)
     return subprocess.run(train_cmd(overrides, nproc, launcher), cwd=ROOT, env=full_env, timeout=timeout,
