@@ -53,8 +53,8 @@ def test_a_rank_killed_mid_step_then_mid_save_and_each_relaunch_is_exact(data_ro
 
 
 @pytest.mark.parametrize("zero, model, new_world, new_zero", [
-    ("zero2", "tiny_dense", 4, None), ("zero3", "tiny_dense", 1, None), ("zero3", "tiny_dense", 2, "zero1"),
-    ("zero1", "tiny_dense", 1, "zero3")])
+    ("zero1", "tiny_dense", 1, None), ("zero2", "tiny_dense", 4, None), ("zero3", "tiny_dense", 1, None),
+    ("zero3", "tiny_moe", 4, None), ("zero3", "tiny_dense", 2, "zero1"), ("zero1", "tiny_dense", 1, "zero3")])
 def test_world_size_change_reshards_exactly(data_root, tmp_path_factory, tmp_path, zero, model, new_world, new_zero):
     """A checkpoint of 2 ranks resumes on new_world ranks (and under new_zero: ZeRO-3 and ZeRO-1/2 save and read
     different universal forms, which `reshard.fit_to_layout` reconciles) as if never stopped."""
@@ -177,18 +177,17 @@ def test_zero_stage_change_on_cuda_resumes_with_fused_adamw(tmp_path, zero, new_
 
 _FULL = [(z, m, w, None) for z in ("zero1", "zero2", "zero3") for m in ("tiny_dense", "tiny_moe") for w in (1, 4)]
 _FULL += [("zero3", "tiny_moe", 4, "zero2"), ("zero2", "tiny_moe", 1, "zero3"), ("zero2", "tiny_dense", 2, "zero3")]
-# ZeRO-3 MoE 2 -> 4 ranks went to the matrix to keep CI under its 20 minutes (56 s of a worker; MoE re-sharding
-# stays in CI through tests/test_expert_parallel_train.py's layouts), and ZeRO-1 2 -> 1 (34 s on a slow day; ZeRO-1
-# and 2 share DeepSpeed's loader, which CI runs 2 -> 4, and CI resumes a 2-rank ZeRO-1 checkpoint on 1 rank under
-# ZeRO-3 and in test_a_resharded_copy_left_by_a_killed_launch_is_not_reused_under_another_zero_stage)
-_CI = {("zero2", "tiny_dense", 4, None), ("zero3", "tiny_dense", 1, None)}
+# CI runs a case of each ZeRO stage, and ZeRO-3 MoE (the experts' own files re-sharded); the rest is `pytest -m
+# matrix`. ZeRO-1 and 2 share DeepSpeed's loader, and test_expert_parallel_train.py re-shards MoE under ZeRO-1/2.
+_CI = {("zero1", "tiny_dense", 1, None), ("zero2", "tiny_dense", 4, None), ("zero3", "tiny_dense", 1, None),
+       ("zero3", "tiny_moe", 4, None)}
 
 
 @pytest.mark.matrix
 @pytest.mark.parametrize("zero, model, new_world, new_zero", [c for c in _FULL if c not in _CI])
 def test_world_size_change_full_matrix(data_root, tmp_path_factory, tmp_path, zero, model, new_world, new_zero):
     """The rest of ZeRO-1/2/3 x dense/MoE x 2 -> 1/4 ranks, and more ZeRO-3 <-> ZeRO-1/2 changes (`pytest -m
-    matrix`; ~12 minutes on 2 cores)."""
+    matrix`; with the matrix's other tests, 2 minutes on 2 cores)."""
     test_world_size_change_reshards_exactly(data_root, tmp_path_factory, tmp_path, zero, model, new_world, new_zero)
 
 
