@@ -81,7 +81,8 @@ def _rank_main(argv: List[str], env: Dict[str, str], cwd: str, log: str) -> None
         os._exit(code)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port of localhost that nothing listens on now (for a run's MASTER_PORT)."""
     import socket
 
     with socket.socket() as s:
@@ -89,19 +90,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _kill_tree(pid: int, sig: int) -> None:
+def signal_tree(pid: int, sig: int) -> list:
+    """Send `sig` to process `pid` and all its descendants; returns them (psutil.Process), `pid` first."""
     import psutil
 
     try:
         root = psutil.Process(pid)
         tree = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return
+        return []
     for p in tree:
         try:
             p.send_signal(sig)
         except psutil.NoSuchProcess:
             pass
+    return tree
 
 
 def fork_train(argv: Sequence[str], nproc: int, env: Mapping[str, str], cwd: Path,
@@ -111,7 +114,7 @@ def fork_train(argv: Sequence[str], nproc: int, env: Mapping[str, str], cwd: Pat
     more, a failed rank has the others sent SIGTERM (SIGKILL 30 s later) and the run's code is 1, as torchrun's."""
     ctx = _context()
     with tempfile.TemporaryDirectory(prefix="forkrun-") as tmp:
-        port = str(_free_port())
+        port = str(free_port())
         procs, logs = [], []
         for rank in range(nproc):
             rank_env = dict(env)
@@ -135,16 +138,16 @@ def fork_train(argv: Sequence[str], nproc: int, env: Mapping[str, str], cwd: Pat
                     failed_at = time.monotonic()
                     for p in procs:
                         if p.exitcode is None:
-                            _kill_tree(p.pid, signal.SIGTERM)
+                            signal_tree(p.pid, signal.SIGTERM)
                 if failed_at is not None and time.monotonic() - failed_at > _TERM_GRACE_S:
                     for p in procs:
                         if p.exitcode is None:
-                            _kill_tree(p.pid, signal.SIGKILL)
+                            signal_tree(p.pid, signal.SIGKILL)
                 multiprocessing.connection.wait([p.sentinel for p in procs if p.exitcode is None], timeout=0.2)
         finally:
             for p in procs:
                 if p.exitcode is None:
-                    _kill_tree(p.pid, signal.SIGKILL)
+                    signal_tree(p.pid, signal.SIGKILL)
                 p.join()
         codes = [p.exitcode for p in procs]
         code = codes[0] if nproc == 1 else int(any(codes))

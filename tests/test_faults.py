@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainutil import (ROOT, SMOKE, _free_port, end_spawned_worker, losses, records, run_train, smoke_run, steps,
+from trainutil import (ROOT, SMOKE, end_spawned_worker, free_port, losses, records, run_train, smoke_run, steps,
                        stopped_at, train_cmd)
 
 STAGES = ["general", "reasoning", "long_context"]
@@ -448,7 +448,7 @@ def test_rank0_work_outlasts_the_collective_timeout_and_its_failure_reaches_ever
     out: the control); an exception on rank 0 is raised there as it is, and on rank 1 naming the work."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_rank0_work_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank0_work_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
     assert r0["result"] == 42 and r1["result"] is None
     assert r1["waited"] >= 5.5
@@ -493,7 +493,7 @@ def test_node_work_runs_once_per_node_and_its_failure_reaches_that_node(tmp_path
     of each node works while its node-mates wait for it, and only for it."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_node_work_worker, args=(_free_port(), str(tmp_path)), nprocs=4, join=True)
+    mp.spawn(_node_work_worker, args=(free_port(), str(tmp_path)), nprocs=4, join=True)
     seen = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(4)]
     assert [s["result"] for s in seen] == [0, None, 2, None]
     assert seen[3]["waited"] >= 2.9 and seen[1]["waited"] < 2.0  # rank 1 did not wait for node 1's leader

@@ -5,22 +5,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from trainutil import ROOT, SMOKE, losses, records, smoke_run
+from trainutil import ROOT, SMOKE, free_port, losses, records, smoke_run
 
 OVERRIDES = ["model=tiny_dense", "eval.enabled=false", "deepspeed=zero2"]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict:
@@ -45,7 +38,7 @@ def test_two_nodes_of_two_processes_with_torchrun_c10d(data_root, tmp_path_facto
     run_dir = tmp_path / "run"
     own_root = tmp_path / "node_data"
     shutil.copytree(data_root, own_root, ignore=shutil.ignore_patterns("index"))
-    env = {**_env(), "NNODES": "2", "NPROC": "2", "HEAD_ADDR": "127.0.0.1", "HEAD_PORT": str(_port()),
+    env = {**_env(), "NNODES": "2", "NPROC": "2", "HEAD_ADDR": "127.0.0.1", "HEAD_PORT": str(free_port()),
            "RDZV_ID": f"test{os.getpid()}"}
     args = ["bash", "launch/torchrun_multi_node.sh", *SMOKE, *OVERRIDES, f"run_dir={run_dir}"]
     nodes = [subprocess.Popen(args, cwd=ROOT, env={**env, **extra}, stdout=subprocess.PIPE,
@@ -64,7 +57,7 @@ def test_deepspeed_launcher_with_a_localhost_hostfile(data_root, tmp_path_factor
     run_dir = tmp_path / "run"
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
-    env = {**_env(), "HOSTFILE": str(hostfile), "MASTER_PORT": str(_port())}
+    env = {**_env(), "HOSTFILE": str(hostfile), "MASTER_PORT": str(free_port())}
     proc = subprocess.run(["bash", "launch/deepspeed_hostfile.sh", *SMOKE, *OVERRIDES, f"run_dir={run_dir}"],
                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:]

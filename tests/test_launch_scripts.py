@@ -4,13 +4,14 @@ torchrun and the deepspeed launcher start a stand-in `train` module with the rig
 import json
 import os
 import shutil
-import socket
 import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from trainutil import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
@@ -189,12 +190,6 @@ def fake_train(tmp_path):
     return run
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_single_node(fake_train):
     r, ranks = fake_train("torchrun_single_node.sh", "model=tiny_dense", "run_dir=runs/x", NPROC="2")
     assert r.returncode == 1  # torchrun reports a failed worker as 1, whatever its code (see the header)
@@ -204,7 +199,7 @@ def test_torchrun_single_node(fake_train):
 
 def test_torchrun_multi_node_c10d(fake_train):
     r, ranks = fake_train("torchrun_multi_node.sh", "run_dir=runs/y", NNODES="1", NPROC="2",
-                          HEAD_ADDR="127.0.0.1", HEAD_PORT=str(_free_port()), RDZV_ID="t1")
+                          HEAD_ADDR="127.0.0.1", HEAD_PORT=str(free_port()), RDZV_ID="t1")
     assert r.returncode == 1, r.stderr[-2000:]
     assert sorted(x["RANK"] for x in ranks) == ["0", "1"] and all(x["argv"] == ["run_dir=runs/y"] for x in ranks)
 
@@ -246,7 +241,7 @@ exit $rc
     # in an argument with a space arrived expanded, split or run as a command
     args = ["model=tiny_dense", "run_dir=/shared/${name}", "+data.mixtures.anneal={udhr:1,code:1}", "x.y=a;b",
             "name=with space", "z='q' \"w\" \\n $HOME `id`", "l=[a,b]", "it's"]
-    r, ranks = fake_train("deepspeed_hostfile.sh", *args, HOSTFILE=str(hostfile), MASTER_PORT=str(_free_port()),
+    r, ranks = fake_train("deepspeed_hostfile.sh", *args, HOSTFILE=str(hostfile), MASTER_PORT=str(free_port()),
                           PATH=f"{stubs}:{VENV_BIN}:{os.environ['PATH']}")
     assert r.returncode == 75, r.stderr[-2000:]  # the ranks' code comes through runner and pdsh -S
     assert (tmp_path / "pdsh_ran").exists()

@@ -1,7 +1,6 @@
 """MoE: router, dropless expert compute, balance loss definitions, global-batch counting across ranks and steps."""
 import dataclasses
 import os
-import socket
 import tempfile
 
 import pytest
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 
 from models import Qwen3ForCausalLM, load_preset
 from models.moe import ExpertBalance, Qwen3SparseMoeBlock
-from trainutil import end_spawned_worker
+from trainutil import end_spawned_worker, free_port
 
 
 def build(seed=0, **overrides):
@@ -264,16 +263,10 @@ def _rank_worker(rank, world, port, out_dir):
     end_spawned_worker()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_global_batch_balance_across_ranks_equals_concatenated_batch():
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_rank_worker, args=(2, _free_port(), out_dir), nprocs=2, join=True)
+        mp.spawn(_rank_worker, args=(2, free_port(), out_dir), nprocs=2, join=True)
         dp = torch.load(os.path.join(out_dir, "dp.pt"))
 
     x, y = _batch()

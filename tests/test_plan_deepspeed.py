@@ -4,25 +4,18 @@ processes, their tensors counted per rank."""
 import json
 import logging
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from launch.plan import ParamSplit, model_states
-from trainutil import end_spawned_worker
+from trainutil import end_spawned_worker, free_port
 
 D_IN, D_HID = 128, 256  # two bias-free linears: P = 2 * 128 * 256, evenly split over 2 ranks
 WORLD = 2
 # (ZeRO stage, the dtype micro-batch gradients are summed in: DeepSpeed's data_types.grad_accum_dtype)
 CASES = [(0, "bf16"), (1, "bf16"), (2, "bf16"), (3, "bf16"), (1, "fp32"), (2, "fp32"), (3, "fp32")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _nbytes(tensors) -> int:
@@ -96,7 +89,7 @@ def _rank_worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
     out = tmp_path_factory.mktemp("ds_bytes")
-    mp.spawn(_rank_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_rank_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 

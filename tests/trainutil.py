@@ -5,7 +5,7 @@ import hashlib
 import json
 import os
 import shutil
-import socket
+import signal
 import subprocess
 import sys
 import time
@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from filelock import FileLock
 
-from forkrun import fork_train
+from forkrun import fork_train, free_port, signal_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 UNDER_XDIST = "PYTEST_XDIST_WORKER" in os.environ  # a pytest-xdist worker (tests/conftest.py)
@@ -43,12 +43,6 @@ MOE_GENERAL = ["model=tiny_moe", "eval.enabled=false", "curriculum.order=[genera
 MOE1 = [*MOE_GENERAL, "deepspeed=zero2", "model.router_z_loss_coef=1e-3", "optim.eps=1e-4", "max_steps=3"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def shared_dir(tmp_path_factory) -> Path:
     """A folder of this test session that every pytest-xdist worker sees (the session's base folder without xdist,
     whose workers each have a folder of their own under it)."""
@@ -68,9 +62,9 @@ def train_cmd(overrides: Sequence[str], nproc: int = 1, launcher: str = "torchru
         return [sys.executable, "-m", "train", *overrides]
     if launcher == "deepspeed":
         return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port",
-                str(_free_port()), "--module", "train", *overrides]
+                str(free_port()), "--module", "train", *overrides]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-            str(_free_port()), "-m", "train", *overrides]
+            str(free_port()), "-m", "train", *overrides]
 
 
 def run_train(overrides: Sequence[str], nproc: int = 1, timeout: float = 600, launcher: Optional[str] = None,
@@ -98,16 +92,7 @@ def kill_tree(pid: int) -> None:
     signal to the launcher's process group would leave them training."""
     import psutil
 
-    try:
-        root = psutil.Process(pid)
-        tree = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in tree:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
+    tree = signal_tree(pid, signal.SIGKILL)
     psutil.wait_procs(tree[1:], timeout=30)  # not the root: its parent reaps it, and reads its exit code
 
 
