@@ -40,6 +40,7 @@ def test_export_of_a_stage_end_checkpoint_equals_the_loops(data_root, tmp_path_f
 
 def test_export_of_a_mid_stage_checkpoint_loads_in_transformers(data_root, tmp_path, capsys, monkeypatch):
     transformers = pytest.importorskip("transformers")
+    from test_hf import assert_same_logits
     from train.eval.target import load_model
 
     run_dir = tmp_path / "run"
@@ -54,7 +55,7 @@ def test_export_of_a_mid_stage_checkpoint_loads_in_transformers(data_root, tmp_p
     ours = load_model(ckpt, torch.device("cpu"), torch.float32)
     ids = torch.randint(0, 1024, (2, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, atol=1e-4, rtol=1e-4)
+        assert_same_logits(ours(ids).logits, theirs(ids).logits)  # bit for bit
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
     assert theirs.generation_config.eos_token_id == theirs.config.eos_token_id == hf_tok.eos_token_id
     # `checkpoints/latest` (the pointer file) exports the checkpoint it names
