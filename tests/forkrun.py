@@ -30,7 +30,6 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 from pathlib import Path
 from typing import Dict, List, Mapping, Sequence
 
@@ -92,10 +91,10 @@ def _rank_main(argv: List[str], env: Dict[str, str], cwd: str, log: str) -> None
             print(e.code, file=sys.stderr)
             code = 1
     except KeyboardInterrupt:
-        traceback.print_exc()
+        sys.excepthook(*sys.exc_info())  # torch's, once a process group exists: it prefixes [rank<N>]
         interrupted = True
     except BaseException:  # noqa: BLE001 - what the interpreter does with an uncaught exception
-        traceback.print_exc()
+        sys.excepthook(*sys.exc_info())
         code = 1
     try:
         threading._shutdown()  # type: ignore[attr-defined]  # the interpreter's own wait for non-daemon threads
