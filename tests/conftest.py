@@ -2,9 +2,9 @@
 
 CI runs the suite on two pytest-xdist workers (`-n 2`). Each worker is a process of its own, on one torch thread,
 and so is each training run it starts (`trainutil.run_train`, forked or launched): two tests then share the two
-cores, where two processes of two threads each would keep four threads spinning on them. What the workers share (the prepared fixture
-corpus here, the smoke runs in `trainutil.smoke_run`) is made once, by the first worker that needs it, under a
-file lock in a folder they all see (`trainutil.shared_dir`).
+cores, where two processes of two threads each would keep four threads spinning on them. What the workers share
+(the prepared fixture corpus here, the smoke runs in `trainutil.smoke_run`) is made once, by the first worker that
+needs it, under a file lock in a folder they all see (`trainutil.shared_dir`).
 """
 from __future__ import annotations
 

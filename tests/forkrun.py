@@ -6,7 +6,8 @@ which loads inductor): a 1-step run took 4.8 s as `python -m train` and 1.2 s fo
 ~200 launches were most of its time. So `fork_train` forks them from a `multiprocessing` fork server that made those
 imports once. Each forked rank is what torchrun would have started: the caller's environment (with RANK,
 WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT for more than one rank), working directory,
-command line and output, `train` run as `__main__`, Python's exit code, its atexit handlers run.
+command line and output, `train` run as `__main__`, Python's exit code, its atexit handlers run; for more ranks
+the worker environment torchrun gives, with the rendezvous store hosted by the caller as torchrun's agent hosts it.
 
 What a fork cannot stand in for stays with the real launchers (`trainutil.train_cmd`): torchrun's and the deepspeed
 launcher's own messages and behaviour, signals sent to a launcher, and import-time effects of the environment (the
@@ -49,18 +50,12 @@ def _context():
     global _CONTEXT
     if _CONTEXT is None:
         from multiprocessing import forkserver
+        from unittest import mock
 
         _CONTEXT = multiprocessing.get_context("forkserver")
         _CONTEXT.set_forkserver_preload(PRELOAD)
-        saved = os.environ.get("OPENBLAS_NUM_THREADS")
-        os.environ["OPENBLAS_NUM_THREADS"] = "1"
-        try:
+        with mock.patch.dict(os.environ, OPENBLAS_NUM_THREADS="1"):
             forkserver.ensure_running()
-        finally:
-            if saved is None:
-                del os.environ["OPENBLAS_NUM_THREADS"]
-            else:
-                os.environ["OPENBLAS_NUM_THREADS"] = saved
     return _CONTEXT
 
 
@@ -163,13 +158,12 @@ def fork_train(argv: Sequence[str], nproc: int, env: Mapping[str, str], cwd: Pat
                 logs.append(os.path.join(tmp, f"rank{rank}.log"))
                 procs.append(ctx.Process(target=_rank_main, args=(list(argv), rank_env, str(cwd), logs[-1])))
                 procs[-1].start()
-            _wait(procs, nproc, timeout, lambda: _read(logs))
+            _wait(procs, timeout, lambda: _read(logs))
         finally:
-            for p in procs:
-                if p.pid is not None and p.exitcode is None:
+            for p in (p for p in procs if p.pid is not None):  # started
+                if p.exitcode is None:
                     signal_tree(p.pid, signal.SIGKILL)
-                if p.pid is not None:
-                    p.join()
+                p.join()
             del store
         codes = [p.exitcode for p in procs]
         out = _read(logs) + "".join(f"[forkrun] rank {r} exited with code {c}\n" for r, c in enumerate(codes) if c)
@@ -177,13 +171,13 @@ def fork_train(argv: Sequence[str], nproc: int, env: Mapping[str, str], cwd: Pat
                                            stdout=out)
 
 
-def _wait(procs: list, nproc: int, timeout: float, output) -> None:
+def _wait(procs: list, timeout: float, output) -> None:
     """Wait for every rank; once one fails, SIGTERM the others and SIGKILL them 30 s later (torchrun's way)."""
     deadline, failed_at = time.monotonic() + timeout, None
     while any(p.exitcode is None for p in procs):
         if time.monotonic() > deadline:
             raise subprocess.TimeoutExpired(["fork_train"], timeout, output=output())
-        if failed_at is None and nproc > 1 and any(p.exitcode not in (None, 0) for p in procs):
+        if failed_at is None and len(procs) > 1 and any(p.exitcode not in (None, 0) for p in procs):
             failed_at = time.monotonic()
             for p in procs:
                 if p.exitcode is None:
