@@ -100,6 +100,26 @@ def to_data_config(node: Any) -> DataConfig:
     return out
 
 
+def check_data_config(cfg: DataConfig) -> None:
+    """Refuse values that preparing the data cannot work with, naming the key and the value (DataError)."""
+    import math
+
+    from data.errors import DataError
+
+    t = cfg.tokenizer
+    # NaN (or a large alpha, chars**alpha overflowing to inf/inf) was a "cannot convert float NaN to integer"
+    # traceback from the tokenizer's sample; outside [0, 1] the sample favours small languages or large ones
+    # beyond their share, which no setting asks for
+    if not (math.isfinite(t.alpha) and 0 <= t.alpha <= 1):
+        raise DataError(f"config key 'data.tokenizer.alpha' = {t.alpha!r}: must be in [0, 1] (p(language) ∝ "
+                        f"chars^alpha: 1 = as found, 0 = every language equal)")
+    if cfg.shard_tokens < 1:  # was taken: one document per shard file
+        raise DataError(f"config key 'data.shard_tokens' = {cfg.shard_tokens!r}: must be at least 1 (most tokens in "
+                        f"one shard file)")
+    if cfg.num_proc is not None and cfg.num_proc < 1:  # 0 and below were taken as "all cores", which is null
+        raise DataError(f"config key 'data.num_proc' = {cfg.num_proc!r}: must be at least 1 (or null: all cores)")
+
+
 def to_source_config(name: str, node: Any) -> SourceConfig:
     """`data.sources.<name>` as a `SourceConfig`; an unknown key or a wrong type is a DataError naming it."""
     from omegaconf import OmegaConf

@@ -173,15 +173,15 @@ def test_manifest_that_is_not_json(data):
     refused(cfg, mpath, rf"{E(mpath)}: cannot read JSON")
 
 
-def prepare_cli(tmp_path, root) -> subprocess.CompletedProcess:
-    """`python -m data.prepare` on the fixture under `root`, with a data-only primary config (so that the test does
-    not depend on train's schema)."""
+def prepare_cli(tmp_path, root, *overrides: str) -> subprocess.CompletedProcess:
+    """`python -m data.prepare` on the fixture under `root` (and `overrides`), with a data-only primary config (so
+    that the test does not depend on train's schema)."""
     conf = tmp_path / "conf"
     conf.mkdir(exist_ok=True)
     (conf / "prep.yaml").write_text("defaults:\n  - data: fixture\n  - _self_\nhydra:\n  output_subdir: null\n"
                                     f"  run:\n    dir: {tmp_path}/hydra\n")
     return subprocess.run([sys.executable, "-m", "data.prepare", "--config-dir", str(conf), "--config-name", "prep",
-                           f"data.root={root}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+                           f"data.root={root}", *overrides], cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
 def test_cli_exits_non_zero_naming_the_file_and_overwrites_nothing(data, tmp_path):
@@ -194,6 +194,39 @@ def test_cli_exits_non_zero_naming_the_file_and_overwrites_nothing(data, tmp_pat
     assert proc.returncode == 1, proc.stderr
     assert (f"error: {mpath}: malformed manifest: components.sotu/eng.tokens is {1000 * tokens}, but its files "
             f"hold {tokens}") in proc.stderr
+    assert snapshot(mpath.parent) == before
+
+
+@pytest.mark.parametrize("override, message", [
+    ("tokenizer.alpha=nan", "config key 'data.tokenizer.alpha' = nan: must be in [0, 1]"),
+    ("tokenizer.alpha=-0.5", "config key 'data.tokenizer.alpha' = -0.5: must be in [0, 1]"),
+    ("shard_tokens=0", "config key 'data.shard_tokens' = 0: must be at least 1"),
+    ("shard_tokens=-5", "config key 'data.shard_tokens' = -5: must be at least 1"),
+    ("num_proc=0", "config key 'data.num_proc' = 0: must be at least 1 (or null: all cores)"),
+    ("num_proc=-3", "config key 'data.num_proc' = -3: must be at least 1 (or null: all cores)"),
+])
+def test_a_data_config_value_prepare_cannot_use_is_named_and_nothing_is_written(data, tmp_path, override, message):
+    """alpha=nan was a 'cannot convert float NaN to integer' traceback from the tokenizer's sample; shard_tokens <= 0
+    wrote one document per shard file; num_proc <= 0 was taken as all cores (null's meaning)."""
+    _, mpath, _, _ = data
+    before = snapshot(mpath.parent)
+    with pytest.raises(DataError) as e:
+        prepare(compose("fixture", [f"root={mpath.parent.parent}", override]))
+    assert str(e.value).startswith(message)
+    with pytest.raises(DataError, match=re.escape(message)):
+        prepare(compose("fixture", [f"root={tmp_path / 'fresh'}", override]))
+    assert snapshot(mpath.parent) == before and not (tmp_path / "fresh").exists()
+
+
+def test_cli_names_a_bad_data_config_value_and_writes_nothing(data, tmp_path):
+    """`python -m data.prepare data.tokenizer.alpha=nan` ended in a traceback; now one line naming the key and the
+    value (exit 1, prepare's code for what it refuses; train exits 2)."""
+    _, mpath, _, _ = data
+    before = snapshot(mpath.parent)
+    proc = prepare_cli(tmp_path, mpath.parent.parent, "data.tokenizer.alpha=nan")
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: config key 'data.tokenizer.alpha' = nan: ")
     assert snapshot(mpath.parent) == before
 
 

@@ -342,3 +342,22 @@ def test_loss_bins_of_a_curve_shorter_than_the_bins_are_never_empty():
     assert s["bin_loss"] == [float(curve[a:b].mean()) for a, b in zip(edges, edges[1:])]
     json.dumps(s, allow_nan=False)
     assert position_loss.summarize(np.arange(64, dtype=float), 16, bins=16)["bin_edges"] == list(range(0, 65, 4))
+
+
+def test_an_out_that_is_a_file_is_named_before_anything_runs_and_left_as_it_is(manifest, tmp_path, capsys):
+    """`python -m train.eval ppl <export> --out <a file>` evaluated, then died in a NotADirectoryError traceback
+    (exit 1) when the first result was due; now exit 2 naming the path before any stage runs, the file unchanged."""
+    from models.hf import save_hf
+    from train.eval.__main__ import main
+
+    hf = save_hf(build(), tmp_path / "hf")
+    taken = tmp_path / "taken.bin"
+    taken.write_bytes(b"\x00 not a folder")
+    common = ["--seq-len", "64", "--manifest", str(manifest), "--max-tokens", "64", "--device", "cpu"]
+    for out, what in [(taken, f"{taken}: a file, not a folder for the results"),
+                      (taken / "sub", f"{taken / 'sub'}: under the file {taken}, not a folder for the results")]:
+        assert main(["ppl", str(hf), "--out", str(out), *common]) == 2
+        assert f"error: {what}; nothing was written" in capsys.readouterr().err
+        assert taken.read_bytes() == b"\x00 not a folder"
+    assert main(["ppl", str(hf), "--out", str(tmp_path / "results"), *common]) == 0  # the control
+    assert (tmp_path / "results" / "hf" / "ppl.json").exists()

@@ -64,6 +64,39 @@ def test_a_line_cut_short_is_skipped_and_an_empty_file_is_an_error(tmp_path, cap
     assert "has no step records yet" in capsys.readouterr().err
 
 
+def test_a_record_the_report_cannot_read_is_skipped_naming_its_line(tmp_path, capsys):
+    """A line that is JSON but not an object, or a record without a key the report reads, was a TypeError or a
+    KeyError traceback (exit 1): now skipped with a warning, as a line cut short is."""
+    no_global = step("general", 2, 2, 9.0)
+    del no_global["global_step"]
+    lines = [json.dumps(step("general", 1, 1, 5.0)), "[1, 2]", '"text"', "7", json.dumps(no_global),
+             json.dumps(step("general", "x", 2, 9.0)),
+             json.dumps({"event": "rollback", "stage": "general", "to_checkpoint": "0-general-step0000001"}),
+             json.dumps(step("general", 2, 2, 4.0))]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert [r["lm_loss"] for r in report.step_records(report.read_metrics(tmp_path))] == [5.0, 4.0]
+    err = capsys.readouterr().err
+    path = tmp_path / "metrics.jsonl"
+    for n, why in [(2, "a JSON list, not a record"), (3, "a JSON str, not a record"), (4, "a JSON int, not a record"),
+                   (5, "a step record without 'global_step'"), (6, "'step' is 'x', not an integer"),
+                   (7, "'rollback' record without 'global_step'")]:
+        assert f"warning: {path}:{n}: {why}; skipped\n" in err, n
+    assert report.main([str(tmp_path)]) == 0
+    assert (tmp_path / "report" / "report.md").exists()
+
+
+def test_an_out_that_is_a_file_is_named_and_left_as_it_is(tmp_path, capsys):
+    """`--out <an existing file>` was a FileExistsError traceback (exit 1), `--out <file>/sub` a NotADirectoryError."""
+    write_metrics(tmp_path / "run", [step("general", 1, 1, 5.0)])
+    taken = tmp_path / "taken.txt"
+    taken.write_bytes(b"someone's notes\n")
+    for out in (taken, taken / "sub"):
+        assert report.main([str(tmp_path / "run"), "--out", str(out)]) == 2
+        assert f"error: {out}: cannot be the report folder" in capsys.readouterr().err
+        assert taken.read_bytes() == b"someone's notes\n"
+    assert not (tmp_path / "run" / "report").exists()
+
+
 def test_steps_past_a_rollback_or_resume_point_are_dropped(tmp_path):
     """A rolled-back spike's step was plotted (134.7 among losses of 7) and listed in the stage rows: its batch is
     skipped on the replay, so nothing logged it again."""

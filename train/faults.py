@@ -14,6 +14,7 @@ import contextlib
 import errno
 import functools
 import os
+import re
 import signal
 import statistics
 import sys
@@ -33,12 +34,18 @@ _ENV = "TRISTAGE_INJECT"
 
 @functools.lru_cache(maxsize=8)
 def _parse_injections(spec: str) -> Dict[Tuple[str, str, int], Optional[int]]:
+    """{(kind, stage, step): rank or None} of a `kind@stage:step[:rank],...` spec; a malformed item is a ConfigError
+    (exit 2) naming the variable and the item: an IndexError traceback came out of the first step otherwise."""
+    from train.config import ConfigError
+
     out: Dict[Tuple[str, str, int], Optional[int]] = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
-        kind, _, where = item.partition("@")
-        parts = where.split(":")
-        rank = int(parts[2]) if len(parts) > 2 else None
-        out[(kind, parts[0], int(parts[1]))] = rank
+        m = re.fullmatch(r"([^@]+)@([^:]+):(\d+)(?::(\d+))?", item)
+        if m is None:
+            raise ConfigError(f"{_ENV}={spec!r}: {item!r} is not kind@stage:step[:rank] (comma-separated; step and "
+                              f"rank integers, e.g. kill@general:3:0)")
+        kind, stage, step, rank = m.groups()
+        out[(kind, stage, int(step))] = None if rank is None else int(rank)
     return out
 
 

@@ -27,21 +27,49 @@ from train.eval.outputs import fmt, md_table, mean, read_results  # noqa: E402
 COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
 
+# what the report reads of a step record (the loop writes every one of them) and of the events it uses
+_STEP_KEYS = {"stage": "a string", "step": "an integer", "global_step": "an integer", "tokens": "an integer",
+             "lm_loss": "a number", "seq_len": "an integer", "rope_theta": "a number", "tokens_per_s": "a number"}
+_EVENT_KEYS = {"stage": "a string", "global_step": "an integer"}
+_READ_EVENTS = ("eval", "resume", "rollback", "stage_start")
+_TYPES = {"a string": str, "an integer": int, "a number": (int, float)}
+
+
+def _unusable(r: Any) -> Optional[str]:
+    """Why the report cannot use a parsed line of metrics.jsonl, or None if it can."""
+    if not isinstance(r, dict):
+        return f"a JSON {type(r).__name__}, not a record"
+    keys = _STEP_KEYS if "event" not in r else _EVENT_KEYS if r["event"] in _READ_EVENTS else {}
+    for key, kind in keys.items():
+        if key not in r:
+            return f"{'a step' if 'event' not in r else repr(r['event'])} record without {key!r}"
+        if not isinstance(r[key], _TYPES[kind]) or isinstance(r[key], bool):
+            return f"{key!r} is {r[key]!r}, not {kind}"
+    return None
+
+
 def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
     """Every record of metrics.jsonl that still stands: a resume or a rollback goes back to a checkpoint, so the
     steps logged past it are dropped (a rolled-back spike's step is never logged again: its batch is skipped), and
     a step logged twice keeps its later record. A line that is not JSON (cut short by a full disk or a kill
-    mid-write, with the relaunch appending after it) is skipped, with a warning naming it. The loop's held-out
-    evaluations (`eval` events) are the steps' kind: logged again after a resume or rollback, so they go the same
-    way and come after the other events, in global-step order."""
+    mid-write, with the relaunch appending after it), or a record the report cannot read (not an object, a key it
+    reads missing or of another type), is skipped, with a warning naming it. The loop's held-out evaluations
+    (`eval` events) are the steps' kind: logged again after a resume or rollback, so they go the same way and come
+    after the other events, in global-step order."""
     out: List[Dict[str, Any]] = []
     path = Path(run_dir) / "metrics.jsonl"
     for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if line.strip():
             try:
-                out.append(json.loads(line))
+                r = json.loads(line)
             except json.JSONDecodeError:
                 print(f"warning: {path}:{n}: not a JSON record (cut short?); skipped", file=sys.stderr)
+                continue
+            why = _unusable(r)
+            if why:
+                print(f"warning: {path}:{n}: {why}; skipped", file=sys.stderr)
+            else:
+                out.append(r)
     steps: Dict[Tuple[str, int], Dict[str, Any]] = {}
     evals: Dict[Tuple[str, int], Dict[str, Any]] = {}
     events = []
@@ -292,7 +320,10 @@ def report(run_dir: Path, out_dir: Optional[Path] = None) -> Dict[str, Path]:
     """Write the plots and report.md; returns {name: path} of what was written."""
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir else run_dir / "report"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file by that name, or above it: named (exit 2), and that file left as it is
+        raise ValueError(f"{out_dir}: cannot be the report folder ({e.strerror}); nothing was written") from None
     records = read_metrics(run_dir)
     if not step_records(records):
         raise ValueError(f"{run_dir}/metrics.jsonl has no step records yet")
@@ -350,7 +381,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         written = report(args.run_dir, args.out)
-    except ValueError as e:  # no step records yet
+    except ValueError as e:  # no step records yet, or an --out that cannot be a folder
         print(f"error: {e}", file=sys.stderr)
         return 2
     print("\n".join(str(p) for p in written.values()))

@@ -304,4 +304,9 @@ def resolve(target: Path, out: Optional[Path] = None, manifest: Optional[Path] =
         # outside a run, beside the model rather than in it: a later save_hf or checkpoint prune replaces the
         # model's folder whole, results and all
         out = (run_dir / "eval") if run_dir is not None else target.with_name(f"{target.name}-eval")
-    return EvalTarget(found, Path(manifest), seq_lens[order[0]], Path(out), order, seq_lens, run_dir, tokenizer)
+    out = Path(out)
+    taken = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not taken.is_dir():  # said before any stage runs: it was a NotADirectoryError once the first result was due
+        what = "a file" if taken == out.absolute() else f"under the file {taken}"
+        raise EvalError(f"{out}: {what}, not a folder for the results; nothing was written (choose another --out)")
+    return EvalTarget(found, Path(manifest), seq_lens[order[0]], out, order, seq_lens, run_dir, tokenizer)
