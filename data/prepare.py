@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from data.config import DataConfig, SourceConfig, to_data_config
+from data.config import DataConfig, SourceConfig, check_data_config, to_data_config
 from data.errors import DataError, ShardError
 from data.io import (atomic_path, read_json, remove_stale_tmp, sha256_file, sha256_text, usable_cpus, write_error,
                      write_json)
@@ -478,6 +478,7 @@ def prepare(data_cfg: Any, repair: bool = False) -> Path:
     again (shards are derived data; said on stderr). Train calls this without `repair`: a shard that changed under
     a run is worth a look before anything rewrites it."""
     cfg = to_data_config(data_cfg)
+    check_data_config(cfg)
     if not cfg.sources:
         raise DataError("data.sources is empty: nothing to prepare")
     for name in cfg.sources:
@@ -533,6 +534,21 @@ def prepare(data_cfg: Any, repair: bool = False) -> Path:
              manifest["totals"]["tokens"], manifest["totals"]["documents"], len(manifest["languages"]),
              time.time() - t0, mpath)
     return mpath
+
+
+def prepared_otherwise(data_cfg: Any) -> Optional[str]:
+    """What `prepare` would prepare again in the data set there (None when it is up to date or not there yet):
+    "config" where the data config's key differs from the manifest's, or the inputs whose files changed."""
+    cfg = to_data_config(data_cfg)
+    mpath = manifest_path(cfg)
+    try:
+        recorded = json.loads(mpath.read_text()).get("config_key")
+    except (OSError, ValueError, AttributeError):
+        return None  # not prepared yet, or damaged: `prepare` names that
+    changed = _changed(mpath, input_files(cfg))
+    if recorded != config_key(cfg):
+        changed.insert(0, "config")
+    return ", ".join(changed) or None
 
 
 def _say_what_was_reused(name: str, before: str, now: str, reused: Dict[str, bool]) -> None:

@@ -211,6 +211,9 @@ def _checkpoint_files(path: Path) -> List[Path]:
 _STACKED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
 
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}  # safetensors' names of the dtypes a weight may be stored in
+
+
 class HFWeights:
     """The weights of an HF checkpoint directory, read one parameter at a time under this model's names.
 
@@ -237,7 +240,10 @@ class HFWeights:
         self._open: Dict[Path, Any] = {}
         tied_head: Optional[Path] = None
         for file in _checkpoint_files(self.path):
-            for key, shape in self._keys(file):
+            for key, shape, dtype in self._keys(file):
+                # an integer tensor was cast to the model's floats unsaid (0.02 stored as 0); FP8 needs its scales
+                if dtype not in _FLOAT_DTYPES:
+                    raise ValueError(f"{file}: {key}: stored as {dtype}; weights are read from F32, BF16, F16 or F64")
                 if key == "lm_head.weight" and cfg.tie_word_embeddings:
                     tied_head = file  # some exports store the tied head anyway: checked below
                     continue
@@ -264,11 +270,11 @@ class HFWeights:
                              f"tie_word_embeddings to false in config.json to load them as two matrices")
 
     @staticmethod
-    def _keys(file: Path) -> List[Tuple[str, tuple]]:
-        """(key, shape) of every tensor in a safetensors file; an unreadable file is a ValueError naming it."""
+    def _keys(file: Path) -> List[Tuple[str, tuple, str]]:
+        """(key, shape, dtype) of every tensor in a safetensors file; an unreadable file is a ValueError naming it."""
         try:
             with safe_open(str(file), framework="pt") as f:
-                return [(key, tuple(f.get_slice(key).get_shape())) for key in f.keys()]
+                return [(key, tuple(f.get_slice(key).get_shape()), f.get_slice(key).get_dtype()) for key in f.keys()]
         except Exception as e:  # safetensors raises its own error types (SafetensorError, OSError, ...)
             raise ValueError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from e
 

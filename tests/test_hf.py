@@ -486,6 +486,16 @@ def test_bad_directories_are_named_and_missing_keys_take_transformers_defaults(t
     assert ours.num_key_value_heads == theirs.num_key_value_heads == 4
     cfg_file.write_text(json.dumps(d))
     weights = tmp_path / "hf" / "model.safetensors"
+    # an integer tensor was cast to floats unsaid (a 0.02-std weight stored as int32 is all zeros)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(weights)
+    save_file(dict(state, **{"model.norm.weight": state["model.norm.weight"].to(torch.int32)}), weights)
+    with pytest.raises(ValueError, match=re.escape(f"{weights}: model.norm.weight: stored as I32; weights are read "
+                                                   "from F32, BF16, F16 or F64")):
+        load_hf(tmp_path / "hf")
+    save_file(state, weights)
+    load_hf(tmp_path / "hf")
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(ValueError, match=re.escape(f"{weights}: not a readable safetensors file")):
         load_hf(tmp_path / "hf")

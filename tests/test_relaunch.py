@@ -12,9 +12,10 @@ import re
 import shutil
 
 import pytest
+import torch
 
 from test_train_config import compose_cfg
-from trainutil import DENSE1, SMOKE, records, run_train, smoke_run, steps
+from trainutil import DENSE1, SMOKE, records, run_train, smoke_run, steps, stopped_at
 
 BASE = [*SMOKE, "model=tiny_dense", "eval.enabled=false", "checkpoint.export_hf=false"]
 
@@ -220,3 +221,91 @@ def test_a_relaunch_that_changes_any_stage_data_value_is_refused_naming_it(demo_
         check_resumable(meta, cfg, plans, manifest, "ckpt")
     assert str(err.value).startswith(f"config key '{key}' = {now[key]!r}: ckpt is at step 1 of stage 'reasoning', "
                                      f"which started with {saved[key]!r}")
+
+
+@pytest.mark.parametrize("pointer", [b"../../other/checkpoints/0-general-step0000009", b"\xff\xfe\x00garbage",
+                                     b"/abs/0-general-step0000009", b".replaced-0-general-step0000002"])
+def test_a_latest_naming_no_folder_of_this_run_falls_back_to_its_newest(tmp_path, capsys, pointer):
+    """`latest` holding bytes that are not text was a UnicodeDecodeError traceback; one holding a path resumed
+    another run's checkpoint as this run's, unsaid. Both fall back as a pointer naming a missing folder does, with
+    the warning; with no checkpoint of this run left, the error names the pointer."""
+    from train.checkpoint import CheckpointError, CheckpointManager
+
+    ckpts = tmp_path / "run" / "checkpoints"
+    for name, step in (("0-general-step0000001", 1), ("0-general-step0000002", 2)):
+        (ckpts / name).mkdir(parents=True)
+        (ckpts / name / "meta.json").write_text(json.dumps({"state": {"global_step": step}}))
+    other = tmp_path / "other" / "checkpoints" / "0-general-step0000009"  # a complete checkpoint of another run
+    other.mkdir(parents=True)
+    (other / "meta.json").write_text(json.dumps({"state": {"global_step": 9}}))
+    (tmp_path / "abs").mkdir()
+    shutil.copytree(other, tmp_path / "abs" / other.name)
+    (ckpts / "latest").write_bytes(pointer.replace(b"/abs/", str(tmp_path / "abs").encode() + b"/"))
+    manager = CheckpointManager(tmp_path / "run", keep=2, rank=0)
+    manager.recover()
+    assert manager.latest() == "0-general-step0000002"
+    assert (ckpts / "latest").read_text() == "0-general-step0000002"
+    assert f"names no checkpoint folder of {ckpts}; taking the newest complete checkpoint" in capsys.readouterr().err
+    (ckpts / "latest").write_bytes(pointer)
+    for name in ("0-general-step0000001", "0-general-step0000002"):
+        shutil.rmtree(ckpts / name)
+    with pytest.raises(CheckpointError, match=re.escape(f"{ckpts / 'latest'} names no checkpoint folder of {ckpts}, "
+                                                        "and no other complete checkpoint")):
+        manager.latest()
+
+
+def test_a_damaged_init_from_exits_2_naming_the_file(data_root, tmp_path_factory, tmp_path):
+    """A damaged `init_from` was a traceback, exit 1, where a resume, eval or export of the same files exits 2 naming
+    the file: an HF directory with a cut-short or extra tensor (models.hf's ValueError), a checkpoint folder whose
+    meta.json is not JSON (a bare JSONDecodeError naming no file) or whose model file is cut short (DeepSpeed's
+    load, CheckpointLoadError). Nothing is trained or written into the run's checkpoints."""
+    source = smoke_run(tmp_path_factory, "dense1", DENSE1)
+    hf, ckpt = tmp_path / "hf", tmp_path / "ckpts" / "0-general-step0000004"
+    shutil.copytree(source / "hf" / "general", hf)
+    shutil.copytree(source / "checkpoints" / ckpt.name, ckpt)
+    weights, meta, model_file = hf / "model.safetensors", ckpt / "meta.json", ckpt / "mp_rank_00_model_states.pt"
+
+    def refused(init, *expected):
+        run_dir = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"
+        proc = run_train([*SMOKE, *DENSE1, f"run_dir={run_dir}", f"init_from={init}", "max_steps=1"], timeout=120)
+        assert proc.returncode == 2, proc.stdout[-3000:]
+        assert f"error: config key 'init_from' = '{init}': " in proc.stdout, proc.stdout[-3000:]
+        for text in expected:
+            assert text in proc.stdout, proc.stdout[-3000:]
+        assert "Traceback" not in proc.stdout and not list(run_dir.glob("checkpoints/*/meta.json"))
+
+    from safetensors.torch import load_file, save_file
+
+    whole = weights.read_bytes()
+    save_file(dict(load_file(weights), **{"model.extra.weight": torch.zeros(2)}), weights)
+    refused(hf, f"{weights}: unexpected key model.extra.weight")
+    weights.write_bytes(whole[: len(whole) // 2])
+    refused(hf, f"{weights}: ")
+    text = meta.read_text()
+    meta.write_text(text[:-10])
+    refused(ckpt, f"{meta}: cannot be read (JSONDecodeError")
+    meta.write_text(text)
+    model_file.write_bytes(model_file.read_bytes()[:4096])
+    refused(ckpt, f"{model_file}: cannot be read, truncated or damaged")
+
+
+def test_a_relaunch_under_another_data_config_leaves_the_prepared_data_as_it_is(data_root, tmp_path_factory, tmp_path):
+    """A relaunch with another tokenizer setting prepared the data set again in place (a new tokenizer, every
+    shard tokenized again, manifest.json rewritten: hours on a real corpus) and was refused only after, by the
+    resume's tokenizer check, leaving the run unable to resume on its own data until prepared back. Now it is
+    refused before anything is prepared, saying how to go on. A copy of the data root: the check failing would
+    otherwise rewrite the session's shared fixture."""
+    run_dir = stopped_at(smoke_run(tmp_path_factory, "dense1", DENSE1), 4, tmp_path / "run")  # General done
+    shutil.copytree(data_root / "fixture", tmp_path / "data" / "fixture")
+    data = tmp_path / "data" / "fixture"
+    before = {p.relative_to(data): p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    proc = run_train([*SMOKE, *DENSE1, f"run_dir={run_dir}", f"data.root={tmp_path / 'data'}",
+                      "data.tokenizer.vocab_size=512"], timeout=120)
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert (f"error: {data / 'manifest.json'}: this run_dir resumes checkpoint '0-general-step0000004', trained on "
+            f"data set 'fixture' as prepared there, and the data config differs from it now (config); a relaunch "
+            f"does not prepare a run's data again") in proc.stdout, proc.stdout[-3000:]
+    assert {p.relative_to(data): p.read_bytes() for p in data.rglob("*") if p.is_file()} == before
+    # the same config over the copied data (another path, the same files) resumes: nothing to prepare
+    proc = run_train([*SMOKE, *DENSE1, f"run_dir={run_dir}", f"data.root={tmp_path / 'data'}"], timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:]

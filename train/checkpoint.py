@@ -18,6 +18,7 @@ removes the newer ones, which trained on the batches it skips: a crash before th
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -27,7 +28,7 @@ import sys
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -57,6 +58,35 @@ class TrainerState:
     skip_steps: List[str] = field(default_factory=list)  # "stage:step" batches left out after a spike rollback
     loss_history: List[float] = field(default_factory=list)  # the spike detector's window, so resume is exact
     rollbacks: int = 0
+
+
+def read_meta_at(folder: Path) -> Dict[str, Any]:
+    """A checkpoint folder's meta.json; unreadable, not JSON or not an object, a CheckpointError naming it."""
+    path = folder / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: cannot be read (a JSON {type(meta).__name__}, not an object)")
+    return meta
+
+
+@contextlib.contextmanager
+def named_load_errors(folder: Path, load_dir: Optional[str] = None) -> Iterator[None]:
+    """Inside, a damaged or refused file of checkpoint `folder` (or of its re-sharded copy in `load_dir`) that
+    DeepSpeed met is a CheckpointLoadError naming the folder: DeepSpeed's own errors name no file."""
+    from train.engine import CheckpointLoadError
+
+    try:
+        yield
+    except CheckpointLoadError:
+        raise
+    except pickle.UnpicklingError as e:
+        raise CheckpointLoadError(f"{folder}: refused to load ({str(e).splitlines()[0]})") from None
+    except (OSError, AssertionError, KeyError, ValueError) as e:  # a missing or damaged DeepSpeed file
+        raise CheckpointLoadError(f"{load_dir or folder}: cannot be loaded ({type(e).__name__}: "
+                                  f"{str(e) or 'a file is missing'})") from None
 
 
 def all_ok(ok: bool) -> bool:
@@ -125,9 +155,9 @@ class CheckpointManager:
         pointer = self.dir / "latest"
         if not pointer.exists():
             return
-        tag = pointer.read_text().strip()
+        tag = self._pointed()
         aside = self.dir / f".replaced-{tag}"
-        if not (self.dir / tag / "meta.json").exists() and (aside / "meta.json").exists():
+        if tag and not (self.dir / tag / "meta.json").exists() and (aside / "meta.json").exists():
             os.rename(aside, self.dir / tag)
         for stale in [*self.dir.glob(".replaced-*"), *self.dir.glob(".discarded-*")]:
             shutil.rmtree(stale, ignore_errors=True)
@@ -144,17 +174,28 @@ class CheckpointManager:
         pointer = self.dir / "latest"
         if not pointer.exists():
             return None
-        tag = pointer.read_text().strip()
-        if (self.dir / tag / "meta.json").exists():
+        tag = self._pointed()
+        if tag and (self.dir / tag / "meta.json").exists():
             return tag
+        foreign = f"names no checkpoint folder of {self.dir}"
         others = self.complete()
         if not others:
-            raise CheckpointError(f"{pointer} names '{tag}', but {self.dir / tag / 'meta.json'} is missing, and no "
-                                  f"other complete checkpoint is left in {self.dir}")
+            named = f"names '{tag}', but {self.dir / tag / 'meta.json'} is missing" if tag else foreign
+            raise CheckpointError(f"{pointer} {named}, and no other complete checkpoint is left in {self.dir}")
         if self.rank == 0:
-            print(f"[tristage] warning: {pointer} names '{tag}', which is missing; taking the newest complete "
-                  f"checkpoint, '{others[-1]}'", file=sys.stderr, flush=True)
+            named = f"names '{tag}', which is missing" if tag else foreign
+            print(f"[tristage] warning: {pointer} {named}; taking the newest complete checkpoint, '{others[-1]}'",
+                  file=sys.stderr, flush=True)
         return others[-1]
+
+    def _pointed(self) -> str:
+        """The tag `latest` names, or "" where it names no folder of this directory: bytes that are not text, or a
+        path (`../other/checkpoints/...` resumed another run's checkpoint as this run's)."""
+        try:
+            tag = (self.dir / "latest").read_text().strip()
+        except UnicodeDecodeError:
+            return ""
+        return tag if tag and tag == Path(tag).name and not tag.startswith(".") else ""
 
     def complete(self) -> List[str]:
         """Tags of the complete checkpoints (a readable meta.json), oldest first by global step."""
@@ -303,11 +344,10 @@ class CheckpointManager:
 
     def read_meta(self, tag: str) -> Dict[str, Any]:
         """meta.json of a checkpoint (stage, step, model shape, tokenizer fingerprint)."""
-        path = self.dir / tag / "meta.json"
         try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {e}){self._way_out(tag)}") from None
+            return read_meta_at(self.dir / tag)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}{self._way_out(tag)}") from None
 
     def _way_out(self, tag: str) -> str:
         """The hint for a damaged checkpoint: the other complete checkpoints, to resume from instead."""
@@ -331,25 +371,21 @@ class CheckpointManager:
         self._fail_together(None if load_dir else self.cut_short(tag), tag)
         error: Optional[str] = None
         try:
-            client = engine.load(load_dir or str(self.dir), tag, universal=load_dir is not None)
-            rng_path = self.dir / tag / f"rng_rank{self.rank}.pt"
-            if rng_path.exists():
-                try:
-                    with safe_torch_load():
-                        rng = torch.load(rng_path, weights_only=True)
-                except CheckpointLoadError:
-                    raise
-                except (OSError, RuntimeError, EOFError) as e:  # torch's zip reader names no file
-                    raise CheckpointLoadError(f"{rng_path}: cannot be read, truncated or damaged "
-                                              f"({type(e).__name__}: {e})") from None
-                _set_rng_state(rng)
+            with named_load_errors(self.dir / tag, load_dir):
+                client = engine.load(load_dir or str(self.dir), tag, universal=load_dir is not None)
+                rng_path = self.dir / tag / f"rng_rank{self.rank}.pt"
+                if rng_path.exists():
+                    try:
+                        with safe_torch_load():
+                            rng = torch.load(rng_path, weights_only=True)
+                    except CheckpointLoadError:
+                        raise
+                    except (OSError, RuntimeError, EOFError) as e:  # torch's zip reader names no file
+                        raise CheckpointLoadError(f"{rng_path}: cannot be read, truncated or damaged "
+                                                  f"({type(e).__name__}: {e})") from None
+                    _set_rng_state(rng)
         except CheckpointLoadError as e:
             error = str(e)
-        except pickle.UnpicklingError as e:
-            error = f"{self.dir / tag}: refused to load ({str(e).splitlines()[0]})"
-        except (OSError, AssertionError, KeyError, ValueError) as e:  # a missing or damaged DeepSpeed file
-            error = (f"{load_dir or self.dir / tag}: cannot be loaded ({type(e).__name__}: "
-                     f"{str(e) or 'a file is missing'})")
         self._fail_together(error, tag)
         if "trainer_state" not in client:
             raise CheckpointError(f"{self.dir / tag} holds no tristage trainer state")

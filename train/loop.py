@@ -31,20 +31,21 @@ from omegaconf import OmegaConf
 from data.errors import DataError
 from data.heldout import heldout_sets
 from data.loader import StageStream, micro_batch_indices
-from data.prepare import manifest_path, prepare
+from data.prepare import manifest_path, prepare, prepared_otherwise
 from data.shards import verify
 from data.tokenizer import load_tokenizer
 from models.doc_mask import resolve_doc_mask_implementation
 from models.params import count_parameters, flops_per_token
 from models.qwen3 import Qwen3ForCausalLM
-from train.checkpoint import (STAGE_FINISHED, CheckpointError, CheckpointManager, TrainerState, check_compatible,
-                              model_behaviour, model_shape)
+from train.checkpoint import (STAGE_FINISHED, CheckpointError, CheckpointManager, TrainerState, all_ok,
+                              check_compatible, model_behaviour, model_shape, named_load_errors, read_meta_at)
 from train.relaunch import (check_data_unchanged, check_resumable, finished_checkpoint, lock_run_dir,
                             record_config, stage_data)
 from train.config import ConfigError, StageConfig, StagePlan, TrainConfig, check_data_fits, first_stage_index
 from train import expert_parallel
 from train.dist import DistInfo, Rank0Failed, barrier, init_distributed, on_rank0, rank0_outcome
-from train.engine import Engine, construction, local_parameter_elements, partitioned_init, use_bf16, whole
+from train.engine import (CheckpointLoadError, Engine, construction, local_parameter_elements, partitioned_init,
+                          use_bf16, whole)
 from train.export import export_config, write_tokenizer_files
 from train.faults import NONFINITE_EXIT_CODE, SpikeDetector, Watchdog, collective_result, inject, injected
 from train.heldout import (first_languages, heldout_perplexity, make_eval_batches, pool_by_language,
@@ -156,7 +157,7 @@ class Trainer:
 
         # data: rank 0 prepares (idempotent, cached; tokenizing a large corpus takes hours, longer than any
         # collective's timeout), then everyone verifies the manifest against the tokenizer
-        on_rank0("preparing the data", lambda: prepare(cfg.data))
+        on_rank0("preparing the data", lambda: self._prepare_data())
         self.manifest = manifest_path(cfg.data)
         self.tokenizer = load_tokenizer(cfg.data)
         if self.tokenizer.vocab_size > cfg.model.vocab_size:  # before the data check, which would blame a shard
@@ -261,6 +262,21 @@ class Trainer:
                               "rope_theta": self.init_rope_theta, "time": time.time()})
 
     # ------------------------------------------------------------------ set-up helpers
+    def _prepare_data(self) -> Path:
+        """Prepare the data set (rank 0), unless this launch resumes a checkpoint trained on the data set as it is
+        and the data config now differs: preparing it again would rewrite the data in place, and the resume's
+        check would come after (a new tokenizer is refused then, with the shared data set already re-tokenized)."""
+        latest = self.checkpoints.latest()
+        why = prepared_otherwise(self.cfg.data) if latest is not None else None
+        if why is not None:
+            raise DataError(f"{manifest_path(self.cfg.data)}: this run_dir resumes checkpoint '{latest}', trained on "
+                            f"data set {self.cfg.data.name!r} as prepared there, and the data config differs from it "
+                            f"now ({why}); a relaunch does not prepare a run's data again. To go on with this data "
+                            f"config, prepare it first (python -m data.prepare with the same data overrides) and "
+                            f"relaunch, which then checks that the stages resumed still read the same samples; or "
+                            f"give it a data.name of its own")
+        return prepare(self.cfg.data)
+
     def _load_checkpoint(self, tag: str) -> TrainerState:
         """Load checkpoint `tag` into the engine, through a re-sharded copy if it was saved in another layout."""
         meta = self.checkpoints.read_meta(tag)
@@ -276,19 +292,31 @@ class Trainer:
         from ZeRO-3's partitions, another expert_parallel_size) the checkpoint is re-sharded as a resume would be,
         loaded, and its AdamW state dropped; the re-sharded copy is removed once every rank has loaded it.
         """
-        meta = json.loads((src / "meta.json").read_text())
-        if self._weights_read_directly(meta, src):
-            self.engine.load(str(src.parent), src.name, load_optimizer=False, module_only=True)
-            return
-        name = f"init_from-{src.name}"
-        load_dir = self._universal(src, meta, name)
-        if self._plain_optimizer():  # the module's own parameters, each read whole from the copy
-            from train import reshard
+        meta = read_meta_at(src)
+        error: Optional[str] = None
+        try:
+            if self._weights_read_directly(meta, src):
+                with named_load_errors(src):
+                    self.engine.load(str(src.parent), src.name, load_optimizer=False, module_only=True)
+                load_dir = None
+            else:
+                name = f"init_from-{src.name}"
+                load_dir = self._universal(src, meta, name)
+                with named_load_errors(src, load_dir):
+                    if self._plain_optimizer():  # the module's own parameters, each read whole from the copy
+                        from train import reshard
 
-            reshard.copy_whole_weights(Path(load_dir) / name, self.module)
-        else:
-            self.engine.load(load_dir, name, load_optimizer=True, universal=True)
-            self.engine.reset_optimizer_state()
+                        reshard.copy_whole_weights(Path(load_dir) / name, self.module)
+                    else:
+                        self.engine.load(load_dir, name, load_optimizer=True, universal=True)
+                        self.engine.reset_optimizer_state()
+        except CheckpointLoadError as e:  # a damaged file: every rank stops, not only the one that read it
+            error = f"config key 'init_from' = {str(src)!r}: {e}"
+        if not all_ok(error is None):
+            raise ConfigError(error or f"config key 'init_from' = {str(src)!r}: its weights failed to load on "
+                                       f"another rank (whose message names the file)")
+        if load_dir is None:
+            return
         barrier()
         if self.info.rank == 0:
             shutil.rmtree(Path(load_dir) / name, ignore_errors=True)
@@ -395,9 +423,15 @@ class Trainer:
                     raise ConfigError(f"config key 'init_from' = {path!r}: its {key}={getattr(theirs, key)} differs "
                                       f"from model.{key}={getattr(self.cfg.model, key)}; set model.{key} to match")
             self._check_init_tokenizer(src, path)
-            load_hf_weights(self.model, src, gather=whole)  # one parameter at a time, this rank's part
+            try:
+                load_hf_weights(self.model, src, gather=whole)  # one parameter at a time, this rank's part
+            except (OSError, ValueError) as e:  # a damaged weight file, a missing or extra tensor: named
+                raise ConfigError(f"config key 'init_from' = {path!r}: {e}") from None
         else:
-            meta = json.loads((src / "meta.json").read_text())
+            try:
+                meta = read_meta_at(src)
+            except CheckpointError as e:
+                raise ConfigError(f"config key 'init_from' = {path!r}: {e}") from None
             check_compatible(meta, self.cfg.model, self.tokenizer.fingerprint, str(src))
             if meta.get("rope_theta") is not None:
                 self._note_init_rope_theta(float(meta["rope_theta"]), path)
