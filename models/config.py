@@ -83,6 +83,11 @@ class Qwen3Config:
     eos_token_id: Optional[int] = None
     """End-of-sequence token id, written to the HF config when set."""
 
+    def __post_init__(self) -> None:
+        # the presets' `rope_scaling: {}` (an empty mapping, into which Hydra can merge an override) means none
+        if self.rope_scaling is not None and len(self.rope_scaling) == 0:
+            self.rope_scaling = None
+
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "model config") -> "Qwen3Config":
         """Validated config from a mapping (YAML dict, OmegaConf DictConfig, ...); unknown keys are an error."""
@@ -133,6 +138,10 @@ class Qwen3Config:
             raise ValueError(f"initializer_range must be positive and finite, got {self.initializer_range}")
         if self.num_experts < 0:
             raise ValueError(f"num_experts must be >= 0, got {self.num_experts}")
+        for key in ("bos_token_id", "eos_token_id"):  # an id past the vocabulary went into the exported configs
+            value = getattr(self, key)
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise ValueError(f"{key} must be a token id in [0, vocab_size={self.vocab_size}), got {value}")
         if self.is_moe:
             if not 1 <= self.num_experts_per_tok <= self.num_experts:
                 raise ValueError(

@@ -596,18 +596,20 @@ def test_pickled_payload_in_a_checkpoint_is_refused(data_root, tmp_path):
 
 
 def test_wandb_key_never_reaches_logs_dumps_or_checkpoints(data_root, tmp_path):
+    """Nor one Hydra sets in the job's environment (`+hydra.job.env_set.WANDB_API_KEY=...`): Hydra's to read, so
+    left on the command line, it reached the .wandb file, which records sys.argv."""
     run_dir = tmp_path / "run"
-    secret_cli, secret_env = "clisecret0123456789abcdef", "envsecret9876543210fedcba"
+    secrets = ["clisecret0123456789abcdef", "envsecret9876543210fedcba", "hydrasecret0123456789abcdef"]
     proc = run_train([*SMOKE, f"run_dir={run_dir}", *BASE, "deepspeed=zero1", "max_steps=2",
-                      "logging.wandb.mode=offline", f"logging.wandb.api_key={secret_cli}"],
-                     env={"WANDB_API_KEY": secret_env})
+                      "logging.wandb.mode=offline", f"logging.wandb.api_key={secrets[0]}",
+                      f"+hydra.job.env_set.WANDB_API_KEY={secrets[2]}"], env={"WANDB_API_KEY": secrets[1]})
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert secret_cli not in proc.stdout and secret_env not in proc.stdout
+    assert not [s for s in secrets if s in proc.stdout]
     files = [p for p in run_dir.rglob("*") if p.is_file()]
-    assert any("wandb" in str(p) for p in files)  # wandb did write its offline run here
+    assert any(p.suffix == ".wandb" for p in files)  # wandb did write its offline run here, the command line too
     for path in files:
         data = path.read_bytes()
-        assert secret_cli.encode() not in data and secret_env.encode() not in data, path
+        assert not [s for s in secrets if s.encode() in data], path
     assert "api_key: '***'" in (run_dir / "config.yaml").read_text()
 
 
@@ -1172,3 +1174,21 @@ def test_each_rank0_wait_has_its_own_key_even_under_the_same_name(monkeypatch):
     assert tdist.rank0_outcome("building the index", None) is None
     assert tdist.rank0_outcome("building the index", "OSError: disk full") == "OSError: disk full"
     assert len(keys) == 2 and len(set(keys)) == 2
+
+
+@pytest.mark.parametrize("spec", ["garbage", "kill@general", "kill@general:x", "nan@general:2, kill@:3",
+                                  "kill@general:3:0:1"])
+def test_a_malformed_injection_spec_is_a_config_error_naming_it(monkeypatch, spec):
+    """`TRISTAGE_INJECT=garbage` was an IndexError traceback at the first step (exit 1); now a ConfigError, which
+    the loop turns into exit 2, naming the variable, the value and the form it takes."""
+    from train.config import ConfigError
+    from train.faults import injected
+
+    monkeypatch.setenv("TRISTAGE_INJECT", spec)
+    with pytest.raises(ConfigError) as e:
+        injected("kill", "general", 1, 0)
+    assert str(e.value).startswith(f"TRISTAGE_INJECT={spec!r}: ")
+    assert "is not kind@stage:step[:rank]" in str(e.value)
+    monkeypatch.setenv("TRISTAGE_INJECT", "nan@general:2, kill@general:3:1")
+    assert injected("nan", "general", 2, 5) and injected("kill", "general", 3, 1)
+    assert not injected("kill", "general", 3, 0) and not injected("nan", "general", 3, 0)

@@ -40,6 +40,21 @@ def test_qwen3_recipe_numbers():
     assert plans[0].grad_accum == 1024 // (4 * 64)
 
 
+def test_rope_scaling_is_set_from_the_command_line():
+    """`model.rope_scaling={...}` was a 40-line OmegaConf traceback (a merge into the preset's `null`); a preset's
+    empty mapping reads as no scaling."""
+    cfg = compose_cfg(["model.rope_scaling={rope_type: yarn, factor: 4.0}"])
+    validate(cfg, world_size=1)
+    assert cfg.model.rope_scaling["rope_type"] == "yarn" and cfg.model.rope_scaling["factor"] == 4.0
+    assert cfg.model.rope_scaling["original_max_position_embeddings"] == cfg.model.max_position_embeddings
+    for model in ("tiny_dense", "qwen3_30b_a3b"):
+        cfg = compose_cfg([f"model={model}"])
+        validate(cfg, world_size=1)
+        assert cfg.model.rope_scaling is None
+    with pytest.raises(ConfigError, match="rope_scaling: only rope_type 'yarn' is supported"):
+        validate(compose_cfg(["+model.rope_scaling.factor=4.0"]), world_size=1)
+
+
 def test_any_key_overrides():
     cfg = compose_cfg(["curriculum.stages.reasoning.lr.peak=1e-3", "deepspeed=zero3", "model.num_hidden_layers=2"])
     assert cfg.curriculum.stages["reasoning"].lr.peak == 1e-3
@@ -116,6 +131,18 @@ def test_any_key_overrides():
     (["faults.max_consecutive_skips=-1"], 1, "config key 'faults.max_consecutive_skips'"),
     (["device=tpu"], 1, "config key 'device'"),
     (["threads=-1"], 1, "config key 'threads' = -1"),  # "set_num_threads expects a positive integer", exit 1
+    # a run in the working directory (exit 0); numpy's "expected non-negative integer" and torch's overflow later
+    (["run_dir="], 1, "config key 'run_dir' = '': must name a directory"),
+    # written into the exports' config.json and generation_config.json as they were
+    # before the run: named by data.prepare, after config.yaml and the lock were written
+    (["data.tokenizer.alpha=nan"], 1, "config key 'data.tokenizer.alpha' = nan"),
+    (["data.shard_tokens=0"], 1, "config key 'data.shard_tokens' = 0"),
+    (["model.eos_token_id=99999"], 1, "eos_token_id must be a token id in [0, vocab_size=8192), got 99999"),
+    (["model.bos_token_id=-1"], 1, "bos_token_id must be a token id in [0, vocab_size=8192), got -1"),
+    (["seed=-1"], 1, "config key 'seed' = -1: must lie in [0, 2**63)"),
+    (["seed=99999999999999999999"], 1, "config key 'seed' = 99999999999999999999"),
+    (["deepspeed=zero3", "deepspeed.stage3_prefetch_bucket_size=-5"], 1,  # pydantic's traceback in DeepSpeed
+     "config key 'deepspeed.stage3_prefetch_bucket_size' = -5"),
     # the spike detector: a window shorter than the history it needs (or a NaN factor) never judged, silently off
     (["faults.spike_factor=3", "faults.spike_window=5"], 1, "config key 'faults.spike_window' = 5: must be >= "
                                                             "faults.spike_min_history=10"),
@@ -245,6 +272,24 @@ def test_a_secret_inside_a_dict_override_is_refused_unprinted(tmp_path):
     assert take_secrets(plain) == ([*plain[:3], plain[4]], [plain[3]])
 
 
+def test_a_typod_secret_key_is_not_quoted_and_hydras_secrets_leave_the_recorded_command_line(tmp_path):
+    """`logging.wandb.api_kye=...` (no setting, so no secret word) was quoted whole by Hydra's refusal ("To append to
+    your config use +logging.wandb.api_kye=..."). A hydra.* secret is Hydra's to read and stays on the command line
+    until the job starts; then it goes (the run itself: test_faults' wandb test)."""
+    from train.__main__ import _hidden_hydra_secrets
+
+    secret = "typosecret0123456789abcdef"
+    for key in ("logging.wandb.api_kye", "logging.wandb.key", "+logging.wandb.apikey"):
+        proc = run_train([*SMOKE, f"run_dir={tmp_path / 'run'}", f"{key}={secret}"], timeout=120)
+        assert proc.returncode == 2, proc.stdout[-3000:]
+        assert key.lstrip("+").split(".")[-1] in proc.stdout and secret not in proc.stdout, proc.stdout[-3000:]
+        assert not (tmp_path / "run").exists()
+    assert _hidden_hydra_secrets(["train", f"hydra.job.env_set={{WANDB_API_KEY: {secret}}}", "hydra.verbose=true",
+                                  f"+hydra.job.env_set.MY_TOKEN={secret}", "logging.wandb.mode=offline"]) == [
+        "train", "hydra.job.env_set=***", "hydra.verbose=true", "+hydra.job.env_set.MY_TOKEN=***",
+        "logging.wandb.mode=offline"]
+
+
 def test_cli_inconsistent_value_exits_2_before_process_group(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_train([*SMOKE, f"run_dir={run_dir}", "curriculum.stages.general.global_batch_tokens=1000"],
@@ -278,6 +323,24 @@ def test_device_cuda_without_a_gpu_exits_2_naming_the_key(tmp_path):
     assert proc.returncode == 2, proc.stdout
     assert "error: config key 'device' = 'cuda' but torch sees no CUDA device" in proc.stdout
     assert "Traceback" not in proc.stdout and not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="NCCL on a CPU-only machine")
+def test_nccl_on_the_cpu_exits_2_naming_the_key(tmp_path):
+    """"Distributed package doesn't have NCCL built in" was a traceback, exit 1."""
+    proc = run_train([*SMOKE, f"run_dir={tmp_path / 'run'}", "dist.backend=nccl"], timeout=120)
+    assert proc.returncode == 2, proc.stdout
+    assert "error: config key 'dist.backend' = 'nccl' but the device is cpu" in proc.stdout
+    assert "Traceback" not in proc.stdout and not (tmp_path / "run").exists()
+
+
+def test_a_stage_end_suite_without_exports_is_said_to_be_skipped(capsys):
+    """The suite evaluates each stage's HF export: with checkpoint.export_hf=false it was skipped unsaid."""
+    validate(compose_cfg(["checkpoint.export_hf=false"]), world_size=1)
+    assert "checkpoint.export_hf=false writes none: the suite is skipped" in capsys.readouterr().err
+    validate(compose_cfg(["checkpoint.export_hf=false", "eval.stage_end_suite=false"]), world_size=1)
+    validate(compose_cfg([]), world_size=1)
+    assert "suite is skipped" not in capsys.readouterr().err
 
 
 def test_each_rank_takes_its_gpu_whether_it_sees_the_nodes_or_only_its_own():
@@ -446,15 +509,47 @@ def test_deepspeed_json_takes_clip_extra_and_no_cuda_only_options_on_cpu():
             "grad_accum_dtype": accum}, overrides
 
 
-@pytest.mark.parametrize("key, own", [("gradient_clipping", "deepspeed.grad_clip"),
-                                       ("gradient_accumulation_steps", "the stage's global_batch_tokens"),
-                                       ("data_types", "deepspeed.grad_accum_dtype")])
-def test_a_deepspeed_extra_key_tristage_derives_is_refused(key, own):
+@pytest.mark.parametrize("key, refused, own", [
+    ("gradient_clipping", "gradient_clipping", "deepspeed.grad_clip"),
+    ("gradient_accumulation_steps", "gradient_accumulation_steps", "the stage's global_batch_tokens"),
+    ("data_types", "data_types", "deepspeed.grad_accum_dtype"),
+    ("zero_optimization.stage", "zero_optimization.stage", "deepspeed.zero_stage"),
+    ("zero_optimization.offload_optimizer.device", "zero_optimization.offload_optimizer",
+     "deepspeed.offload_optimizer"),
+    ("bf16.enabled", "bf16.enabled", "deepspeed.precision"),
+    ("fp16.enabled", "fp16", "deepspeed.precision (bf16 or fp32"),
+    ("optimizer.type", "optimizer", "optim.*"),
+    ("scheduler.type", "scheduler", "the stages' lr settings")])
+def test_a_deepspeed_extra_key_tristage_derives_is_refused(key, refused, own):
     """`deepspeed.extra.gradient_clipping` overrode the derived key in DeepSpeed's config, while the loop logged
-    (and under fp32 ZeRO-0 clipped by) deepspeed.grad_clip; an accumulation count of its own broke the data plan."""
+    (and under fp32 ZeRO-0 clipped by) deepspeed.grad_clip; an accumulation count of its own broke the data plan.
+    `extra.zero_optimization={...}` replaced the whole section: a run recorded as ZeRO-1 trained at ZeRO-0 (its
+    relaunch then missed optimizer files), `{stage: 3}` at ZeRO-3; an `optimizer` or `scheduler` section was
+    ignored (the client optimizer and the loop's LR win) while config.yaml showed it; `fp16` failed in DeepSpeed."""
     cfg = compose_cfg([f"+deepspeed.extra.{key}=2"])
-    with pytest.raises(ConfigError, match=re.escape(f"config key 'deepspeed.extra.{key}' = 2: set by tristage from {own}")):
+    with pytest.raises(ConfigError, match=re.escape(f"config key 'deepspeed.extra.{refused}' = ") + ".*"
+                       + re.escape(f": set by tristage from {own}")):
         validate(cfg, world_size=1)
+
+
+def test_deepspeed_extra_merges_into_the_zero_and_bf16_sections():
+    """A tuning key of its own (`zero_optimization.round_robin_gradients`) joins the derived section instead of
+    replacing it, so the stage, buckets and offload the run records stay; a section that is not a mapping and a
+    `steps_per_print` below 1 (DeepSpeed's ZeroDivisionError at the first step) are refused."""
+    from train.engine import deepspeed_config
+
+    cfg = compose_cfg(["deepspeed=zero2_offload", "+deepspeed.extra.zero_optimization.round_robin_gradients=true",
+                       "+deepspeed.extra.bf16.immediate_grad_update=true"])
+    ds = deepspeed_config(cfg, validate(cfg, world_size=1)[0], torch.device("cpu"))
+    assert ds["zero_optimization"]["round_robin_gradients"] is True
+    assert ds["zero_optimization"]["stage"] == 2
+    assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": False}
+    assert ds["bf16"] == {"enabled": False, "check_grad_overflow": True, "immediate_grad_update": True}
+    for override, message in (("+deepspeed.extra.zero_optimization=3", "must be a mapping"),
+                              ("+deepspeed.extra.steps_per_print=0", "must be an integer >= 1"),
+                              ("+deepspeed.extra.steps_per_print=1.5", "must be an integer >= 1")):
+        with pytest.raises(ConfigError, match=re.escape(f"'{override[1:].split('=')[0]}' = ") + ".*" + message):
+            validate(compose_cfg([override]), world_size=1)
 
 
 def test_help_says_how_a_run_is_launched_and_lists_the_groups():

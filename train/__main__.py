@@ -27,12 +27,36 @@ def _strip_launcher_args(argv: list[str]) -> list[str]:
 
 
 def _is_secret_override(arg: str) -> bool:
+    import dataclasses
+
+    from train.config import WandbConfig
     from train.metrics import is_secret_key
 
     key, sep, _ = arg.partition("=")
     key = key.lstrip("+~")
-    # hydra.* keys stay Hydra's (e.g. hydra.job.env_set.WANDB_API_KEY=..., an environment variable it sets)
-    return bool(sep) and not arg.startswith("-") and not key.startswith("hydra.") and is_secret_key(key.split(".")[-1])
+    if not sep or arg.startswith("-") or key.startswith("hydra."):
+        # hydra.* keys stay Hydra's (e.g. hydra.job.env_set.WANDB_API_KEY=..., an environment variable it sets;
+        # `_hidden_hydra_secrets` takes its value off sys.argv once Hydra has read it)
+        return False
+    # a key of logging.wandb that is no setting (`api_kye`, `key`) is a typo'd secret: Hydra's refusal quoted its
+    # value ("To append to your config use +logging.wandb.api_kye=<the key>"); applied as one, the error hides it
+    typo = key.startswith("logging.wandb.") and key[len("logging.wandb."):] not in {
+        f.name for f in dataclasses.fields(WandbConfig)}
+    return typo or is_secret_key(key.split(".")[-1])
+
+
+def _hidden_hydra_secrets(argv: list[str]) -> list[str]:
+    """`argv` with the values of secret hydra.* overrides (hydra.job.env_set.WANDB_API_KEY=...) as ***: Hydra has
+    read them when the job starts, and wandb records sys.argv with the run."""
+    from train.metrics import is_secret_key
+
+    def hidden(arg: str) -> str:
+        key, sep, value = arg.partition("=")
+        bare = key.lstrip("+~")
+        secret = is_secret_key(bare.split(".")[-1]) or ("{" in value and _INLINE_SECRET.search(value))
+        return f"{key}=***" if sep and bare.startswith("hydra.") and secret else arg
+
+    return [hidden(a) for a in argv]
 
 
 def take_secrets(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -113,6 +137,7 @@ def main() -> None:
         from train.config import ConfigError, check_known_keys, validate, world_from_env
 
         started.append(True)
+        sys.argv = _hidden_hydra_secrets(sys.argv)
         if HydraConfig.get().mode == RunMode.MULTIRUN:  # each sweep job trains in its own folder
             if any(o.lstrip("+~").startswith("run_dir=") for o in HydraConfig.get().overrides.task):
                 print("error: config key 'run_dir': under --multirun each job trains in <hydra.sweep.dir>/<job "

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Set
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from data.config import DataConfig, MixtureConfig, check_mixture, to_source_config
+from data.config import DataConfig, MixtureConfig, check_data_config, check_mixture, to_source_config
 from data.errors import DataError
 from data.io import sha256_text
 from models.config import Qwen3Config
@@ -220,7 +220,14 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
-    cs.store(name="tristage_schema", node=TrainConfig)
+    schema = OmegaConf.structured(TrainConfig)
+    # an empty mapping, not None: Hydra merges a `model.rope_scaling={...}` override into the node, and OmegaConf's
+    # merge into a None of type Optional[Dict] fails ("'NoneType' object has no attribute 'get'", a traceback);
+    # models.config reads an empty rope_scaling as none
+    schema.model = OmegaConf.structured(Qwen3Config)
+    schema.model.rope_scaling = {}
+    OmegaConf.set_struct(schema.model.rope_scaling, False)  # free-form: YaRN's keys, checked by models.config
+    cs.store(name="tristage_schema", node=schema)
     cs.store(group="curriculum/stage_schema", name="stage", node=StageConfig)
     # `${short_hash:...}`: a sweep job's folder name carries a hash of its overrides (conf/config.yaml), so a
     # relaunched sweep resumes each job and another sweep under the same name never resumes the first one's
@@ -293,6 +300,49 @@ def plan_stage(stage: StageConfig, key: str, dp_world: int) -> StagePlan:
     if not (math.isfinite(stage.rope_theta) and stage.rope_theta > 1):
         _fail(f"{key}.rope_theta", stage.rope_theta, "must be a finite RoPE base > 1 (as model.rope_theta)")
     return StagePlan(stage.name, steps, samples, samples // per_pass, stage.micro_batch_size, stage.seq_len)
+
+
+# DeepSpeed keys the loop derives from its own settings and relies on: the batch its data plan feeds, the clipping
+# it logs (and, without ZeRO in fp32, does itself), the ZeRO layout its checkpoints record, the precision, optimizer
+# and LR schedule it hands DeepSpeed. A key of `deepspeed.extra` under one of these is refused, naming the setting.
+DERIVED_DEEPSPEED_KEYS = {
+    "gradient_clipping": "deepspeed.grad_clip",
+    "train_batch_size": "the stage's global_batch_tokens",
+    "train_micro_batch_size_per_gpu": "the stage's micro_batch_size",
+    "gradient_accumulation_steps": "the stage's global_batch_tokens and micro_batch_size",
+    "data_types": "deepspeed.grad_accum_dtype",
+    "zero_optimization.stage": "deepspeed.zero_stage",
+    "zero_optimization.overlap_comm": "deepspeed.overlap_comm",
+    "zero_optimization.reduce_bucket_size": "deepspeed.reduce_bucket_size",
+    "zero_optimization.allgather_bucket_size": "deepspeed.reduce_bucket_size",
+    "zero_optimization.stage3_prefetch_bucket_size": "deepspeed.stage3_prefetch_bucket_size",
+    "zero_optimization.offload_optimizer": "deepspeed.offload_optimizer",
+    "zero_optimization.offload_param": "deepspeed.offload_param",
+    "bf16.enabled": "deepspeed.precision",
+    "bf16.check_grad_overflow": "deepspeed.precision (a non-finite gradient norm skips the step on every rank)",
+    "fp16": "deepspeed.precision (bf16 or fp32; fp16 with loss scaling is not supported)",
+    "optimizer": "optim.* (torch AdamW is the client optimizer)",
+    "scheduler": "the stages' lr settings (the loop sets each step's LR)",
+}
+_DEEPSPEED_SECTIONS = ("zero_optimization", "bf16")  # dicts of the derived config that `extra` merges into
+
+
+def _check_deepspeed_extra(extra: Dict[str, Any]) -> None:
+    """Refuse what `deepspeed.extra` may not set: a derived key (DERIVED_DEEPSPEED_KEYS), a merged section that is
+    not a mapping, a `steps_per_print` DeepSpeed divides by."""
+    todo = [(str(k), v) for k, v in extra.items()]
+    while todo:
+        path, value = todo.pop(0)
+        if path in DERIVED_DEEPSPEED_KEYS:
+            _fail(f"deepspeed.extra.{path}", value, f"set by tristage from {DERIVED_DEEPSPEED_KEYS[path]}; "
+                  "set that instead")
+        if path in _DEEPSPEED_SECTIONS:
+            if not isinstance(value, dict):
+                _fail(f"deepspeed.extra.{path}", value, "must be a mapping (merged into the derived section)")
+            todo += [(f"{path}.{k}", v) for k, v in value.items()]
+    steps = extra.get("steps_per_print", 1)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        _fail("deepspeed.extra.steps_per_print", steps, "must be an integer >= 1 (DeepSpeed divides by it)")
 
 
 def unknown_keys(node: Any, typed: Any, path: str = "") -> List[str]:
@@ -462,6 +512,10 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int) -> List[StagePlan]:
         # DeepSpeed's engine refuses that mix without ZeRO ("unsupported mix") with a traceback
         _fail("deepspeed.grad_accum_dtype", "fp32", "needs deepspeed.zero_stage >= 1 in bf16 (without ZeRO "
               "DeepSpeed sums bf16 gradients in bf16)")
+    try:
+        check_data_config(cfg.data)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
     for name, src in cfg.data.sources.items():
         try:
             to_source_config(name, src)
@@ -469,6 +523,10 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int) -> List[StagePlan]:
             raise ConfigError(f"config key {e}") from None
     if cfg.data.index_workers is not None and cfg.data.index_workers < 1:
         _fail("data.index_workers", cfg.data.index_workers, "must be at least 1 (or null: one per core, up to 16)")
+    if not cfg.run_dir.strip():  # Path("") is the working directory: the run wrote its files and lock there
+        _fail("run_dir", cfg.run_dir, "must name a directory (relaunching there resumes)")
+    if not 0 <= cfg.seed < 2**63:  # numpy's generators take no negative seed, torch's none past 64 bits
+        _fail("seed", cfg.seed, "must lie in [0, 2**63)")
     if cfg.threads < 0:  # torch.set_num_threads raised it in init_distributed, a traceback not naming the key
         _fail("threads", cfg.threads, "must be >= 0 (0: cores / local ranks)")
     if cfg.device not in ("auto", "cpu", "cuda"):
@@ -517,15 +575,13 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int) -> List[StagePlan]:
         _fail("logging.peak_tflops", cfg.logging.peak_tflops, "must be a finite TFLOP/s >= 0 (0: the device's own)")
     if ds.reduce_bucket_size < 1:
         _fail("deepspeed.reduce_bucket_size", ds.reduce_bucket_size, "must be at least 1 (elements per bucket)")
-    # DeepSpeed keys the loop derives from its own settings and relies on: the batch its data plan feeds, the
-    # clipping it logs (and, without ZeRO in fp32, does itself)
-    for key, own in (("gradient_clipping", "deepspeed.grad_clip"),
-                     ("train_batch_size", "the stage's global_batch_tokens"),
-                     ("train_micro_batch_size_per_gpu", "the stage's micro_batch_size"),
-                     ("gradient_accumulation_steps", "the stage's global_batch_tokens and micro_batch_size"),
-                     ("data_types", "deepspeed.grad_accum_dtype")):
-        if key in ds.extra:
-            _fail(f"deepspeed.extra.{key}", ds.extra[key], f"set by tristage from {own}; set that instead")
+    if ds.stage3_prefetch_bucket_size < 0:  # DeepSpeed's own check was a pydantic traceback at the engine's start
+        _fail("deepspeed.stage3_prefetch_bucket_size", ds.stage3_prefetch_bucket_size,
+              "must be >= 0 (elements; 0: no prefetch)")
+    if cfg.eval.stage_end_suite and not cfg.checkpoint.export_hf and os.environ.get("RANK", "0") == "0":
+        print("note: eval.stage_end_suite evaluates each stage's HF export, and checkpoint.export_hf=false writes "
+              "none: the suite is skipped", file=sys.stderr)
+    _check_deepspeed_extra(ds.extra)
     if cfg.max_steps < 0:  # `steps >= max_steps` held after the first step: a negative one stopped the run there
         _fail("max_steps", cfg.max_steps, "must be >= 0 (0: run to the end)")
     if cfg.checkpoint.keep < 1:

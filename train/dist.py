@@ -75,6 +75,9 @@ def init_distributed(cfg: TrainConfig) -> DistInfo:
     backend = cfg.dist.backend
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":  # NCCL moves CUDA tensors only; torch's error named no key
+        raise ConfigError(f"config key 'dist.backend' = 'nccl' but the device is {device.type}: NCCL runs between "
+                          f"CUDA devices; use dist.backend=gloo (or auto)")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:

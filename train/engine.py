@@ -71,8 +71,8 @@ def deepspeed_config(cfg: TrainConfig, plan: StagePlan, device: torch.device) ->
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
-    for key, value in ds.extra.items():
-        config[key] = value
+    for key, value in ds.extra.items():  # a section (zero_optimization, bf16) is merged key by key
+        config[key] = {**config[key], **value} if isinstance(config.get(key), dict) else value
     return config
 
 
