@@ -290,6 +290,18 @@ def test_a_typod_secret_key_is_not_quoted_and_hydras_secrets_leave_the_recorded_
         "logging.wandb.mode=offline"]
 
 
+def test_wandb_that_cannot_start_online_exits_2_naming_the_way_out(data_root, tmp_path):
+    """Online with no route to the server was wandb's CommError traceback, exit 1 (after 90 s, its init timeout)."""
+    key = "k" * 40
+    proc = run_train([*SMOKE, f"run_dir={tmp_path / 'run'}", "logging.wandb.mode=online"], timeout=120,
+                     env={"WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": key, "WANDB_INIT_TIMEOUT": "5"})
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert ("error: config key 'logging.wandb.mode' = 'online': wandb could not start the run (CommError: "
+            in proc.stdout), proc.stdout[-3000:]
+    assert "logging.wandb.mode=offline and `wandb sync" in proc.stdout
+    assert "Traceback" not in proc.stdout and key not in proc.stdout
+
+
 def test_cli_inconsistent_value_exits_2_before_process_group(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_train([*SMOKE, f"run_dir={run_dir}", "curriculum.stages.general.global_batch_tokens=1000"],

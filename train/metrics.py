@@ -174,9 +174,17 @@ def _start_wandb(cfg: TrainConfig, run_dir: Path, safe_config: Dict[str, Any]) -
     if cfg.logging.wandb.api_key:
         os.environ["WANDB_API_KEY"] = cfg.logging.wandb.api_key
     os.environ.setdefault("WANDB_SILENT", "true")
-    return wandb.init(project=cfg.logging.wandb.project, entity=cfg.logging.wandb.entity, name=cfg.name,
-                      dir=str(run_dir), mode=cfg.logging.wandb.mode, config=safe_config,
-                      id=wandb_run_id(run_dir), resume="allow")
+    try:
+        return wandb.init(project=cfg.logging.wandb.project, entity=cfg.logging.wandb.entity, name=cfg.name,
+                          dir=str(run_dir), mode=cfg.logging.wandb.mode, config=safe_config,
+                          id=wandb_run_id(run_dir), resume="allow")
+    except wandb.errors.Error as e:  # no network, a refused key: was wandb's traceback, exit 1
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        key = os.environ.get("WANDB_API_KEY")
+        first = first.replace(key, "***") if key else first
+        raise ConfigError(f"config key 'logging.wandb.mode' = {cfg.logging.wandb.mode!r}: wandb could not start the "
+                          f"run ({type(e).__name__}: {first}); check the network and WANDB_API_KEY, or log with "
+                          f"logging.wandb.mode=offline and `wandb sync {run_dir}/wandb` later") from None
 
 
 def wandb_run_id(run_dir: Path) -> str:
