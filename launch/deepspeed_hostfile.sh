@@ -9,7 +9,7 @@
 #       model.activation_checkpointing=true run_dir=/shared/runs/qwen3_14b
 #   HOSTFILE=/etc/hosts.gpu launch/deepspeed_hostfile.sh ...
 #
-# Variables: HOSTFILE (launch/hostfile), MASTER_PORT (29500). The first host is the rendezvous master.
+# Variables: HOSTFILE (hostfile beside this script), MASTER_PORT (29500). The first host is the rendezvous master.
 # --no_local_rank: ranks read LOCAL_RANK from the environment rather than a `--local_rank=N` argument,
 # which Hydra would take for an override. Environment variables the remote ranks need (NCCL_*, PATH of
 # the virtual environment) go into a `.deepspeed_env` file (KEY=VALUE lines only: no comments, no blank
@@ -32,7 +32,7 @@ for arg in "$@"; do
   fi
 done
 
-HOSTFILE=${HOSTFILE:-launch/hostfile}
+HOSTFILE=${HOSTFILE:-$(dirname "${BASH_SOURCE[0]}")/hostfile}
 if [[ ! -f "$HOSTFILE" ]]; then
   echo "no hostfile at $HOSTFILE: copy launch/hostfile.example and list your hosts" >&2
   exit 2
@@ -69,8 +69,9 @@ if [[ "$hosts" == "localhost" || "$hosts" == "127.0.0.1" ]]; then
 fi
 
 args=("$@")
-if ((${#extra[@]} == 0)); then
-  # Over pdsh every remote shell parses the command line again, and DeepSpeed quotes only arguments with a space
+if (($(wc -l <<<"$hosts") > 1)); then
+  # Over pdsh, which DeepSpeed uses for more than one host (one host's ranks it starts here, without a shell),
+  # every remote shell parses the command line again, and DeepSpeed quotes only arguments with a space
   # (in "..."): `${name}`, `{a: 1, b: 2}` or `a;b` would be expanded, split or run there. Quote each argument so
   # that it arrives as given: single quotes around one without a space; in one with a space, which DeepSpeed
   # puts in double quotes, the characters those still expand escaped.

@@ -327,18 +327,23 @@ class Qwen3ForCausalLM(nn.Module):
         for name, p in self.named_parameters():  # fixed order, shared (tied) weights once
             owner = self.get_submodule(name.rsplit(".", 1)[0])
             with (gather or whole_already)(p):
-                target = p
+                # a bf16 weight is drawn in fp32 and rounded once: it then holds what an fp32 model cast to bf16
+                # (DeepSpeed's `.bfloat16()`) holds, whether it was built in bf16 or partitioned by zero.Init
+                draw = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
+                target = p if p.dtype == draw else torch.empty_like(p, dtype=draw)
                 if isinstance(owner, Qwen3MoeExperts) and owner.num_local_experts < owner.num_experts:
                     # expert parallelism: draw every expert, as an unsharded model does, and keep this rank's
-                    target = p.new_empty((owner.num_experts, *p.shape[1:]))
+                    target = p.new_empty((owner.num_experts, *p.shape[1:]), dtype=draw)
                 if isinstance(owner, RMSNorm):
                     target.fill_(1.0)
                 elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
                     target.normal_(0.0, residual_std, generator=gen)
                 else:
                     target.normal_(0.0, cfg.initializer_range, generator=gen)
-                if target is not p:
+                if target.shape != p.shape:
                     p.copy_(target[owner.first_expert: owner.first_expert + owner.num_local_experts])
+                elif target is not p:
+                    p.copy_(target)
         self._reset_rope()
         if self.balance is not None:
             self.balance.start_step()

@@ -258,6 +258,22 @@ exit $rc
         assert r.returncode == 2 and f"error: .deepspeed_env {why}" in r.stderr and "SECRET42" not in r.stderr
 
 
+def test_deepspeed_hostfile_of_one_remote_host_passes_the_arguments_as_given(fake_train, tmp_path):
+    """DeepSpeed starts one host's ranks itself, without pdsh or a shell: the quotes added for pdsh's remote shells
+    reached Hydra (`'experiment=smoke'`, a LexerNoViableAltException) on any one-host file but localhost's."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    _executable(stubs / "ssh", "#!/usr/bin/env bash\necho 127.0.0.1\n")  # reachability check, `hostname -I`
+    _executable(stubs / "pdsh", "#!/usr/bin/env bash\ntouch pdsh_ran\nexit 9\n")
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("gpu-node-001 slots=1\n")
+    args = ["model=tiny_dense", "run_dir=/shared/${name}", "+data.mixtures.anneal={udhr:1,code:1}", "it's"]
+    r, ranks = fake_train("deepspeed_hostfile.sh", *args, HOSTFILE=str(hostfile), MASTER_PORT=str(free_port()),
+                          PATH=f"{stubs}:{VENV_BIN}:{os.environ['PATH']}")
+    assert r.returncode == 75, r.stderr[-2000:]
+    assert not (tmp_path / "pdsh_ran").exists() and [x["argv"] for x in ranks] == [args]
+
+
 def test_deepspeed_hostfile_missing(fake_train, tmp_path):
     r, _ = fake_train("deepspeed_hostfile.sh", HOSTFILE=str(tmp_path / "nope"))
     assert r.returncode == 2 and "hostfile.example" in r.stderr

@@ -594,3 +594,24 @@ def test_the_general_stage_lr_is_set_by_its_peak_alone(overrides, world, peak):
     assert lr.final == peak
     assert [lr_at(lr, s, steps) for s in (lr.warmup_steps - 1, lr.warmup_steps, steps - 1)] == [peak] * 3
     assert lr_at(lr, 0, steps) == pytest.approx(peak / lr.warmup_steps)
+
+
+@pytest.mark.parametrize("model", ["tiny_dense", "tiny_moe"])
+def test_a_bf16_run_builds_its_model_in_bf16_with_the_fp32_draws_rounded(model):
+    """Under bf16 the model was allocated in fp32 and DeepSpeed cast it: 4 bytes per local parameter at start (136
+    GiB per rank for Qwen3-235B-A22B under EP 8, over an H200). Built in bf16 now, each weight drawn in fp32 and
+    rounded once, it holds exactly what the fp32 build cast to bf16 holds; an fp32 run is built as before."""
+    from train.dist import DistInfo
+    from train.loop import build_model
+
+    info = DistInfo(0, 1, 0, 1, torch.device("cpu"))
+    bf16 = compose_cfg([f"model={model}", "deepspeed.precision=bf16"])
+    fp32 = compose_cfg([f"model={model}", "deepspeed.precision=fp32"])
+    built = build_model(bf16, validate(bf16, world_size=1)[0], info)
+    reference = build_model(fp32, validate(fp32, world_size=1)[0], info)
+    assert {p.dtype for p in reference.parameters()} == {torch.float32}
+    assert {p.dtype for p in built.parameters()} == {torch.bfloat16}
+    assert built.rope_cos.dtype == torch.float32 and torch.equal(built.rope_cos, reference.rope_cos)
+    theirs = dict(reference.to(torch.bfloat16).named_parameters())
+    for name, p in built.named_parameters():
+        assert torch.equal(p, theirs[name]), name
