@@ -74,7 +74,7 @@ import logging
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -543,20 +543,36 @@ def suggestions(cfg: TrainConfig, current: Plan, limit: int = 4) -> Tuple[List[s
 def _together(cfg: TrainConfig, current: Plan) -> List[str]:
     """No single change being enough: the changes taken in order while each lowers the excess, until the plan
     fits (for keys with several candidate values, micro-batch and EP, the last is the strongest); [] if it never
-    does. The node count stays."""
-    strongest = {}
+    does. Then each change the others make unneeded goes (the last taken first), and each key left takes its
+    mildest value that still fits: a micro-batch of 1 costs throughput the time estimate (at a fixed MFU) does not
+    show. The node count stays."""
+    options: Dict[str, List[Change]] = {}  # each key's candidate values, mildest first
     for label, apply in _candidates(cfg, current):
         if not label.startswith("launch.nodes="):
-            strongest[label.split("=")[0]] = (label, apply)
+            options.setdefault(label.split("=")[0], []).append((label, apply))
     chosen: List[Change] = []
     best = _excess(current)
-    for change in strongest.values():
-        trial = _try(cfg, chosen + [change])
+
+    def fits(changes: List[Change]) -> bool:
+        trial = _try(cfg, changes)
+        return trial is not None and trial.fits
+
+    for values in options.values():
+        trial = _try(cfg, chosen + [values[-1]])
         if trial is not None and _excess(trial) < best:
-            chosen, best = chosen + [change], _excess(trial)
+            chosen, best = chosen + [values[-1]], _excess(trial)
             if trial.fits:
-                return [label for label, _ in chosen]
-    return []
+                break
+    else:
+        return []
+    for change in reversed(list(chosen)):
+        if fits([c for c in chosen if c is not change]):
+            chosen = [c for c in chosen if c is not change]
+    for i, (label, _) in enumerate(chosen):
+        milder = next((v for v in options[label.split("=")[0]] if v[0] != label
+                       and fits(chosen[:i] + [v] + chosen[i + 1:])), None)
+        chosen[i] = milder or chosen[i]
+    return [label for label, _ in chosen]
 
 
 # --------------------------------------------------------------------------------------------------------

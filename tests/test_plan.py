@@ -278,6 +278,21 @@ def test_combined_suggestion_when_no_single_change_fits():
     assert plan(fixed).fits
 
 
+@pytest.mark.parametrize("base", [
+    ["model=qwen3_235b_a22b", "deepspeed=zero2", "expert_parallel_size=8", "launch.nodes=4", "launch.gpus_per_node=8",
+     "model.activation_checkpointing=true"],
+    ["model=qwen3_32b", "deepspeed=zero1", "launch.nodes=1", "launch.gpus_per_node=8"]])
+def test_a_combined_suggestion_holds_no_change_the_others_make_unneeded(base):
+    """Every change that lowered the excess stayed in, so both of these were told to train at micro-batch 1 too
+    (a throughput cost the time column, at a fixed MFU, does not show), which the rest already made fit."""
+    p = plan(_cfg("curriculum=qwen3", *base))
+    assert not p.fits and p.suggestions_combined
+    assert not [s for s in p.suggestions if "micro_batch_size" in s], p.suggestions
+    assert plan(_cfg("curriculum=qwen3", *base, *p.suggestions)).fits
+    for dropped in p.suggestions:
+        assert not plan(_cfg("curriculum=qwen3", *base, *[s for s in p.suggestions if s != dropped])).fits, dropped
+
+
 def test_combined_suggestion_adds_nodes_when_changes_alone_cannot_fit():
     """235B-A22B on one node of 8 GPUs: no change nor set of changes fits there; the fewest doubled node count at
     which the strongest changes together fit is named with them (the search stopped at 'no fitting overrides')."""
