@@ -9,7 +9,9 @@
 #       model.activation_checkpointing=true run_dir=/shared/runs/qwen3_14b
 #   HOSTFILE=/etc/hosts.gpu launch/deepspeed_hostfile.sh ...
 #
-# Variables: HOSTFILE (hostfile beside this script), MASTER_PORT (29500). The first host is the rendezvous master.
+# Variables: HOSTFILE (hostfile beside this script), MASTER_PORT (29500), MASTER_ADDR (the rendezvous address;
+# default: the first host's first address as `hostname -I` lists it there, so set it where that is not the
+# network the nodes share), DS_ENV_FILE (checked as DeepSpeed reads it). The first host is the rendezvous master.
 # --no_local_rank: ranks read LOCAL_RANK from the environment rather than a `--local_rank=N` argument,
 # which Hydra would take for an override. Environment variables the remote ranks need (NCCL_*, PATH of
 # the virtual environment) go into a `.deepspeed_env` file (KEY=VALUE lines only: no comments, no blank
@@ -66,6 +68,8 @@ extra=()
 hosts=$(awk '!/^[[:space:]]*(#|$)/ {print $1}' "$HOSTFILE" | sort -u)
 if [[ "$hosts" == "localhost" || "$hosts" == "127.0.0.1" ]]; then
   extra+=(--no_ssh_check --master_addr=127.0.0.1)
+elif [[ -n ${MASTER_ADDR:-} ]]; then  # else deepspeed takes the first host's first `hostname -I` address
+  extra+=(--master_addr="$MASTER_ADDR")
 fi
 
 args=("$@")
@@ -88,7 +92,7 @@ if (($(wc -l <<<"$hosts") > 1)); then
   # DeepSpeed pastes each `.deepspeed_env` line into the remote command as `export <line>;` (and prints it): a
   # comment or blank line would break that command (a comment swallows the rest: every host runs nothing and
   # the launcher exits 0), and a secret would be printed
-  for env_file in ".deepspeed_env" "$HOME/.deepspeed_env"; do
+  for env_file in ${DS_ENV_FILE:+"$DS_ENV_FILE"} ".deepspeed_env" "$HOME/.deepspeed_env"; do
     [[ -f $env_file ]] || continue
     n=0
     while IFS= read -r line || [[ -n $line ]]; do

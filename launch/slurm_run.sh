@@ -23,7 +23,8 @@ NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
 
 # awk, not head: head exits after one line and pipefail would fail the job on scontrol's SIGPIPE
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk 'NR == 1')
-MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+# below Linux's ephemeral ports (32768 up), where an outgoing connection may hold the derived one
+MASTER_PORT=${MASTER_PORT:-$((12000 + SLURM_JOB_ID % 20000))}
 export MASTER_ADDR MASTER_PORT
 
 if [[ "${PLAN_CHECK:-1}" != 0 ]]; then
@@ -53,6 +54,8 @@ set -e
 
 if [[ $rc -eq 75 ]]; then
   echo "tristage: checkpoint saved after SIGTERM; requeueing job $SLURM_JOB_ID" >&2
-  scontrol requeue "$SLURM_JOB_ID"
+  # a job that may not be requeued, or one preemption requeues already: said, and still 75 (not scontrol's code)
+  scontrol requeue "$SLURM_JOB_ID" || echo "tristage: scontrol requeue failed; submit the same command again to" \
+    "resume from the checkpoint" >&2
 fi
 exit "$rc"

@@ -85,7 +85,7 @@ exit $rc
     _executable(stubs / "scontrol", f"""#!/usr/bin/env bash
 case $1 in
   show) printf 'node-a\\nnode-b\\n' ;;
-  requeue) echo "$2" >> {log}/requeue ;;
+  requeue) echo "$2" >> {log}/requeue; exit "${{SCONTROL_RC:-0}}" ;;
 esac
 """)
     # python: record argv and the rank variables; exit with PLAN_RC for the planner, TRAIN_RC for train.
@@ -137,6 +137,14 @@ def test_slurm_requeues_when_the_batch_shell_got_the_sigterm_too(slurm):
     r, calls, requeued = slurm("slurm_qwen3_8b.sbatch", TRAIN_RC="75", TERM_BATCH_SHELL="1")
     assert r.returncode == 75 and requeued == ["4242"], r.stderr
     assert "the batch shell got a signal; waiting for the ranks" in r.stderr and len(calls) == 5
+
+
+def test_slurm_exits_75_and_says_so_when_the_requeue_is_refused(slurm):
+    """Under `set -e` a refused requeue (a job that may not be requeued, one preemption requeues already) ended
+    the script with scontrol's code and no word of what to do."""
+    r, _, requeued = slurm("slurm_qwen3_8b.sbatch", TRAIN_RC="75", SCONTROL_RC="1")
+    assert r.returncode == 75 and requeued == ["4242"], r.stderr
+    assert "scontrol requeue failed; submit the same command again to resume" in r.stderr
 
 
 @pytest.mark.parametrize("train_rc", ["0", "1", "2"])

@@ -355,6 +355,20 @@ def test_a_stage_end_suite_without_exports_is_said_to_be_skipped(capsys):
     assert "suite is skipped" not in capsys.readouterr().err
 
 
+def test_zero_offload_on_gpus_gets_the_nodes_cores_not_torchruns_one_thread(monkeypatch):
+    """On GPUs the threads were left as torchrun sets them (OMP_NUM_THREADS=1), so ZeRO-Offload's AdamW step
+    (torch's, on the CPU) updated ~1B parameters per rank on one core; srun left every rank all cores."""
+    from train.dist import cpu_threads
+
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert cpu_threads(compose_cfg(["deepspeed=zero2"]), gpu, 8) is None
+    assert cpu_threads(compose_cfg(["deepspeed=zero2_offload"]), gpu, 8) == 8
+    assert cpu_threads(compose_cfg(["deepspeed=zero3", "deepspeed.offload_param=true"]), gpu, 8) == 8
+    assert cpu_threads(compose_cfg(["deepspeed=zero2_offload", "threads=3"]), gpu, 8) == 3
+    assert cpu_threads(compose_cfg([]), cpu, 2) == 32
+
+
 def test_each_rank_takes_its_gpu_whether_it_sees_the_nodes_or_only_its_own():
     """A rank that sees only its own GPU (srun --gpus-per-task=1) asked for cuda:<LOCAL_RANK> and failed
     ("invalid device ordinal") on every rank but the first; more ranks than visible GPUs are named."""

@@ -60,6 +60,16 @@ def resolve_device(cfg: TrainConfig, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_threads(cfg: TrainConfig, device: torch.device, local_world: int) -> Optional[int]:
+    """torch's intra-op threads for a rank (None: left as they are): `threads`, else the node's cores shared by
+    its ranks, on the CPU and on GPUs under ZeRO-Offload, whose AdamW step over the offloaded partition runs on
+    the CPU (torchrun starts its workers with OMP_NUM_THREADS=1: one core for ~1B parameters per rank)."""
+    ds = cfg.deepspeed
+    if device.type == "cuda" and not (ds.offload_optimizer or ds.offload_param):
+        return None
+    return cfg.threads or max(1, (os.cpu_count() or 1) // max(1, local_world))
+
+
 def init_distributed(cfg: TrainConfig) -> DistInfo:
     """Start the process group (a one-process group when not launched), gloo on CPU and nccl on GPU."""
     import deepspeed
@@ -80,8 +90,8 @@ def init_distributed(cfg: TrainConfig) -> DistInfo:
                           f"CUDA devices; use dist.backend=gloo (or auto)")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        threads = cfg.threads or max(1, (os.cpu_count() or 1) // max(1, local_world))
+    threads = cpu_threads(cfg, device, local_world)
+    if threads:
         torch.set_num_threads(threads)
     if not dist.is_initialized():
         # one process group per process, kept across the jobs of a --multirun sweep (DeepSpeed caches its
