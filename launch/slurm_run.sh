@@ -39,7 +39,8 @@ echo "tristage: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $NNODES
 
 # Each task maps SLURM's ids onto the variables torch.distributed reads (train/engine.py: world_from_env).
 # --kill-on-bad-exit=0: on SIGTERM every rank saves its shard and exits 75; the first to finish must not
-# take the others down mid-save.
+# take the others down mid-save. A rank that fails on its own tells the others through the rendezvous store,
+# and they exit within seconds (train/faults.py, announce_failure) rather than wait out dist.timeout_s.
 set +e
 # A SIGTERM (preemption, scancel, --signal=B:TERM) that reaches this batch shell would end it at once, before the
 # requeue below: trapped, bash waits for srun, whose ranks got the signal themselves (children reset the trap)

@@ -1192,3 +1192,26 @@ def test_a_malformed_injection_spec_is_a_config_error_naming_it(monkeypatch, spe
     monkeypatch.setenv("TRISTAGE_INJECT", "nan@general:2, kill@general:3:1")
     assert injected("nan", "general", 2, 5) and injected("kill", "general", 3, 1)
     assert not injected("kill", "general", 3, 0) and not injected("nan", "general", 3, 0)
+
+
+def test_a_rank_that_fails_ends_the_others_where_no_launcher_does(data_root, tmp_path):
+    """Ranks started as srun starts them (RANK, WORLD_SIZE, MASTER_ADDR/PORT; no torchrun agent to kill the rest):
+    rank 1 raises at the start of step 2 while rank 0 is busy (a stall standing in for work or an NCCL wait). Rank 0
+    waited out dist.timeout_s and ended as a hang (exit 3); it now ends within seconds, naming rank 1's error."""
+    port = free_port()
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "TRISTAGE_INJECT": "raise@general:2:1,stall@general:2:0"}
+        procs.append(subprocess.Popen(train_cmd([*SMOKE, f"run_dir={tmp_path / 'run'}", *BASE, "threads=1",
+                                                 "dist.timeout_s=120"]), cwd=ROOT, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    out1, _ = procs[1].communicate(timeout=240)
+    failed_at = time.monotonic()
+    out0, _ = procs[0].communicate(timeout=240)
+    assert procs[1].returncode == 1 and "RuntimeError: injected failure at general step 2 on rank 1" in out1, out1
+    assert procs[0].returncode == 1, out0[-3000:]
+    assert ("error: rank 0: rank 1 failed (RuntimeError: injected failure at general step 2 on rank 1), so this job "
+            "cannot go on") in out0, out0[-3000:]
+    assert time.monotonic() - failed_at < 30  # PEER_POLL_S, not dist.timeout_s

@@ -62,7 +62,7 @@ def inject(kind: str, stage: str, step: int, rank: int) -> None:
     TRISTAGE_SLOW_S seconds more, default 10), `enospc` / `enospc_in_write` (a full disk after DeepSpeed's part of
     a checkpoint save / in its first file), `kill` / `kill_in_save` / `kill_after_rollback` (SIGKILL at the start
     of a step / in the middle of a checkpoint save / right after a spike rollback to the checkpoint at that step),
-    `sigusr1` (the signal, to this process, at the start of a step)."""
+    `sigusr1` (the signal, to this process, at the start of a step), `raise` (a RuntimeError there)."""
     if not injected(kind, stage, step, rank):
         return
     if kind == "stall":
@@ -76,6 +76,8 @@ def inject(kind: str, stage: str, step: int, rank: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "(injected)")
     if kind in ("kill", "kill_in_save", "kill_after_rollback"):
         os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "raise":
+        raise RuntimeError(f"injected failure at {stage} step {step} on rank {rank}")
 
 
 class SpikeDetector:
@@ -129,11 +131,37 @@ def _describe_main_thread() -> Tuple[bool, str]:
     return waiting, f"{inner.name} ({os.path.basename(inner.filename)}:{inner.lineno})"
 
 
-class Watchdog:
-    """Ends the job, naming the stuck ranks, when this rank makes no progress for `timeout_s` seconds."""
+PEER_POLL_S = 5.0  # how often a watchdog asks the store whether another rank failed
 
-    def __init__(self, rank: int, world: int, timeout_s: float, where: str = ""):
+
+def _failure_key(job: str) -> str:
+    return f"tristage/failed/{job}"
+
+
+def announce_failure(rank: int, error: BaseException, job: str) -> None:
+    """Tell the other ranks of job `job` (its run_dir), through the rendezvous store, that this rank failed with
+    `error`: their watchdogs end them within PEER_POLL_S seconds. Otherwise, where no launcher ends them (srun with
+    --kill-on-bad-exit=0, which a preemption's checkpoint needs; plain env:// launches), they wait in their next
+    collective for dist.timeout_s (NCCL) and the job's GPUs idle that long. Nothing is said where the store is
+    gone (it lives in rank 0's process outside torchrun)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    first = str(error).splitlines()[0] if str(error) else ""
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        _get_default_store().set(_failure_key(job), f"rank {rank} failed ({type(error).__name__}: {first})")
+    except Exception:  # noqa: BLE001 - the store's host ended: no one to tell
+        pass
+
+
+class Watchdog:
+    """Ends the job, naming the stuck ranks, when this rank makes no progress for `timeout_s` seconds; ends this
+    rank within PEER_POLL_S seconds when another rank of job `job` announced a failure (`announce_failure`)."""
+
+    def __init__(self, rank: int, world: int, timeout_s: float, where: str = "", job: str = ""):
         self.rank, self.world, self.timeout_s = rank, world, timeout_s
+        self.job = job
         self.last = time.monotonic()
         self.where = where
         self._stop = threading.Event()
@@ -174,9 +202,25 @@ class Watchdog:
             self.beat(f"after {where}")
 
     def _run(self) -> None:
+        polled = time.monotonic()
         while not self._stop.wait(min(1.0, self.timeout_s / 10)):
             if not self._suspended and time.monotonic() - self.last > self.timeout_s:
                 self._fire()
+            if self._store is not None and time.monotonic() - polled >= PEER_POLL_S:
+                polled = time.monotonic()
+                failed = self._peer_failure()
+                if failed and not failed.startswith(f"rank {self.rank} ") and not self._stop.is_set():
+                    print(f"error: rank {self.rank}: {failed}, so this job cannot go on; exiting with code 1 at "
+                          f"{self.where}", file=sys.stderr, flush=True)
+                    os._exit(1)
+
+    def _peer_failure(self) -> Optional[str]:
+        """What another rank of this job announced (`announce_failure`), or None."""
+        key = _failure_key(self.job)
+        try:
+            return self._store.get(key).decode() if self._store.check([key]) else None
+        except Exception:  # noqa: BLE001 - the store's host ended (rank 0 outside torchrun): its own exit says why
+            return None
 
     def _fire(self) -> None:
         waiting, frame = _describe_main_thread()

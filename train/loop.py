@@ -47,7 +47,8 @@ from train.dist import DistInfo, Rank0Failed, barrier, init_distributed, on_rank
 from train.engine import (CheckpointLoadError, Engine, construction, local_parameter_elements, partitioned_init,
                           use_bf16, whole)
 from train.export import export_config, write_tokenizer_files
-from train.faults import NONFINITE_EXIT_CODE, SpikeDetector, Watchdog, collective_result, inject, injected
+from train.faults import (NONFINITE_EXIT_CODE, SpikeDetector, Watchdog, announce_failure, collective_result,
+                          inject, injected)
 from train.heldout import (first_languages, heldout_perplexity, make_eval_batches, pool_by_language,
                            window_tokens)
 from train.metrics import MetricsLogger, peak_flops, redact
@@ -250,7 +251,7 @@ class Trainer:
         self.metrics = (on_rank0("opening metrics.jsonl and wandb",
                                  lambda: MetricsLogger(cfg, self.run_dir, 0, resolved))
                         or MetricsLogger(cfg, self.run_dir, info.rank, resolved))
-        self.watchdog = Watchdog(info.rank, info.world_size, cfg.dist.timeout_s, "start").start()
+        self.watchdog = Watchdog(info.rank, info.world_size, cfg.dist.timeout_s, "start", job=cfg.run_dir).start()
         self.profiler = StepProfiler(cfg.logging.profile, self.run_dir, info.rank, info.device)
         self.closed = False
         self.metrics.log({"event": "model", "parameters": count_parameters(cfg.model).total,
@@ -630,6 +631,7 @@ class Trainer:
         cfg, state, info = self.cfg, self.state, self.info
         inject("kill", stage.name, step, info.rank)
         inject("sigusr1", stage.name, step, info.rank)
+        inject("raise", stage.name, step, info.rank)
         self.profiler.begin(state.global_step + 1)
         lr = lr_at(stage.lr, state.step, plan.steps)
         result = self._train_step(stage, plan, stream, lr)
@@ -1003,6 +1005,9 @@ def run(cfg: TrainConfig, resolved: Dict[str, Any], plans: List[StagePlan]) -> i
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         code = NONFINITE_EXIT_CODE
+    except Exception as e:  # this rank's own failure (an OOM, a bug): the others are told, then it goes on up
+        announce_failure(info.rank, e, cfg.run_dir)
+        raise
     finally:
         if trainer is not None:
             trainer.close()
