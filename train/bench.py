@@ -194,12 +194,12 @@ def build_model(run: Run, cfg: Qwen3Config, device: torch.device, dtype: torch.d
         from models.qwen3 import Qwen3ForCausalLM
 
         with torch.device("meta"):
-            model = Qwen3ForCausalLM(cfg)
+            model = Qwen3ForCausalLM(cfg).to(dtype)  # built in dtype as training builds it (train/loop.py)
         model.to_empty(device=device)
         model.init_weights(seed=0)
         if run.compile_loss is not None:
             model.lm_head.compiled = run.compile_loss
-        return model.to(dtype).train()
+        return model.train()
 
     import transformers
 
