@@ -135,7 +135,8 @@ PEER_POLL_S = 5.0  # how often a watchdog asks the store whether another rank fa
 
 
 def _failure_key(job: str) -> str:
-    return f"tristage/failed/{job}"
+    # a torchrun restart (--max_restarts) keeps its agent's store: the failure of the attempt before is not news
+    return f"tristage/failed/{job}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
 def announce_failure(rank: int, error: BaseException, job: str) -> None:
