@@ -11,7 +11,7 @@
 #
 # Variables: HOSTFILE (hostfile beside this script), MASTER_PORT (29500), MASTER_ADDR (the rendezvous address;
 # default: the first host's first address as `hostname -I` lists it there, so set it where that is not the
-# network the nodes share), DS_ENV_FILE (checked as DeepSpeed reads it). The first host is the rendezvous master.
+# network the nodes share), DS_ENV_FILE (the name of that file, checked as DeepSpeed reads it). The first host is the rendezvous master.
 # --no_local_rank: ranks read LOCAL_RANK from the environment rather than a `--local_rank=N` argument,
 # which Hydra would take for an override. Environment variables the remote ranks need (NCCL_*, PATH of
 # the virtual environment) go into a `.deepspeed_env` file (KEY=VALUE lines only: no comments, no blank
@@ -92,7 +92,8 @@ if (($(wc -l <<<"$hosts") > 1)); then
   # DeepSpeed pastes each `.deepspeed_env` line into the remote command as `export <line>;` (and prints it): a
   # comment or blank line would break that command (a comment swallows the rest: every host runs nothing and
   # the launcher exits 0), and a secret would be printed
-  for env_file in ${DS_ENV_FILE:+"$DS_ENV_FILE"} ".deepspeed_env" "$HOME/.deepspeed_env"; do
+  # (DeepSpeed reads the file named by DS_ENV_FILE instead, in this directory and in $HOME, as it does this one)
+  for env_file in "${DS_ENV_FILE:-.deepspeed_env}" "$HOME/${DS_ENV_FILE:-.deepspeed_env}"; do
     [[ -f $env_file ]] || continue
     n=0
     while IFS= read -r line || [[ -n $line ]]; do

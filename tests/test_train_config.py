@@ -272,6 +272,16 @@ def test_a_secret_inside_a_dict_override_is_refused_unprinted(tmp_path):
     assert take_secrets(plain) == ([*plain[:3], plain[4]], [plain[3]])
 
 
+def test_a_hydra_secret_under_a_sweep_is_refused_before_hydra_writes_multirun_yaml(tmp_path):
+    """Hydra's sweeper writes every override, `+hydra.job.env_set.WANDB_API_KEY=...` too, into multirun.yaml."""
+    secret = "sweepsecret0123456789abcdef"
+    proc = run_train([*SMOKE, "--multirun", f"hydra.sweep.dir={tmp_path / 'sweep'}", "seed=1,2",
+                      f"+hydra.job.env_set.WANDB_API_KEY={secret}"], timeout=120)
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert "error: hydra.job.env_set.WANDB_API_KEY: a secret for Hydra under --multirun would be written" in proc.stdout
+    assert secret not in proc.stdout and not (tmp_path / "sweep").exists()
+
+
 def test_a_typod_secret_key_is_not_quoted_and_hydras_secrets_leave_the_recorded_command_line(tmp_path):
     """`logging.wandb.api_kye=...` (no setting, so no secret word) was quoted whole by Hydra's refusal ("To append to
     your config use +logging.wandb.api_kye=..."). A hydra.* secret is Hydra's to read and stays on the command line
@@ -347,9 +357,14 @@ def test_nccl_on_the_cpu_exits_2_naming_the_key(tmp_path):
 
 
 def test_a_stage_end_suite_without_exports_is_said_to_be_skipped(capsys):
-    """The suite evaluates each stage's HF export: with checkpoint.export_hf=false it was skipped unsaid."""
+    """The suite evaluates each stage's HF export: with checkpoint.export_hf=false it was skipped unsaid. Said once
+    a process (the planner validates every config it tries)."""
+    from train.config import _say_once
+
+    _say_once.cache_clear()
     validate(compose_cfg(["checkpoint.export_hf=false"]), world_size=1)
-    assert "checkpoint.export_hf=false writes none: the suite is skipped" in capsys.readouterr().err
+    validate(compose_cfg(["checkpoint.export_hf=false"]), world_size=1)
+    assert capsys.readouterr().err.count("checkpoint.export_hf=false writes none: the suite is skipped") == 1
     validate(compose_cfg(["checkpoint.export_hf=false", "eval.stage_end_suite=false"]), world_size=1)
     validate(compose_cfg([]), world_size=1)
     assert "suite is skipped" not in capsys.readouterr().err
@@ -360,7 +375,7 @@ def test_zero_offload_on_gpus_gets_the_nodes_cores_not_torchruns_one_thread(monk
     (torch's, on the CPU) updated ~1B parameters per rank on one core; srun left every rank all cores."""
     from train.dist import cpu_threads
 
-    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    monkeypatch.setattr("train.dist.usable_cpus", lambda: 64)  # the affinity mask's cores, not os.cpu_count
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert cpu_threads(compose_cfg(["deepspeed=zero2"]), gpu, 8) is None
     assert cpu_threads(compose_cfg(["deepspeed=zero2_offload"]), gpu, 8) == 8

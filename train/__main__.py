@@ -59,6 +59,19 @@ def _hidden_hydra_secrets(argv: list[str]) -> list[str]:
     return [hidden(a) for a in argv]
 
 
+def refuse_swept_hydra_secret(argv: list[str]) -> None:
+    """A hydra.* secret (`+hydra.job.env_set.WANDB_API_KEY=...`) under --multirun is refused (ConfigError, the
+    value unprinted): the sweeper writes every override into <sweep dir>/multirun.yaml before any job starts."""
+    from train.config import ConfigError
+
+    if not {"-m", "--multirun"} & set(argv):
+        return
+    for arg in _hidden_hydra_secrets(argv):
+        if arg.endswith("=***"):
+            raise ConfigError(f"{arg[:-4].lstrip('+~')}: a secret for Hydra under --multirun would be written into "
+                              f"the sweep's multirun.yaml; set it in the environment instead (WANDB_API_KEY)")
+
+
 def take_secrets(argv: list[str]) -> tuple[list[str], list[str]]:
     """(argv without its secret overrides, those overrides). Hydra never sees a secret: it would print it when a
     sweep starts a job and write it to multirun.yaml and .hydra/overrides.yaml. They are applied to the composed
@@ -177,6 +190,7 @@ def main() -> None:
     started: list = []  # set once Hydra has composed a config and called the job
     # what records argv later (wandb, crash reports) sees it without the secrets, as Hydra does
     try:
+        refuse_swept_hydra_secret(sys.argv)
         sys.argv, secrets = take_secrets(_strip_launcher_args(sys.argv))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -8,6 +8,7 @@ and names the offending key.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -245,6 +246,12 @@ class StagePlan:
     grad_accum: int  # micro-batches per rank per optimizer step
     micro_batch_size: int
     seq_len: int
+
+
+@functools.lru_cache(maxsize=None)
+def _say_once(note: str) -> None:
+    """Print `note` on stderr once per process (the planner validates each config it tries)."""
+    print(note, file=sys.stderr)
 
 
 def _fail(key: str, value: Any, why: str) -> None:
@@ -579,8 +586,8 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int) -> List[StagePlan]:
         _fail("deepspeed.stage3_prefetch_bucket_size", ds.stage3_prefetch_bucket_size,
               "must be >= 0 (elements; 0: no prefetch)")
     if cfg.eval.stage_end_suite and not cfg.checkpoint.export_hf and os.environ.get("RANK", "0") == "0":
-        print("note: eval.stage_end_suite evaluates each stage's HF export, and checkpoint.export_hf=false writes "
-              "none: the suite is skipped", file=sys.stderr)
+        _say_once("note: eval.stage_end_suite evaluates each stage's HF export, and checkpoint.export_hf=false "
+                  "writes none: the suite is skipped")
     _check_deepspeed_extra(ds.extra)
     if cfg.max_steps < 0:  # `steps >= max_steps` held after the first step: a negative one stopped the run there
         _fail("max_steps", cfg.max_steps, "must be >= 0 (0: run to the end)")

@@ -17,6 +17,7 @@ from typing import Callable, Optional, TypeVar
 import torch
 import torch.distributed as dist
 
+from data.io import usable_cpus
 from train.config import ConfigError, TrainConfig, world_from_env
 
 
@@ -61,13 +62,13 @@ def resolve_device(cfg: TrainConfig, local_rank: int) -> torch.device:
 
 
 def cpu_threads(cfg: TrainConfig, device: torch.device, local_world: int) -> Optional[int]:
-    """torch's intra-op threads for a rank (None: left as they are): `threads`, else the node's cores shared by
-    its ranks, on the CPU and on GPUs under ZeRO-Offload, whose AdamW step over the offloaded partition runs on
+    """torch's intra-op threads for a rank (None: left as they are): `threads`, else this process's cores shared by
+    the node's ranks, on the CPU and on GPUs under ZeRO-Offload, whose AdamW step over the offloaded partition runs on
     the CPU (torchrun starts its workers with OMP_NUM_THREADS=1: one core for ~1B parameters per rank)."""
     ds = cfg.deepspeed
     if device.type == "cuda" and not (ds.offload_optimizer or ds.offload_param):
         return None
-    return cfg.threads or max(1, (os.cpu_count() or 1) // max(1, local_world))
+    return cfg.threads or max(1, usable_cpus() // max(1, local_world))  # the affinity mask (srun --cpus-per-task)
 
 
 def init_distributed(cfg: TrainConfig) -> DistInfo:

@@ -151,9 +151,18 @@ def announce_failure(rank: int, error: BaseException, job: str) -> None:
     try:
         from torch.distributed.distributed_c10d import _get_default_store
 
-        _get_default_store().set(_failure_key(job), f"rank {rank} failed ({type(error).__name__}: {first})")
+        # the first failure is the news: a peer's broken connection to the failed rank does not replace it
+        _get_default_store().compare_set(_failure_key(job), "", f"rank {rank} failed ({type(error).__name__}: {first})")
     except Exception:  # noqa: BLE001 - the store's host ended: no one to tell
-        pass
+        return
+    _linger_as_store_host(rank)
+
+
+def _linger_as_store_host(rank: int) -> None:
+    """Outside torchrun the rendezvous store lives in rank 0's process: before it exits, every other rank's
+    watchdog gets the time of two polls to read the failure there (they would find the store gone and wait on)."""
+    if rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        time.sleep(2 * PEER_POLL_S + 1)
 
 
 class Watchdog:
@@ -213,6 +222,7 @@ class Watchdog:
                 if failed and not failed.startswith(f"rank {self.rank} ") and not self._stop.is_set():
                     print(f"error: rank {self.rank}: {failed}, so this job cannot go on; exiting with code 1 at "
                           f"{self.where}", file=sys.stderr, flush=True)
+                    _linger_as_store_host(self.rank)
                     os._exit(1)
 
     def _peer_failure(self) -> Optional[str]:
@@ -226,7 +236,10 @@ class Watchdog:
     def _fire(self) -> None:
         waiting, frame = _describe_main_thread()
         mine = f"{'waiting in a collective' if waiting else 'stuck'} in {frame} at {self.where}"
-        verdict = self._gather(mine, waiting)
+        try:
+            verdict = self._gather(mine, waiting)
+        except Exception as e:  # noqa: BLE001 - the store's host ended (rank 0 outside torchrun): still exit
+            verdict = f"rank {self.rank} {mine}; the other ranks could not be asked ({type(e).__name__}: {e})"
         print(f"error: rank {self.rank}: no progress for {self.timeout_s:.0f}s (dist.timeout_s); {verdict}; "
               f"exiting with code {HUNG_EXIT_CODE}", file=sys.stderr, flush=True)
         os._exit(HUNG_EXIT_CODE)

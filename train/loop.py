@@ -274,12 +274,13 @@ class Trainer:
         latest = self.checkpoints.latest()
         why = prepared_otherwise(self.cfg.data) if latest is not None else None
         if why is not None:
-            raise DataError(f"{manifest_path(self.cfg.data)}: this run_dir resumes checkpoint '{latest}', trained on "
-                            f"data set {self.cfg.data.name!r} as prepared there, and the data config differs from it "
-                            f"now ({why}); a relaunch does not prepare a run's data again. To go on with this data "
-                            f"config, prepare it first (python -m data.prepare with the same data overrides) and "
-                            f"relaunch, which then checks that the stages resumed still read the same samples; or "
-                            f"give it a data.name of its own")
+            raise DataError(f"{manifest_path(self.cfg.data)}: this run_dir resumes checkpoint '{latest}', and data set "
+                            f"{self.cfg.data.name!r} there was prepared otherwise than this launch's data config asks "
+                            f"({why}: this run's data config or input files changed, or another run prepared the "
+                            f"name under its own); a relaunch does not prepare a run's data again. To go on with this "
+                            f"data config, prepare it first (python -m data.prepare with the same data overrides; "
+                            f"that rewrites the data set for every run reading it) and relaunch, which then checks that "
+                            f"the stages resumed still read the same samples; or give it a data.name of its own")
         return prepare(self.cfg.data)
 
     def _load_checkpoint(self, tag: str) -> TrainerState:

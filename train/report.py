@@ -29,10 +29,11 @@ COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
 # what the report reads of a step record (the loop writes every one of them) and of the events it uses
 _STEP_KEYS = {"stage": "a string", "step": "an integer", "global_step": "an integer", "tokens": "an integer",
-             "lm_loss": "a number", "seq_len": "an integer", "rope_theta": "a number", "tokens_per_s": "a number"}
+             "lm_loss": "a number or null", "seq_len": "an integer", "rope_theta": "a number",
+             "tokens_per_s": "a number or null"}  # a non-finite value is logged as null (a skipped step): a gap
 _EVENT_KEYS = {"stage": "a string", "global_step": "an integer"}
 _READ_EVENTS = ("eval", "resume", "rollback", "stage_start")
-_TYPES = {"a string": str, "an integer": int, "a number": (int, float)}
+_TYPES = {"a string": str, "an integer": int, "a number": (int, float), "a number or null": (int, float, type(None))}
 
 
 def _unusable(r: Any) -> Optional[str]:
@@ -311,8 +312,9 @@ def stage_table(records: List[Dict[str, Any]], ppl: Dict[str, Dict[str, float]])
         vals = list(ppl.get(s, {}).values())
         geo = math.exp(mean([math.log(v) for v in vals])) if vals else None
         tokens, before = rs[-1]["tokens"] - before, rs[-1]["tokens"]
+        speeds = [r["tokens_per_s"] for r in rs if r["tokens_per_s"] is not None]  # null: a skipped step
         rows.append([s, rs[-1]["step"], tokens, rs[-1]["seq_len"], f"{rs[-1]['rope_theta']:g}",
-                     rs[0]["lm_loss"], rs[-1]["lm_loss"], geo, float(np.median([r["tokens_per_s"] for r in rs]))])
+                     rs[0]["lm_loss"], rs[-1]["lm_loss"], geo, float(np.median(speeds)) if speeds else None])
     return rows
 
 
