@@ -497,13 +497,12 @@ def prepare(data_cfg: Any, repair: bool = False) -> Path:
             damaged = e
             _say(f"{e}: preparing data set {cfg.name} again")
         else:
-            changed = _changed(mpath, inputs)
-            if manifest.get("config_key") == key and not changed:
+            changed = _what_changed(mpath, manifest.get("config_key"), key, inputs)
+            if not changed:
                 log.info("data set %s is prepared and verified: %s", cfg.name, mpath)
                 return mpath
             tokenizer_before = manifest["tokenizer"]["fingerprint"]
-            log.info("data set %s: %s changed, preparing again", cfg.name,
-                     ", ".join(f"the files of {k}" for k in changed) or "config")
+            log.info("data set %s: %s changed, preparing again", cfg.name, ", ".join(changed))
     t0 = time.time()
     remove_stale_tmp(dataset_dir(cfg))  # a killed run's tokenizer folder or manifest under a temporary name
     try:
@@ -536,19 +535,22 @@ def prepare(data_cfg: Any, repair: bool = False) -> Path:
     return mpath
 
 
+def _what_changed(mpath: Path, recorded_key: Optional[str], key: str, inputs: Dict[str, Any]) -> List[str]:
+    """Why the data set at `mpath` would be prepared again: "config" (the manifest's key is another) and "the files
+    of <input>" for each input whose files changed; [] when it is up to date."""
+    return (["config"] if recorded_key != key else []) + [f"the files of {k}" for k in _changed(mpath, inputs)]
+
+
 def prepared_otherwise(data_cfg: Any) -> Optional[str]:
-    """What `prepare` would prepare again in the data set there (None when it is up to date or not there yet):
-    "config" where the data config's key differs from the manifest's, or the inputs whose files changed."""
+    """What `prepare` would prepare again in the data set there, said as its log says it (None when it is up to
+    date or not there yet)."""
     cfg = to_data_config(data_cfg)
     mpath = manifest_path(cfg)
     try:
         recorded = json.loads(mpath.read_text()).get("config_key")
     except (OSError, ValueError, AttributeError):
         return None  # not prepared yet, or damaged: `prepare` names that
-    changed = _changed(mpath, input_files(cfg))
-    if recorded != config_key(cfg):
-        changed.insert(0, "config")
-    return ", ".join(changed) or None
+    return ", ".join(_what_changed(mpath, recorded, config_key(cfg), input_files(cfg))) or None
 
 
 def _say_what_was_reused(name: str, before: str, now: str, reused: Dict[str, bool]) -> None:
