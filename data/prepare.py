@@ -638,8 +638,7 @@ def _cli() -> None:
             # OSError: a full disk or a folder it may not write; every file is written under a temporary name and
             # renamed when whole, so what exists stays valid and a rerun finishes the rest
             message = str(e) if isinstance(e, DataError) else _os_error(e)
-            log.error("%s", message)
-            print(f"error: {message}", file=sys.stderr)
+            print(f"error: {message}", file=sys.stderr)  # once: Hydra's job logging (stdout) would repeat a log.error
             sys.exit(1)
         print(path)
 

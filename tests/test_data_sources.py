@@ -175,6 +175,7 @@ def test_a_source_added_on_the_command_line_is_prepared(tmp_path, tokenizer):
     proc = subprocess.run([*args, "+data.sources.x={kind: local, langauges: [eng]}"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "data.sources.x: Key 'langauges' not in 'SourceConfig'" in proc.stderr
+    assert (proc.stdout + proc.stderr).count("Key 'langauges'") == 1, proc.stderr  # said once (a log line repeated it)
 
 
 @pytest.mark.parametrize("rows, extra, message", [
