@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -632,6 +633,179 @@ def test_watchdog_waits_out_known_long_work_and_watches_again_after_it(monkeypat
         dog.stop()
 
 
+class _Store:
+    """The rendezvous store's requests the watchdog makes, in a dict (`broken`: every request fails)."""
+
+    def __init__(self):
+        self.values, self.broken = {}, False
+
+    def _up(self):
+        if self.broken:
+            raise RuntimeError("Broken pipe")
+
+    def clone(self):
+        self._up()
+        return self
+
+    def add(self, key, n):
+        self._up()
+        self.values[key] = self.values.get(key, 0) + n
+        return self.values[key]
+
+    def check(self, keys):
+        self._up()
+        return all(k in self.values for k in keys)
+
+    def get(self, key):
+        self._up()
+        return str(self.values[key]).encode()
+
+    def compare_set(self, key, expected, value):
+        self._up()
+        if self.values.get(key, "") == expected:
+            self.values[key] = value
+
+
+def _watchdog(monkeypatch, rank: int, store: "_Store"):
+    """A 2-rank Watchdog on `store` (heartbeat_s 15), its exits recorded in `ended` instead of made."""
+    from train import faults
+
+    monkeypatch.setattr(faults, "_store", lambda: store)
+    monkeypatch.setattr(faults.dist, "is_initialized", lambda: True)
+    dog = faults.Watchdog(rank=rank, world=2, timeout_s=600, job="run", heartbeat_s=15)
+    ended = []
+    monkeypatch.setattr(dog, "_end", lambda code, news, grace=False: ended.append((code, news)))
+    return dog, ended
+
+
+def test_a_silent_peer_is_named_dead_after_heartbeat_s_and_a_stopped_process_blames_no_one(monkeypatch):
+    """The poller (`_poll`, every PEER_POLL_S): the next rank's beat count not moving for heartbeat_s -- counted from
+    the first poll for a rank that never beat (killed while starting) -- names it in the store for every rank; time
+    in which this process itself did not run (stopped, suspended) is not counted against the peer."""
+    from train import faults
+
+    store = _Store()
+    dog, ended = _watchdog(monkeypatch, 0, store)
+    dog._poll()
+    assert store.values[faults._job_key("alive/0", "run")] == 1
+    dog._peer_seen -= 14
+    dog._poll()
+    assert ended == []  # 14 s without a beat: not yet
+    dog._polled -= 100  # this process was stopped for 100 s: the peer's silence is not judged on it
+    dog._peer_seen -= 100
+    dog._poll()
+    assert ended == []
+    store.add(faults._job_key("alive/1", "run"), 1)
+    dog._poll()
+    dog._peer_seen -= 16
+    dog._poll()
+    assert len(ended) == 1 and ended[0][0] == 1 and ended[0][1].startswith("rank 1 stopped: no beat for 16s ")
+    assert store.values[faults._job_key("failed", "run")] == f"1|{ended[0][1]}"
+    # another rank's failure read from the store ends this one with the failure's code
+    store.values[faults._job_key("failed", "run")] = "2|rank 1 failed (ConfigError: x)"
+    dog._poll()
+    assert ended[-1] == (2, "rank 1 failed (ConfigError: x)")
+
+
+def test_a_rank_ended_by_a_peers_failure_waits_a_poll_and_keeps_its_own_code(monkeypatch):
+    """`_end` for a peer's announced failure: a rank whose main thread stops the watchdog within a poll (it met the
+    same error itself: a sweep's next job then runs in this process) is not ended; one that is failing on its own
+    exits with its own code; the store's host counts itself out once and waits for the others (`_leave`)."""
+    from train import faults
+
+    store = _Store()
+    monkeypatch.setattr(faults, "_store", lambda: store)
+    monkeypatch.setattr(faults, "_LEFT", set())
+    monkeypatch.setattr(faults.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(faults, "PEER_POLL_S", 0.2)
+    monkeypatch.setattr(faults, "LINGER_S", 0.5)
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    codes = []
+    monkeypatch.setattr(faults.os, "_exit", codes.append)
+    store.values[faults._job_key("failed", "run")] = "2|rank 1 failed (ConfigError: x)"
+    dog = faults.Watchdog(rank=0, world=2, timeout_s=600, job="run", heartbeat_s=15)
+    threading.Timer(0.05, dog.stop).start()
+    dog._poll()
+    assert codes == []  # stopped within the grace: its own error is its report
+    dog = faults.Watchdog(rank=0, world=2, timeout_s=600, job="run", heartbeat_s=15)
+    dog.failing(4)
+    t0 = time.monotonic()
+    dog._poll()
+    assert codes == [4]
+    assert store.values[faults._job_key("gone", "run")] == 1  # rank 1 never counted itself out: waited LINGER_S
+    assert time.monotonic() - t0 >= 0.2 + 0.5
+    faults._leave(store, 0, 2, "run")  # the main thread's own announcement after it: counted once
+    assert store.values[faults._job_key("gone", "run")] == 1
+
+
+def test_a_store_that_stopped_answering_ends_the_rank_only_once_its_host_stopped_listening(monkeypatch):
+    """After a failed request the poller connects again only once the store's host takes connections; the watchdog
+    ends the rank when the store has not answered for heartbeat_s and its host takes no connection, naming the
+    address; a host that still listens is alive (a broken connection), and the beats go on over a new one."""
+    import socket
+
+    store = _Store()
+    dog, ended = _watchdog(monkeypatch, 1, store)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(listener.getsockname()[1]))
+    dog._poll()
+    store.broken = True
+    dog._poll()
+    assert dog._store is None and ended == []
+    dog._answered -= 100
+    dog._judge_store(time.monotonic())  # the host still listens
+    assert ended == []
+    store.broken = False
+    dog._poll()  # a new connection, and a beat on it
+    assert dog._store is store and time.monotonic() - dog._answered < 5 and store.values
+    store.broken = True
+    dog._poll()
+    listener.close()
+    dog._answered -= 14
+    dog._probed = 0.0
+    dog._judge_store(time.monotonic())
+    assert ended == []  # 14 s: not yet
+    dog._answered -= 2
+    dog._judge_store(time.monotonic())
+    assert len(ended) == 1 and ended[0][0] == 1
+    assert ended[0][1].startswith(f"the rendezvous store (127.0.0.1:{os.environ['MASTER_PORT']}) has not answered "
+                                  f"for 16s (dist.heartbeat_timeout_s)")
+
+
+_LONG_WAIT = """
+import os, sys, time
+import torch.distributed as dist
+from train.dist import on_rank0
+from train.faults import Watchdog
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo")
+dog = Watchdog(rank, 2, 1800, "start-up", job=sys.argv[1], heartbeat_s=15).start()
+time.sleep(6)  # both beat
+on_rank0("long work", lambda: time.sleep(24))  # rank 1 waits on the store, in its main thread's connection
+dog.stop()
+dist.barrier()
+print(f"rank {rank}: through", flush=True)
+"""
+
+
+def test_a_rank_waiting_for_rank0s_work_keeps_beating(tmp_path):
+    """A rank waiting for rank 0's long work (preparing data, a stage's index, re-sharding: `on_rank0`, up to a day)
+    waits in its main thread's store connection, which holds every other request on it: beats sent there stopped,
+    and after heartbeat_s rank 0 named rank 1 dead (killed outright) and ended a healthy job. The beats go over a
+    connection of the watchdog's own."""
+    port, procs = free_port(), []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "-c", _LONG_WAIT, str(tmp_path)], cwd=ROOT, env=env,
+                                      text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    out = [p.communicate(timeout=120)[0] for p in procs]
+    for rank in range(2):
+        assert procs[rank].returncode == 0 and f"rank {rank}: through" in out[rank], out[rank][-3000:]
+
+
 def test_a_rank_waiting_for_a_collective_result_counts_as_waiting():
     """Under NCCL the host blocks at the sync after a collective, not inside torch.distributed: the watchdog's
     verdict must still call a rank stuck in `collective_result` waiting (healthy), and a rank stuck anywhere
@@ -1192,21 +1366,31 @@ def test_a_malformed_injection_spec_is_a_config_error_naming_it(monkeypatch, spe
     monkeypatch.setenv("TRISTAGE_INJECT", "nan@general:2, kill@general:3:1")
     assert injected("nan", "general", 2, 5) and injected("kill", "general", 3, 1)
     assert not injected("kill", "general", 3, 0) and not injected("nan", "general", 3, 0)
+    # the same fault on two ranks is two items: the second kept only its own rank (a stall meant for ranks 0 and 1
+    # stalled rank 1 alone)
+    monkeypatch.setenv("TRISTAGE_INJECT", "stall@general:2:0,stall@general:2:1")
+    assert [injected("stall", "general", 2, r) for r in range(3)] == [True, True, False]
+
+
+def srun_ranks(world: int, run_dir: Path, spec: str, *overrides: str) -> list:
+    """`world` ranks started as srun starts them (RANK, WORLD_SIZE, MASTER_ADDR/PORT; no torchrun agent to end the
+    rest when one fails; the rendezvous store in rank 0's process), with faults `spec`."""
+    port, procs = free_port(), []
+    for rank in range(world):
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "RANK": str(rank), "WORLD_SIZE": str(world),
+               "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "TRISTAGE_INJECT": spec}
+        procs.append(subprocess.Popen(train_cmd([*SMOKE, f"run_dir={run_dir}", *BASE, "threads=1",
+                                                 "dist.timeout_s=300", *overrides]), cwd=ROOT, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    return procs
 
 
 def test_a_rank_that_fails_ends_the_others_where_no_launcher_does(data_root, tmp_path):
-    """Ranks started as srun starts them (RANK, WORLD_SIZE, MASTER_ADDR/PORT; no torchrun agent to kill the rest; the
-    rendezvous store in rank 0's process): rank 2 raises at the start of step 2 while the others are busy (a stall
+    """Four srun-style ranks (`srun_ranks`): rank 2 raises at the start of step 2 while the others are busy (a stall
     standing in for work or an NCCL wait). They waited out dist.timeout_s and ended as a hang (exit 3); now each ends
-    within seconds naming rank 2's error, rank 0 last (the store's host waits two polls so the others can read it)."""
-    port, procs = free_port(), []
-    for rank in range(4):
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "RANK": str(rank), "WORLD_SIZE": "4", "LOCAL_RANK": str(rank),
-               "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "TRISTAGE_INJECT": "raise@general:2:2,stall@general:2:0,stall@general:2:1,stall@general:2:3"}
-        procs.append(subprocess.Popen(train_cmd([*SMOKE, f"run_dir={tmp_path / 'run'}", *BASE, "threads=1",
-                                                 "dist.timeout_s=300"]), cwd=ROOT, env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    within seconds naming rank 2's error, rank 0 last (the store's host waits until the others have read it)."""
+    procs = srun_ranks(4, tmp_path / "run", "raise@general:2:2,stall@general:2:0,stall@general:2:1,stall@general:2:3")
     out = {2: procs[2].communicate(timeout=300)[0]}
     failed_at = time.monotonic()
     for rank in (3, 1, 0):
@@ -1214,9 +1398,60 @@ def test_a_rank_that_fails_ends_the_others_where_no_launcher_does(data_root, tmp
     assert time.monotonic() - failed_at < 60  # PEER_POLL_S and the store host's wait, not dist.timeout_s
     assert procs[2].returncode == 1 and "RuntimeError: injected failure at general step 2 on rank 2" in out[2], out[2]
     told = ("error: rank {}: rank 2 failed (RuntimeError: injected failure at general step 2 on rank 2), so this job "
-            "cannot go on")
+            "cannot go on; exiting with code 1")
     # a rank in a gloo exchange with rank 2 may fail on its own first (its connection to rank 2 broken)
     for rank in (1, 3):
         assert procs[rank].returncode == 1, out[rank][-3000:]
         assert told.format(rank) in out[rank] or "remote worker" in out[rank], out[rank][-3000:]
     assert procs[0].returncode == 1 and told.format(0) in out[0], out[0][-3000:]  # stalled: only the store told it
+
+
+def test_an_error_one_rank_meets_alone_at_start_up_ends_the_others_with_its_exit_code(data_root, tmp_path):
+    """A named error (exit 2, no traceback) that only rank 1 meets, at start-up (standing in for a file only it
+    reads, such as its part of a ZeRO-3 init_from), while rank 0 goes on to wait (a stall standing in for an NCCL
+    collective). Named errors were not announced and start-up had no watchdog: rank 0 waited for the process
+    group's timeout (2 x dist.timeout_s + 60 s). Now it exits 2 within seconds, naming rank 1's error."""
+    procs = srun_ranks(2, tmp_path / "run", "named@start:0:1,stall@start:0:0")
+    out1 = procs[1].communicate(timeout=300)[0]
+    failed_at = time.monotonic()
+    out0 = procs[0].communicate(timeout=120)[0]
+    assert time.monotonic() - failed_at < 30
+    error = "ConfigError: injected configuration error at start step 0 on rank 1"
+    assert procs[1].returncode == 2 and f"error: {error.split(': ', 1)[1]}" in out1, out1[-3000:]
+    assert "Traceback" not in out1, out1[-3000:]
+    assert procs[0].returncode == 2, out0[-3000:]
+    assert (f"error: rank 0: rank 1 failed ({error}), so this job cannot go on; exiting with code 2 at start-up"
+            in out0), out0[-3000:]
+
+
+def test_a_rank_killed_outright_ends_the_others(data_root, tmp_path):
+    """Rank 1 of four is SIGKILLed (the out-of-memory killer, a lost node) at the start of step 2; the others
+    stall there (standing in for an NCCL collective, which would wait for rank 1 for dist.timeout_s). A killed rank
+    says nothing: rank 0, which watches rank 1's beats, names it once they stop for dist.heartbeat_timeout_s, and
+    ranks 2 and 3 hear it from the store. Each exits 1 well before dist.timeout_s (300 s here)."""
+    procs = srun_ranks(4, tmp_path / "run", "kill@general:2:1,stall@general:2:0,stall@general:2:2,stall@general:2:3",
+                       "dist.heartbeat_timeout_s=15")
+    procs[1].communicate(timeout=300)
+    killed_at = time.monotonic()
+    out = {rank: procs[rank].communicate(timeout=120)[0] for rank in (2, 3, 0)}
+    assert procs[1].returncode == -signal.SIGKILL
+    assert 10 <= time.monotonic() - killed_at < 60  # heartbeat_timeout_s after its last beat (every 5 s)
+    news = "rank 1 stopped: no beat for "
+    for rank in (0, 2, 3):
+        assert procs[rank].returncode == 1, out[rank][-3000:]
+        assert f"error: rank {rank}: {news}" in out[rank], out[rank][-3000:]
+        assert "(dist.heartbeat_timeout_s; killed outright" in out[rank]
+
+
+def test_the_store_hosts_death_ends_the_others(data_root, tmp_path):
+    """Outside torchrun the rendezvous store lives in rank 0's process: rank 0 SIGKILLed takes it along, and rank 1
+    (stalled, standing in for an NCCL wait) could ask no one. It exits 1 once the store has not answered for
+    dist.heartbeat_timeout_s."""
+    procs = srun_ranks(2, tmp_path / "run", "kill@general:2:0,stall@general:2:1", "dist.heartbeat_timeout_s=15")
+    procs[0].communicate(timeout=300)
+    killed_at = time.monotonic()
+    out = procs[1].communicate(timeout=120)[0]
+    assert procs[0].returncode == -signal.SIGKILL
+    assert 10 <= time.monotonic() - killed_at < 60  # heartbeat_timeout_s after its last answer (every 5 s)
+    assert procs[1].returncode == 1, out[-3000:]
+    assert "error: rank 1: the rendezvous store (127.0.0.1:" in out and "has not answered for" in out, out[-3000:]

@@ -128,6 +128,9 @@ def test_any_key_overrides():
     (["faults.spike_action=rollbak"], 1, "config key 'faults.spike_action'"),
     (["checkpoint.keep=0"], 1, "config key 'checkpoint.keep'"),
     (["dist.timeout_s=0"], 1, "config key 'dist.timeout_s'"),
+    # beats come every 5 s: below three of them a busy host would be taken for a dead rank
+    (["dist.heartbeat_timeout_s=10"], 1, "config key 'dist.heartbeat_timeout_s' = 10"),
+    (["dist.heartbeat_timeout_s=-1"], 1, "config key 'dist.heartbeat_timeout_s' = -1"),
     (["faults.max_consecutive_skips=-1"], 1, "config key 'faults.max_consecutive_skips'"),
     (["device=tpu"], 1, "config key 'device'"),
     (["threads=-1"], 1, "config key 'threads' = -1"),  # "set_num_threads expects a positive integer", exit 1

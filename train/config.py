@@ -164,6 +164,9 @@ class DistConfig:
 
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
     timeout_s: int = 1800  # a rank without progress this long ends the job, naming the stuck rank
+    # a rank that has not beaten this long (killed outright, its node down) ends the job, as does a rendezvous store
+    # that has not answered this long (each rank's watchdog thread beats every 5 s); 0: not watched
+    heartbeat_timeout_s: int = 300
 
 
 @dataclass
@@ -571,6 +574,9 @@ def validate(cfg: TrainConfig | DictConfig, world_size: int) -> List[StagePlan]:
             _fail(f"faults.{key}", getattr(faults, key), "must be >= 0")
     if cfg.dist.timeout_s <= 0:
         _fail("dist.timeout_s", cfg.dist.timeout_s, "must be positive")
+    if cfg.dist.heartbeat_timeout_s != 0 and cfg.dist.heartbeat_timeout_s < 15:
+        _fail("dist.heartbeat_timeout_s", cfg.dist.heartbeat_timeout_s, "must be 0 (not watched) or at least 15 "
+              "(three of the 5 s beats, so that a busy host is not taken for a dead rank)")
     # read at the first evaluation, after a stage has trained: batch_size 0 ended the run there (range() step 0),
     # max_tokens_per_language 0 evaluated nothing, max_languages -1 dropped the last language
     # the stage-end suite's sizes too (read at a stage's end; `eval.stage_end_suite=false` turns the suite off)

@@ -148,8 +148,10 @@ class StepResult:
 class Trainer:
     """Holds the run's pieces; `run()` executes the curriculum."""
 
-    def __init__(self, cfg: TrainConfig, resolved: Dict[str, Any], plans: List[StagePlan], info: DistInfo):
+    def __init__(self, cfg: TrainConfig, resolved: Dict[str, Any], plans: List[StagePlan], info: DistInfo,
+                 watchdog: Watchdog):
         self.cfg = cfg
+        self.watchdog = watchdog  # started by `run`, watching for hangs once this is built
         self.plans = plans
         self.info = info
         self.run_dir = Path(cfg.run_dir)
@@ -199,6 +201,8 @@ class Trainer:
                               "backward on the CPU; train there with 'dense' or 'auto'")
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg, plans[0], info)
+        for kind in ("raise", "named", "stall"):  # a failure on one rank at start-up, or one slow to join the rest
+            inject(kind, "start", 0, info.rank)
         held = [local_parameter_elements(self.model)] * info.world_size  # what each rank allocated for the weights
         if info.world_size > 1:
             dist.all_gather_object(held, held[info.rank])
@@ -251,7 +255,7 @@ class Trainer:
         self.metrics = (on_rank0("opening metrics.jsonl and wandb",
                                  lambda: MetricsLogger(cfg, self.run_dir, 0, resolved))
                         or MetricsLogger(cfg, self.run_dir, info.rank, resolved))
-        self.watchdog = Watchdog(info.rank, info.world_size, cfg.dist.timeout_s, "start", job=cfg.run_dir).start()
+        self.watchdog.watch("start")
         self.profiler = StepProfiler(cfg.logging.profile, self.run_dir, info.rank, info.device)
         self.closed = False
         self.metrics.log({"event": "model", "parameters": count_parameters(cfg.model).total,
@@ -633,6 +637,7 @@ class Trainer:
         inject("kill", stage.name, step, info.rank)
         inject("sigusr1", stage.name, step, info.rank)
         inject("raise", stage.name, step, info.rank)
+        inject("named", stage.name, step, info.rank)
         self.profiler.begin(state.global_step + 1)
         lr = lr_at(stage.lr, state.step, plan.steps)
         result = self._train_step(stage, plan, stream, lr)
@@ -975,6 +980,10 @@ def run(cfg: TrainConfig, resolved: Dict[str, Any], plans: List[StagePlan]) -> i
     for name in cfg.curriculum.order:  # config.yaml records the RoPE base a stage trains at, inherited or set
         resolved["curriculum"]["stages"][name]["rope_theta"] = cfg.curriculum.stages[name].rope_theta
     info = init_distributed(cfg)
+    # from here a failure on any rank, or one killed, ends every rank within seconds (start-up is not watched for
+    # hangs: `Trainer` starts that once it is built)
+    watchdog = Watchdog(info.rank, info.world_size, cfg.dist.timeout_s, "start-up", job=cfg.run_dir,
+                        heartbeat_s=cfg.dist.heartbeat_timeout_s, watching=False).start()
     run_dir = Path(cfg.run_dir)
     lock: Optional[IO[str]] = None
 
@@ -997,19 +1006,20 @@ def run(cfg: TrainConfig, resolved: Dict[str, Any], plans: List[StagePlan]) -> i
                       f"run_dir)", flush=True)
             barrier()
             return 0
-        trainer = Trainer(cfg, resolved, plans, info)
+        trainer = Trainer(cfg, resolved, plans, info, watchdog)
         on_rank0("recording config.yaml", lambda: record_config(run_dir, trainer.config_yaml))
         code = trainer.run()
-    except (ConfigError, CheckpointError, DataError, Rank0Failed) as e:  # named, with what to do: no traceback
+    except (ConfigError, CheckpointError, DataError, Rank0Failed, NonFiniteError) as e:  # named: no traceback
         print(f"error: {e}", file=sys.stderr, flush=True)
-        code = 2
-    except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        code = NONFINITE_EXIT_CODE
+        code = NONFINITE_EXIT_CODE if isinstance(e, NonFiniteError) else 2
+        watchdog.failing(code)
+        announce_failure(info.rank, e, cfg.run_dir, code)  # maybe this rank's alone (a file only it reads)
     except Exception as e:  # this rank's own failure (an OOM, a bug): the others are told, then it goes on up
+        watchdog.failing(1)
         announce_failure(info.rank, e, cfg.run_dir)
         raise
     finally:
+        watchdog.stop()
         if trainer is not None:
             trainer.close()
         if lock is not None:
