@@ -715,7 +715,7 @@ def test_a_rank_ended_by_a_peers_failure_waits_a_poll_and_keeps_its_own_code(mon
 
     store = _Store()
     monkeypatch.setattr(faults, "_store", lambda: store)
-    monkeypatch.setattr(faults, "_LEFT", set())
+    monkeypatch.setattr(faults, "_LEFT", {})
     monkeypatch.setattr(faults.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(faults, "PEER_POLL_S", 0.2)
     monkeypatch.setattr(faults, "LINGER_S", 0.5)
@@ -736,6 +736,15 @@ def test_a_rank_ended_by_a_peers_failure_waits_a_poll_and_keeps_its_own_code(mon
     assert time.monotonic() - t0 >= 0.2 + 0.5
     faults._leave(store, 0, 2, "run")  # the main thread's own announcement after it: counted once
     assert store.values[faults._job_key("gone", "run")] == 1
+    # a second caller while the first still waits for the others (the watchdog, while the main thread lingers)
+    # waits with it: the store's host must not exit before the others have read the failure
+    first = threading.Thread(target=faults._leave, args=(store, 0, 2, "other"))
+    first.start()
+    time.sleep(0.1)
+    t0 = time.monotonic()
+    faults._leave(store, 0, 2, "other")
+    assert time.monotonic() - t0 >= 0.3 and store.values[faults._job_key("gone", "other")] == 1
+    first.join()
 
 
 def test_a_store_that_stopped_answering_ends_the_rank_only_once_its_host_stopped_listening(monkeypatch):

@@ -180,21 +180,31 @@ def _tell(store: Any, news: str, job: str, code: int) -> bool:
         return False
 
 
-_LEFT: set = set()  # the jobs this process has counted itself out of
+_LEFT: Dict[str, threading.Event] = {}  # the jobs this process has counted itself out of: set once it is done
 _LEFT_LOCK = threading.Lock()
 LINGER_S = 3 * PEER_POLL_S + 1  # the longest the store's host waits for the others to read a failure
 
 
 def _leave(store: Any, rank: int, world: int, job: str) -> None:
-    """Count this rank out of job `job` after a failure, once (the main thread and the watchdog may both get
-    here). Outside torchrun the rendezvous store lives in rank 0's process: rank 0 waits, at most LINGER_S, until
-    every other rank has counted itself out (each has read the failure; they would find the store gone). Most
-    failures reach every rank at once: no wait then."""
+    """Count this rank out of job `job` after a failure, once: the main thread and the watchdog may both get here,
+    and the second waits for the first. Outside torchrun the rendezvous store lives in rank 0's process: rank 0
+    waits, at most LINGER_S, until every other rank has counted itself out (each has read the failure; they would
+    find the store gone). Most failures reach every rank at once: no wait then."""
     key = _job_key("gone", job)
     with _LEFT_LOCK:
-        if key in _LEFT:
-            return
-        _LEFT.add(key)
+        first = key not in _LEFT
+        done = _LEFT.setdefault(key, threading.Event())
+    if not first:
+        done.wait(LINGER_S + 1)
+        return
+    try:
+        _count_out(store, key, rank, world)
+    finally:
+        done.set()
+
+
+def _count_out(store: Any, key: str, rank: int, world: int) -> None:
+    """Add this rank to the count at `key`; rank 0 outside torchrun then waits for the whole world (`_leave`)."""
     try:
         store.add(key, 1)
         if rank != 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
